@@ -1,0 +1,245 @@
+//! The communication layer: every byte that moves between workers (all-reduce partials,
+//! hidden-state hand-offs between pipeline stages, logits gathered to the driver,
+//! reshard transfers) goes through a [`Comm`] endpoint and is counted here.
+//!
+//! The CPU fabric is a full mesh of FIFO channels, one per ordered pair of endpoints and
+//! per [`Lane`] (compute traffic and copy traffic never queue behind each other, like a
+//! compute stream and a copy stream). Endpoints `0..n` are workers; endpoint `n` is the
+//! driver (the engine's thread, which samples from the gathered logits). Messages carry a
+//! [`Tag`] so a protocol slip is an error, not silent garbage.
+
+use crate::error::{Error, Result};
+use crate::parallel::WorkerId;
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a message is, checked by the receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tag {
+    AllReduce,
+    Handoff,
+    Logits,
+    Reshard(u64),
+}
+
+/// Traffic classes, counted separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Compute,
+    Copy,
+}
+
+struct Msg {
+    tag: Tag,
+    data: Vec<f32>,
+}
+
+/// Bytes moved, per ordered pair of endpoints and per lane.
+pub struct CommStats {
+    n: usize,
+    bytes: Vec<AtomicU64>,
+}
+
+impl CommStats {
+    fn new(n: usize) -> Self {
+        CommStats {
+            n,
+            bytes: (0..n * n * 2).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn slot(&self, lane: Lane, from: usize, to: usize) -> &AtomicU64 {
+        let l = match lane {
+            Lane::Compute => 0,
+            Lane::Copy => 1,
+        };
+        &self.bytes[(l * self.n + from) * self.n + to]
+    }
+
+    /// Bytes sent on `lane` from endpoint `from` to `to`.
+    pub fn between(&self, lane: Lane, from: usize, to: usize) -> u64 {
+        self.slot(lane, from, to).load(Ordering::Relaxed)
+    }
+
+    /// Bytes sent on `lane` in total.
+    pub fn total(&self, lane: Lane) -> u64 {
+        (0..self.n)
+            .flat_map(|a| (0..self.n).map(move |b| (a, b)))
+            .map(|(a, b)| self.between(lane, a, b))
+            .sum()
+    }
+}
+
+/// One endpoint's view of one lane of the fabric. Owned by exactly one thread.
+pub struct Comm {
+    me: usize,
+    lane: Lane,
+    to: Vec<Sender<Msg>>,
+    from: Vec<Receiver<Msg>>,
+    stats: Arc<CommStats>,
+    timeout: Duration,
+}
+
+/// Builds the mesh: returns, per lane, one [`Comm`] per endpoint (`n_workers + 1`, the
+/// last is the driver), and the shared counters.
+pub fn fabric(n_workers: usize, timeout: Duration) -> (Vec<Comm>, Vec<Comm>, Arc<CommStats>) {
+    let n = n_workers + 1;
+    let stats = Arc::new(CommStats::new(n));
+    let make = |lane| {
+        let mut senders: Vec<Vec<Sender<Msg>>> = (0..n).map(|_| Vec::new()).collect();
+        let mut receivers: Vec<Vec<Receiver<Msg>>> = (0..n).map(|_| Vec::new()).collect();
+        // Channel (a -> b): sender kept by a, receiver kept by b at index a.
+        for (a, s) in senders.iter_mut().enumerate() {
+            for r in receivers.iter_mut() {
+                let (tx, rx) = unbounded();
+                s.push(tx);
+                r.push(rx);
+            }
+            let _ = a;
+        }
+        senders
+            .into_iter()
+            .zip(receivers)
+            .enumerate()
+            .map(|(me, (to, from))| Comm {
+                me,
+                lane,
+                to,
+                from,
+                stats: stats.clone(),
+                timeout,
+            })
+            .collect::<Vec<_>>()
+    };
+    let compute = make(Lane::Compute);
+    let copy = make(Lane::Copy);
+    (compute, copy, stats)
+}
+
+impl Comm {
+    pub fn me(&self) -> usize {
+        self.me
+    }
+
+    /// The driver's endpoint index.
+    pub fn driver(&self) -> usize {
+        self.to.len() - 1
+    }
+
+    pub fn stats(&self) -> &Arc<CommStats> {
+        &self.stats
+    }
+
+    pub fn send(&self, to: usize, tag: Tag, data: Vec<f32>) -> Result<()> {
+        let bytes = (data.len() * std::mem::size_of::<f32>()) as u64;
+        self.to[to]
+            .send(Msg { tag, data })
+            .map_err(|_| Error::Comm(format!("endpoint {to} is gone ({:?} from {})", tag, self.me)))?;
+        self.stats
+            .slot(self.lane, self.me, to)
+            .fetch_add(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn recv(&self, from: usize, tag: Tag) -> Result<Vec<f32>> {
+        match self.from[from].recv_timeout(self.timeout) {
+            Ok(m) if m.tag == tag => Ok(m.data),
+            Ok(m) => Err(Error::Comm(format!(
+                "endpoint {} expected {:?} from {from}, got {:?}",
+                self.me, tag, m.tag
+            ))),
+            Err(RecvTimeoutError::Timeout) => Err(Error::Comm(format!(
+                "endpoint {} waited {:?} for {:?} from {from}",
+                self.me, self.timeout, tag
+            ))),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(Error::Comm(format!("endpoint {from} is gone")))
+            }
+        }
+    }
+
+    /// Sum of `buf` over `group` (which contains this endpoint), added in group order so
+    /// every member gets bit-identical results whatever the arrival order.
+    pub fn all_reduce_sum(&self, group: &[WorkerId], buf: &mut [f32]) -> Result<()> {
+        if group.len() <= 1 {
+            return Ok(());
+        }
+        for w in group {
+            if w.0 != self.me {
+                self.send(w.0, Tag::AllReduce, buf.to_vec())?;
+            }
+        }
+        let mut acc = vec![0.0f32; buf.len()];
+        for w in group {
+            if w.0 == self.me {
+                add_into(&mut acc, buf);
+            } else {
+                let part = self.recv(w.0, Tag::AllReduce)?;
+                if part.len() != buf.len() {
+                    return Err(Error::Comm(format!(
+                        "all-reduce size mismatch: {} vs {}",
+                        part.len(),
+                        buf.len()
+                    )));
+                }
+                add_into(&mut acc, &part);
+            }
+        }
+        buf.copy_from_slice(&acc);
+        Ok(())
+    }
+
+    /// Drops any queued messages (after an aborted step) so the next step starts clean.
+    pub fn drain(&self) {
+        for r in &self.from {
+            while r.try_recv().is_ok() {}
+        }
+    }
+}
+
+fn add_into(acc: &mut [f32], x: &[f32]) {
+    for (a, b) in acc.iter_mut().zip(x) {
+        *a += *b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_reduce_counts_and_sums_in_order() {
+        let (compute, _, stats) = fabric(3, Duration::from_secs(5));
+        let group = vec![WorkerId(0), WorkerId(1), WorkerId(2)];
+        let handles: Vec<_> = compute
+            .into_iter()
+            .take(3)
+            .map(|c| {
+                let g = group.clone();
+                std::thread::spawn(move || {
+                    let mut v = vec![c.me() as f32 + 0.5; 4];
+                    c.all_reduce_sum(&g, &mut v).unwrap();
+                    v
+                })
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap(), vec![0.5 + 1.5 + 2.5; 4]);
+        }
+        // Each of 3 members sends 4 floats to 2 peers.
+        assert_eq!(stats.total(Lane::Compute), 3 * 2 * 16);
+        assert_eq!(stats.between(Lane::Compute, 0, 1), 16);
+        assert_eq!(stats.total(Lane::Copy), 0);
+    }
+
+    #[test]
+    fn tag_mismatch_is_an_error() {
+        let (compute, _, _) = fabric(1, Duration::from_millis(50));
+        let c = &compute[0];
+        c.send(1, Tag::Handoff, vec![1.0]).unwrap();
+        assert!(compute[1].recv(0, Tag::Logits).is_err());
+        assert!(compute[1].recv(0, Tag::Logits).is_err(), "times out");
+    }
+}

@@ -1,0 +1,2 @@
+//! Online reconfiguration: the planner (which worker plays which new rank, what moves
+//! where) and the executor (background copies, per-layer flips).

@@ -1,0 +1,469 @@
+//! Workers: one thread per device, each with its own memory (the shards and KV cache of
+//! the segments it runs). A worker executes a step by walking the placement: for each
+//! segment whose group contains it, it receives the hidden state if the previous segment
+//! ran on a group it was not in, runs its shard, and all-reduces partial sums within the
+//! group. All inter-worker bytes go through its [`Comm`] endpoint.
+//!
+//! Memory is behind locks only so that a copy thread of the *same* worker (the reshard
+//! executor) can read and install buffers while the compute thread runs steps; no buffer
+//! is ever shared between two workers.
+
+use crate::backend::comm::{Comm, Tag};
+use crate::backend::cpu::ops;
+use crate::error::{Error, Result};
+use crate::model::{ModelConfig, TensorSource};
+use crate::parallel::shard::HeadShard;
+use crate::parallel::{Group, LayerId, Placement, Segment, TensorKind, WorkerId};
+use crate::runtime::kv_cache::{KvGeometry, LayerKv};
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+
+/// The shards one worker holds for one segment.
+#[derive(Debug)]
+pub struct ShardSet {
+    /// Size of the group and this worker's index in it when the shards were cut.
+    pub group_size: usize,
+    pub index: usize,
+    pub tensors: HashMap<TensorKind, Vec<f32>>,
+}
+
+impl ShardSet {
+    pub fn get(&self, k: TensorKind) -> Result<&[f32]> {
+        self.tensors
+            .get(&k)
+            .map(Vec::as_slice)
+            .ok_or_else(|| Error::Worker {
+                worker: usize::MAX,
+                msg: format!("shard {k:?} not resident"),
+            })
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.tensors.values().map(|v| v.len() * 4).sum()
+    }
+}
+
+/// The tensors a segment needs.
+pub fn segment_tensors(cfg: &ModelConfig, seg: Segment) -> Vec<TensorKind> {
+    match seg {
+        Segment::Embed => vec![TensorKind::Embed],
+        Segment::Layer(l) => TensorKind::layer_tensors(cfg, l),
+        Segment::Head => vec![TensorKind::FinalNorm, TensorKind::LmHead],
+    }
+}
+
+/// A worker's memory.
+#[derive(Default)]
+pub struct WorkerMem {
+    pub shards: RwLock<HashMap<Segment, Arc<ShardSet>>>,
+    pub kv: RwLock<HashMap<LayerId, Arc<Mutex<LayerKv>>>>,
+}
+
+impl WorkerMem {
+    pub fn shard(&self, seg: Segment) -> Option<Arc<ShardSet>> {
+        self.shards.read().ok()?.get(&seg).cloned()
+    }
+
+    pub fn kv(&self, l: LayerId) -> Option<Arc<Mutex<LayerKv>>> {
+        self.kv.read().ok()?.get(&l).cloned()
+    }
+
+    /// Bytes of weights and KV resident on this worker.
+    pub fn bytes(&self) -> usize {
+        let w: usize = self
+            .shards
+            .read()
+            .map(|m| m.values().map(|s| s.bytes()).sum())
+            .unwrap_or(0);
+        let kv: usize = self
+            .kv
+            .read()
+            .map(|m| {
+                m.values()
+                    .map(|k| k.lock().map(|k| k.bytes()).unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0);
+        w + kv
+    }
+}
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone)]
+pub struct SeqWork {
+    pub tokens: Vec<u32>,
+    /// Position of `tokens[0]`.
+    pub start_pos: usize,
+    pub block_table: Arc<Vec<u32>>,
+    /// Logits wanted for every token (true) or only the last (false).
+    pub all_logits: bool,
+}
+
+/// Everything a worker needs to run one step.
+#[derive(Debug)]
+pub struct StepPlan {
+    pub step: u64,
+    pub placement: Arc<Placement>,
+    pub seqs: Vec<SeqWork>,
+}
+
+impl StepPlan {
+    pub fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.tokens.len()).sum()
+    }
+
+    /// Rows (token indices in the flattened batch) whose logits are returned, in order.
+    pub fn logit_rows(&self) -> Vec<usize> {
+        let mut rows = Vec::new();
+        let mut at = 0;
+        for s in &self.seqs {
+            let n = s.tokens.len();
+            if s.all_logits {
+                rows.extend(at..at + n);
+            } else {
+                rows.push(at + n - 1);
+            }
+            at += n;
+        }
+        rows
+    }
+}
+
+pub enum Cmd {
+    /// Load this worker's shards of `placement` from the source and allocate its KV.
+    Load(Arc<Placement>),
+    Step(Arc<StepPlan>),
+    Shutdown,
+}
+
+pub enum Reply {
+    Loaded(WorkerId, Result<()>),
+    StepDone(WorkerId, Result<()>),
+}
+
+pub struct Worker {
+    pub id: WorkerId,
+    pub cfg: Arc<ModelConfig>,
+    pub source: Arc<dyn TensorSource>,
+    pub mem: Arc<WorkerMem>,
+    pub comm: Comm,
+    pub geom: KvGeometry,
+    inv_freq: Vec<f32>,
+}
+
+impl Worker {
+    pub fn new(
+        id: WorkerId,
+        cfg: Arc<ModelConfig>,
+        source: Arc<dyn TensorSource>,
+        mem: Arc<WorkerMem>,
+        comm: Comm,
+        geom: KvGeometry,
+    ) -> Self {
+        let inv_freq = ops::rope_inv_freq(&cfg);
+        Worker {
+            id,
+            cfg,
+            source,
+            mem,
+            comm,
+            geom,
+            inv_freq,
+        }
+    }
+
+    /// The worker thread's loop.
+    pub fn run(self, cmds: Receiver<Cmd>, replies: Sender<Reply>) {
+        while let Ok(cmd) = cmds.recv() {
+            let reply = match cmd {
+                Cmd::Load(p) => Reply::Loaded(self.id, self.load(&p)),
+                Cmd::Step(plan) => {
+                    let r = self.step(&plan);
+                    if r.is_err() {
+                        self.comm.drain();
+                    }
+                    Reply::StepDone(self.id, r)
+                }
+                Cmd::Shutdown => break,
+            };
+            if replies.send(reply).is_err() {
+                break;
+            }
+        }
+    }
+
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::Worker {
+            worker: self.id.0,
+            msg: msg.into(),
+        }
+    }
+
+    /// Reads this worker's shard of `seg` (group of `tp`, member `idx`) from the source.
+    pub fn load_segment(
+        cfg: &ModelConfig,
+        source: &dyn TensorSource,
+        seg: Segment,
+        tp: usize,
+        idx: usize,
+    ) -> Result<ShardSet> {
+        let mut tensors = HashMap::new();
+        for k in segment_tensors(cfg, seg) {
+            let region = k.region(cfg, tp, idx);
+            tensors.insert(k, source.read(k, &region)?);
+        }
+        Ok(ShardSet {
+            group_size: tp,
+            index: idx,
+            tensors,
+        })
+    }
+
+    fn load(&self, p: &Placement) -> Result<()> {
+        let mut shards = HashMap::new();
+        let mut kv = HashMap::new();
+        for seg in p.segments() {
+            let g = p.group(seg);
+            let Some(idx) = g.position(self.id) else {
+                continue;
+            };
+            let set = Self::load_segment(&self.cfg, self.source.as_ref(), seg, g.len(), idx)?;
+            shards.insert(seg, Arc::new(set));
+            if let Segment::Layer(l) = seg {
+                let heads = HeadShard::new(&self.cfg, g.len(), idx);
+                kv.insert(l, Arc::new(Mutex::new(LayerKv::new(heads.kv_heads, self.geom))));
+            }
+        }
+        *self.mem.shards.write().map_err(|_| self.err("poisoned"))? = shards;
+        *self.mem.kv.write().map_err(|_| self.err("poisoned"))? = kv;
+        Ok(())
+    }
+
+    /// Hands the hidden state from `prev` to `next`: a member of `next` that was not in
+    /// `prev` receives it from `prev[j % prev.len()]` (j = its index in `next`).
+    fn handoff(&self, prev: &Group, next: &Group, h: &mut Option<Vec<f32>>) -> Result<()> {
+        if prev == next {
+            return Ok(());
+        }
+        if let Some(i) = prev.position(self.id) {
+            let state = h.as_ref().ok_or_else(|| self.err("no hidden state to hand off"))?;
+            for (j, w) in next.workers().iter().enumerate() {
+                if !prev.contains(*w) && j % prev.len() == i {
+                    self.comm.send(w.0, Tag::Handoff, state.clone())?;
+                }
+            }
+        }
+        match next.position(self.id) {
+            Some(j) if !prev.contains(self.id) => {
+                *h = Some(self.comm.recv(prev.0[j % prev.len()].0, Tag::Handoff)?);
+            }
+            Some(_) => {}
+            None => *h = None,
+        }
+        Ok(())
+    }
+
+    fn step(&self, plan: &StepPlan) -> Result<()> {
+        let p = &plan.placement;
+        let mut h: Option<Vec<f32>> = None;
+        let mut prev: Option<&Group> = None;
+        for seg in p.segments() {
+            let g = p.group(seg);
+            if let Some(prev) = prev {
+                self.handoff(prev, g, &mut h)?;
+            }
+            prev = Some(g);
+            if !g.contains(self.id) {
+                continue;
+            }
+            let shards = self
+                .mem
+                .shard(seg)
+                .ok_or_else(|| self.err(format!("{seg} not resident")))?;
+            if shards.group_size != g.len() || g.position(self.id) != Some(shards.index) {
+                return Err(self.err(format!(
+                    "{seg}: resident shard is {}/{} but placement says {}/{}",
+                    shards.index,
+                    shards.group_size,
+                    g.position(self.id).unwrap_or(usize::MAX),
+                    g.len()
+                )));
+            }
+            match seg {
+                Segment::Embed => h = Some(self.embed(plan, g, &shards)?),
+                Segment::Layer(l) => {
+                    let x = h.as_mut().ok_or_else(|| self.err("no hidden state"))?;
+                    self.layer(plan, l, g, &shards, x)?;
+                }
+                Segment::Head => {
+                    let x = h.as_ref().ok_or_else(|| self.err("no hidden state"))?;
+                    self.head(plan, &shards, x)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn embed(&self, plan: &StepPlan, g: &Group, s: &ShardSet) -> Result<Vec<f32>> {
+        let hdim = self.cfg.hidden_size;
+        let vocab = TensorKind::Embed.region(&self.cfg, s.group_size, s.index).rows;
+        let w = s.get(TensorKind::Embed)?;
+        let mut x = vec![0.0f32; plan.num_tokens() * hdim];
+        let tokens = plan.seqs.iter().flat_map(|s| s.tokens.iter());
+        for (row, &t) in x.chunks_exact_mut(hdim).zip(tokens) {
+            let t = t as usize;
+            if vocab.contains(&t) {
+                let r = t - vocab.start;
+                row.copy_from_slice(&w[r * hdim..(r + 1) * hdim]);
+            }
+        }
+        // Exactly one member contributes a non-zero row per token, so the sum is exact.
+        self.comm.all_reduce_sum(g.workers(), &mut x)?;
+        Ok(x)
+    }
+
+    fn layer(&self, plan: &StepPlan, l: LayerId, g: &Group, s: &ShardSet, x: &mut [f32]) -> Result<()> {
+        let cfg = &*self.cfg;
+        let (hdim, hd) = (cfg.hidden_size, cfg.head_dim);
+        let t = plan.num_tokens();
+        let heads = HeadShard::new(cfg, s.group_size, s.index);
+        let (nq, nkv) = (heads.q_heads.len(), heads.kv_heads.len());
+        let opt = |k: TensorKind| s.tensors.get(&k).map(Vec::as_slice);
+
+        // Attention block.
+        let mut xn = vec![0.0f32; t * hdim];
+        ops::rms_norm(x, s.get(TensorKind::InputNorm(l))?, cfg.rms_norm_eps, &mut xn);
+        let mut q = vec![0.0f32; t * nq * hd];
+        let mut k = vec![0.0f32; t * nkv * hd];
+        let mut v = vec![0.0f32; t * nkv * hd];
+        ops::matmul_t(&xn, t, s.get(TensorKind::Q(l))?, nq * hd, &mut q);
+        ops::matmul_t(&xn, t, s.get(TensorKind::K(l))?, nkv * hd, &mut k);
+        ops::matmul_t(&xn, t, s.get(TensorKind::V(l))?, nkv * hd, &mut v);
+        if let Some(b) = opt(TensorKind::QBias(l)) {
+            ops::add_bias(&mut q, b);
+        }
+        if let Some(b) = opt(TensorKind::KBias(l)) {
+            ops::add_bias(&mut k, b);
+        }
+        if let Some(b) = opt(TensorKind::VBias(l)) {
+            ops::add_bias(&mut v, b);
+        }
+        let positions: Vec<usize> = plan
+            .seqs
+            .iter()
+            .flat_map(|s| s.start_pos..s.start_pos + s.tokens.len())
+            .collect();
+        ops::rope(&mut q, nq, hd, &positions, &self.inv_freq);
+        ops::rope(&mut k, nkv, hd, &positions, &self.inv_freq);
+
+        let kv = self
+            .mem
+            .kv(l)
+            .ok_or_else(|| self.err(format!("KV of layer {} not resident", l.0)))?;
+        let mut attn = vec![0.0f32; t * nq * hd];
+        {
+            let mut kv = kv.lock().map_err(|_| self.err("KV lock poisoned"))?;
+            if kv.kv_heads != heads.kv_heads {
+                return Err(self.err(format!(
+                    "layer {}: resident KV heads {:?}, placement needs {:?}",
+                    l.0, kv.kv_heads, heads.kv_heads
+                )));
+            }
+            let slot = kv.slot_len();
+            let mut at = 0;
+            for sw in &plan.seqs {
+                for i in 0..sw.tokens.len() {
+                    let off = kv.slot_offset(&sw.block_table, sw.start_pos + i);
+                    kv.k[off..off + slot].copy_from_slice(&k[(at + i) * slot..(at + i + 1) * slot]);
+                    kv.v[off..off + slot].copy_from_slice(&v[(at + i) * slot..(at + i + 1) * slot]);
+                }
+                self.attend(sw, &kv, &heads, &q[at * nq * hd..], &mut attn[at * nq * hd..]);
+                at += sw.tokens.len();
+            }
+        }
+        let mut o = vec![0.0f32; t * hdim];
+        ops::matmul_t(&attn, t, s.get(TensorKind::O(l))?, hdim, &mut o);
+        self.comm.all_reduce_sum(g.workers(), &mut o)?;
+        if let Some(b) = opt(TensorKind::OBias(l)) {
+            ops::add_bias(&mut o, b);
+        }
+        ops::add_into(x, &o);
+
+        // MLP block.
+        ops::rms_norm(x, s.get(TensorKind::PostNorm(l))?, cfg.rms_norm_eps, &mut xn);
+        let inter = TensorKind::Gate(l).region(cfg, s.group_size, s.index).rows.len();
+        let mut gate = vec![0.0f32; t * inter];
+        let mut up = vec![0.0f32; t * inter];
+        ops::matmul_t(&xn, t, s.get(TensorKind::Gate(l))?, inter, &mut gate);
+        ops::matmul_t(&xn, t, s.get(TensorKind::Up(l))?, inter, &mut up);
+        if let Some(b) = opt(TensorKind::GateBias(l)) {
+            ops::add_bias(&mut gate, b);
+        }
+        if let Some(b) = opt(TensorKind::UpBias(l)) {
+            ops::add_bias(&mut up, b);
+        }
+        ops::silu_mul(&mut gate, &up);
+        ops::matmul_t(&gate, t, s.get(TensorKind::Down(l))?, hdim, &mut o);
+        self.comm.all_reduce_sum(g.workers(), &mut o)?;
+        if let Some(b) = opt(TensorKind::DownBias(l)) {
+            ops::add_bias(&mut o, b);
+        }
+        ops::add_into(x, &o);
+        Ok(())
+    }
+
+    /// Causal attention of one sequence's new tokens over its cached prefix.
+    fn attend(&self, sw: &SeqWork, kv: &LayerKv, heads: &HeadShard, q: &[f32], out: &mut [f32]) {
+        let cfg = &*self.cfg;
+        let hd = cfg.head_dim;
+        let nq = heads.q_heads.len();
+        let g = cfg.gqa_group();
+        let slot = kv.slot_len();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut scores = Vec::new();
+        for i in 0..sw.tokens.len() {
+            let pos = sw.start_pos + i;
+            let lo = match cfg.sliding_window {
+                Some(w) => (pos + 1).saturating_sub(w),
+                None => 0,
+            };
+            for (qi, qh) in heads.q_heads.clone().enumerate() {
+                let kvh = qh / g - heads.kv_heads.start;
+                let qv = &q[(i * nq + qi) * hd..(i * nq + qi + 1) * hd];
+                scores.clear();
+                for p in lo..=pos {
+                    let off = kv.slot_offset(&sw.block_table, p) + kvh * hd;
+                    scores.push(ops::dot(qv, &kv.k[off..off + hd]) * scale);
+                }
+                ops::softmax(&mut scores);
+                let o = &mut out[(i * nq + qi) * hd..(i * nq + qi + 1) * hd];
+                o.fill(0.0);
+                for (p, &w) in (lo..=pos).zip(&scores) {
+                    let off = kv.slot_offset(&sw.block_table, p) + kvh * hd;
+                    for (a, &b) in o.iter_mut().zip(&kv.v[off..off + hd]) {
+                        *a += w * b;
+                    }
+                }
+            }
+        }
+        let _ = slot;
+    }
+
+    fn head(&self, plan: &StepPlan, s: &ShardSet, x: &[f32]) -> Result<()> {
+        let cfg = &*self.cfg;
+        let hdim = cfg.hidden_size;
+        let rows = plan.logit_rows();
+        let mut sel = Vec::with_capacity(rows.len() * hdim);
+        for &r in &rows {
+            sel.extend_from_slice(&x[r * hdim..(r + 1) * hdim]);
+        }
+        let mut xn = vec![0.0f32; sel.len()];
+        ops::rms_norm(&sel, s.get(TensorKind::FinalNorm)?, cfg.rms_norm_eps, &mut xn);
+        let w = s.get(TensorKind::LmHead)?;
+        let v_local = w.len() / hdim;
+        let mut logits = vec![0.0f32; rows.len() * v_local];
+        ops::matmul_t(&xn, rows.len(), w, v_local, &mut logits);
+        self.comm.send(self.comm.driver(), Tag::Logits, logits)
+    }
+}

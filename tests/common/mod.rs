@@ -1,0 +1,68 @@
+//! Shared test helpers: the transformers oracle in `../shared/models/remp-tiny`.
+#![allow(dead_code)]
+
+use remp::model::Model;
+use std::path::PathBuf;
+
+pub fn tiny_dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models/remp-tiny");
+    assert!(
+        d.join("reference.safetensors").exists(),
+        "oracle missing at {} (tests need ../shared beside the repo)",
+        d.display()
+    );
+    d
+}
+
+pub fn tiny_model() -> Model {
+    Model::load(&tiny_dir()).expect("load remp-tiny")
+}
+
+pub struct OracleCase {
+    pub prompt: Vec<u32>,
+    /// Prompt + 48 greedy tokens.
+    pub tokens: Vec<u32>,
+    /// `[tokens.len(), vocab]`, logits at every position.
+    pub logits: Vec<f32>,
+}
+
+pub fn oracle() -> Vec<OracleCase> {
+    let bytes = std::fs::read(tiny_dir().join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ints = |name: &str| -> Vec<u32> {
+        let t = st.tensor(name).unwrap();
+        t.data()
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u32)
+            .collect()
+    };
+    let mut out = Vec::new();
+    for i in 0.. {
+        if st.tensor(&format!("prompt_{i}")).is_err() {
+            break;
+        }
+        let t = st.tensor(&format!("logits_{i}")).unwrap();
+        let logits = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.push(OracleCase {
+            prompt: ints(&format!("prompt_{i}")),
+            tokens: ints(&format!("tokens_{i}")),
+            logits,
+        });
+    }
+    assert!(out.len() >= 5, "oracle has {} prompts", out.len());
+    out
+}
+
+/// Largest |a - b| / (1 + |b|) over the slices: absolute for small logits, relative for
+/// large ones.
+pub fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0.0, f32::max)
+}
