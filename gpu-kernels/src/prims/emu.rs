@@ -1,0 +1,443 @@
+//! CPU emulator of the primitive layer, so the same kernel source runs on the host.
+//!
+//! A launch runs the grid's blocks one after the other; a block's threads are real OS
+//! threads (one per GPU thread, spawned once per launch and reused for every block), so
+//! `sync_threads` has true barrier semantics and a missing barrier shows up as a data
+//! race rather than being papered over by sequential execution. Shared memory is one
+//! arena per launch, handed out by a per-thread bump allocator (every thread declares
+//! the same arrays in the same order, so all get the same addresses), poisoned with
+//! 0xFF bytes (NaN as f32/bf16) at launch. Warp operations (shuffles, `ldmatrix`,
+//! `mma.sync`) exchange values through a per-warp mailbox between two warp barriers and
+//! reproduce the PTX fragment layouts exactly. `cp.async` is a synchronous copy.
+//! A panic in one thread poisons the barriers so the launch fails instead of hanging.
+extern crate std;
+
+use std::boxed::Box;
+use std::cell::{Cell, UnsafeCell};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::vec::Vec;
+
+/// Shared memory available to one emulated block (bytes).
+pub const SHARED_BYTES: usize = 100 * 1024;
+const MAILBOX_WORDS: usize = 8;
+
+struct Barrier {
+    state: Mutex<(usize, u64)>,
+    cv: Condvar,
+    n: usize,
+    poisoned: AtomicBool,
+}
+
+impl Barrier {
+    fn new(n: usize) -> Self {
+        Barrier {
+            state: Mutex::new((0, 0)),
+            cv: Condvar::new(),
+            n,
+            poisoned: AtomicBool::new(false),
+        }
+    }
+    fn wait(&self) {
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let gen = g.1;
+        g.0 += 1;
+        if g.0 == self.n {
+            g.0 = 0;
+            g.1 = g.1.wrapping_add(1);
+            self.cv.notify_all();
+            return;
+        }
+        while g.1 == gen {
+            if self.poisoned.load(Ordering::Relaxed) {
+                drop(g);
+                panic!("emulator: another thread of the block panicked");
+            }
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+    fn poison(&self) {
+        self.poisoned.store(true, Ordering::Relaxed);
+        let _g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.cv.notify_all();
+    }
+}
+
+struct Launch {
+    grid: [u32; 3],
+    block: u32,
+    bar: Barrier,
+    warp_bars: Vec<Barrier>,
+    smem: Box<[UnsafeCell<u128>]>,
+    mailbox: Box<[UnsafeCell<[u64; MAILBOX_WORDS]>]>,
+}
+unsafe impl Sync for Launch {}
+
+struct Ctx {
+    launch: *const Launch,
+    tid: u32,
+    bidx: Cell<[u32; 3]>,
+    smem_off: Cell<usize>,
+}
+
+std::thread_local! {
+    static CTX: Cell<*const Ctx> = const { Cell::new(core::ptr::null()) };
+}
+
+#[inline]
+fn ctx() -> &'static Ctx {
+    let p = CTX.with(|c| c.get());
+    assert!(
+        !p.is_null(),
+        "GPU primitive called outside an emulated launch"
+    );
+    unsafe { &*p }
+}
+#[inline]
+fn launch_of(c: &Ctx) -> &Launch {
+    unsafe { &*c.launch }
+}
+
+struct SyncRef<'a, F>(&'a F);
+unsafe impl<F> Sync for SyncRef<'_, F> {}
+unsafe impl<F> Send for SyncRef<'_, F> {}
+
+/// Run `f` as a kernel over `grid` blocks of `block` threads (`block` a multiple of 32).
+///
+/// # Safety
+/// `f` runs concurrently on `block` threads; the pointers it captures must be valid for
+/// what the kernel does with them, exactly as for a GPU launch.
+pub unsafe fn launch<F: Fn()>(grid: [u32; 3], block: u32, f: F) {
+    assert!(
+        block > 0 && block.is_multiple_of(32) && block <= 1024,
+        "block size {block}"
+    );
+    let nwarps = (block / 32) as usize;
+    let l = Launch {
+        grid,
+        block,
+        bar: Barrier::new(block as usize),
+        warp_bars: (0..nwarps).map(|_| Barrier::new(32)).collect(),
+        smem: (0..SHARED_BYTES / 16)
+            .map(|_| UnsafeCell::new(u128::MAX))
+            .collect(),
+        mailbox: (0..block)
+            .map(|_| UnsafeCell::new([0; MAILBOX_WORDS]))
+            .collect(),
+    };
+    if grid.contains(&0) {
+        return;
+    }
+    let fr = SyncRef(&f);
+    let lr = &l;
+    let first_panic = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..block)
+            .map(|tid| {
+                let fr = &fr;
+                std::thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn_scoped(s, move || {
+                        let c = Ctx {
+                            launch: lr,
+                            tid,
+                            bidx: Cell::new([0; 3]),
+                            smem_off: Cell::new(0),
+                        };
+                        CTX.with(|x| x.set(&c as *const Ctx));
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            for z in 0..lr.grid[2] {
+                                for y in 0..lr.grid[1] {
+                                    for x in 0..lr.grid[0] {
+                                        lr.bar.wait();
+                                        c.bidx.set([x, y, z]);
+                                        c.smem_off.set(0);
+                                        (fr.0)();
+                                    }
+                                }
+                            }
+                        }));
+                        CTX.with(|x| x.set(core::ptr::null()));
+                        if r.is_err() {
+                            lr.bar.poison();
+                            for b in lr.warp_bars.iter() {
+                                b.poison();
+                            }
+                        }
+                        r
+                    })
+                    .expect("spawn emulator thread")
+            })
+            .collect();
+        let mut first = None;
+        for h in handles {
+            if let Err(e) = h.join().expect("emulator thread") {
+                let is_peer = e
+                    .downcast_ref::<&str>()
+                    .is_some_and(|m| m.starts_with("emulator: another"));
+                if first.is_none() || (!is_peer && first.as_ref().is_some_and(|p: &(bool, _)| p.0))
+                {
+                    first = Some((is_peer, e));
+                }
+            }
+        }
+        first
+    });
+    if let Some((_, e)) = first_panic {
+        std::panic::resume_unwind(e);
+    }
+}
+
+pub fn thread_idx() -> u32 {
+    ctx().tid
+}
+pub fn block_dim() -> u32 {
+    launch_of(ctx()).block
+}
+pub fn block_idx_x() -> u32 {
+    ctx().bidx.get()[0]
+}
+pub fn block_idx_y() -> u32 {
+    ctx().bidx.get()[1]
+}
+pub fn block_idx_z() -> u32 {
+    ctx().bidx.get()[2]
+}
+pub fn grid_dim_x() -> u32 {
+    launch_of(ctx()).grid[0]
+}
+pub fn grid_dim_y() -> u32 {
+    launch_of(ctx()).grid[1]
+}
+pub fn grid_dim_z() -> u32 {
+    launch_of(ctx()).grid[2]
+}
+pub fn sync_threads() {
+    launch_of(ctx()).bar.wait();
+}
+
+/// Per-thread bump allocation in the block's shared arena (see the module comment).
+pub fn shared_alloc(bytes: usize) -> *mut u8 {
+    let c = ctx();
+    let off = c.smem_off.get();
+    let end = off + bytes.div_ceil(16) * 16;
+    assert!(end <= SHARED_BYTES, "emulated shared memory exhausted");
+    c.smem_off.set(end);
+    unsafe { (launch_of(c).smem.as_ptr() as *mut u8).add(off) }
+}
+
+/// One warp-synchronous exchange: every lane posts `words`, then `read` runs with access
+/// to all 32 lanes' posts, then the warp synchronises again so the mailbox can be reused.
+fn warp_exchange<R>(words: &[u64], read: impl FnOnce(&dyn Fn(u32, usize) -> u64) -> R) -> R {
+    let c = ctx();
+    let l = launch_of(c);
+    let warp = (c.tid / 32) as usize;
+    let base = warp * 32;
+    unsafe {
+        let mine = &mut *l.mailbox[c.tid as usize].get();
+        mine[..words.len()].copy_from_slice(words);
+    }
+    l.warp_bars[warp].wait();
+    let get = |lane: u32, i: usize| unsafe { (*l.mailbox[base + lane as usize].get())[i] };
+    let r = read(&get);
+    l.warp_bars[warp].wait();
+    r
+}
+
+pub fn shfl_xor_u32(v: u32, lane_mask: u32) -> u32 {
+    let lane = ctx().tid % 32;
+    warp_exchange(&[v as u64], |get| get((lane ^ lane_mask) & 31, 0) as u32)
+}
+pub fn shfl_idx_u32(v: u32, src: u32) -> u32 {
+    warp_exchange(&[v as u64], |get| get(src & 31, 0) as u32)
+}
+
+pub fn fma(a: f32, b: f32, c: f32) -> f32 {
+    a.mul_add(b, c)
+}
+pub fn fmax(a: f32, b: f32) -> f32 {
+    a.max(b)
+}
+pub fn fmin(a: f32, b: f32) -> f32 {
+    a.min(b)
+}
+pub fn sqrt(a: f32) -> f32 {
+    a.sqrt()
+}
+pub fn exp2(x: f32) -> f32 {
+    x.exp2()
+}
+pub fn rsqrt(x: f32) -> f32 {
+    1.0 / x.sqrt()
+}
+pub fn f32_to_bits(x: f32) -> u32 {
+    x.to_bits()
+}
+pub fn f32_from_bits(x: u32) -> f32 {
+    f32::from_bits(x)
+}
+pub fn f64_to_bits(x: f64) -> u64 {
+    x.to_bits()
+}
+/// f32 -> bf16 bits, round to nearest even (NaN -> canonical NaN, as `cvt.rn.bf16.f32`).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return 0x7fff;
+    }
+    let round = 0x7fff + ((b >> 16) & 1);
+    (b.wrapping_add(round) >> 16) as u16
+}
+/// f32 -> IEEE half bits, round to nearest even.
+pub fn f32_to_f16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let exp = ((b >> 23) & 0xff) as i32;
+    let man = b & 0x7f_ffff;
+    if exp == 0xff {
+        return sign | 0x7c00 | if man != 0 { 0x200 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        let m = man | 0x80_0000;
+        let shift = (14 - e) as u32;
+        let half = 1u32 << (shift - 1);
+        let rem = m & ((1 << shift) - 1);
+        let mut r = m >> shift;
+        if rem > half || (rem == half && (r & 1) == 1) {
+            r += 1;
+        }
+        return sign | r as u16;
+    }
+    let mut r = ((e as u32) << 10) | (man >> 13);
+    let rem = man & 0x1fff;
+    if rem > 0x1000 || (rem == 0x1000 && (r & 1) == 1) {
+        r += 1;
+    }
+    sign | r as u16
+}
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h as u32) & 0x8000) << 16;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = if exp == 0 {
+        if man == 0 {
+            sign
+        } else {
+            let mut e = 127 - 15 + 1;
+            let mut m = man;
+            while m & 0x400 == 0 {
+                m <<= 1;
+                e -= 1;
+            }
+            sign | (e << 23) | ((m & 0x3ff) << 13)
+        }
+    } else if exp == 0x1f {
+        sign | 0x7f80_0000 | (man << 13)
+    } else {
+        sign | ((exp + 127 - 15) << 23) | (man << 13)
+    };
+    f32::from_bits(bits)
+}
+
+/// # Safety
+/// `p` must be 16-byte aligned and readable.
+pub unsafe fn ld_global_v4(p: *const u32) -> [u32; 4] {
+    assert!((p as usize).is_multiple_of(16), "misaligned 16-byte load");
+    *(p as *const [u32; 4])
+}
+/// # Safety
+/// As [`ld_global_v4`].
+pub unsafe fn ld_global_nc_v4(p: *const u32) -> [u32; 4] {
+    ld_global_v4(p)
+}
+/// # Safety
+/// `p` must be 16-byte aligned and writable.
+pub unsafe fn st_global_v4(p: *mut u32, v: [u32; 4]) {
+    assert!((p as usize).is_multiple_of(16), "misaligned 16-byte store");
+    *(p as *mut [u32; 4]) = v;
+}
+/// # Safety
+/// `dst_shared` 16-byte aligned in shared memory, `src` readable for `src_bytes`.
+pub unsafe fn cp_async_16(dst_shared: *mut u8, src: *const u8, src_bytes: u32) {
+    assert!(
+        (dst_shared as usize).is_multiple_of(16) && (src as usize).is_multiple_of(16),
+        "misaligned cp.async"
+    );
+    assert!(src_bytes <= 16);
+    let mut buf = [0u8; 16];
+    core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), src_bytes as usize);
+    core::ptr::copy_nonoverlapping(buf.as_ptr(), dst_shared, 16);
+}
+pub fn cp_async_commit() {}
+pub fn cp_async_wait<const N: u32>() {}
+
+/// # Safety
+/// Each lane's `row` must point at 16 readable bytes of shared memory.
+pub unsafe fn ldmatrix_x4(row: *const u8) -> [u32; 4] {
+    assert!((row as usize).is_multiple_of(16), "misaligned ldmatrix row");
+    let lane = ctx().tid % 32;
+    warp_exchange(&[row as u64], |get| {
+        let mut r = [0u32; 4];
+        for (j, rj) in r.iter_mut().enumerate() {
+            let p = get(j as u32 * 8 + lane / 4, 0) as *const u16;
+            let c = (2 * (lane % 4)) as usize;
+            *rj = (*p.add(c) as u32) | ((*p.add(c + 1) as u32) << 16);
+        }
+        r
+    })
+}
+
+fn bf16_lo_hi(w: u32, hi: bool) -> f32 {
+    let h = if hi { w >> 16 } else { w & 0xffff };
+    f32::from_bits(h << 16)
+}
+
+pub fn mma_bf16_16816(c: [f32; 4], a: [u32; 4], b: [u32; 2]) -> [f32; 4] {
+    let lane = ctx().tid % 32;
+    let words = [
+        a[0] as u64,
+        a[1] as u64,
+        a[2] as u64,
+        a[3] as u64,
+        b[0] as u64,
+        b[1] as u64,
+    ];
+    warp_exchange(&words, |get| {
+        // A(row, k): lane (row % 8) * 4 + (k % 8) / 2, register (row >= 8) + 2 (k >= 8).
+        let a_at = |row: u32, k: u32| {
+            let w = get(
+                (row % 8) * 4 + (k % 8) / 2,
+                ((row >= 8) as usize) + 2 * ((k >= 8) as usize),
+            );
+            bf16_lo_hi(w as u32, k % 2 == 1)
+        };
+        // B(k, n): lane n * 4 + (k % 8) / 2, register 4 + (k >= 8).
+        let b_at = |k: u32, n: u32| {
+            let w = get(n * 4 + (k % 8) / 2, 4 + (k >= 8) as usize);
+            bf16_lo_hi(w as u32, k % 2 == 1)
+        };
+        let g = lane / 4;
+        let t = lane % 4;
+        let mut d = c;
+        for (i, di) in d.iter_mut().enumerate() {
+            let row = g + 8 * (i as u32 / 2);
+            let col = 2 * t + (i as u32 % 2);
+            let mut s = 0.0f32;
+            for k in 0..16 {
+                s += a_at(row, k) * b_at(k, col);
+            }
+            *di += s;
+        }
+        d
+    })
+}
+
+pub fn trap() -> ! {
+    panic!("kernel trap")
+}

@@ -1,0 +1,229 @@
+//! GPU implementation of the primitive layer: special registers, barriers, shuffles,
+//! fast math, bf16/f16 conversions, 128-bit global loads, `cp.async`, `ldmatrix`,
+//! `mma.sync`. Everything is `#[inline(always)]`: the crate is compiled as one module
+//! and an out-of-line call would need a linker we do not have.
+use crate::minicore::*;
+
+#[allow(improper_ctypes)]
+extern "C" {
+    #[link_name = "llvm.nvvm.read.ptx.sreg.tid.x"]
+    fn sreg_tid_x() -> u32;
+    #[link_name = "llvm.nvvm.read.ptx.sreg.ntid.x"]
+    fn sreg_ntid_x() -> u32;
+    #[link_name = "llvm.nvvm.read.ptx.sreg.ctaid.x"]
+    fn sreg_ctaid_x() -> u32;
+    #[link_name = "llvm.nvvm.read.ptx.sreg.ctaid.y"]
+    fn sreg_ctaid_y() -> u32;
+    #[link_name = "llvm.nvvm.read.ptx.sreg.ctaid.z"]
+    fn sreg_ctaid_z() -> u32;
+    #[link_name = "llvm.nvvm.read.ptx.sreg.nctaid.x"]
+    fn sreg_nctaid_x() -> u32;
+    #[link_name = "llvm.nvvm.read.ptx.sreg.nctaid.y"]
+    fn sreg_nctaid_y() -> u32;
+    #[link_name = "llvm.nvvm.read.ptx.sreg.nctaid.z"]
+    fn sreg_nctaid_z() -> u32;
+    #[link_name = "llvm.nvvm.barrier0"]
+    fn nvvm_barrier0();
+    #[link_name = "llvm.nvvm.shfl.sync.bfly.i32"]
+    fn nvvm_shfl_bfly(mask: u32, v: u32, lane_mask: u32, clamp: u32) -> u32;
+    #[link_name = "llvm.nvvm.shfl.sync.idx.i32"]
+    fn nvvm_shfl_idx(mask: u32, v: u32, src: u32, clamp: u32) -> u32;
+    #[link_name = "llvm.fma.f32"]
+    fn llvm_fma(a: f32, b: f32, c: f32) -> f32;
+    #[link_name = "llvm.maxnum.f32"]
+    fn llvm_maxnum(a: f32, b: f32) -> f32;
+    #[link_name = "llvm.minnum.f32"]
+    fn llvm_minnum(a: f32, b: f32) -> f32;
+    #[link_name = "llvm.sqrt.f32"]
+    fn llvm_sqrt(a: f32) -> f32;
+}
+
+#[inline(always)]
+pub fn thread_idx() -> u32 {
+    unsafe { sreg_tid_x() }
+}
+#[inline(always)]
+pub fn block_dim() -> u32 {
+    unsafe { sreg_ntid_x() }
+}
+#[inline(always)]
+pub fn block_idx_x() -> u32 {
+    unsafe { sreg_ctaid_x() }
+}
+#[inline(always)]
+pub fn block_idx_y() -> u32 {
+    unsafe { sreg_ctaid_y() }
+}
+#[inline(always)]
+pub fn block_idx_z() -> u32 {
+    unsafe { sreg_ctaid_z() }
+}
+#[inline(always)]
+pub fn grid_dim_x() -> u32 {
+    unsafe { sreg_nctaid_x() }
+}
+#[inline(always)]
+pub fn grid_dim_y() -> u32 {
+    unsafe { sreg_nctaid_y() }
+}
+#[inline(always)]
+pub fn grid_dim_z() -> u32 {
+    unsafe { sreg_nctaid_z() }
+}
+/// `__syncthreads()`.
+#[inline(always)]
+pub fn sync_threads() {
+    unsafe { nvvm_barrier0() }
+}
+/// Butterfly shuffle over the full warp (all 32 lanes must call it).
+#[inline(always)]
+pub fn shfl_xor_u32(v: u32, lane_mask: u32) -> u32 {
+    unsafe { nvvm_shfl_bfly(0xffff_ffff, v, lane_mask, 0x1f) }
+}
+/// Read `v` of lane `src` (all 32 lanes must call it).
+#[inline(always)]
+pub fn shfl_idx_u32(v: u32, src: u32) -> u32 {
+    unsafe { nvvm_shfl_idx(0xffff_ffff, v, src, 0x1f) }
+}
+
+#[inline(always)]
+pub fn fma(a: f32, b: f32, c: f32) -> f32 {
+    unsafe { llvm_fma(a, b, c) }
+}
+#[inline(always)]
+pub fn fmax(a: f32, b: f32) -> f32 {
+    unsafe { llvm_maxnum(a, b) }
+}
+#[inline(always)]
+pub fn fmin(a: f32, b: f32) -> f32 {
+    unsafe { llvm_minnum(a, b) }
+}
+#[inline(always)]
+pub fn sqrt(a: f32) -> f32 {
+    unsafe { llvm_sqrt(a) }
+}
+/// 2^x, `ex2.approx` (about 2 ulp).
+#[inline(always)]
+pub fn exp2(x: f32) -> f32 {
+    let r: f32;
+    unsafe {
+        asm!("ex2.approx.ftz.f32 {0}, {1};", out(reg32) r, in(reg32) x, options(pure, nomem, nostack))
+    };
+    r
+}
+/// 1/sqrt(x), `rsqrt.approx` (about 2 ulp).
+#[inline(always)]
+pub fn rsqrt(x: f32) -> f32 {
+    let r: f32;
+    unsafe {
+        asm!("rsqrt.approx.ftz.f32 {0}, {1};", out(reg32) r, in(reg32) x, options(pure, nomem, nostack))
+    };
+    r
+}
+#[inline(always)]
+pub fn f32_to_bits(x: f32) -> u32 {
+    unsafe { transmute::<f32, u32>(x) }
+}
+#[inline(always)]
+pub fn f32_from_bits(x: u32) -> f32 {
+    unsafe { transmute::<u32, f32>(x) }
+}
+#[inline(always)]
+pub fn f64_to_bits(x: f64) -> u64 {
+    unsafe { transmute::<f64, u64>(x) }
+}
+/// f32 -> bf16 bits, round to nearest even.
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let r: u16;
+    unsafe {
+        asm!("cvt.rn.bf16.f32 {0}, {1};", out(reg16) r, in(reg32) x, options(pure, nomem, nostack))
+    };
+    r
+}
+/// f32 -> f16 bits, round to nearest even.
+#[inline(always)]
+pub fn f32_to_f16(x: f32) -> u16 {
+    let r: u16;
+    unsafe {
+        asm!("cvt.rn.f16.f32 {0}, {1};", out(reg16) r, in(reg32) x, options(pure, nomem, nostack))
+    };
+    r
+}
+#[inline(always)]
+pub fn f16_to_f32(x: u16) -> f32 {
+    let r: f32;
+    unsafe {
+        asm!("cvt.f32.f16 {0}, {1};", out(reg32) r, in(reg16) x, options(pure, nomem, nostack))
+    };
+    r
+}
+
+/// 16-byte load from global memory (`p` 16-byte aligned).
+#[inline(always)]
+pub unsafe fn ld_global_v4(p: *const u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("{{ .reg .u64 g; cvta.to.global.u64 g, {p}; ld.global.v4.u32 {{{a}, {b}, {c}, {d}}}, [g]; }}",
+         p = in(reg64) p, a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+         options(readonly, nostack));
+    [a, b, c, d]
+}
+/// 16-byte load through the read-only path (data not written during the kernel).
+#[inline(always)]
+pub unsafe fn ld_global_nc_v4(p: *const u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("{{ .reg .u64 g; cvta.to.global.u64 g, {p}; ld.global.nc.v4.u32 {{{a}, {b}, {c}, {d}}}, [g]; }}",
+         p = in(reg64) p, a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+         options(readonly, nostack));
+    [a, b, c, d]
+}
+/// 16-byte store to global memory (`p` 16-byte aligned).
+#[inline(always)]
+pub unsafe fn st_global_v4(p: *mut u32, v: [u32; 4]) {
+    asm!("{{ .reg .u64 g; cvta.to.global.u64 g, {p}; st.global.v4.u32 [g], {{{a}, {b}, {c}, {d}}}; }}",
+         p = in(reg64) p, a = in(reg32) v[0], b = in(reg32) v[1], c = in(reg32) v[2], d = in(reg32) v[3],
+         options(nostack));
+}
+
+/// Asynchronous 16-byte global -> shared copy; bytes past `src_bytes` (0..=16) are zero-filled.
+#[inline(always)]
+pub unsafe fn cp_async_16(dst_shared: *mut u8, src: *const u8, src_bytes: u32) {
+    asm!("{{ .reg .u64 s, g; cvta.to.shared.u64 s, {d}; cvta.to.global.u64 g, {p}; cp.async.cg.shared.global [s], [g], 16, {n}; }}",
+         d = in(reg64) dst_shared, p = in(reg64) src, n = in(reg32) src_bytes, options(nostack));
+}
+#[inline(always)]
+pub fn cp_async_commit() {
+    unsafe { asm!("cp.async.commit_group;", options(nostack)) };
+}
+/// Wait until at most `N` committed `cp.async` groups are still in flight.
+#[inline(always)]
+pub fn cp_async_wait<const N: u32>() {
+    unsafe { asm!("cp.async.wait_group {n};", n = const N, options(nostack)) };
+}
+/// `ldmatrix .x4`: lane `i` gives the address of row `i % 8` of matrix `i / 8` (8x8 b16
+/// matrices, 16-byte rows in shared memory); returns one 32-bit fragment per matrix.
+#[inline(always)]
+pub unsafe fn ldmatrix_x4(row: *const u8) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("{{ .reg .u64 s; cvta.to.shared.u64 s, {p}; ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{a}, {b}, {c}, {d}}}, [s]; }}",
+         p = in(reg64) row, a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+         options(readonly, nostack));
+    [a, b, c, d]
+}
+/// D = A·B + C for one warp, A 16x16 bf16 (row), B 16x8 bf16 (col), C/D 16x8 f32.
+#[inline(always)]
+pub fn mma_bf16_16816(c: [f32; 4], a: [u32; 4], b: [u32; 2]) -> [f32; 4] {
+    let (mut d0, mut d1, mut d2, mut d3) = (c[0], c[1], c[2], c[3]);
+    unsafe {
+        asm!("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{d0}, {d1}, {d2}, {d3}}};",
+             d0 = inout(reg32) d0, d1 = inout(reg32) d1, d2 = inout(reg32) d2, d3 = inout(reg32) d3,
+             a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
+             b0 = in(reg32) b[0], b1 = in(reg32) b[1], options(pure, nomem, nostack));
+    }
+    [d0, d1, d2, d3]
+}
+/// Abort the kernel.
+#[inline(always)]
+pub fn trap() -> ! {
+    unsafe { asm!("trap;", options(noreturn)) }
+}
