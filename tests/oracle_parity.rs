@@ -27,7 +27,10 @@ fn check_topology(tp: usize, pp: usize) {
         let id = engine.add_request(req).unwrap();
         let mut logits = Vec::new();
         for ev in engine.run_to_completion().unwrap() {
-            if let Event::Token { logits: Some(l), .. } = ev {
+            if let Event::Token {
+                logits: Some(l), ..
+            } = ev
+            {
                 logits.extend(l);
             }
         }
@@ -93,7 +96,10 @@ fn full_sequence_prefill_logits() {
         req.return_logits = true;
         engine.add_request(req).unwrap();
         let evs = engine.run_to_completion().unwrap();
-        let Some(Event::Token { logits: Some(l), .. }) = evs.first() else {
+        let Some(Event::Token {
+            logits: Some(l), ..
+        }) = evs.first()
+        else {
             panic!("no logits");
         };
         let err = max_rel_err(l, &case.logits);
@@ -111,7 +117,8 @@ fn batched_requests_joining_at_different_steps() {
         let mut engine = Engine::new(&model, EngineConfig::new(Topology::new(tp, pp))).unwrap();
         let mut ids = Vec::new();
         for (i, case) in cases.iter().enumerate() {
-            let mut req = Request::greedy(case.prompt.clone(), case.tokens.len() - case.prompt.len());
+            let mut req =
+                Request::greedy(case.prompt.clone(), case.tokens.len() - case.prompt.len());
             req.ignore_eos = true;
             ids.push(engine.add_request(req).unwrap());
             // Request i joins after i*3 steps of the others.
@@ -121,7 +128,10 @@ fn batched_requests_joining_at_different_steps() {
         }
         engine.run_to_completion().unwrap();
         for (case, id) in cases.iter().zip(ids) {
-            assert_eq!(engine.output(id).unwrap().output, case.tokens[case.prompt.len()..]);
+            assert_eq!(
+                engine.output(id).unwrap().output,
+                case.tokens[case.prompt.len()..]
+            );
         }
     }
 }

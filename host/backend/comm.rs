@@ -21,7 +21,10 @@ pub enum Tag {
     AllReduce,
     Handoff,
     Logits,
+    /// Data of reconfiguration job `n`.
     Reshard(u64),
+    /// A failed reshard sender tells its receivers to give up on job `n`.
+    ReshardAbort(u64),
 }
 
 /// Traffic classes, counted separately.
@@ -40,6 +43,7 @@ struct Msg {
 pub struct CommStats {
     n: usize,
     bytes: Vec<AtomicU64>,
+    reshard: AtomicU64,
 }
 
 impl CommStats {
@@ -47,6 +51,7 @@ impl CommStats {
         CommStats {
             n,
             bytes: (0..n * n * 2).map(|_| AtomicU64::new(0)).collect(),
+            reshard: AtomicU64::new(0),
         }
     }
 
@@ -61,6 +66,11 @@ impl CommStats {
     /// Bytes sent on `lane` from endpoint `from` to `to`.
     pub fn between(&self, lane: Lane, from: usize, to: usize) -> u64 {
         self.slot(lane, from, to).load(Ordering::Relaxed)
+    }
+
+    /// Bytes of reshard traffic (weights and KV moved by reconfigurations), any lane.
+    pub fn reshard_bytes(&self) -> u64 {
+        self.reshard.load(Ordering::Relaxed)
     }
 
     /// Bytes sent on `lane` in total.
@@ -134,12 +144,18 @@ impl Comm {
 
     pub fn send(&self, to: usize, tag: Tag, data: Vec<f32>) -> Result<()> {
         let bytes = (data.len() * std::mem::size_of::<f32>()) as u64;
-        self.to[to]
-            .send(Msg { tag, data })
-            .map_err(|_| Error::Comm(format!("endpoint {to} is gone ({:?} from {})", tag, self.me)))?;
+        self.to[to].send(Msg { tag, data }).map_err(|_| {
+            Error::Comm(format!(
+                "endpoint {to} is gone ({:?} from {})",
+                tag, self.me
+            ))
+        })?;
         self.stats
             .slot(self.lane, self.me, to)
             .fetch_add(bytes, Ordering::Relaxed);
+        if matches!(tag, Tag::Reshard(_)) {
+            self.stats.reshard.fetch_add(bytes, Ordering::Relaxed);
+        }
         Ok(())
     }
 

@@ -29,7 +29,9 @@ impl Arch {
 pub enum RopeScaling {
     None,
     /// `rope_type: linear`: positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// `rope_type: llama3` (Llama 3.1+): low frequencies scaled, high kept, smooth between.
     Llama3 {
         factor: f64,
@@ -115,7 +117,8 @@ impl ModelConfig {
             path: path.to_path_buf(),
             msg,
         };
-        let v: Value = serde_json::from_str(text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| err(format!("not valid JSON: {e}")))?;
         if !v.is_object() {
             return Err(err("expected a JSON object".into()));
         }
@@ -125,12 +128,14 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .map(str::to_owned)
             .or_else(|| {
-                v.get("model_type").and_then(Value::as_str).map(|m| match m {
-                    "llama" => "LlamaForCausalLM".to_owned(),
-                    "mistral" => "MistralForCausalLM".to_owned(),
-                    "qwen2" => "Qwen2ForCausalLM".to_owned(),
-                    other => other.to_owned(),
-                })
+                v.get("model_type")
+                    .and_then(Value::as_str)
+                    .map(|m| match m {
+                        "llama" => "LlamaForCausalLM".to_owned(),
+                        "mistral" => "MistralForCausalLM".to_owned(),
+                        "qwen2" => "Qwen2ForCausalLM".to_owned(),
+                        other => other.to_owned(),
+                    })
             })
             .ok_or_else(|| err("missing `architectures` (and `model_type`)".into()))?;
         let arch = match arch_name.as_str() {
@@ -196,7 +201,9 @@ impl ModelConfig {
             )));
         }
         if head_dim % 2 != 0 {
-            return Err(err(format!("head_dim ({head_dim}) must be even for rotary embeddings")));
+            return Err(err(format!(
+                "head_dim ({head_dim}) must be even for rotary embeddings"
+            )));
         }
         let rms_norm_eps = opt_f64(&v, "rms_norm_eps")?.unwrap_or(1e-6) as f32;
         let max_position_embeddings = opt_usize("max_position_embeddings")?.unwrap_or(4096);
@@ -207,7 +214,11 @@ impl ModelConfig {
             .get("rope_parameters")
             .filter(|x| x.is_object())
             .or_else(|| v.get("rope_scaling").filter(|x| x.is_object()));
-        let rope_theta = match rope_obj.map(|o| opt_f64(o, "rope_theta")).transpose()?.flatten() {
+        let rope_theta = match rope_obj
+            .map(|o| opt_f64(o, "rope_theta"))
+            .transpose()?
+            .flatten()
+        {
             Some(t) => t,
             None => opt_f64(&v, "rope_theta")?.unwrap_or(10000.0),
         };
@@ -260,7 +271,10 @@ impl ModelConfig {
             }
             _ => None,
         };
-        let act = v.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
+        let act = v
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
         if act != "silu" {
             return Err(Error::Unsupported(format!(
                 "{}: hidden_act `{act}` (only silu)",
@@ -335,7 +349,11 @@ impl ModelConfig {
 fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }

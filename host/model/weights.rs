@@ -74,12 +74,13 @@ impl SafetensorsSource {
                 file: index.clone(),
                 msg: format!("not valid JSON: {e}"),
             })?;
-            let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| {
-                Error::Checkpoint {
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| Error::Checkpoint {
                     file: index.clone(),
                     msg: "missing `weight_map` object".into(),
-                }
-            })?;
+                })?;
             let mut names: Vec<PathBuf> = Vec::new();
             for f in map.values() {
                 let f = f.as_str().ok_or_else(|| Error::Checkpoint {
@@ -162,7 +163,10 @@ fn parse_header(
         msg,
     };
     if buf.len() < 8 {
-        return Err(bad(format!("truncated: {} bytes, no safetensors header", buf.len())));
+        return Err(bad(format!(
+            "truncated: {} bytes, no safetensors header",
+            buf.len()
+        )));
     }
     let n = u64::from_le_bytes(buf[..8].try_into().unwrap_or([0; 8])) as usize;
     if n > buf.len() - 8 {
@@ -190,22 +194,26 @@ fn parse_header(
             Some("BF16") => DType::BF16,
             Some("F16") => DType::F16,
             Some("F32") => DType::F32,
-            Some(other) => {
-                return Err(tbad(format!("dtype {other} (supported: BF16, F16, F32)")))
-            }
+            Some(other) => return Err(tbad(format!("dtype {other} (supported: BF16, F16, F32)"))),
             None => return Err(tbad("missing dtype".into())),
         };
         let shape: Vec<usize> = v
             .get("shape")
             .and_then(Value::as_array)
-            .map(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect::<Option<_>>())
-            .flatten()
+            .and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_u64().map(|x| x as usize))
+                    .collect::<Option<_>>()
+            })
             .ok_or_else(|| tbad("missing or malformed shape".into()))?;
         let offs: Vec<usize> = v
             .get("data_offsets")
             .and_then(Value::as_array)
-            .map(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect::<Option<_>>())
-            .flatten()
+            .and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_u64().map(|x| x as usize))
+                    .collect::<Option<_>>()
+            })
             .filter(|o: &Vec<usize>| o.len() == 2 && o[0] <= o[1])
             .ok_or_else(|| tbad("missing or malformed data_offsets".into()))?;
         let numel: usize = shape.iter().product();

@@ -88,8 +88,7 @@ impl Placement {
                 workers.len()
             )));
         }
-        let stage_group =
-            |s: usize| Group(workers[s * topo.tp..(s + 1) * topo.tp].to_vec());
+        let stage_group = |s: usize| Group(workers[s * topo.tp..(s + 1) * topo.tp].to_vec());
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for s in 0..topo.pp {
             for _ in topo.stage_layers(cfg.num_layers, s) {

@@ -224,7 +224,17 @@ impl TensorKind {
     /// The tensors of one decoder layer that this model has.
     pub fn layer_tensors(cfg: &ModelConfig, l: LayerId) -> Vec<TensorKind> {
         use TensorKind::*;
-        let mut v = vec![InputNorm(l), Q(l), K(l), V(l), O(l), PostNorm(l), Gate(l), Up(l), Down(l)];
+        let mut v = vec![
+            InputNorm(l),
+            Q(l),
+            K(l),
+            V(l),
+            O(l),
+            PostNorm(l),
+            Gate(l),
+            Up(l),
+            Down(l),
+        ];
         if cfg.qkv_bias {
             v.extend([QBias(l), KBias(l), VBias(l)]);
         }

@@ -33,16 +33,18 @@ impl Topology {
     pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
         let (tp, pp) = (self.tp, self.pp);
         if tp == 0 || pp == 0 {
-            return Err(Error::Topology(format!("{self}: tp and pp must be at least 1")));
+            return Err(Error::Topology(format!(
+                "{self}: tp and pp must be at least 1"
+            )));
         }
-        if cfg.num_heads % tp != 0 {
+        if !cfg.num_heads.is_multiple_of(tp) {
             return Err(Error::Topology(format!(
                 "{self}: tp={tp} does not divide num_attention_heads={}",
                 cfg.num_heads
             )));
         }
         let kvh = cfg.num_kv_heads;
-        if tp % kvh != 0 && kvh % tp != 0 {
+        if !tp.is_multiple_of(kvh) && !kvh.is_multiple_of(tp) {
             return Err(Error::Topology(format!(
                 "{self}: tp={tp} and num_key_value_heads={kvh} must divide one another (KV heads are split when tp <= kv heads, replicated when tp > kv heads)"
             )));

@@ -16,10 +16,13 @@
 use crate::backend::comm::{fabric, Comm, CommStats, Lane, Tag};
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelConfig, TensorSource, Tokenizer};
-use crate::parallel::{Placement, Topology, WorkerId};
+use crate::parallel::{Placement, Segment, Topology, WorkerId};
+use crate::reshard::executor::{Controller, CopyCmd, CopyWorker, ReconfigEvent, ReconfigOptions};
+use crate::reshard::planner::{plan_topology, ReshardPlan};
 use crate::runtime::kv_cache::{BlockAllocator, KvGeometry};
+use crate::runtime::live_placement::{FlipHook, LivePlacement};
 use crate::runtime::sampling::{sample, Rng, Sampling};
-use crate::runtime::worker::{Cmd, Reply, SeqWork, StepPlan, Worker, WorkerMem};
+use crate::runtime::worker::{Cmd, MemMeter, Reply, SeqWork, StepPlan, Worker, WorkerMem};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -146,22 +149,173 @@ pub struct StepRecord {
     pub tokens: usize,
 }
 
+/// The worker pool: compute threads, copy threads, the fabric between them, and the
+/// live placement they execute. Rebuilt only by a restart.
+struct Pool {
+    cmd: Vec<Sender<Cmd>>,
+    copy_cmd: Vec<Sender<CopyCmd>>,
+    replies: Receiver<Reply>,
+    driver: Comm,
+    mems: Vec<Arc<WorkerMem>>,
+    stats: Arc<CommStats>,
+    live: Arc<LivePlacement>,
+    ctrl: Arc<Controller>,
+    meter: Arc<MemMeter>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    fn spawn(
+        cfg: &Arc<ModelConfig>,
+        source: &Arc<dyn TensorSource>,
+        n_workers: usize,
+        geom: KvGeometry,
+        timeout: Duration,
+        placement: &Placement,
+    ) -> Result<Self> {
+        let (compute, copy, stats) = fabric(n_workers, timeout);
+        let mut compute: Vec<Option<Comm>> = compute.into_iter().map(Some).collect();
+        let mut copy: Vec<Option<Comm>> = copy.into_iter().map(Some).collect();
+        let driver = compute[n_workers]
+            .take()
+            .ok_or_else(|| Error::Comm("no driver endpoint".into()))?;
+        let live = Arc::new(LivePlacement::new(placement, timeout));
+        let meter = Arc::new(MemMeter::default());
+        let (reply_tx, replies) = unbounded();
+        let mut cmd = Vec::new();
+        let mut copy_cmd = Vec::new();
+        let mut copy_rx = Vec::new();
+        let mut mems = Vec::new();
+        for _ in 0..n_workers {
+            let (tx, rx) = unbounded();
+            copy_cmd.push(tx);
+            copy_rx.push(rx);
+            mems.push(Arc::new(WorkerMem {
+                meter: meter.clone(),
+                ..Default::default()
+            }));
+        }
+        let ctrl = Arc::new(Controller::new(
+            live.clone(),
+            copy_cmd.clone(),
+            meter.clone(),
+            stats.clone(),
+        ));
+        let hook_ctrl = ctrl.clone();
+        let hook: Arc<FlipHook> = Arc::new(Box::new(move |seg, step| hook_ctrl.on_flip(seg, step)));
+        live.set_flip_hook(Some(hook));
+        let mut threads = Vec::new();
+        let spawn_err = |w: usize, e: std::io::Error| Error::Worker {
+            worker: w,
+            msg: format!("cannot start thread: {e}"),
+        };
+        for (w, rx) in copy_rx.into_iter().enumerate() {
+            let comm = compute[w]
+                .take()
+                .ok_or_else(|| Error::Comm("endpoint taken".into()))?;
+            let worker = Worker::new(
+                WorkerId(w),
+                cfg.clone(),
+                source.clone(),
+                mems[w].clone(),
+                comm,
+                geom,
+            );
+            let (tx, crx) = unbounded();
+            let rtx = reply_tx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("remp-worker-{w}"))
+                    .spawn(move || worker.run(crx, rtx))
+                    .map_err(|e| spawn_err(w, e))?,
+            );
+            cmd.push(tx);
+            let copier = CopyWorker {
+                id: WorkerId(w),
+                cfg: cfg.clone(),
+                mem: mems[w].clone(),
+                comm: copy[w]
+                    .take()
+                    .ok_or_else(|| Error::Comm("endpoint taken".into()))?,
+                geom,
+                ctrl: ctrl.clone(),
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("remp-copy-{w}"))
+                    .spawn(move || copier.run(rx))
+                    .map_err(|e| spawn_err(w, e))?,
+            );
+        }
+        let pool = Pool {
+            cmd,
+            copy_cmd,
+            replies,
+            driver,
+            mems,
+            stats,
+            live,
+            ctrl,
+            meter,
+            threads,
+        };
+        let placement = Arc::new(placement.clone());
+        for (w, tx) in pool.cmd.iter().enumerate() {
+            tx.send(Cmd::Load(placement.clone()))
+                .map_err(|_| Error::Worker {
+                    worker: w,
+                    msg: "worker exited".into(),
+                })?;
+        }
+        pool.collect_replies(n_workers, true)?;
+        Ok(pool)
+    }
+
+    fn collect_replies(&self, n: usize, load: bool) -> Result<()> {
+        let mut first_err = None;
+        for _ in 0..n {
+            let r = self.replies.recv().map_err(|_| Error::Worker {
+                worker: usize::MAX,
+                msg: "all workers exited".into(),
+            })?;
+            let res = match r {
+                Reply::Loaded(_, r) if load => r,
+                Reply::StepDone(_, r) if !load => r,
+                _ => Err(Error::Worker {
+                    worker: usize::MAX,
+                    msg: "unexpected reply".into(),
+                }),
+            };
+            if let Err(e) = res {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn shutdown(&mut self) {
+        for tx in &self.cmd {
+            let _ = tx.send(Cmd::Shutdown);
+        }
+        for tx in &self.copy_cmd {
+            let _ = tx.send(CopyCmd::Shutdown);
+        }
+        self.live.set_flip_hook(None);
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
 pub struct Engine {
     cfg: Arc<ModelConfig>,
     econf: EngineConfig,
     name: String,
     tokenizer: Arc<Tokenizer>,
-    pub(crate) source: Arc<dyn TensorSource>,
-    placement: Arc<Placement>,
+    source: Arc<dyn TensorSource>,
     geom: KvGeometry,
-    cmd: Vec<Sender<Cmd>>,
-    replies: Receiver<Reply>,
-    driver: Comm,
-    /// Copy-lane endpoints, handed to the reshard executor's copy threads.
-    pub(crate) copy_comms: Vec<Option<Comm>>,
-    pub(crate) mems: Vec<Arc<WorkerMem>>,
-    stats: Arc<CommStats>,
-    threads: Vec<JoinHandle<()>>,
+    n_workers: usize,
+    pool: Pool,
     blocks: BlockAllocator,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
@@ -169,6 +323,7 @@ pub struct Engine {
     next_id: u64,
     step_no: u64,
     history: Vec<StepRecord>,
+    reconfig_log: Vec<ReconfigEvent>,
 }
 
 impl Engine {
@@ -189,57 +344,28 @@ impl Engine {
                 "block_size, kv_blocks and max_running must be positive".into(),
             ));
         }
-        let placement = Arc::new(Placement::static_topology(topo, &cfg)?);
+        let placement = Placement::static_topology(topo, &cfg)?;
         let geom = KvGeometry {
             num_blocks: econf.kv_blocks,
             block_size: econf.block_size,
             head_dim: cfg.head_dim,
         };
-        let (compute, copy, stats) = fabric(n_workers, econf.comm_timeout);
-        let mut compute: Vec<Option<Comm>> = compute.into_iter().map(Some).collect();
-        let driver = compute[n_workers].take().ok_or_else(|| Error::Comm("no driver".into()))?;
-        let (reply_tx, replies) = unbounded();
-        let mut cmd = Vec::new();
-        let mut mems = Vec::new();
-        let mut threads = Vec::new();
-        for (w, slot) in compute.iter_mut().enumerate().take(n_workers) {
-            let comm = slot.take().ok_or_else(|| Error::Comm("endpoint taken".into()))?;
-            let mem = Arc::new(WorkerMem::default());
-            let worker = Worker::new(
-                WorkerId(w),
-                cfg.clone(),
-                model.source.clone(),
-                mem.clone(),
-                comm,
-                geom,
-            );
-            let (tx, rx) = unbounded();
-            let rtx = reply_tx.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("remp-worker-{w}"))
-                .spawn(move || worker.run(rx, rtx))
-                .map_err(|e| Error::Worker {
-                    worker: w,
-                    msg: format!("cannot start thread: {e}"),
-                })?;
-            cmd.push(tx);
-            mems.push(mem);
-            threads.push(h);
-        }
-        let mut engine = Engine {
+        let pool = Pool::spawn(
+            &cfg,
+            &model.source,
+            n_workers,
+            geom,
+            econf.comm_timeout,
+            &placement,
+        )?;
+        Ok(Engine {
             cfg,
             name: model.name.clone(),
             tokenizer: model.tokenizer.clone(),
             source: model.source.clone(),
-            placement: placement.clone(),
             geom,
-            cmd,
-            replies,
-            driver,
-            copy_comms: copy.into_iter().map(Some).collect(),
-            mems,
-            stats,
-            threads,
+            n_workers,
+            pool,
             blocks: BlockAllocator::new(econf.kv_blocks),
             econf,
             waiting: VecDeque::new(),
@@ -248,32 +374,8 @@ impl Engine {
             next_id: 0,
             step_no: 0,
             history: Vec::new(),
-        };
-        for tx in &engine.cmd {
-            tx.send(Cmd::Load(placement.clone()))
-                .map_err(|_| Error::Worker { worker: 0, msg: "worker exited".into() })?;
-        }
-        engine.collect_replies(n_workers, true)?;
-        Ok(engine)
-    }
-
-    fn collect_replies(&self, n: usize, load: bool) -> Result<()> {
-        let mut first_err = None;
-        for _ in 0..n {
-            let r = self
-                .replies
-                .recv()
-                .map_err(|_| Error::Worker { worker: usize::MAX, msg: "all workers exited".into() })?;
-            let res = match r {
-                Reply::Loaded(_, r) if load => r,
-                Reply::StepDone(_, r) if !load => r,
-                _ => Err(Error::Worker { worker: usize::MAX, msg: "unexpected reply".into() }),
-            };
-            if let Err(e) = res {
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+            reconfig_log: Vec::new(),
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -288,31 +390,37 @@ impl Engine {
         &self.tokenizer
     }
 
-    pub fn placement(&self) -> &Arc<Placement> {
-        &self.placement
+    /// The current placement (every segment's current group).
+    pub fn placement(&self) -> Placement {
+        self.pool.live.snapshot()
     }
 
     /// The current placement's name (`tp2pp2`, or `mixed[...]` mid-switch).
     pub fn topology_name(&self) -> String {
-        self.placement.describe()
+        self.placement().describe()
     }
 
     pub fn num_workers(&self) -> usize {
-        self.cmd.len()
+        self.n_workers
     }
 
     pub fn comm_stats(&self) -> &Arc<CommStats> {
-        &self.stats
+        &self.pool.stats
     }
 
     /// Bytes sent between endpoints on the compute lane so far.
     pub fn compute_bytes(&self) -> u64 {
-        self.stats.total(Lane::Compute)
+        self.pool.stats.total(Lane::Compute)
     }
 
     /// Per-worker resident bytes (weights + KV).
     pub fn worker_bytes(&self) -> Vec<usize> {
-        self.mems.iter().map(|m| m.bytes()).collect()
+        self.pool.mems.iter().map(|m| m.bytes()).collect()
+    }
+
+    /// Bytes resident on all workers now (weights + KV, staged buffers included).
+    pub fn resident_bytes(&self) -> i64 {
+        self.pool.meter.now()
     }
 
     pub fn steps(&self) -> u64 {
@@ -353,9 +461,11 @@ impl Engine {
         if req.max_new_tokens == 0 {
             return Err(Error::Request("max_new_tokens must be at least 1".into()));
         }
-        if let Sampling::Random { temperature, top_p, .. } = req.sampling {
-            if !(temperature > 0.0 && temperature.is_finite()) || !(top_p > 0.0 && top_p <= 1.0)
-            {
+        if let Sampling::Random {
+            temperature, top_p, ..
+        } = req.sampling
+        {
+            if !(temperature > 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
                 return Err(Error::Request(format!(
                     "sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p})"
                 )));
@@ -460,9 +570,12 @@ impl Engine {
 
     /// Runs one step: admits what fits, prefills new requests and decodes one token of
     /// every running one. Returns the tokens produced and the requests finished.
+    /// While a reconfiguration is in flight, a step runs even with no request so that
+    /// its layers can flip.
     pub fn step(&mut self) -> Result<Vec<Event>> {
         self.admit();
-        if self.running.is_empty() {
+        if self.running.is_empty() && !self.pool.ctrl.is_active() {
+            self.collect_reconfig_events();
             return Ok(Vec::new());
         }
         let start = Instant::now();
@@ -470,6 +583,7 @@ impl Engine {
             .running
             .iter()
             .map(|s| SeqWork {
+                id: s.id.0,
                 tokens: s.tokens[s.cached..].to_vec(),
                 start_pos: s.cached,
                 block_table: s.blocks.clone(),
@@ -478,7 +592,7 @@ impl Engine {
             .collect();
         let plan = Arc::new(StepPlan {
             step: self.step_no,
-            placement: self.placement.clone(),
+            live: self.pool.live.clone(),
             seqs,
         });
         let logits = self.run_plan(&plan)?;
@@ -496,7 +610,10 @@ impl Engine {
             let tok = sample(last, &s.req.sampling, &mut s.rng);
             s.cached = s.tokens.len();
             s.tokens.push(tok);
-            let out = self.outputs.get_mut(&s.id).ok_or_else(|| Error::Request("lost".into()))?;
+            let out = self
+                .outputs
+                .get_mut(&s.id)
+                .ok_or_else(|| Error::Request("lost".into()))?;
             out.output.push(tok);
             events.push(Event::Token {
                 id: s.id,
@@ -513,7 +630,10 @@ impl Engine {
             };
             if let Some(r) = reason {
                 out.finish = Some(r);
-                events.push(Event::Finished { id: s.id, reason: r });
+                events.push(Event::Finished {
+                    id: s.id,
+                    reason: r,
+                });
                 finished.push(i);
             }
         }
@@ -528,28 +648,36 @@ impl Engine {
             tokens: plan.num_tokens(),
         });
         self.step_no += 1;
+        self.collect_reconfig_events();
         Ok(events)
     }
 
-    /// Sends `plan` to its workers and gathers the logits `[rows, vocab]` in vocab order.
+    /// Sends `plan` to every worker and gathers the logits `[rows, vocab]` in vocab order.
     fn run_plan(&mut self, plan: &Arc<StepPlan>) -> Result<Vec<f32>> {
-        let workers = plan.placement.workers();
-        for w in &workers {
-            self.cmd[w.0]
-                .send(Cmd::Step(plan.clone()))
-                .map_err(|_| Error::Worker { worker: w.0, msg: "worker exited".into() })?;
+        let pool = &self.pool;
+        if let Ok(mut cur) = pool.ctrl.current_plan.lock() {
+            *cur = Some(plan.clone());
         }
-        let res = self.collect_replies(workers.len(), false);
-        if let Err(e) = res {
-            self.driver.drain();
+        // The driver decides the embedding's group; workers decide the rest as they go.
+        pool.live.group_for(plan.step, Segment::Embed, true)?;
+        for (w, tx) in pool.cmd.iter().enumerate() {
+            tx.send(Cmd::Step(plan.clone()))
+                .map_err(|_| Error::Worker {
+                    worker: w,
+                    msg: "worker exited".into(),
+                })?;
+        }
+        if let Err(e) = pool.collect_replies(pool.cmd.len(), false) {
+            pool.driver.drain();
             return Err(e);
         }
         let rows = plan.logit_rows().len();
         let vocab = self.cfg.vocab_size;
-        let head = &plan.placement.head;
+        let head = pool.live.group_for(plan.step, Segment::Head, false)?;
+        let head = &head.group;
         let mut logits = vec![0.0f32; rows * vocab];
         for (r, w) in head.workers().iter().enumerate() {
-            let part = self.driver.recv(w.0, Tag::Logits)?;
+            let part = pool.driver.recv(w.0, Tag::Logits)?;
             let vr = crate::parallel::split_range(vocab, head.len(), r);
             if part.len() != rows * vr.len() {
                 return Err(Error::Comm(format!(
@@ -566,10 +694,11 @@ impl Engine {
         Ok(logits)
     }
 
-    /// Steps until every request has finished; returns all events in order.
+    /// Steps until every request has finished (and any switch in flight has completed);
+    /// returns all events in order.
     pub fn run_to_completion(&mut self) -> Result<Vec<Event>> {
         let mut all = Vec::new();
-        while self.has_work() {
+        while self.has_work() || self.reconfig_in_progress() {
             let ev = self.step()?;
             if ev.is_empty() && self.running.is_empty() && !self.waiting.is_empty() {
                 return Err(Error::Request("waiting requests cannot be admitted".into()));
@@ -578,15 +707,165 @@ impl Engine {
         }
         Ok(all)
     }
+
+    // ---- Reconfiguration -------------------------------------------------------------
+
+    /// Bytes of one KV head (K and V) cached per layer now: what the planner weighs.
+    fn kv_bytes_per_head(&self) -> Vec<u64> {
+        let tokens: usize = self.running.iter().map(|s| s.cached).sum();
+        let b = (tokens * self.cfg.head_dim * 2 * std::mem::size_of::<f32>()) as u64;
+        vec![b; self.cfg.num_layers]
+    }
+
+    /// The plan a switch to `target` would follow now (assignment, transfers, totals).
+    pub fn plan_reconfigure(&self, target: Topology) -> Result<(Placement, ReshardPlan)> {
+        target.validate(&self.cfg)?;
+        plan_topology(
+            &self.cfg,
+            &self.placement(),
+            target,
+            self.n_workers,
+            &self.kv_bytes_per_head(),
+        )
+    }
+
+    /// Starts an online switch to `target` and returns at once: weights and KV move on
+    /// the copy threads while steps go on, each segment flips as soon as its data is in
+    /// place, at most a window of segments (default 2) in flight. Refused with
+    /// [`Error::Reconfig`] while another switch runs; progress is reported by
+    /// [`Engine::reconfig_events`].
+    pub fn reconfigure(&mut self, target: Topology) -> Result<()> {
+        self.reconfigure_with(target, &ReconfigOptions::default())
+    }
+
+    pub fn reconfigure_with(&mut self, target: Topology, opts: &ReconfigOptions) -> Result<()> {
+        if self.pool.ctrl.is_active() {
+            return Err(Error::Reconfig(
+                "a switch is already in progress; wait for it to finish".into(),
+            ));
+        }
+        let (_, plan) = self.plan_reconfigure(target)?;
+        self.pool.ctrl.start(plan, opts, self.step_no)?;
+        self.collect_reconfig_events();
+        Ok(())
+    }
+
+    /// Stop-the-world baseline: pauses decoding, moves every segment's data (all
+    /// segments at once, same executor), flips everything, then returns.
+    pub fn reconfigure_stop_the_world(&mut self, target: Topology) -> Result<()> {
+        if self.pool.ctrl.is_active() {
+            return Err(Error::Reconfig("a switch is already in progress".into()));
+        }
+        let (_, plan) = self.plan_reconfigure(target)?;
+        let n = plan.segments.len();
+        // Pre-copy the KV of every cached position: nothing is appended until we resume.
+        self.publish_cached_lengths();
+        let opts = ReconfigOptions {
+            window: n.max(1),
+            fail_at: None,
+        };
+        self.pool.ctrl.start(plan, &opts, self.step_no)?;
+        while self.pool.ctrl.is_active() && !self.pool.live.all_ready() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // An empty step performs the flips.
+        while self.pool.ctrl.is_active() {
+            self.flip_step()?;
+        }
+        self.collect_reconfig_events();
+        Ok(())
+    }
+
+    /// Restart baseline: tears the workers down, loads the checkpoint in `target`'s
+    /// layout, and re-prefills every live request from its prompt and the tokens
+    /// generated so far (its KV cache is lost with the old workers).
+    pub fn restart(&mut self, target: Topology) -> Result<()> {
+        target.validate(&self.cfg)?;
+        if self.pool.ctrl.is_active() {
+            return Err(Error::Reconfig("a switch is in progress".into()));
+        }
+        let n_workers = self.n_workers.max(target.world_size());
+        let placement = Placement::static_topology(target, &self.cfg)?;
+        self.pool.shutdown();
+        self.pool = Pool::spawn(
+            &self.cfg,
+            &self.source,
+            n_workers,
+            self.geom,
+            self.econf.comm_timeout,
+            &placement,
+        )?;
+        self.n_workers = n_workers;
+        for s in &mut self.running {
+            s.cached = 0;
+        }
+        Ok(())
+    }
+
+    /// Makes the KV pre-copy see every cached position (used when no step is running).
+    fn publish_cached_lengths(&self) {
+        let seqs = self
+            .running
+            .iter()
+            .map(|s| SeqWork {
+                id: s.id.0,
+                tokens: Vec::new(),
+                start_pos: s.cached,
+                block_table: s.blocks.clone(),
+                all_logits: false,
+            })
+            .collect();
+        let plan = Arc::new(StepPlan {
+            step: self.step_no,
+            live: self.pool.live.clone(),
+            seqs,
+        });
+        if let Ok(mut cur) = self.pool.ctrl.current_plan.lock() {
+            *cur = Some(plan);
+        }
+    }
+
+    /// A step with no tokens: lets ready segments flip without decoding.
+    fn flip_step(&mut self) -> Result<()> {
+        let seqs = self
+            .running
+            .iter()
+            .map(|s| SeqWork {
+                id: s.id.0,
+                tokens: Vec::new(),
+                start_pos: s.cached,
+                block_table: s.blocks.clone(),
+                all_logits: false,
+            })
+            .collect();
+        let plan = Arc::new(StepPlan {
+            step: self.step_no,
+            live: self.pool.live.clone(),
+            seqs,
+        });
+        self.run_plan(&plan)?;
+        self.step_no += 1;
+        Ok(())
+    }
+
+    pub fn reconfig_in_progress(&self) -> bool {
+        self.pool.ctrl.is_active()
+    }
+
+    fn collect_reconfig_events(&mut self) {
+        self.reconfig_log.extend(self.pool.ctrl.take_events());
+    }
+
+    /// Every reconfiguration event so far (started, segment ready, flipped, finished,
+    /// aborted), in order.
+    pub fn reconfig_events(&mut self) -> &[ReconfigEvent] {
+        self.collect_reconfig_events();
+        &self.reconfig_log
+    }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        for tx in &self.cmd {
-            let _ = tx.send(Cmd::Shutdown);
-        }
-        for h in self.threads.drain(..) {
-            let _ = h.join();
-        }
+        self.pool.shutdown();
     }
 }

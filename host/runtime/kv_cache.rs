@@ -114,3 +114,45 @@ mod tests {
         assert_eq!(all, vec![0, 1, 2, 3]);
     }
 }
+
+/// Packs K and V of `heads` (global KV-head ids, held by `kv`) at `positions` of the
+/// sequence with `table`: per position, per head, `head_dim` K values then V values.
+pub fn kv_pack(
+    kv: &LayerKv,
+    table: &[u32],
+    positions: Range<usize>,
+    heads: &Range<usize>,
+    out: &mut Vec<f32>,
+) {
+    let hd = kv.geom.head_dim;
+    for p in positions {
+        let base = kv.slot_offset(table, p);
+        for h in heads.clone() {
+            let off = base + (h - kv.kv_heads.start) * hd;
+            out.extend_from_slice(&kv.k[off..off + hd]);
+            out.extend_from_slice(&kv.v[off..off + hd]);
+        }
+    }
+}
+
+/// The inverse of [`kv_pack`]; returns how many floats it consumed.
+pub fn kv_unpack(
+    kv: &mut LayerKv,
+    table: &[u32],
+    positions: Range<usize>,
+    heads: &Range<usize>,
+    data: &[f32],
+) -> usize {
+    let hd = kv.geom.head_dim;
+    let mut at = 0;
+    for p in positions {
+        let base = kv.slot_offset(table, p);
+        for h in heads.clone() {
+            let off = base + (h - kv.kv_heads.start) * hd;
+            kv.k[off..off + hd].copy_from_slice(&data[at..at + hd]);
+            kv.v[off..off + hd].copy_from_slice(&data[at + hd..at + 2 * hd]);
+            at += 2 * hd;
+        }
+    }
+    at
+}

@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod kv_cache;
+pub mod live_placement;
 pub mod sampling;
 pub mod worker;
 

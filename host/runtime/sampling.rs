@@ -9,7 +9,11 @@ use crate::model::random::mix64;
 pub enum Sampling {
     Greedy,
     /// `temperature > 0`, `0 < top_p <= 1`.
-    Random { temperature: f32, top_p: f32, seed: u64 },
+    Random {
+        temperature: f32,
+        top_p: f32,
+        seed: u64,
+    },
 }
 
 impl Default for Sampling {
@@ -42,9 +46,7 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
     match *sampling {
         Sampling::Greedy => ops::argmax(logits) as u32,
         Sampling::Random {
-            temperature,
-            top_p,
-            ..
+            temperature, top_p, ..
         } => {
             let mut p: Vec<f32> = logits.iter().map(|&x| x / temperature).collect();
             ops::softmax(&mut p);
@@ -101,7 +103,9 @@ mod tests {
         };
         let mut rng = Rng::new(42);
         let n = 20000;
-        let ones = (0..n).filter(|_| sample(&logits, &s, &mut rng) == 1).count();
+        let ones = (0..n)
+            .filter(|_| sample(&logits, &s, &mut rng) == 1)
+            .count();
         let f = ones as f64 / n as f64;
         // 4.5 sigma of a binomial(20000, 0.75) is about 0.014.
         assert!((f - 0.75).abs() < 0.014, "{f}");

@@ -14,9 +14,12 @@ use crate::error::{Error, Result};
 use crate::model::{ModelConfig, TensorSource};
 use crate::parallel::shard::HeadShard;
 use crate::parallel::{Group, LayerId, Placement, Segment, TensorKind, WorkerId};
-use crate::runtime::kv_cache::{KvGeometry, LayerKv};
+use crate::reshard::planner::Item;
+use crate::runtime::kv_cache::{kv_pack, kv_unpack, KvGeometry, LayerKv};
+use crate::runtime::live_placement::{Decision, FlipInfo, LivePlacement};
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// The shards one worker holds for one segment.
@@ -53,11 +56,52 @@ pub fn segment_tensors(cfg: &ModelConfig, seg: Segment) -> Vec<TensorKind> {
     }
 }
 
+/// Bytes resident on all workers now, and the peak since the last reset: how the extra
+/// memory of a reconfiguration (new buffers alive beside the old ones) is measured.
+#[derive(Debug, Default)]
+pub struct MemMeter {
+    now: AtomicI64,
+    peak: AtomicI64,
+}
+
+impl MemMeter {
+    pub fn alloc(&self, bytes: usize) {
+        let now = self.now.fetch_add(bytes as i64, Ordering::SeqCst) + bytes as i64;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
+
+    pub fn free(&self, bytes: usize) {
+        self.now.fetch_sub(bytes as i64, Ordering::SeqCst);
+    }
+
+    pub fn now(&self) -> i64 {
+        self.now.load(Ordering::SeqCst)
+    }
+
+    pub fn peak(&self) -> i64 {
+        self.peak.load(Ordering::SeqCst)
+    }
+
+    /// Starts a new peak measurement from the current level.
+    pub fn reset_peak(&self) {
+        self.peak.store(self.now(), Ordering::SeqCst);
+    }
+}
+
+/// Buffers prepared by the copy thread for a pending switch of one segment.
+#[derive(Default)]
+pub struct Staged {
+    pub shards: Option<Arc<ShardSet>>,
+    pub kv: Option<Arc<Mutex<LayerKv>>>,
+}
+
 /// A worker's memory.
 #[derive(Default)]
 pub struct WorkerMem {
     pub shards: RwLock<HashMap<Segment, Arc<ShardSet>>>,
     pub kv: RwLock<HashMap<LayerId, Arc<Mutex<LayerKv>>>>,
+    pub staged: Mutex<HashMap<Segment, Staged>>,
+    pub meter: Arc<MemMeter>,
 }
 
 impl WorkerMem {
@@ -92,6 +136,8 @@ impl WorkerMem {
 /// One sequence's share of a step.
 #[derive(Debug, Clone)]
 pub struct SeqWork {
+    /// The request's id (keys the KV pre-copy bookkeeping of reconfigurations).
+    pub id: u64,
     pub tokens: Vec<u32>,
     /// Position of `tokens[0]`.
     pub start_pos: usize,
@@ -101,10 +147,10 @@ pub struct SeqWork {
 }
 
 /// Everything a worker needs to run one step.
-#[derive(Debug)]
 pub struct StepPlan {
     pub step: u64,
-    pub placement: Arc<Placement>,
+    /// Which group runs each segment is decided per step through this.
+    pub live: Arc<LivePlacement>,
     pub seqs: Vec<SeqWork>,
 }
 
@@ -121,7 +167,7 @@ impl StepPlan {
             let n = s.tokens.len();
             if s.all_logits {
                 rows.extend(at..at + n);
-            } else {
+            } else if n > 0 {
                 rows.push(at + n - 1);
             }
             at += n;
@@ -223,16 +269,20 @@ impl Worker {
     fn load(&self, p: &Placement) -> Result<()> {
         let mut shards = HashMap::new();
         let mut kv = HashMap::new();
+        let meter = &self.mem.meter;
         for seg in p.segments() {
             let g = p.group(seg);
             let Some(idx) = g.position(self.id) else {
                 continue;
             };
             let set = Self::load_segment(&self.cfg, self.source.as_ref(), seg, g.len(), idx)?;
+            meter.alloc(set.bytes());
             shards.insert(seg, Arc::new(set));
             if let Segment::Layer(l) = seg {
                 let heads = HeadShard::new(&self.cfg, g.len(), idx);
-                kv.insert(l, Arc::new(Mutex::new(LayerKv::new(heads.kv_heads, self.geom))));
+                let layer_kv = LayerKv::new(heads.kv_heads, self.geom);
+                meter.alloc(layer_kv.bytes());
+                kv.insert(l, Arc::new(Mutex::new(layer_kv)));
             }
         }
         *self.mem.shards.write().map_err(|_| self.err("poisoned"))? = shards;
@@ -247,7 +297,9 @@ impl Worker {
             return Ok(());
         }
         if let Some(i) = prev.position(self.id) {
-            let state = h.as_ref().ok_or_else(|| self.err("no hidden state to hand off"))?;
+            let state = h
+                .as_ref()
+                .ok_or_else(|| self.err("no hidden state to hand off"))?;
             for (j, w) in next.workers().iter().enumerate() {
                 if !prev.contains(*w) && j % prev.len() == i {
                     self.comm.send(w.0, Tag::Handoff, state.clone())?;
@@ -265,41 +317,163 @@ impl Worker {
     }
 
     fn step(&self, plan: &StepPlan) -> Result<()> {
-        let p = &plan.placement;
+        let segments = std::iter::once(Segment::Embed)
+            .chain((0..self.cfg.num_layers).map(|l| Segment::Layer(LayerId(l))))
+            .chain(std::iter::once(Segment::Head));
         let mut h: Option<Vec<f32>> = None;
-        let mut prev: Option<&Group> = None;
-        for seg in p.segments() {
-            let g = p.group(seg);
-            if let Some(prev) = prev {
-                self.handoff(prev, g, &mut h)?;
+        let mut prev: Option<Arc<Decision>> = None;
+        for seg in segments {
+            // The lead of the group that just ran the previous segment decides this one
+            // (the driver decides the embedding before the step starts).
+            let decider = prev
+                .as_ref()
+                .is_some_and(|d| d.group.0.first() == Some(&self.id));
+            let d = plan.live.group_for(plan.step, seg, decider)?;
+            if let Some(f) = &d.flip {
+                self.flip(plan, seg, f)?;
             }
-            prev = Some(g);
-            if !g.contains(self.id) {
-                continue;
+            if let Some(p) = &prev {
+                self.handoff(&p.group, &d.group, &mut h)?;
             }
-            let shards = self
-                .mem
-                .shard(seg)
-                .ok_or_else(|| self.err(format!("{seg} not resident")))?;
-            if shards.group_size != g.len() || g.position(self.id) != Some(shards.index) {
-                return Err(self.err(format!(
-                    "{seg}: resident shard is {}/{} but placement says {}/{}",
-                    shards.index,
-                    shards.group_size,
-                    g.position(self.id).unwrap_or(usize::MAX),
-                    g.len()
-                )));
-            }
-            match seg {
-                Segment::Embed => h = Some(self.embed(plan, g, &shards)?),
-                Segment::Layer(l) => {
-                    let x = h.as_mut().ok_or_else(|| self.err("no hidden state"))?;
-                    self.layer(plan, l, g, &shards, x)?;
+            let g = &d.group;
+            if g.contains(self.id) {
+                let shards = self
+                    .mem
+                    .shard(seg)
+                    .ok_or_else(|| self.err(format!("{seg} not resident")))?;
+                if shards.group_size != g.len() || g.position(self.id) != Some(shards.index) {
+                    return Err(self.err(format!(
+                        "{seg}: resident shard is {}/{} but placement says {}/{}",
+                        shards.index,
+                        shards.group_size,
+                        g.position(self.id).unwrap_or(usize::MAX),
+                        g.len()
+                    )));
                 }
-                Segment::Head => {
-                    let x = h.as_ref().ok_or_else(|| self.err("no hidden state"))?;
-                    self.head(plan, &shards, x)?;
+                match seg {
+                    Segment::Embed => h = Some(self.embed(plan, g, &shards)?),
+                    Segment::Layer(l) => {
+                        let x = h.as_mut().ok_or_else(|| self.err("no hidden state"))?;
+                        self.layer(plan, l, g, &shards, x)?;
+                    }
+                    Segment::Head => {
+                        let x = h.as_ref().ok_or_else(|| self.err("no hidden state"))?;
+                        self.head(plan, &shards, x)?;
+                    }
                 }
+            }
+            prev = Some(d);
+        }
+        Ok(())
+    }
+
+    /// This worker's part of a segment's flip, at the point of the step where it takes
+    /// effect: send / receive the KV appended since the pre-copy, then swap the staged
+    /// buffers in and free the old ones.
+    fn flip(&self, plan: &StepPlan, seg: Segment, f: &FlipInfo) -> Result<()> {
+        let me = self.id;
+        let staged = self
+            .mem
+            .staged
+            .lock()
+            .map_err(|_| self.err("staged poisoned"))?
+            .remove(&seg)
+            .unwrap_or_default();
+        if f.new.contains(me) && (staged.shards.is_none()) {
+            return Err(self.err(format!("{seg} flipped before its shards were staged")));
+        }
+        if let Segment::Layer(l) = seg {
+            let old = self.mem.kv(l);
+            let delta = |s: &SeqWork| f.precopied.get(&s.id).copied().unwrap_or(0)..s.start_pos;
+            let tag = Tag::Reshard(f.job);
+            for t in &f.kv_transfers {
+                if t.src != me || t.item != Item::Kv(l) {
+                    continue;
+                }
+                let old = old.as_ref().ok_or_else(|| self.err("no KV to send"))?;
+                let mut buf = Vec::new();
+                {
+                    let kv = old.lock().map_err(|_| self.err("KV poisoned"))?;
+                    for s in &plan.seqs {
+                        kv_pack(&kv, &s.block_table, delta(s), &t.region.rows, &mut buf);
+                    }
+                }
+                if t.dst == me {
+                    let new = staged.kv.as_ref().ok_or_else(|| self.err("no staged KV"))?;
+                    if !Arc::ptr_eq(old, new) {
+                        let mut kv = new.lock().map_err(|_| self.err("KV poisoned"))?;
+                        let mut at = 0;
+                        for s in &plan.seqs {
+                            at += kv_unpack(
+                                &mut kv,
+                                &s.block_table,
+                                delta(s),
+                                &t.region.rows,
+                                &buf[at..],
+                            );
+                        }
+                    }
+                } else {
+                    self.comm.send(t.dst.0, tag, buf)?;
+                }
+            }
+            for t in &f.kv_transfers {
+                if t.dst != me || t.src == me || t.item != Item::Kv(l) {
+                    continue;
+                }
+                let buf = self.comm.recv(t.src.0, tag)?;
+                let new = staged.kv.as_ref().ok_or_else(|| self.err("no staged KV"))?;
+                let mut kv = new.lock().map_err(|_| self.err("KV poisoned"))?;
+                let mut at = 0;
+                for s in &plan.seqs {
+                    at += kv_unpack(
+                        &mut kv,
+                        &s.block_table,
+                        delta(s),
+                        &t.region.rows,
+                        &buf[at..],
+                    );
+                }
+                if at != buf.len() {
+                    return Err(self.err(format!(
+                        "KV delta of {seg}: {} floats, used {at}",
+                        buf.len()
+                    )));
+                }
+            }
+        }
+        // Swap: the old buffers go (unless the staged ones are the same, kept in place).
+        let meter = &self.mem.meter;
+        {
+            let mut shards = self.mem.shards.write().map_err(|_| self.err("poisoned"))?;
+            let old = shards.remove(&seg);
+            if let Some(new) = staged.shards {
+                shards.insert(seg, new.clone());
+                if old.as_ref().is_some_and(|o| Arc::ptr_eq(o, &new)) {
+                    // Kept in place: nothing freed.
+                } else if let Some(o) = old {
+                    meter.free(o.bytes());
+                }
+            } else if let Some(o) = old {
+                meter.free(o.bytes());
+            }
+        }
+        if let Segment::Layer(l) = seg {
+            let mut kvs = self.mem.kv.write().map_err(|_| self.err("poisoned"))?;
+            let old = kvs.remove(&l);
+            let old_bytes = |o: &Arc<Mutex<LayerKv>>| o.lock().map(|k| k.bytes()).unwrap_or(0);
+            match (old, staged.kv) {
+                (Some(o), Some(n)) => {
+                    if !Arc::ptr_eq(&o, &n) {
+                        meter.free(old_bytes(&o));
+                    }
+                    kvs.insert(l, n);
+                }
+                (None, Some(n)) => {
+                    kvs.insert(l, n);
+                }
+                (Some(o), None) => meter.free(old_bytes(&o)),
+                (None, None) => {}
             }
         }
         Ok(())
@@ -307,7 +481,9 @@ impl Worker {
 
     fn embed(&self, plan: &StepPlan, g: &Group, s: &ShardSet) -> Result<Vec<f32>> {
         let hdim = self.cfg.hidden_size;
-        let vocab = TensorKind::Embed.region(&self.cfg, s.group_size, s.index).rows;
+        let vocab = TensorKind::Embed
+            .region(&self.cfg, s.group_size, s.index)
+            .rows;
         let w = s.get(TensorKind::Embed)?;
         let mut x = vec![0.0f32; plan.num_tokens() * hdim];
         let tokens = plan.seqs.iter().flat_map(|s| s.tokens.iter());
@@ -323,7 +499,14 @@ impl Worker {
         Ok(x)
     }
 
-    fn layer(&self, plan: &StepPlan, l: LayerId, g: &Group, s: &ShardSet, x: &mut [f32]) -> Result<()> {
+    fn layer(
+        &self,
+        plan: &StepPlan,
+        l: LayerId,
+        g: &Group,
+        s: &ShardSet,
+        x: &mut [f32],
+    ) -> Result<()> {
         let cfg = &*self.cfg;
         let (hdim, hd) = (cfg.hidden_size, cfg.head_dim);
         let t = plan.num_tokens();
@@ -333,7 +516,12 @@ impl Worker {
 
         // Attention block.
         let mut xn = vec![0.0f32; t * hdim];
-        ops::rms_norm(x, s.get(TensorKind::InputNorm(l))?, cfg.rms_norm_eps, &mut xn);
+        ops::rms_norm(
+            x,
+            s.get(TensorKind::InputNorm(l))?,
+            cfg.rms_norm_eps,
+            &mut xn,
+        );
         let mut q = vec![0.0f32; t * nq * hd];
         let mut k = vec![0.0f32; t * nkv * hd];
         let mut v = vec![0.0f32; t * nkv * hd];
@@ -378,7 +566,13 @@ impl Worker {
                     kv.k[off..off + slot].copy_from_slice(&k[(at + i) * slot..(at + i + 1) * slot]);
                     kv.v[off..off + slot].copy_from_slice(&v[(at + i) * slot..(at + i + 1) * slot]);
                 }
-                self.attend(sw, &kv, &heads, &q[at * nq * hd..], &mut attn[at * nq * hd..]);
+                self.attend(
+                    sw,
+                    &kv,
+                    &heads,
+                    &q[at * nq * hd..],
+                    &mut attn[at * nq * hd..],
+                );
                 at += sw.tokens.len();
             }
         }
@@ -391,8 +585,16 @@ impl Worker {
         ops::add_into(x, &o);
 
         // MLP block.
-        ops::rms_norm(x, s.get(TensorKind::PostNorm(l))?, cfg.rms_norm_eps, &mut xn);
-        let inter = TensorKind::Gate(l).region(cfg, s.group_size, s.index).rows.len();
+        ops::rms_norm(
+            x,
+            s.get(TensorKind::PostNorm(l))?,
+            cfg.rms_norm_eps,
+            &mut xn,
+        );
+        let inter = TensorKind::Gate(l)
+            .region(cfg, s.group_size, s.index)
+            .rows
+            .len();
         let mut gate = vec![0.0f32; t * inter];
         let mut up = vec![0.0f32; t * inter];
         ops::matmul_t(&xn, t, s.get(TensorKind::Gate(l))?, inter, &mut gate);
@@ -459,7 +661,12 @@ impl Worker {
             sel.extend_from_slice(&x[r * hdim..(r + 1) * hdim]);
         }
         let mut xn = vec![0.0f32; sel.len()];
-        ops::rms_norm(&sel, s.get(TensorKind::FinalNorm)?, cfg.rms_norm_eps, &mut xn);
+        ops::rms_norm(
+            &sel,
+            s.get(TensorKind::FinalNorm)?,
+            cfg.rms_norm_eps,
+            &mut xn,
+        );
         let w = s.get(TensorKind::LmHead)?;
         let v_local = w.len() / hdim;
         let mut logits = vec![0.0f32; rows.len() * v_local];

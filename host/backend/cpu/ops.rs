@@ -27,7 +27,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `y[t, o] = Σ_i x[t, i] · w[o, i]` for `t < tokens`; `y` is overwritten.
 pub fn matmul_t(x: &[f32], tokens: usize, w: &[f32], out_dim: usize, y: &mut [f32]) {
-    let in_dim = if out_dim == 0 { 0 } else { w.len() / out_dim };
+    let in_dim = w.len().checked_div(out_dim).unwrap_or(0);
     debug_assert_eq!(x.len(), tokens * in_dim);
     debug_assert_eq!(y.len(), tokens * out_dim);
     for (o, wr) in w.chunks_exact(in_dim.max(1)).enumerate().take(out_dim) {
@@ -99,9 +99,13 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
             let high_wavelen = old / hi;
             for f in inv.iter_mut() {
                 let wavelen = 2.0 * std::f32::consts::PI / *f;
-                let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
+                let scaled = if wavelen > low_wavelen {
+                    *f / factor
+                } else {
+                    *f
+                };
                 let smooth = (old / wavelen - lo) / (hi - lo);
-                let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                 *f = if medium {
                     (1.0 - smooth) * scaled / factor + smooth * scaled
                 } else {

@@ -1,0 +1,602 @@
+//! The reshard executor: one copy thread per worker (beside its compute thread, like a
+//! copy stream beside a compute stream) and the controller that paces a switch.
+//!
+//! For each segment of a [`ReshardPlan`], in execution order and at most `window`
+//! segments at a time, the controller registers a pending switch in the
+//! [`LivePlacement`] and hands a [`SegmentJob`] to the copy thread of every worker in the
+//! segment's old or new group. Each copy thread allocates its new buffers, sends the
+//! pieces it is the source of over the *copy lane* of the communication layer (counted;
+//! a piece already on its destination is a local copy), pre-copies the KV cache of every
+//! live sequence up to the positions cached when the job started, receives its pieces,
+//! and stages the result. When every copy thread of the job is done the segment is
+//! marked ready; the next decider flips it (mid-step, see `live_placement`), the few KV
+//! entries appended since the pre-copy move at the flip, the old buffers are freed, and
+//! the controller starts the next segment. Extra memory is therefore bounded by the
+//! window, not by the model.
+//!
+//! A failed copy (injected in tests) aborts the switch: pending segments are withdrawn,
+//! staged buffers dropped; segments already flipped stay on their new groups. Every slot
+//! still names a complete group, so the engine keeps serving on that (mixed) placement.
+
+use crate::backend::comm::{Comm, Tag};
+use crate::error::{Error, Result};
+use crate::model::ModelConfig;
+use crate::parallel::shard::HeadShard;
+use crate::parallel::{Region, Segment, TensorKind, WorkerId};
+use crate::reshard::planner::{Item, ReshardPlan, SegmentPlan, Transfer};
+use crate::runtime::kv_cache::{kv_pack, kv_unpack, KvGeometry, LayerKv};
+use crate::runtime::live_placement::{FlipInfo, LivePlacement};
+use crate::runtime::worker::{segment_tensors, MemMeter, ShardSet, Staged, StepPlan, WorkerMem};
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// A live sequence's KV as of the job's start: positions `0..len` are pre-copied.
+#[derive(Debug, Clone)]
+pub struct SnapSeq {
+    pub id: u64,
+    pub table: Arc<Vec<u32>>,
+    pub len: usize,
+}
+
+/// One segment's copies, shared by the copy threads taking part.
+pub struct SegmentJob {
+    pub job: u64,
+    pub plan: SegmentPlan,
+    pub snapshot: Vec<SnapSeq>,
+    /// Injected failure (tests): this worker's copy thread fails the job.
+    pub fail_on: Option<WorkerId>,
+    remaining: AtomicUsize,
+    failed: AtomicBool,
+}
+
+impl SegmentJob {
+    fn participants(&self) -> BTreeSet<WorkerId> {
+        self.plan
+            .old_group
+            .workers()
+            .iter()
+            .chain(self.plan.new_group.workers())
+            .copied()
+            .collect()
+    }
+}
+
+pub enum CopyCmd {
+    Run(Arc<SegmentJob>),
+    /// Drop what was staged for this segment (its switch was withdrawn).
+    Discard(Segment),
+    Shutdown,
+}
+
+/// What happened during a switch, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReconfigEvent {
+    Started {
+        from: String,
+        to: String,
+        step: u64,
+        bytes_planned: u64,
+    },
+    SegmentReady {
+        segment: Segment,
+    },
+    Flipped {
+        segment: Segment,
+        step: u64,
+    },
+    Finished {
+        to: String,
+        step: u64,
+        total_ms: f64,
+        bytes_moved: u64,
+        peak_extra_bytes: u64,
+    },
+    Aborted {
+        step: u64,
+        error: String,
+        placement: String,
+    },
+}
+
+/// Options of one switch.
+#[derive(Debug, Clone, Default)]
+pub struct ReconfigOptions {
+    /// Segments in flight at once (0 = default 2). Bounds the extra memory.
+    pub window: usize,
+    /// Test hook: make this worker's copy of this segment fail.
+    pub fail_at: Option<(Segment, WorkerId)>,
+}
+
+struct Active {
+    job: u64,
+    to: String,
+    segments: Vec<SegmentPlan>,
+    next: usize,
+    in_flight: HashMap<Segment, Arc<SegmentJob>>,
+    window: usize,
+    fail_at: Option<(Segment, WorkerId)>,
+    aborted: Option<String>,
+    started: Instant,
+    reshard_before: u64,
+    last_step: u64,
+}
+
+/// Paces a switch; shared by the engine, the copy threads and the deciders.
+pub struct Controller {
+    st: Mutex<Option<Active>>,
+    live: Arc<LivePlacement>,
+    copy_tx: Vec<Sender<CopyCmd>>,
+    meter: Arc<MemMeter>,
+    stats: Arc<crate::backend::comm::CommStats>,
+    /// The step being run (its sequences' cached lengths seed KV pre-copies).
+    pub current_plan: Mutex<Option<Arc<StepPlan>>>,
+    events: Mutex<Vec<ReconfigEvent>>,
+    next_job: AtomicU64,
+}
+
+impl Controller {
+    pub fn new(
+        live: Arc<LivePlacement>,
+        copy_tx: Vec<Sender<CopyCmd>>,
+        meter: Arc<MemMeter>,
+        stats: Arc<crate::backend::comm::CommStats>,
+    ) -> Self {
+        Controller {
+            st: Mutex::new(None),
+            live,
+            copy_tx,
+            meter,
+            stats,
+            current_plan: Mutex::new(None),
+            events: Mutex::new(Vec::new()),
+            next_job: AtomicU64::new(1),
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.st.lock().map(|s| s.is_some()).unwrap_or(false)
+    }
+
+    pub fn take_events(&self) -> Vec<ReconfigEvent> {
+        self.events
+            .lock()
+            .map(|mut e| std::mem::take(&mut *e))
+            .unwrap_or_default()
+    }
+
+    fn emit(&self, e: ReconfigEvent) {
+        if let Ok(mut ev) = self.events.lock() {
+            ev.push(e);
+        }
+    }
+
+    /// Starts a switch along `plan`. Refused while another one runs.
+    pub fn start(&self, plan: ReshardPlan, opts: &ReconfigOptions, step: u64) -> Result<()> {
+        let mut st = self
+            .st
+            .lock()
+            .map_err(|_| Error::Reconfig("controller poisoned".into()))?;
+        if let Some(a) = st.as_ref() {
+            return Err(Error::Reconfig(format!(
+                "a switch to {} is in progress; wait for it to finish (Engine::reconfig_in_progress)",
+                a.to
+            )));
+        }
+        self.meter.reset_peak();
+        self.emit(ReconfigEvent::Started {
+            from: plan.from.clone(),
+            to: plan.to.clone(),
+            step,
+            bytes_planned: plan.bytes_moved,
+        });
+        let mut a = Active {
+            job: self.next_job.fetch_add(1, Ordering::Relaxed),
+            to: plan.to.clone(),
+            segments: plan.segments,
+            next: 0,
+            in_flight: HashMap::new(),
+            window: if opts.window == 0 { 2 } else { opts.window },
+            fail_at: opts.fail_at,
+            aborted: None,
+            started: Instant::now(),
+            reshard_before: self.stats.reshard_bytes(),
+            last_step: step,
+        };
+        self.register_more(&mut a)?;
+        if a.in_flight.is_empty() {
+            // Nothing to move: the target is already in place.
+            self.finish(&a, step);
+        } else {
+            *st = Some(a);
+        }
+        Ok(())
+    }
+
+    fn register_more(&self, a: &mut Active) -> Result<()> {
+        while a.aborted.is_none() && a.in_flight.len() < a.window && a.next < a.segments.len() {
+            let plan = a.segments[a.next].clone();
+            a.next += 1;
+            let seg = plan.segment;
+            let snapshot: Vec<SnapSeq> = self
+                .current_plan
+                .lock()
+                .ok()
+                .and_then(|p| p.clone())
+                .map(|p| {
+                    p.seqs
+                        .iter()
+                        .map(|s| SnapSeq {
+                            id: s.id,
+                            table: s.block_table.clone(),
+                            len: s.start_pos,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let kv_transfers: Vec<Transfer> = plan
+                .transfers
+                .iter()
+                .filter(|t| matches!(t.item, Item::Kv(_)))
+                .cloned()
+                .collect();
+            let info = Arc::new(FlipInfo {
+                old: plan.old_group.clone(),
+                new: plan.new_group.clone(),
+                kv_transfers,
+                precopied: snapshot.iter().map(|s| (s.id, s.len)).collect(),
+                job: a.job,
+            });
+            let job = Arc::new(SegmentJob {
+                job: a.job,
+                fail_on: a.fail_at.filter(|(s, _)| *s == seg).map(|(_, w)| w),
+                snapshot,
+                remaining: AtomicUsize::new(0),
+                failed: AtomicBool::new(false),
+                plan,
+            });
+            let parts = job.participants();
+            job.remaining.store(parts.len(), Ordering::SeqCst);
+            self.live.register(seg, info)?;
+            a.in_flight.insert(seg, job.clone());
+            for w in parts {
+                self.copy_tx[w.0]
+                    .send(CopyCmd::Run(job.clone()))
+                    .map_err(|_| Error::Reconfig(format!("copy thread of {w} is gone")))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&self, a: &Active, step: u64) {
+        let moved = self.stats.reshard_bytes() - a.reshard_before;
+        let extra = (self.meter.peak() - self.meter.now()).max(0) as u64;
+        self.emit(ReconfigEvent::Finished {
+            to: a.to.clone(),
+            step,
+            total_ms: a.started.elapsed().as_secs_f64() * 1e3,
+            bytes_moved: moved,
+            peak_extra_bytes: extra,
+        });
+    }
+
+    /// A copy thread finished its part of `job`.
+    pub fn on_copy_done(&self, job: &Arc<SegmentJob>, result: Result<()>) {
+        if let Err(e) = &result {
+            job.failed.store(true, Ordering::SeqCst);
+            if let Ok(mut st) = self.st.lock() {
+                if let Some(a) = st.as_mut().filter(|a| a.job == job.job) {
+                    a.aborted.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+        if job.remaining.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return;
+        }
+        let Ok(mut st) = self.st.lock() else { return };
+        let Some(a) = st.as_mut().filter(|a| a.job == job.job) else {
+            return;
+        };
+        let seg = job.plan.segment;
+        if a.aborted.is_none() {
+            let _ = self.live.set_ready(seg);
+            self.emit(ReconfigEvent::SegmentReady { segment: seg });
+            return;
+        }
+        // Aborting: once no copy of this switch is still running, withdraw what has not
+        // flipped and drop its staged buffers.
+        let busy = a
+            .in_flight
+            .values()
+            .any(|j| j.remaining.load(Ordering::SeqCst) > 0);
+        if busy {
+            return;
+        }
+        self.abort_now(a);
+        *st = None;
+    }
+
+    fn abort_now(&self, a: &mut Active) {
+        for (seg, job) in a.in_flight.drain() {
+            if self.live.cancel_pending(seg) {
+                for w in job.participants() {
+                    let _ = self.copy_tx[w.0].send(CopyCmd::Discard(seg));
+                }
+            }
+        }
+        self.emit(ReconfigEvent::Aborted {
+            step: a.last_step,
+            error: a.aborted.clone().unwrap_or_default(),
+            placement: self.live.snapshot().describe(),
+        });
+    }
+
+    /// Called by the decider when `seg` flipped in `step`.
+    pub fn on_flip(&self, seg: Segment, step: u64) {
+        let Ok(mut st) = self.st.lock() else { return };
+        let Some(a) = st.as_mut() else { return };
+        a.in_flight.remove(&seg);
+        a.last_step = step;
+        self.emit(ReconfigEvent::Flipped { segment: seg, step });
+        if let Err(e) = self.register_more(a) {
+            a.aborted.get_or_insert(e.to_string());
+        }
+        if a.in_flight.is_empty() {
+            if a.aborted.is_some() {
+                self.abort_now(a);
+            } else if a.next == a.segments.len() {
+                self.finish(a, step);
+            }
+            *st = None;
+        }
+    }
+}
+
+/// Copies `region` (global coordinates) out of a buffer holding `held`.
+fn extract(data: &[f32], held: &Region, region: &Region) -> Vec<f32> {
+    let w = held.cols.len();
+    let mut out = Vec::with_capacity(region.len());
+    for r in region.rows.clone() {
+        let at = (r - held.rows.start) * w + (region.cols.start - held.cols.start);
+        out.extend_from_slice(&data[at..at + region.cols.len()]);
+    }
+    out
+}
+
+/// Writes `src` (the contents of `region`) into a buffer holding `held`.
+fn insert(data: &mut [f32], held: &Region, region: &Region, src: &[f32]) -> Result<()> {
+    if src.len() != region.len() {
+        return Err(Error::Reconfig(format!(
+            "piece of {} floats for a region of {}",
+            src.len(),
+            region.len()
+        )));
+    }
+    let w = held.cols.len();
+    let n = region.cols.len();
+    for (i, r) in region.rows.clone().enumerate() {
+        let at = (r - held.rows.start) * w + (region.cols.start - held.cols.start);
+        data[at..at + n].copy_from_slice(&src[i * n..(i + 1) * n]);
+    }
+    Ok(())
+}
+
+/// A worker's copy thread.
+pub struct CopyWorker {
+    pub id: WorkerId,
+    pub cfg: Arc<ModelConfig>,
+    pub mem: Arc<WorkerMem>,
+    pub comm: Comm,
+    pub geom: KvGeometry,
+    pub ctrl: Arc<Controller>,
+}
+
+impl CopyWorker {
+    pub fn run(self, cmds: Receiver<CopyCmd>) {
+        while let Ok(cmd) = cmds.recv() {
+            match cmd {
+                CopyCmd::Run(job) => {
+                    let r = self.run_job(&job);
+                    self.ctrl.on_copy_done(&job, r);
+                }
+                CopyCmd::Discard(seg) => self.discard(seg),
+                CopyCmd::Shutdown => break,
+            }
+        }
+    }
+
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::Reconfig(format!("copy thread of {}: {}", self.id, msg.into()))
+    }
+
+    fn discard(&self, seg: Segment) {
+        let staged = self
+            .mem
+            .staged
+            .lock()
+            .ok()
+            .and_then(|mut s| s.remove(&seg))
+            .unwrap_or_default();
+        if let Some(s) = staged.shards {
+            let cur = self.mem.shard(seg);
+            if !cur.is_some_and(|c| Arc::ptr_eq(&c, &s)) {
+                self.mem.meter.free(s.bytes());
+            }
+        }
+        if let (Segment::Layer(l), Some(kv)) = (seg, staged.kv) {
+            let cur = self.mem.kv(l);
+            if !cur.is_some_and(|c| Arc::ptr_eq(&c, &kv)) {
+                self.mem
+                    .meter
+                    .free(kv.lock().map(|k| k.bytes()).unwrap_or(0));
+            }
+        }
+        self.comm.drain();
+    }
+
+    fn run_job(&self, job: &SegmentJob) -> Result<()> {
+        let me = self.id;
+        let p = &job.plan;
+        let seg = p.segment;
+        let cfg = &*self.cfg;
+        let tag = Tag::Reshard(job.job);
+        let old_idx = p.old_group.position(me);
+        let new_idx = p.new_group.position(me);
+        let cur = if old_idx.is_some() {
+            Some(
+                self.mem
+                    .shard(seg)
+                    .ok_or_else(|| self.err(format!("{seg} not resident")))?,
+            )
+        } else {
+            None
+        };
+        let cur_kv = match seg {
+            Segment::Layer(l) if old_idx.is_some() => self.mem.kv(l),
+            _ => None,
+        };
+        if job.fail_on == Some(me) {
+            let dsts: BTreeSet<WorkerId> = p
+                .transfers
+                .iter()
+                .filter(|t| t.src == me && t.dst != me)
+                .map(|t| t.dst)
+                .collect();
+            for d in dsts {
+                let _ = self.comm.send(d.0, Tag::ReshardAbort(job.job), Vec::new());
+            }
+            return Err(self.err(format!("injected failure while moving {seg}")));
+        }
+
+        // 1. New buffers (kept as they are when this worker's shard does not change).
+        let keep = new_idx.is_some() && p.unchanged_members().contains(&me);
+        let mut fresh: HashMap<TensorKind, Vec<f32>> = HashMap::new();
+        let mut fresh_kv: Option<LayerKv> = None;
+        let mut kept_kv: Option<Arc<std::sync::Mutex<LayerKv>>> = None;
+        if let Some(j) = new_idx {
+            if !keep {
+                for k in segment_tensors(cfg, seg) {
+                    let n = k.region(cfg, p.new_group.len(), j).len();
+                    self.mem.meter.alloc(n * 4);
+                    fresh.insert(k, vec![0.0; n]);
+                }
+            }
+            if let Segment::Layer(_) = seg {
+                let heads = HeadShard::new(cfg, p.new_group.len(), j).kv_heads;
+                match &cur_kv {
+                    Some(kv) if kv.lock().map(|k| k.kv_heads == heads).unwrap_or(false) => {
+                        kept_kv = Some(kv.clone());
+                    }
+                    _ => {
+                        let kv = LayerKv::new(heads, self.geom);
+                        self.mem.meter.alloc(kv.bytes());
+                        fresh_kv = Some(kv);
+                    }
+                }
+            }
+        }
+        let old_region = |k: TensorKind| -> Result<Region> {
+            let i = old_idx.ok_or_else(|| self.err("not an old member"))?;
+            Ok(k.region(cfg, p.old_group.len(), i))
+        };
+        let new_region = |k: TensorKind| -> Result<Region> {
+            let j = new_idx.ok_or_else(|| self.err("not a new member"))?;
+            Ok(k.region(cfg, p.new_group.len(), j))
+        };
+        let pack_kv = |t: &Transfer| -> Result<Vec<f32>> {
+            let kv = cur_kv.as_ref().ok_or_else(|| self.err("no KV to send"))?;
+            let kv = kv.lock().map_err(|_| self.err("KV poisoned"))?;
+            let mut buf = Vec::new();
+            for s in &job.snapshot {
+                kv_pack(&kv, &s.table, 0..s.len, &t.region.rows, &mut buf);
+            }
+            Ok(buf)
+        };
+        let unpack_kv = |kv: &mut LayerKv, t: &Transfer, data: &[f32]| -> Result<()> {
+            let mut at = 0;
+            for s in &job.snapshot {
+                at += kv_unpack(kv, &s.table, 0..s.len, &t.region.rows, &data[at..]);
+            }
+            if at != data.len() {
+                return Err(self.err(format!("KV piece of {} floats, used {at}", data.len())));
+            }
+            Ok(())
+        };
+        let piece = |t: &Transfer| -> Result<Vec<f32>> {
+            match t.item {
+                Item::Weight(k) => {
+                    let c = cur.as_ref().ok_or_else(|| self.err("no shard to send"))?;
+                    Ok(extract(c.get(k)?, &old_region(k)?, &t.region))
+                }
+                Item::Kv(_) => pack_kv(t),
+            }
+        };
+
+        let kv_kept = fresh_kv.is_none();
+        // 2. Sends first (channels never block), then local copies, then receives.
+        for t in p.transfers.iter().filter(|t| t.src == me && t.dst != me) {
+            self.comm.send(t.dst.0, tag, piece(t)?)?;
+        }
+        let mut place = |t: &Transfer, data: Vec<f32>| -> Result<()> {
+            match t.item {
+                Item::Weight(k) => {
+                    if keep {
+                        return Ok(());
+                    }
+                    let buf = fresh.get_mut(&k).ok_or_else(|| self.err("no buffer"))?;
+                    insert(buf, &new_region(k)?, &t.region, &data)
+                }
+                Item::Kv(_) => match fresh_kv.as_mut() {
+                    Some(kv) => unpack_kv(kv, t, &data),
+                    None => Ok(()), // kept in place
+                },
+            }
+        };
+        // (`place` skips pieces whose buffer is kept in place.)
+        for t in p.transfers.iter().filter(|t| t.src == me && t.dst == me) {
+            let kept = match t.item {
+                Item::Weight(_) => keep,
+                Item::Kv(_) => kv_kept,
+            };
+            if !kept {
+                let data = piece(t)?;
+                place(t, data)?;
+            }
+        }
+        for t in p.transfers.iter().filter(|t| t.dst == me && t.src != me) {
+            let data = self.comm.recv(t.src.0, tag)?;
+            place(t, data)?;
+        }
+
+        // 3. Stage for the flip.
+        if let Some(j) = new_idx {
+            let shards = if keep {
+                cur.clone().ok_or_else(|| self.err("kept shard missing"))?
+            } else {
+                Arc::new(ShardSet {
+                    group_size: p.new_group.len(),
+                    index: j,
+                    tensors: fresh,
+                })
+            };
+            let kv = match (fresh_kv, kept_kv) {
+                (Some(f), _) => Some(Arc::new(std::sync::Mutex::new(f))),
+                (None, k) => k,
+            };
+            self.mem
+                .staged
+                .lock()
+                .map_err(|_| self.err("staged poisoned"))?
+                .insert(
+                    seg,
+                    Staged {
+                        shards: Some(shards),
+                        kv,
+                    },
+                );
+        }
+        Ok(())
+    }
+}

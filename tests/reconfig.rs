@@ -1,0 +1,270 @@
+//! Online reconfiguration: requests keep producing the transformers oracle's tokens on
+//! remp-tiny while the topology changes under them, whatever the sequence of switches.
+
+mod common;
+
+use common::*;
+use remp::parallel::{LayerId, Segment, Topology, WorkerId};
+use remp::reshard::executor::{ReconfigEvent, ReconfigOptions};
+use remp::runtime::{Engine, EngineConfig, Request};
+
+/// Every topology of remp-tiny (8 heads, 4 KV heads, 6 layers) with at most 8 ranks.
+fn all_topologies() -> Vec<Topology> {
+    let mut v = Vec::new();
+    for tp in [1, 2, 4, 8] {
+        for pp in 1..=6 {
+            if tp * pp <= 8 {
+                v.push(Topology::new(tp, pp));
+            }
+        }
+    }
+    v
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+}
+
+/// Runs the oracle prompts (joining at staggered steps) while switching topology at
+/// random steps, and checks every request's tokens.
+fn run_sequence(seed: u64, switches: usize) {
+    let model = tiny_model();
+    let cases = oracle();
+    let topos = all_topologies();
+    let mut rng = Rng(seed);
+    let start = topos[rng.below(topos.len())];
+    let mut econf = EngineConfig::new(start);
+    econf.workers = Some(8);
+    let mut engine = Engine::new(&model, econf).unwrap();
+    let mut ids = Vec::new();
+    let mut pending_switches = switches;
+    let mut step = 0;
+    let mut next_join = 0;
+    let mut trail = vec![start.to_string()];
+    while next_join < cases.len() || engine.has_work() || pending_switches > 0 {
+        // Requests join at different steps (some while a switch is in flight).
+        if next_join < cases.len() && rng.below(3) == 0 {
+            let c = &cases[next_join];
+            let mut req = Request::greedy(c.prompt.clone(), c.tokens.len() - c.prompt.len());
+            req.ignore_eos = true;
+            ids.push(engine.add_request(req).unwrap());
+            next_join += 1;
+        }
+        if pending_switches > 0 && !engine.reconfig_in_progress() && rng.below(4) == 0 {
+            let t = topos[rng.below(topos.len())];
+            engine.reconfigure(t).unwrap();
+            trail.push(t.to_string());
+            pending_switches -= 1;
+        }
+        engine.step().unwrap();
+        step += 1;
+        assert!(step < 5000, "seed {seed}: does not finish");
+    }
+    while engine.reconfig_in_progress() {
+        engine.step().unwrap();
+    }
+    let evs = engine.reconfig_events().to_vec();
+    assert!(
+        !evs.iter()
+            .any(|e| matches!(e, ReconfigEvent::Aborted { .. })),
+        "seed {seed}: {evs:?}"
+    );
+    for (case, id) in cases.iter().zip(&ids) {
+        let out = engine.output(*id).unwrap();
+        assert_eq!(
+            out.output,
+            case.tokens[case.prompt.len()..],
+            "seed {seed}, switches {trail:?}"
+        );
+    }
+    let last = trail.last().unwrap();
+    assert_eq!(&engine.topology_name(), last, "seed {seed}");
+}
+
+#[test]
+fn random_switch_sequences_keep_oracle_tokens() {
+    let base = seed();
+    for k in 0..6 {
+        run_sequence(base.wrapping_add(k), 4);
+    }
+}
+
+#[test]
+fn tp2pp2_to_tp4pp1_and_back_mid_decode() {
+    let model = tiny_model();
+    let cases = oracle();
+    let mut econf = EngineConfig::new(Topology::new(2, 2));
+    econf.workers = Some(4);
+    let mut engine = Engine::new(&model, econf).unwrap();
+    let ids: Vec<_> = cases
+        .iter()
+        .map(|c| {
+            let mut r = Request::greedy(c.prompt.clone(), c.tokens.len() - c.prompt.len());
+            r.ignore_eos = true;
+            engine.add_request(r).unwrap()
+        })
+        .collect();
+    for _ in 0..5 {
+        engine.step().unwrap();
+    }
+    engine.reconfigure(Topology::new(4, 1)).unwrap();
+    // A second request while the first runs is refused with a clear error.
+    if engine.reconfig_in_progress() {
+        let e = engine.reconfigure(Topology::new(1, 1)).unwrap_err();
+        assert!(e.to_string().contains("in progress"), "{e}");
+    }
+    while engine.reconfig_in_progress() {
+        engine.step().unwrap();
+    }
+    assert_eq!(engine.topology_name(), "tp4pp1");
+    for _ in 0..5 {
+        engine.step().unwrap();
+    }
+    engine.reconfigure(Topology::new(2, 2)).unwrap();
+    engine.run_to_completion().unwrap();
+    assert_eq!(engine.topology_name(), "tp2pp2");
+    for (c, id) in cases.iter().zip(ids) {
+        assert_eq!(
+            engine.output(id).unwrap().output,
+            c.tokens[c.prompt.len()..]
+        );
+    }
+    let evs = engine.reconfig_events();
+    let finished = evs
+        .iter()
+        .filter(|e| matches!(e, ReconfigEvent::Finished { bytes_moved, .. } if *bytes_moved > 0))
+        .count();
+    assert_eq!(finished, 2, "{evs:?}");
+}
+
+#[test]
+fn switch_requested_during_prefill_and_with_idle_engine() {
+    let model = tiny_model();
+    let cases = oracle();
+    let mut econf = EngineConfig::new(Topology::new(1, 3));
+    econf.workers = Some(8);
+    let mut engine = Engine::new(&model, econf).unwrap();
+    // Idle engine: the switch completes through empty steps.
+    engine.reconfigure(Topology::new(8, 1)).unwrap();
+    engine.run_to_completion().unwrap();
+    assert_eq!(engine.topology_name(), "tp8pp1");
+    // Requested right before the prefill step of all five prompts.
+    let ids: Vec<_> = cases
+        .iter()
+        .map(|c| {
+            let mut r = Request::greedy(c.prompt.clone(), c.tokens.len() - c.prompt.len());
+            r.ignore_eos = true;
+            engine.add_request(r).unwrap()
+        })
+        .collect();
+    engine.reconfigure(Topology::new(2, 3)).unwrap();
+    engine.run_to_completion().unwrap();
+    assert_eq!(engine.topology_name(), "tp2pp3");
+    for (c, id) in cases.iter().zip(ids) {
+        assert_eq!(
+            engine.output(id).unwrap().output,
+            c.tokens[c.prompt.len()..]
+        );
+    }
+}
+
+#[test]
+fn failed_transfer_aborts_and_keeps_serving() {
+    let model = tiny_model();
+    let cases = oracle();
+    let mut econf = EngineConfig::new(Topology::new(2, 2));
+    econf.workers = Some(4);
+    let mut engine = Engine::new(&model, econf).unwrap();
+    let ids: Vec<_> = cases
+        .iter()
+        .map(|c| {
+            let mut r = Request::greedy(c.prompt.clone(), c.tokens.len() - c.prompt.len());
+            r.ignore_eos = true;
+            engine.add_request(r).unwrap()
+        })
+        .collect();
+    for _ in 0..4 {
+        engine.step().unwrap();
+    }
+    let opts = ReconfigOptions {
+        window: 1,
+        fail_at: Some((Segment::Layer(LayerId(4)), WorkerId(2))),
+    };
+    engine.reconfigure_with(Topology::new(4, 1), &opts).unwrap();
+    engine.run_to_completion().unwrap();
+    let evs = engine.reconfig_events().to_vec();
+    assert!(
+        evs.iter().any(
+            |e| matches!(e, ReconfigEvent::Aborted { error, .. } if error.contains("injected"))
+        ),
+        "{evs:?}"
+    );
+    // Some layers moved, layer 4 did not: a valid mixed placement, still serving.
+    let p = engine.placement();
+    assert_eq!(p.layers[4].len(), 2);
+    for (c, id) in cases.iter().zip(&ids) {
+        assert_eq!(
+            engine.output(*id).unwrap().output,
+            c.tokens[c.prompt.len()..]
+        );
+    }
+    // And a later switch completes from there.
+    engine.reconfigure(Topology::new(4, 1)).unwrap();
+    while engine.reconfig_in_progress() {
+        engine.step().unwrap();
+    }
+    assert_eq!(engine.topology_name(), "tp4pp1");
+}
+
+#[test]
+fn stop_the_world_and_restart_baselines_keep_tokens() {
+    let model = tiny_model();
+    let cases = oracle();
+    let mut econf = EngineConfig::new(Topology::new(2, 2));
+    econf.workers = Some(4);
+    let mut engine = Engine::new(&model, econf).unwrap();
+    let ids: Vec<_> = cases
+        .iter()
+        .map(|c| {
+            let mut r = Request::greedy(c.prompt.clone(), c.tokens.len() - c.prompt.len());
+            r.ignore_eos = true;
+            engine.add_request(r).unwrap()
+        })
+        .collect();
+    for _ in 0..6 {
+        engine.step().unwrap();
+    }
+    engine
+        .reconfigure_stop_the_world(Topology::new(4, 1))
+        .unwrap();
+    assert_eq!(engine.topology_name(), "tp4pp1");
+    for _ in 0..6 {
+        engine.step().unwrap();
+    }
+    engine.restart(Topology::new(1, 2)).unwrap();
+    assert_eq!(engine.topology_name(), "tp1pp2");
+    engine.run_to_completion().unwrap();
+    for (c, id) in cases.iter().zip(ids) {
+        assert_eq!(
+            engine.output(id).unwrap().output,
+            c.tokens[c.prompt.len()..]
+        );
+    }
+}
