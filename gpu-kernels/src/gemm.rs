@@ -1,1 +1,469 @@
+//! GEMM for column- and row-parallel shards: `y[M, N] = x[M, K] · W[N, K]ᵀ` with bf16
+//! inputs and f32 accumulation. Weights are stored like Hugging Face `nn.Linear`:
+//! `W[out, in]` row-major, so a column-parallel shard is a block of rows of `W` and a
+//! row-parallel shard a block of columns (row stride = K of the shard, contiguous).
+//! `x` rows have stride `ldx`, `y` rows stride `ldy` (elements).
+//!
+//! Two paths, same epilogue:
+//! - **decode** (`gemm_decode_*`, M from 1 to ~64): memory-bound, so it streams W
+//!   exactly once per M-chunk of 4 rows with 16-byte `ld.global.nc` loads: each warp
+//!   owns two output columns (two rows of W), lanes split K in 8-element chunks, partial
+//!   dots are reduced with warp shuffles. Works for any shape and alignment (scalar
+//!   fallback when rows are not 16-byte aligned); it is also the fallback for the mma
+//!   path. Launch: block 128, grid.x = ceil(N / 8) (`_silu`: ceil(N / 4)).
+//! - **mma** (`gemm_mma_*`, prefill-sized M): tensor cores through
+//!   `mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32`. Block tile 128x128x32, 4 warps in
+//!   2x2 each computing 64x64 (4x8 mma tiles, 128 f32 accumulators per lane), a
+//!   3-stage `cp.async` pipeline (48 KiB shared memory) feeding `ldmatrix.x4`; shared
+//!   tiles are 64-byte rows whose four 16-byte chunks are XOR-swizzled by
+//!   `(row >> 1) & 3`, so `ldmatrix` and `cp.async` are bank-conflict free. Ragged M,
+//!   N and K tails are zero-filled by `cp.async` (src-size 0). Requires K % 8 == 0,
+//!   ldx % 8 == 0 and 16-byte-aligned x and W (traps otherwise — use decode).
+//!   Launch: block 128, grid = (ceil(N / 128), ceil(M / 128)) (`_silu`: ceil(N / 64)).
+//!
+//! Fused epilogues (each rounds like the unfused PyTorch ops would):
+//! `y = x·Wᵀ (+ bias[n]) (+ residual[m, n])` — `bias`/`residual` may be null; the
+//! residual has row stride `ldy` and may alias `y`; and `_silu`:
+//! `y = silu(x·W_gateᵀ) * (x·W_upᵀ)` (the Llama MLP's gate/up projections).
+use crate::prims::*;
 
+// ---------------------------------------------------------------- epilogue
+
+#[inline(always)]
+unsafe fn store_out<O: Elem>(
+    y: *mut O,
+    ldy: u32,
+    bias: *const Bf16,
+    residual: *const Bf16,
+    m: u32,
+    n: u32,
+    acc: f32,
+) {
+    let mut v = acc;
+    if bias as usize != 0 {
+        v = Bf16::round(v + (*bias.add(n as usize)).to_f32());
+    }
+    let at = m as usize * ldy as usize + n as usize;
+    if residual as usize != 0 {
+        v = Bf16::round(v) + (*residual.add(at)).to_f32();
+    }
+    *y.add(at) = O::from_f32(v);
+}
+
+#[inline(always)]
+fn silu_gate(g: f32, u: f32) -> f32 {
+    Bf16::round(silu(Bf16::round(g))) * Bf16::round(u)
+}
+
+// ---------------------------------------------------------------- decode path
+
+const DEC_MT: u32 = 4;
+
+#[inline(always)]
+fn dot8(w: [u32; 4], x: [u32; 4], mut acc: f32) -> f32 {
+    unroll!(i in 0..4 => {
+        let (w0, w1) = bf16x2_to_f32(w[i]);
+        let (x0, x1) = bf16x2_to_f32(x[i]);
+        acc = fma(w0, x0, acc);
+        acc = fma(w1, x1, acc);
+    });
+    acc
+}
+
+/// One warp: partial dots of rows `w[0..2]` of W with rows m0.. m0+DEC_MT of x, reduced
+/// over the warp (every lane gets all eight sums).
+#[inline(always)]
+unsafe fn decode_dots(
+    w: [*const u16; 2],
+    x: *const u16,
+    ldx: u32,
+    m0: u32,
+    m: u32,
+    k: u32,
+    vec_ok: bool,
+) -> [[f32; 4]; 2] {
+    let lane = lane_id();
+    let mut acc = [[0.0f32; 4]; 2];
+    let mcount = umin(DEC_MT, m - m0);
+    let mut kv = 0u32; // end of the vectorised part
+    if vec_ok {
+        kv = k & !255;
+        let mut kk = lane * 8;
+        while kk < kv {
+            let w0 = ld_global_nc_v4(w[0].add(kk as usize) as *const u32);
+            let w1 = ld_global_nc_v4(w[1].add(kk as usize) as *const u32);
+            unroll!(i in 0..4 => {
+                if (i as u32) < mcount {
+                    let xv = ld_global_nc_v4(x.add(((m0 + i as u32) * ldx + kk) as usize) as *const u32);
+                    acc[0][i] = dot8(w0, xv, acc[0][i]);
+                    acc[1][i] = dot8(w1, xv, acc[1][i]);
+                }
+            });
+            kk += 256;
+        }
+    }
+    // scalar part: the tail, or everything when rows are not 16-byte aligned
+    let mut kk = kv + lane;
+    while kk < k {
+        let w0 = bf16_to_f32(*w[0].add(kk as usize));
+        let w1 = bf16_to_f32(*w[1].add(kk as usize));
+        unroll!(i in 0..4 => {
+            if (i as u32) < mcount {
+                let xv = bf16_to_f32(*x.add(((m0 + i as u32) * ldx + kk) as usize));
+                acc[0][i] = fma(w0, xv, acc[0][i]);
+                acc[1][i] = fma(w1, xv, acc[1][i]);
+            }
+        });
+        kk += 32;
+    }
+    unroll!(r in 0..2 => {
+        unroll!(i in 0..4 => {
+            acc[r][i] = warp_sum(acc[r][i]);
+        });
+    });
+    acc
+}
+
+/// `acc[r][i]` for lane-dependent `r`, `i` without a local-memory array.
+#[inline(always)]
+fn pick(acc: &[[f32; 4]; 2], r: usize, i: usize) -> f32 {
+    let mut v = 0.0;
+    unroll!(rr in 0..2 => {
+        unroll!(ii in 0..4 => {
+            if rr == r && ii == i {
+                v = acc[rr][ii];
+            }
+        });
+    });
+    v
+}
+
+#[inline(always)]
+fn aligned16(p: usize) -> bool {
+    p % 16 == 0
+}
+
+#[inline(always)]
+unsafe fn gemm_decode<O: Elem>(
+    y: *mut O,
+    x: *const Bf16,
+    w: *const Bf16,
+    bias: *const Bf16,
+    residual: *const Bf16,
+    m: u32,
+    n: u32,
+    k: u32,
+    ldx: u32,
+    ldy: u32,
+) {
+    let n0 = (block_idx_x() * (block_dim() / WARP) + warp_id()) * 2;
+    if n0 >= n {
+        return; // whole warp leaves together
+    }
+    let has2 = n0 + 1 < n;
+    let (x, w) = (x as *const u16, w as *const u16);
+    let w0 = w.add(n0 as usize * k as usize);
+    let w1 = if has2 { w0.add(k as usize) } else { w0 };
+    let vec_ok = k % 8 == 0 && ldx % 8 == 0 && aligned16(x as usize) && aligned16(w as usize);
+    let lane = lane_id();
+    let mut m0 = 0;
+    while m0 < m {
+        let acc = decode_dots([w0, w1], x, ldx, m0, m, k, vec_ok);
+        // lanes 0..3 store column n0, lanes 4..7 column n0 + 1
+        let i = lane & 3;
+        let r = (lane >> 2) as usize;
+        if lane < 8 && m0 + i < m && (r == 0 || has2) {
+            store_out(
+                y,
+                ldy,
+                bias,
+                residual,
+                m0 + i,
+                n0 + r as u32,
+                pick(&acc, r, i as usize),
+            );
+        }
+        m0 += DEC_MT;
+    }
+}
+
+#[inline(always)]
+unsafe fn gemm_decode_silu(
+    y: *mut Bf16,
+    x: *const Bf16,
+    w_gate: *const Bf16,
+    w_up: *const Bf16,
+    m: u32,
+    n: u32,
+    k: u32,
+    ldx: u32,
+    ldy: u32,
+) {
+    let col = block_idx_x() * (block_dim() / WARP) + warp_id();
+    if col >= n {
+        return;
+    }
+    let x = x as *const u16;
+    let wg = (w_gate as *const u16).add(col as usize * k as usize);
+    let wu = (w_up as *const u16).add(col as usize * k as usize);
+    let vec_ok = k % 8 == 0
+        && ldx % 8 == 0
+        && aligned16(x as usize)
+        && aligned16(w_gate as usize)
+        && aligned16(w_up as usize);
+    let lane = lane_id();
+    let mut m0 = 0;
+    while m0 < m {
+        let acc = decode_dots([wg, wu], x, ldx, m0, m, k, vec_ok);
+        if lane < DEC_MT && m0 + lane < m {
+            let v = silu_gate(pick(&acc, 0, lane as usize), pick(&acc, 1, lane as usize));
+            *y.add(((m0 + lane) * ldy + col) as usize) = Bf16::from_f32(v);
+        }
+        m0 += DEC_MT;
+    }
+}
+
+// ---------------------------------------------------------------- mma path
+
+const BM: u32 = 128;
+const BN: u32 = 128;
+const BK: u32 = 32;
+const STAGES: u32 = 3;
+const TILE_BYTES: u32 = BM * BK * 2; // one operand tile, 8 KiB
+const STAGE_BYTES: u32 = 2 * TILE_BYTES;
+/// Shared memory of the mma kernels: 3 stages of A and B tiles.
+pub const MMA_SMEM: usize = (STAGES * STAGE_BYTES) as usize;
+
+/// Byte offset of 16-byte chunk `c` (0..4) of row `r` in a swizzled 128x32 bf16 tile.
+#[inline(always)]
+fn swz(r: u32, c: u32) -> u32 {
+    r * 64 + ((c ^ ((r >> 1) & 3)) << 4)
+}
+
+struct MmaArgs {
+    x: *const u16,
+    w: *const u16,
+    w2: *const u16, // up projection for the gated variant, else null
+    m: u32,
+    n: u32,
+    k: u32,
+    ldx: u32,
+}
+
+/// Global row of W feeding shared B row `r` of the block starting at output column n0.
+/// Gated: rows alternate in 8-row groups between W_gate and W_up for the same columns,
+/// so a lane's even and odd n8 tiles hold gate and up of the same outputs.
+#[inline(always)]
+unsafe fn b_row(a: &MmaArgs, n0: u32, r: u32) -> (*const u16, bool) {
+    if a.w2 as usize == 0 {
+        let gn = n0 + r;
+        (a.w.add(gn as usize * a.k as usize), gn < a.n)
+    } else {
+        let wn = r >> 6;
+        let j = (r & 63) >> 3;
+        let gn = n0 + wn * 32 + (j >> 1) * 8 + (r & 7);
+        let base = if j & 1 == 0 { a.w } else { a.w2 };
+        (base.add(gn as usize * a.k as usize), gn < a.n)
+    }
+}
+
+#[inline(always)]
+unsafe fn load_stage(a: &MmaArgs, smem: *mut u8, stage: u32, kt: u32, m0: u32, n0: u32) {
+    let t = thread_idx();
+    let sa = smem.add((stage * STAGE_BYTES) as usize);
+    let sb = sa.add(TILE_BYTES as usize);
+    let k0 = kt * BK;
+    unroll!(i in 0..4 => {
+        let id = t + i as u32 * 128;
+        let r = id >> 2;
+        let c = id & 3;
+        let gk = k0 + c * 8;
+        let gm = m0 + r;
+        let ok = gm < a.m && gk < a.k;
+        let src = if ok { a.x.add((gm * a.ldx + gk) as usize) } else { a.x };
+        cp_async_16(sa.add(swz(r, c) as usize), src as *const u8, if ok { 16 } else { 0 });
+        let (wrow, nok) = b_row(a, n0, r);
+        let ok = nok && gk < a.k;
+        let src = if ok { wrow.add(gk as usize) } else { a.w };
+        cp_async_16(sb.add(swz(r, c) as usize), src as *const u8, if ok { 16 } else { 0 });
+    });
+}
+
+/// The main loop; returns the warp's 64x64 accumulator tile (4 m16 x 8 n8 fragments).
+#[inline(always)]
+unsafe fn mma_mainloop(a: &MmaArgs, smem: *mut u8, m0: u32, n0: u32) -> [[[f32; 4]; 8]; 4] {
+    let lane = lane_id();
+    let warp = warp_id();
+    let (wm, wn) = (warp >> 1, warp & 1);
+    let mut acc = [[[0.0f32; 4]; 8]; 4];
+    let kt_n = div_ceil(a.k, BK);
+    let mut s = 0;
+    while s < STAGES - 1 {
+        if s < kt_n {
+            load_stage(a, smem, s, s, m0, n0);
+        }
+        cp_async_commit();
+        s += 1;
+    }
+    // ldmatrix lane roles: matrix j = lane / 8, row r = lane % 8
+    let (j, r) = (lane >> 3, lane & 7);
+    let mut kt = 0;
+    while kt < kt_n {
+        cp_async_wait::<{ STAGES - 2 }>();
+        sync_threads();
+        let pf = kt + STAGES - 1;
+        if pf < kt_n {
+            load_stage(a, smem, pf % STAGES, pf, m0, n0);
+        }
+        cp_async_commit();
+        let sa = smem.add(((kt % STAGES) * STAGE_BYTES) as usize) as *const u8;
+        let sb = sa.add(TILE_BYTES as usize);
+        unroll!(kk in 0..2 => {
+            let kc = kk as u32 * 2;
+            let mut af = [[0u32; 4]; 4];
+            unroll!(i in 0..4 => {
+                let row = wm * 64 + i as u32 * 16 + (j & 1) * 8 + r;
+                af[i] = ldmatrix_x4(sa.add(swz(row, kc + (j >> 1)) as usize));
+            });
+            let mut bf = [[0u32; 4]; 4];
+            unroll!(p in 0..4 => {
+                let row = wn * 64 + p as u32 * 16 + (j >> 1) * 8 + r;
+                bf[p] = ldmatrix_x4(sb.add(swz(row, kc + (j & 1)) as usize));
+            });
+            unroll!(i in 0..4 => {
+                unroll!(jn in 0..8 => {
+                    let b = bf[jn >> 1];
+                    let h = (jn & 1) * 2;
+                    acc[i][jn] = mma_bf16_16816(acc[i][jn], af[i], [b[h], b[h + 1]]);
+                });
+            });
+        });
+        kt += 1;
+    }
+    cp_async_wait::<0>();
+    acc
+}
+
+#[inline(always)]
+unsafe fn check_mma_args(x: *const Bf16, w: *const Bf16, k: u32, ldx: u32) {
+    if k % 8 != 0 || ldx % 8 != 0 || !aligned16(x as usize) || !aligned16(w as usize) {
+        trap();
+    }
+}
+
+#[inline(always)]
+unsafe fn gemm_mma<O: Elem>(
+    y: *mut O,
+    x: *const Bf16,
+    w: *const Bf16,
+    bias: *const Bf16,
+    residual: *const Bf16,
+    m: u32,
+    n: u32,
+    k: u32,
+    ldx: u32,
+    ldy: u32,
+    smem: *mut u8,
+) {
+    check_mma_args(x, w, k, ldx);
+    let a = MmaArgs {
+        x: x as *const u16,
+        w: w as *const u16,
+        w2: 0 as *const u16,
+        m,
+        n,
+        k,
+        ldx,
+    };
+    let (n0, m0) = (block_idx_x() * BN, block_idx_y() * BM);
+    let acc = mma_mainloop(&a, smem, m0, n0);
+    let lane = lane_id();
+    let warp = warp_id();
+    let (wm, wn) = (warp >> 1, warp & 1);
+    let (g, t) = (lane >> 2, lane & 3);
+    unroll!(i in 0..4 => {
+        unroll!(jn in 0..8 => {
+            unroll!(e in 0..4 => {
+                let row = m0 + wm * 64 + i as u32 * 16 + g + (e as u32 >> 1) * 8;
+                let col = n0 + wn * 64 + jn as u32 * 8 + t * 2 + (e as u32 & 1);
+                if row < m && col < n {
+                    store_out(y, ldy, bias, residual, row, col, acc[i][jn][e]);
+                }
+            });
+        });
+    });
+}
+
+#[inline(always)]
+unsafe fn gemm_mma_silu(
+    y: *mut Bf16,
+    x: *const Bf16,
+    w_gate: *const Bf16,
+    w_up: *const Bf16,
+    m: u32,
+    n: u32,
+    k: u32,
+    ldx: u32,
+    ldy: u32,
+    smem: *mut u8,
+) {
+    check_mma_args(x, w_gate, k, ldx);
+    check_mma_args(x, w_up, k, ldx);
+    let a = MmaArgs {
+        x: x as *const u16,
+        w: w_gate as *const u16,
+        w2: w_up as *const u16,
+        m,
+        n,
+        k,
+        ldx,
+    };
+    let (n0, m0) = (block_idx_x() * (BN / 2), block_idx_y() * BM);
+    let acc = mma_mainloop(&a, smem, m0, n0);
+    let lane = lane_id();
+    let warp = warp_id();
+    let (wm, wn) = (warp >> 1, warp & 1);
+    let (g, t) = (lane >> 2, lane & 3);
+    unroll!(i in 0..4 => {
+        unroll!(jp in 0..4 => {
+            unroll!(e in 0..4 => {
+                let row = m0 + wm * 64 + i as u32 * 16 + g + (e as u32 >> 1) * 8;
+                let col = n0 + wn * 32 + jp as u32 * 8 + t * 2 + (e as u32 & 1);
+                if row < m && col < n {
+                    let v = silu_gate(acc[i][2 * jp][e], acc[i][2 * jp + 1][e]);
+                    *y.add((row * ldy + col) as usize) = Bf16::from_f32(v);
+                }
+            });
+        });
+    });
+}
+
+kernels! {
+    /// Decode GEMM, bf16 out. block 128, grid.x = ceil(n / 8).
+    pub fn gemm_decode_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy);
+    }
+    /// Decode GEMM, f32 out (e.g. logits). block 128, grid.x = ceil(n / 8).
+    pub fn gemm_decode_bf16_f32out(y: *mut f32, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy);
+    }
+    /// Decode gate/up GEMM with SiLU·mul. block 128, grid.x = ceil(n / 4).
+    pub fn gemm_decode_silu_bf16(y: *mut Bf16, x: *const Bf16, w_gate: *const Bf16, w_up: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+        gemm_decode_silu(y, x, w_gate, w_up, m, n, k, ldx, ldy);
+    }
+    /// Tensor-core GEMM, bf16 out. block 128, grid = (ceil(n / 128), ceil(m / 128)).
+    pub fn gemm_mma_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+        let smem = shared_bytes!(gemm_smem, 49152);
+        gemm_mma(y, x, w, bias, residual, m, n, k, ldx, ldy, smem);
+    }
+    /// Tensor-core GEMM, f32 out. block 128, grid = (ceil(n / 128), ceil(m / 128)).
+    pub fn gemm_mma_bf16_f32out(y: *mut f32, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+        let smem = shared_bytes!(gemm_smem, 49152);
+        gemm_mma(y, x, w, bias, residual, m, n, k, ldx, ldy, smem);
+    }
+    /// Tensor-core gate/up GEMM with SiLU·mul. block 128, grid = (ceil(n / 64), ceil(m / 128)).
+    pub fn gemm_mma_silu_bf16(y: *mut Bf16, x: *const Bf16, w_gate: *const Bf16, w_up: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+        let smem = shared_bytes!(gemm_smem, 49152);
+        gemm_mma_silu(y, x, w_gate, w_up, m, n, k, ldx, ldy, smem);
+    }
+}

@@ -91,6 +91,17 @@ macro_rules! shared_bytes {
     };
 }
 
+/// `unroll!(i in 0..N => { ... })` with N in {2, 4, 8, 16}: the body repeated with
+/// `i` a constant (`usize`), like `#pragma unroll`. Register arrays indexed by an
+/// unrolled counter stay in registers; with a runtime index they go to local memory.
+macro_rules! unroll {
+    ($i:ident in 0..2 => $body:block) => { unroll!(@ $i [0 1] $body) };
+    ($i:ident in 0..4 => $body:block) => { unroll!(@ $i [0 1 2 3] $body) };
+    ($i:ident in 0..8 => $body:block) => { unroll!(@ $i [0 1 2 3 4 5 6 7] $body) };
+    ($i:ident in 0..16 => $body:block) => { unroll!(@ $i [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15] $body) };
+    (@ $i:ident [$($n:literal)*] $body:block) => { $( { #[allow(unused)] let $i: usize = $n; $body } )* };
+}
+
 pub mod prims;
 
 pub mod attention;

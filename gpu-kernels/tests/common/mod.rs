@@ -106,3 +106,35 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
         );
     }
 }
+
+/// A 16-byte-aligned buffer of `T` (GPU allocations are at least 256-byte aligned; the
+/// tests offset into it to create misalignment on purpose).
+pub struct ABuf<T> {
+    raw: Vec<u128>,
+    len: usize,
+    _t: std::marker::PhantomData<T>,
+}
+impl<T: Copy> ABuf<T> {
+    pub fn new(xs: &[T]) -> Self {
+        let bytes = std::mem::size_of_val(xs);
+        let mut raw = vec![0u128; bytes / 16 + 2];
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                xs.as_ptr() as *const u8,
+                raw.as_mut_ptr() as *mut u8,
+                bytes,
+            )
+        };
+        ABuf {
+            raw,
+            len: xs.len(),
+            _t: std::marker::PhantomData,
+        }
+    }
+    pub fn ptr(&self) -> *mut T {
+        self.raw.as_ptr() as *mut T
+    }
+    pub fn to_vec(&self) -> Vec<T> {
+        unsafe { std::slice::from_raw_parts(self.ptr(), self.len).to_vec() }
+    }
+}

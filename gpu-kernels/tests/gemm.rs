@@ -1,0 +1,244 @@
+//! GEMM kernels under the emulator vs an f64 reference: decode (any shape/alignment)
+//! and tensor-core (mma.sync fragment layout, ldmatrix, swizzle, cp.async tails) paths,
+//! with and without bias / residual, bf16 and f32 outputs, the fused SiLU·mul variant.
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+mod common;
+use common::*;
+use remp_gpu_kernels::gemm::*;
+use remp_gpu_kernels::prims::{emu::launch, Bf16};
+use std::ptr::null;
+
+struct Case {
+    m: usize,
+    n: usize,
+    k: usize,
+    ldx: usize,
+    ldy: usize,
+    x: Vec<f32>, // bf16-representable
+    w: Vec<f32>,
+    w2: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    res: Option<Vec<f32>>,
+}
+
+fn case(rng: &mut Rng, m: usize, n: usize, k: usize, ldx: usize) -> Case {
+    let ldy = n + rng.pick(&[0usize, 0, 3]);
+    let r = |v: Vec<f32>| v.into_iter().map(rbf16).collect::<Vec<f32>>();
+    Case {
+        m,
+        n,
+        k,
+        ldx,
+        ldy,
+        x: r(rng.vec_f32(m * ldx, 1.0)),
+        w: r(rng.vec_f32(n * k, 0.5)),
+        w2: r(rng.vec_f32(n * k, 0.5)),
+        bias: if rng.next() % 2 == 0 {
+            Some(r(rng.vec_f32(n, 1.0)))
+        } else {
+            None
+        },
+        res: if rng.next() % 2 == 0 {
+            Some(r(rng.vec_f32(m * ldy, 2.0)))
+        } else {
+            None
+        },
+    }
+}
+
+fn dot(c: &Case, w: &[f32], i: usize, j: usize) -> f32 {
+    (0..c.k)
+        .map(|kk| c.x[i * c.ldx + kk] as f64 * w[j * c.k + kk] as f64)
+        .sum::<f64>() as f32
+}
+
+/// Reference with the kernels' rounding: bf16 after bias, residual added in f32.
+fn reference(c: &Case, round_out: bool) -> Vec<f32> {
+    let mut y = vec![f32::NAN; c.m * c.ldy];
+    for i in 0..c.m {
+        for j in 0..c.n {
+            let mut v = dot(c, &c.w, i, j);
+            if let Some(b) = &c.bias {
+                v = rbf16(v + b[j]);
+            }
+            if let Some(r) = &c.res {
+                v = rbf16(v) + r[i * c.ldy + j];
+            }
+            y[i * c.ldy + j] = if round_out { rbf16(v) } else { v };
+        }
+    }
+    y
+}
+
+fn silu_reference(c: &Case) -> Vec<f32> {
+    let mut y = vec![f32::NAN; c.m * c.ldy];
+    for i in 0..c.m {
+        for j in 0..c.n {
+            let g = rbf16(dot(c, &c.w, i, j));
+            let u = rbf16(dot(c, &c.w2, i, j));
+            y[i * c.ldy + j] = rbf16(rbf16(g / (1.0 + (-g).exp())) * u);
+        }
+    }
+    y
+}
+
+/// Only the written elements (row stride may exceed n).
+fn valid(c: &Case, y: &[f32]) -> Vec<f32> {
+    (0..c.m)
+        .flat_map(|i| y[i * c.ldy..][..c.n].to_vec())
+        .collect()
+}
+
+enum Path {
+    Decode,
+    Mma,
+}
+
+fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
+    let xb = ABuf::new(&to_bf16(&[vec![0.0; x_off], c.x.clone()].concat()));
+    let wb = ABuf::new(&to_bf16(&c.w));
+    let bias = c.bias.as_ref().map(|b| ABuf::new(&to_bf16(b)));
+    let init = c.res.clone().unwrap_or_else(|| vec![f32::NAN; c.m * c.ldy]);
+    let (m, n, k, ldx, ldy) = (
+        c.m as u32,
+        c.n as u32,
+        c.k as u32,
+        c.ldx as u32,
+        c.ldy as u32,
+    );
+    let xp = unsafe { xb.ptr().add(x_off) } as *const Bf16;
+    let wp = wb.ptr() as *const Bf16;
+    let bp = bias.as_ref().map_or(null(), |b| b.ptr() as *const Bf16);
+    let what = format!(
+        "m {m} n {n} k {k} ldx {ldx} ldy {ldy} x_off {x_off} bias {} res {} f32 {f32_out}",
+        c.bias.is_some(),
+        c.res.is_some()
+    );
+    if f32_out {
+        let yb = ABuf::new(&init);
+        let rp = if c.res.is_some() {
+            yb.ptr() as *const f32
+        } else {
+            null()
+        };
+        // f32 output kernels take a bf16 residual: use a separate copy
+        let resb = c.res.as_ref().map(|r| ABuf::new(&to_bf16(r)));
+        let rp = resb
+            .as_ref()
+            .map_or(rp as *const Bf16, |r| r.ptr() as *const Bf16);
+        let yp = yb.ptr();
+        unsafe {
+            match path {
+                Path::Decode => launch([n.div_ceil(8), 1, 1], 128, || {
+                    gemm_decode_bf16_f32out(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
+                }),
+                Path::Mma => launch([n.div_ceil(128), m.div_ceil(128), 1], 128, || {
+                    gemm_mma_bf16_f32out(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
+                }),
+            }
+        }
+        let want = reference(c, false);
+        let tol = 2e-5 * (c.k as f32).sqrt();
+        assert_close(&what, &valid(c, &yb.to_vec()), &valid(c, &want), tol, 1e-5);
+    } else {
+        let yb = ABuf::new(&to_bf16(&init));
+        let yp = yb.ptr();
+        let rp = if c.res.is_some() {
+            yp as *const Bf16
+        } else {
+            null()
+        }; // in place: y += x·Wᵀ
+        unsafe {
+            match path {
+                Path::Decode => launch([n.div_ceil(8), 1, 1], 128, || {
+                    gemm_decode_bf16(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
+                }),
+                Path::Mma => launch([n.div_ceil(128), m.div_ceil(128), 1], 128, || {
+                    gemm_mma_bf16(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
+                }),
+            }
+        }
+        let want = reference(c, true);
+        assert_close(
+            &what,
+            &valid(c, &from_bf16(&yb.to_vec())),
+            &valid(c, &want),
+            1e-2,
+            8e-3,
+        );
+    }
+}
+
+fn run_silu(c: &Case, path: Path) {
+    let xb = ABuf::new(&to_bf16(&c.x));
+    let (wg, wu) = (ABuf::new(&to_bf16(&c.w)), ABuf::new(&to_bf16(&c.w2)));
+    let yb = ABuf::new(&to_bf16(&vec![f32::NAN; c.m * c.ldy]));
+    let (m, n, k, ldx, ldy) = (
+        c.m as u32,
+        c.n as u32,
+        c.k as u32,
+        c.ldx as u32,
+        c.ldy as u32,
+    );
+    let (xp, gp, up, yp) = (
+        xb.ptr() as *const Bf16,
+        wg.ptr() as *const Bf16,
+        wu.ptr() as *const Bf16,
+        yb.ptr(),
+    );
+    unsafe {
+        match path {
+            Path::Decode => launch([n.div_ceil(4), 1, 1], 128, || {
+                gemm_decode_silu_bf16(yp, xp, gp, up, m, n, k, ldx, ldy)
+            }),
+            Path::Mma => launch([n.div_ceil(64), m.div_ceil(128), 1], 128, || {
+                gemm_mma_silu_bf16(yp, xp, gp, up, m, n, k, ldx, ldy)
+            }),
+        }
+    }
+    let want = silu_reference(c);
+    assert_close(
+        &format!("silu m {m} n {n} k {k}"),
+        &valid(c, &from_bf16(&yb.to_vec())),
+        &valid(c, &want),
+        1e-2,
+        1.6e-2,
+    );
+}
+
+#[test]
+fn decode_gemm_random_shapes() {
+    let mut rng = Rng::new("decode_gemm");
+    for it in 0..6 {
+        let m = rng.pick(&[1usize, 2, 3, 4, 5, 9, 16]);
+        let n = rng.range(1, 40);
+        let k = rng.pick(&[5usize, 64, 256, 264, 520, 1000]);
+        let ldx = k + rng.pick(&[0usize, 8, 1]);
+        let c = case(&mut rng, m, n, k, ldx);
+        let x_off = if it % 3 == 2 { 1 } else { 0 }; // misaligned activations: scalar path
+        run(&c, Path::Decode, x_off, it % 2 == 1);
+    }
+    let (m, n, k) = (
+        rng.range(1, 7),
+        rng.range(1, 20),
+        rng.pick(&[256usize, 300]),
+    );
+    let c = case(&mut rng, m, n, k, k);
+    run_silu(&c, Path::Decode);
+}
+
+#[test]
+fn mma_gemm_random_shapes() {
+    let mut rng = Rng::new("mma_gemm");
+    for it in 0..3 {
+        let m = rng.range(1, 140);
+        let n = rng.range(1, 150);
+        let k = 8 * rng.range(1, 12);
+        let ldx = k + 8 * rng.range(0, 1);
+        let c = case(&mut rng, m, n, k, ldx);
+        run(&c, Path::Mma, 0, it == 1);
+    }
+    let (m, n, k) = (rng.range(1, 70), rng.range(1, 100), 8 * rng.range(1, 8));
+    let c = case(&mut rng, m, n, k, k);
+    run_silu(&c, Path::Mma);
+}
