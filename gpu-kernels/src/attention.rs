@@ -1,1 +1,486 @@
+//! Attention over the paged KV cache the runtime uses.
+//!
+//! KV layout, per layer: K cache `[num_blocks, block_size, kv_heads, head_dim]` bf16 and
+//! V cache likewise; a sequence's token `t` lives in block `block_table[t / block_size]`
+//! at slot `t % block_size` (block tables are `[num_seqs, max_blocks]` u32, row stride
+//! `max_blocks`). `head_dim` must be a multiple of 8 and at most 256.
+//! Queries are `[tokens, q_heads, head_dim]` with token stride `q_stride` (so q can be
+//! a slice of a fused qkv projection); outputs `[tokens, q_heads, head_dim]`. GQA: q head
+//! `h` reads kv head `h / (q_heads / kv_heads)`.
+//!
+//! Design (flash-decoding, written for clarity over the last few percent): one block
+//! per (kv head, group of up to 8 q heads sharing it), so K/V are read once for the
+//! whole GQA group. In a warp, `D/8` lanes (rounded up to a power of two) hold one
+//! token's 16-byte chunks of K and V, so a warp works on `32 / lanes` tokens at once;
+//! q for the group is in registers, pre-scaled by `scale * log2(e)`, scores are reduced
+//! with shuffles inside each lane group, and each lane group keeps an online-softmax
+//! state (max, sum, 8 output dims per head) that is merged across groups with shuffles
+//! at the end (base-2 exponentials throughout).
+//! - `attn_decode_bf16`: one query per sequence. grid = (kv_heads * ceil(G / 8),
+//!   num_seqs, splits), block 128: split `z` covers tokens `[z * split_tokens, ...)`
+//!   (split-K), its 4 warps interleave over them and merge through shared memory. With
+//!   one split the output is written directly; otherwise unnormalised partials go to
+//!   `o_part[num_seqs, q_heads, splits, head_dim]` f32 and (max, sum) to
+//!   `ml_part[num_seqs, q_heads, splits, 2]`, and `attn_decode_combine_bf16`
+//!   (grid = (q_heads, num_seqs), block 128) merges them.
+//! - `attn_prefill_bf16`: causal attention for a chunk of new tokens per sequence (varlen:
+//!   sequence `s` has `q_lens[s]` queries starting at row `q_starts[s]`, the last of them
+//!   at position `ctx_lens[s] - 1`; their K/V must already be in the cache, see
+//!   `kv_cache_write_bf16`). grid = (kv_heads * ceil(G / 8), ceil(max_q_len / 4),
+//!   num_seqs), block 128, one query per warp.
+//! - `kv_cache_write_bf16`: scatter new K/V rows `[tokens, kv_heads, head_dim]` into
+//!   their cache slots (`slot = block * block_size + offset`, `u32::MAX` = skip).
+//!   grid.x = tokens, block 128.
+use crate::prims::*;
 
+const MAXG: u32 = 8;
+const MAXD: u32 = 256;
+const NEG_INF: f32 = -1.0 / 0.0;
+
+struct Geo {
+    kc: *const u16,
+    vc: *const u16,
+    table: *const u32,
+    kvh: u32,
+    kvh_idx: u32,
+    d: u32,
+    bs: u32,
+    g: u32, // q heads in this block's group (<= 8)
+    lpt: u32,
+    tpw: u32,
+    sub: u32,
+    tg: u32,
+    active: bool,
+}
+
+struct State {
+    m: [f32; 8],
+    l: [f32; 8],
+    acc: [[f32; 8]; 8],
+}
+
+#[inline(always)]
+fn next_pow2(x: u32) -> u32 {
+    let mut p = 1;
+    while p < x {
+        p <<= 1;
+    }
+    p
+}
+
+#[inline(always)]
+unsafe fn geo(
+    kc: *const Bf16,
+    vc: *const Bf16,
+    table: *const u32,
+    kvh: u32,
+    q_heads: u32,
+    d: u32,
+    bs: u32,
+) -> (Geo, u32) {
+    if d % 8 != 0 || d > MAXD || d == 0 {
+        trap();
+    }
+    let group = q_heads / kvh;
+    let gchunks = div_ceil(group, MAXG);
+    let kvh_idx = block_idx_x() / gchunks;
+    let h0_in_group = (block_idx_x() - kvh_idx * gchunks) * MAXG;
+    let g = umin(MAXG, group - h0_in_group);
+    let lpt = next_pow2(d / 8);
+    let lane = lane_id();
+    let sub = lane & (lpt - 1);
+    let h0 = kvh_idx * group + h0_in_group;
+    let geo = Geo {
+        kc: kc as *const u16,
+        vc: vc as *const u16,
+        table,
+        kvh,
+        kvh_idx,
+        d,
+        bs,
+        g,
+        lpt,
+        tpw: 32 / lpt,
+        sub,
+        tg: lane / lpt,
+        active: sub < d / 8,
+    };
+    (geo, h0)
+}
+
+/// The group's queries of one token, scaled, as this lane's 8-dim chunk.
+#[inline(always)]
+unsafe fn load_q(geo: &Geo, q: *const Bf16, h0: u32, scale: f32) -> [[f32; 8]; 8] {
+    let mut qr = [[0.0f32; 8]; 8];
+    if geo.active {
+        let s = scale * LOG2E;
+        unroll!(g in 0..8 => {
+            if (g as u32) < geo.g {
+                let p = q.add(((h0 + g as u32) * geo.d + geo.sub * 8) as usize);
+                unroll!(e in 0..8 => {
+                    qr[g][e] = (*p.add(e)).to_f32() * s;
+                });
+            }
+        });
+    }
+    qr
+}
+
+#[inline(always)]
+unsafe fn kv_row(geo: &Geo, cache: *const u16, t: u32) -> [f32; 8] {
+    let blk = *geo.table.add((t / geo.bs) as usize);
+    let slot = blk * geo.bs + t % geo.bs;
+    let p = cache.add(
+        ((slot as usize * geo.kvh as usize + geo.kvh_idx as usize) * geo.d as usize)
+            + (geo.sub * 8) as usize,
+    );
+    let v = ld_global_nc_v4(p as *const u32);
+    let mut r = [0.0f32; 8];
+    unroll!(i in 0..4 => {
+        let (a, b) = bf16x2_to_f32(v[i]);
+        r[2 * i] = a;
+        r[2 * i + 1] = b;
+    });
+    r
+}
+
+/// Online softmax over tokens `first + tg + k * step` below `end` (all lanes of the warp
+/// call it with the same `first`, `end`, `step`).
+#[inline(always)]
+unsafe fn warp_attend(
+    geo: &Geo,
+    qr: &[[f32; 8]; 8],
+    st: &mut State,
+    first: u32,
+    end: u32,
+    step: u32,
+) {
+    let mut base = first;
+    while base < end {
+        let t = base + geo.tg;
+        let valid = t < end;
+        let mut kr = [0.0f32; 8];
+        if valid && geo.active {
+            kr = kv_row(geo, geo.kc, t);
+        }
+        let mut s = [0.0f32; 8];
+        unroll!(g in 0..8 => {
+            if (g as u32) < geo.g {
+                let mut d = 0.0f32;
+                unroll!(e in 0..8 => {
+                    d = fma(qr[g][e], kr[e], d);
+                });
+                s[g] = group_sum(d, geo.lpt);
+            }
+        });
+        if valid {
+            let mut vr = [0.0f32; 8];
+            if geo.active {
+                vr = kv_row(geo, geo.vc, t);
+            }
+            unroll!(g in 0..8 => {
+                if (g as u32) < geo.g {
+                    let mn = fmax(st.m[g], s[g]);
+                    let alpha = exp2(st.m[g] - mn);
+                    let p = exp2(s[g] - mn);
+                    st.m[g] = mn;
+                    st.l[g] = fma(st.l[g], alpha, p);
+                    unroll!(e in 0..8 => {
+                        st.acc[g][e] = fma(st.acc[g][e], alpha, p * vr[e]);
+                    });
+                }
+            });
+        }
+        base += step;
+    }
+}
+
+#[inline(always)]
+fn merge_scale(m: f32, mn: f32) -> f32 {
+    if m == NEG_INF {
+        0.0
+    } else {
+        exp2(m - mn)
+    }
+}
+
+/// Merge the lane groups' states (lanes with the same `sub`); all lanes end up with it.
+#[inline(always)]
+fn warp_merge(geo: &Geo, st: &mut State) {
+    let mut off = geo.lpt;
+    while off < 32 {
+        unroll!(g in 0..8 => {
+            if (g as u32) < geo.g {
+                let mo = shfl_xor_f32(st.m[g], off);
+                let lo = shfl_xor_f32(st.l[g], off);
+                let mn = fmax(st.m[g], mo);
+                let a = merge_scale(st.m[g], mn);
+                let b = merge_scale(mo, mn);
+                st.m[g] = mn;
+                st.l[g] = st.l[g] * a + lo * b;
+                unroll!(e in 0..8 => {
+                    let ao = shfl_xor_f32(st.acc[g][e], off);
+                    st.acc[g][e] = st.acc[g][e] * a + ao * b;
+                });
+            }
+        });
+        off <<= 1;
+    }
+}
+
+#[inline(always)]
+fn new_state() -> State {
+    State {
+        m: [NEG_INF; 8],
+        l: [0.0; 8],
+        acc: [[0.0; 8]; 8],
+    }
+}
+
+#[inline(always)]
+fn normalise(acc: f32, l: f32) -> f32 {
+    if l > 0.0 {
+        acc / l
+    } else {
+        0.0
+    }
+}
+
+#[inline(always)]
+unsafe fn attn_decode(
+    out: *mut Bf16,
+    o_part: *mut f32,
+    ml_part: *mut f32,
+    q: *const Bf16,
+    kc: *const Bf16,
+    vc: *const Bf16,
+    tables: *const u32,
+    ctx_lens: *const u32,
+    q_heads: u32,
+    kvh: u32,
+    d: u32,
+    bs: u32,
+    max_blocks: u32,
+    q_stride: u32,
+    split_tokens: u32,
+    scale: f32,
+    smem: *mut f32,
+) {
+    let seq = block_idx_y();
+    let split = block_idx_z();
+    let splits = grid_dim_z();
+    let ctx = *ctx_lens.add(seq as usize);
+    let t0 = split * split_tokens;
+    if t0 >= ctx && split > 0 {
+        return; // empty split: the combine kernel does not read it (whole block leaves)
+    }
+    let t1 = umin(ctx, t0 + split_tokens);
+    let (geo, h0) = geo(
+        kc,
+        vc,
+        tables.add((seq * max_blocks) as usize),
+        kvh,
+        q_heads,
+        d,
+        bs,
+    );
+    let qr = load_q(&geo, q.add((seq * q_stride) as usize), h0, scale);
+    let mut st = new_state();
+    let nw = block_dim() / WARP;
+    let w = warp_id();
+    warp_attend(&geo, &qr, &mut st, t0 + w * geo.tpw, t1, nw * geo.tpw);
+    warp_merge(&geo, &mut st);
+    // cross-warp merge through shared memory: [warp][g][D] accumulators, then [warp][g][2]
+    let ml = smem.add((4 * MAXG * MAXD) as usize);
+    if geo.tg == 0 {
+        unroll!(g in 0..8 => {
+            if (g as u32) < geo.g {
+                let row = (w * MAXG + g as u32) as usize;
+                if geo.active {
+                    unroll!(e in 0..8 => {
+                        *smem.add(row * MAXD as usize + (geo.sub * 8) as usize + e) = st.acc[g][e];
+                    });
+                }
+                if geo.sub == 0 {
+                    *ml.add(row * 2) = st.m[g];
+                    *ml.add(row * 2 + 1) = st.l[g];
+                }
+            }
+        });
+    }
+    sync_threads();
+    let mut i = thread_idx();
+    while i < geo.g * d {
+        let g = i / d;
+        let e = i - g * d;
+        let mut mx = NEG_INF;
+        let mut ww = 0;
+        while ww < nw {
+            mx = fmax(mx, *ml.add(((ww * MAXG + g) * 2) as usize));
+            ww += 1;
+        }
+        let (mut l, mut o) = (0.0f32, 0.0f32);
+        let mut ww = 0;
+        while ww < nw {
+            let row = (ww * MAXG + g) as usize;
+            let a = merge_scale(*ml.add(row * 2), mx);
+            l += *ml.add(row * 2 + 1) * a;
+            o += *smem.add(row * MAXD as usize + e as usize) * a;
+            ww += 1;
+        }
+        let h = h0 + g;
+        if splits == 1 {
+            *out.add(((seq * q_heads + h) * d + e) as usize) = Bf16::from_f32(normalise(o, l));
+        } else {
+            let pi = ((seq * q_heads + h) * splits + split) as usize;
+            *o_part.add(pi * d as usize + e as usize) = o;
+            if e == 0 {
+                *ml_part.add(pi * 2) = mx;
+                *ml_part.add(pi * 2 + 1) = l;
+            }
+        }
+        i += block_dim();
+    }
+}
+
+#[inline(always)]
+unsafe fn attn_decode_combine(
+    out: *mut Bf16,
+    o_part: *const f32,
+    ml_part: *const f32,
+    ctx_lens: *const u32,
+    q_heads: u32,
+    d: u32,
+    splits: u32,
+    split_tokens: u32,
+) {
+    let h = block_idx_x();
+    let seq = block_idx_y();
+    let n = umax(
+        1,
+        umin(splits, div_ceil(*ctx_lens.add(seq as usize), split_tokens)),
+    );
+    let base = ((seq * q_heads + h) * splits) as usize;
+    let mut mx = NEG_INF;
+    let mut s = 0;
+    while s < n {
+        mx = fmax(mx, *ml_part.add((base + s as usize) * 2));
+        s += 1;
+    }
+    let mut e = thread_idx();
+    while e < d {
+        let (mut l, mut o) = (0.0f32, 0.0f32);
+        let mut s = 0;
+        while s < n {
+            let pi = base + s as usize;
+            let a = merge_scale(*ml_part.add(pi * 2), mx);
+            l += *ml_part.add(pi * 2 + 1) * a;
+            o += *o_part.add(pi * d as usize + e as usize) * a;
+            s += 1;
+        }
+        *out.add(((seq * q_heads + h) * d + e) as usize) = Bf16::from_f32(normalise(o, l));
+        e += block_dim();
+    }
+}
+
+#[inline(always)]
+unsafe fn attn_prefill(
+    out: *mut Bf16,
+    q: *const Bf16,
+    kc: *const Bf16,
+    vc: *const Bf16,
+    tables: *const u32,
+    ctx_lens: *const u32,
+    q_starts: *const u32,
+    q_lens: *const u32,
+    q_heads: u32,
+    kvh: u32,
+    d: u32,
+    bs: u32,
+    max_blocks: u32,
+    q_stride: u32,
+    scale: f32,
+) {
+    let seq = block_idx_z();
+    let qi = block_idx_y() * (block_dim() / WARP) + warp_id();
+    let qlen = *q_lens.add(seq as usize);
+    if qi >= qlen {
+        return; // whole warp; no block barriers in this kernel
+    }
+    let ctx = *ctx_lens.add(seq as usize);
+    let pos = ctx - qlen + qi;
+    let row = *q_starts.add(seq as usize) + qi;
+    let (geo, h0) = geo(
+        kc,
+        vc,
+        tables.add((seq * max_blocks) as usize),
+        kvh,
+        q_heads,
+        d,
+        bs,
+    );
+    let qr = load_q(&geo, q.add((row * q_stride) as usize), h0, scale);
+    let mut st = new_state();
+    warp_attend(&geo, &qr, &mut st, 0, pos + 1, geo.tpw);
+    warp_merge(&geo, &mut st);
+    if geo.tg == 0 && geo.active {
+        unroll!(g in 0..8 => {
+            if (g as u32) < geo.g {
+                let o = out.add(((row * q_heads + h0 + g as u32) * d + geo.sub * 8) as usize);
+                unroll!(e in 0..8 => {
+                    *o.add(e) = Bf16::from_f32(normalise(st.acc[g][e], st.l[g]));
+                });
+            }
+        });
+    }
+}
+
+kernels! {
+    /// Paged decode attention (one query per sequence), split-K; see the module comment.
+    pub fn attn_decode_bf16(
+        out: *mut Bf16, o_part: *mut f32, ml_part: *mut f32, q: *const Bf16,
+        k_cache: *const Bf16, v_cache: *const Bf16, block_tables: *const u32, ctx_lens: *const u32,
+        q_heads: u32, kv_heads: u32, head_dim: u32, block_size: u32, max_blocks: u32,
+        q_stride: u32, split_tokens: u32, scale: f32,
+    ) {
+        let smem = shared_bytes!(attn_smem, 33024) as *mut f32;
+        attn_decode(out, o_part, ml_part, q, k_cache, v_cache, block_tables, ctx_lens, q_heads, kv_heads,
+            head_dim, block_size, max_blocks, q_stride, split_tokens, scale, smem);
+    }
+    /// Merge the split-K partials of `attn_decode_bf16`. grid = (q_heads, num_seqs), block 128.
+    pub fn attn_decode_combine_bf16(
+        out: *mut Bf16, o_part: *const f32, ml_part: *const f32, ctx_lens: *const u32,
+        q_heads: u32, head_dim: u32, splits: u32, split_tokens: u32,
+    ) {
+        attn_decode_combine(out, o_part, ml_part, ctx_lens, q_heads, head_dim, splits, split_tokens);
+    }
+    /// Causal prefill attention over the paged cache (varlen batch); see the module comment.
+    pub fn attn_prefill_bf16(
+        out: *mut Bf16, q: *const Bf16, k_cache: *const Bf16, v_cache: *const Bf16,
+        block_tables: *const u32, ctx_lens: *const u32, q_starts: *const u32, q_lens: *const u32,
+        q_heads: u32, kv_heads: u32, head_dim: u32, block_size: u32, max_blocks: u32,
+        q_stride: u32, scale: f32,
+    ) {
+        attn_prefill(out, q, k_cache, v_cache, block_tables, ctx_lens, q_starts, q_lens, q_heads,
+            kv_heads, head_dim, block_size, max_blocks, q_stride, scale);
+    }
+    /// Write new K/V rows into their paged-cache slots. grid.x = tokens, block 128.
+    pub fn kv_cache_write_bf16(
+        k_cache: *mut Bf16, v_cache: *mut Bf16, k: *const Bf16, v: *const Bf16, slots: *const u32,
+        kv_heads: u32, head_dim: u32, k_stride: u32, v_stride: u32,
+    ) {
+        let t = block_idx_x();
+        let slot = *slots.add(t as usize);
+        if slot != U32_MAX {
+            let n = kv_heads * head_dim;
+            let (kd, vd) = (k_cache.add(slot as usize * n as usize), v_cache.add(slot as usize * n as usize));
+            let (ks, vs) = (k.add((t * k_stride) as usize), v.add((t * v_stride) as usize));
+            let mut i = thread_idx();
+            while i < n {
+                *kd.add(i as usize) = *ks.add(i as usize);
+                *vd.add(i as usize) = *vs.add(i as usize);
+                i += block_dim();
+            }
+        }
+    }
+}

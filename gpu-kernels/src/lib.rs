@@ -36,7 +36,8 @@
     clippy::approx_constant,
     clippy::excessive_precision,
     clippy::needless_range_loop,
-    clippy::while_let_loop
+    clippy::while_let_loop,
+    clippy::zero_ptr
 )]
 
 #[cfg(target_arch = "nvptx64")]

@@ -12,6 +12,10 @@ pub trait MetaSized: PointeeSized {}
 pub trait Sized: MetaSized {}
 #[lang = "freeze"]
 pub unsafe auto trait Freeze {}
+#[lang = "unsafe_unpin"]
+pub unsafe auto trait UnsafeUnpin {}
+#[lang = "unpin"]
+pub auto trait Unpin {}
 #[lang = "sync"]
 pub unsafe trait Sync {}
 #[lang = "clone"]

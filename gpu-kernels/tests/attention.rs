@@ -1,0 +1,318 @@
+//! Attention kernels under the emulator vs an f64 reference: paged decode (GQA, odd
+//! group sizes and head dims, split-K + combine), causal varlen prefill over the paged
+//! cache, and the KV cache write.
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+mod common;
+use common::*;
+use remp_gpu_kernels::attention::*;
+use remp_gpu_kernels::prims::{emu::launch, Bf16};
+
+struct Cache {
+    kvh: usize,
+    d: usize,
+    bs: usize,
+    max_blocks: usize,
+    k: ABuf<Bf16>,
+    v: ABuf<Bf16>,
+    tables: Vec<u32>,
+    kf: Vec<f32>,
+    vf: Vec<f32>,
+}
+
+impl Cache {
+    fn new(rng: &mut Rng, ctx: &[usize], kvh: usize, d: usize, bs: usize) -> Cache {
+        let max_blocks = ctx.iter().map(|c| c.div_ceil(bs)).max().unwrap().max(1);
+        let nblocks = ctx.len() * max_blocks + 3;
+        // random block ids, each used once
+        let mut ids: Vec<u32> = (0..nblocks as u32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, rng.range(0, i));
+        }
+        let tables = ids[..ctx.len() * max_blocks].to_vec();
+        let kf: Vec<f32> = rng
+            .vec_f32(nblocks * bs * kvh * d, 1.0)
+            .into_iter()
+            .map(rbf16)
+            .collect();
+        let vf: Vec<f32> = rng
+            .vec_f32(nblocks * bs * kvh * d, 1.0)
+            .into_iter()
+            .map(rbf16)
+            .collect();
+        Cache {
+            kvh,
+            d,
+            bs,
+            max_blocks,
+            k: ABuf::new(&to_bf16(&kf)),
+            v: ABuf::new(&to_bf16(&vf)),
+            tables,
+            kf,
+            vf,
+        }
+    }
+    fn at(&self, seq: usize, t: usize, h: usize) -> usize {
+        let blk = self.tables[seq * self.max_blocks + t / self.bs] as usize;
+        ((blk * self.bs + t % self.bs) * self.kvh + h) * self.d
+    }
+}
+
+/// softmax(q·K[0..n]ᵀ · scale) · V[0..n] for one query row of head h.
+fn attend_ref(
+    c: &Cache,
+    seq: usize,
+    q: &[f32],
+    h: usize,
+    group: usize,
+    n: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let kh = h / group;
+    let s: Vec<f64> = (0..n)
+        .map(|t| {
+            let k = &c.kf[c.at(seq, t, kh)..][..c.d];
+            q.iter()
+                .zip(k)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+                * scale as f64
+        })
+        .collect();
+    let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+    let p: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+    let z: f64 = p.iter().sum();
+    (0..c.d)
+        .map(|e| {
+            (0..n)
+                .map(|t| p[t] * c.vf[c.at(seq, t, kh) + e] as f64)
+                .sum::<f64>()
+                / z
+        })
+        .map(|x| rbf16(x as f32))
+        .collect()
+}
+
+#[test]
+fn paged_decode_gqa_split_k() {
+    let mut rng = Rng::new("attn_decode");
+    for _ in 0..3 {
+        let kvh = rng.range(1, 3);
+        let group = rng.pick(&[1usize, 2, 3, 5, 8, 10]);
+        let qh = kvh * group;
+        let d = rng.pick(&[8usize, 24, 64, 128]);
+        let bs = rng.pick(&[4usize, 16]);
+        let nseq = rng.range(1, 2);
+        let ctx: Vec<usize> = (0..nseq).map(|_| rng.range(1, 70)).collect();
+        let split_tokens = rng.pick(&[8usize, 32, 4096]);
+        let splits = ctx.iter().max().unwrap().div_ceil(split_tokens);
+        let c = Cache::new(&mut rng, &ctx, kvh, d, bs);
+        let q_stride = qh * d + rng.pick(&[0usize, 8]);
+        let qf: Vec<f32> = rng
+            .vec_f32(nseq * q_stride, 1.0)
+            .into_iter()
+            .map(rbf16)
+            .collect();
+        let qb = ABuf::new(&to_bf16(&qf));
+        let scale = 1.0 / (d as f32).sqrt();
+        let out = ABuf::new(&to_bf16(&vec![f32::NAN; nseq * qh * d]));
+        let o_part = ABuf::new(&vec![f32::NAN; nseq * qh * splits * d]);
+        let ml_part = ABuf::new(&vec![f32::NAN; nseq * qh * splits * 2]);
+        let ctx32: Vec<u32> = ctx.iter().map(|&x| x as u32).collect();
+        let (op, pp, mp, qp) = (
+            out.ptr(),
+            o_part.ptr(),
+            ml_part.ptr(),
+            qb.ptr() as *const Bf16,
+        );
+        let (kp, vp, tp, cp) = (
+            c.k.ptr() as *const Bf16,
+            c.v.ptr() as *const Bf16,
+            c.tables.as_ptr(),
+            ctx32.as_ptr(),
+        );
+        let gchunks = group.div_ceil(8) as u32;
+        unsafe {
+            launch(
+                [kvh as u32 * gchunks, nseq as u32, splits as u32],
+                128,
+                || {
+                    attn_decode_bf16(
+                        op,
+                        pp,
+                        mp,
+                        qp,
+                        kp,
+                        vp,
+                        tp,
+                        cp,
+                        qh as u32,
+                        kvh as u32,
+                        d as u32,
+                        bs as u32,
+                        c.max_blocks as u32,
+                        q_stride as u32,
+                        split_tokens as u32,
+                        scale,
+                    )
+                },
+            );
+            if splits > 1 {
+                launch([qh as u32, nseq as u32, 1], 128, || {
+                    attn_decode_combine_bf16(
+                        op,
+                        pp,
+                        mp,
+                        cp,
+                        qh as u32,
+                        d as u32,
+                        splits as u32,
+                        split_tokens as u32,
+                    )
+                });
+            }
+        }
+        let mut want = vec![];
+        for s in 0..nseq {
+            for h in 0..qh {
+                want.extend(attend_ref(
+                    &c,
+                    s,
+                    &qf[s * q_stride + h * d..][..d],
+                    h,
+                    group,
+                    ctx[s],
+                    scale,
+                ));
+            }
+        }
+        let what = format!(
+            "decode kvh {kvh} group {group} d {d} bs {bs} ctx {ctx:?} split {split_tokens}"
+        );
+        assert_close(&what, &from_bf16(&out.to_vec()), &want, 4e-3, 1.6e-2);
+    }
+}
+
+#[test]
+fn causal_prefill_varlen_with_cache_write() {
+    let mut rng = Rng::new("attn_prefill");
+    for _ in 0..2 {
+        let kvh = rng.range(1, 3);
+        let group = rng.pick(&[1usize, 3, 4, 9]);
+        let qh = kvh * group;
+        let d = rng.pick(&[16usize, 40, 64]);
+        let bs = rng.pick(&[4usize, 16]);
+        let nseq = rng.range(1, 2);
+        let qlen: Vec<usize> = (0..nseq).map(|_| rng.range(1, 9)).collect();
+        let ctx: Vec<usize> = qlen.iter().map(|&q| q + rng.range(0, 20)).collect();
+        let mut c = Cache::new(&mut rng, &ctx, kvh, d, bs);
+        // the new tokens' K/V come from a fused qkv buffer and are scattered by the kernel
+        let stride = (qh + 2 * kvh) * d;
+        let tokens: usize = qlen.iter().sum();
+        let qkv: Vec<f32> = rng
+            .vec_f32(tokens * stride, 1.0)
+            .into_iter()
+            .map(rbf16)
+            .collect();
+        let qkvb = ABuf::new(&to_bf16(&qkv));
+        let mut slots = vec![];
+        let mut starts = vec![];
+        let mut row = 0;
+        for s in 0..nseq {
+            starts.push(row as u32);
+            for i in 0..qlen[s] {
+                let t = ctx[s] - qlen[s] + i;
+                let blk = c.tables[s * c.max_blocks + t / bs] as usize;
+                slots.push((blk * bs + t % bs) as u32);
+                // mirror into the reference cache
+                let base = c.at(s, t, 0);
+                for h in 0..kvh {
+                    for e in 0..d {
+                        c.kf[base + h * d + e] = qkv[(row + i) * stride + qh * d + h * d + e];
+                        c.vf[base + h * d + e] =
+                            qkv[(row + i) * stride + (qh + kvh) * d + h * d + e];
+                    }
+                }
+            }
+            row += qlen[s];
+        }
+        slots.push(u32::MAX); // a padding row that must be skipped
+        let qp = qkvb.ptr() as *const Bf16;
+        let (kp, vp, sp) = (c.k.ptr(), c.v.ptr(), slots.as_ptr());
+        unsafe {
+            launch([tokens as u32 + 1, 1, 1], 64, || {
+                kv_cache_write_bf16(
+                    kp,
+                    vp,
+                    qp.add(qh * d),
+                    qp.add((qh + kvh) * d),
+                    sp,
+                    kvh as u32,
+                    d as u32,
+                    stride as u32,
+                    stride as u32,
+                )
+            });
+        }
+        assert_eq!(from_bf16(&c.k.to_vec()), c.kf, "kv_cache_write K");
+        assert_eq!(from_bf16(&c.v.to_vec()), c.vf, "kv_cache_write V");
+        let out = ABuf::new(&to_bf16(&vec![f32::NAN; tokens * qh * d]));
+        let scale = 1.0 / (d as f32).sqrt();
+        let ctx32: Vec<u32> = ctx.iter().map(|&x| x as u32).collect();
+        let qlen32: Vec<u32> = qlen.iter().map(|&x| x as u32).collect();
+        let gchunks = group.div_ceil(8) as u32;
+        let maxq = *qlen.iter().max().unwrap() as u32;
+        let (op, tp, cp, stp, qlp) = (
+            out.ptr(),
+            c.tables.as_ptr(),
+            ctx32.as_ptr(),
+            starts.as_ptr(),
+            qlen32.as_ptr(),
+        );
+        unsafe {
+            launch(
+                [kvh as u32 * gchunks, maxq.div_ceil(4), nseq as u32],
+                128,
+                || {
+                    attn_prefill_bf16(
+                        op,
+                        qp,
+                        kp,
+                        vp,
+                        tp,
+                        cp,
+                        stp,
+                        qlp,
+                        qh as u32,
+                        kvh as u32,
+                        d as u32,
+                        bs as u32,
+                        c.max_blocks as u32,
+                        stride as u32,
+                        scale,
+                    )
+                },
+            );
+        }
+        let mut want = vec![];
+        for s in 0..nseq {
+            for i in 0..qlen[s] {
+                let r = starts[s] as usize + i;
+                for h in 0..qh {
+                    let n = ctx[s] - qlen[s] + i + 1;
+                    want.extend(attend_ref(
+                        &c,
+                        s,
+                        &qkv[r * stride + h * d..][..d],
+                        h,
+                        group,
+                        n,
+                        scale,
+                    ));
+                }
+            }
+        }
+        let what =
+            format!("prefill kvh {kvh} group {group} d {d} bs {bs} qlen {qlen:?} ctx {ctx:?}");
+        assert_close(&what, &from_bf16(&out.to_vec()), &want, 4e-3, 1.6e-2);
+    }
+}
