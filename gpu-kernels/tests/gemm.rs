@@ -33,12 +33,12 @@ fn case(rng: &mut Rng, m: usize, n: usize, k: usize, ldx: usize) -> Case {
         x: r(rng.vec_f32(m * ldx, 1.0)),
         w: r(rng.vec_f32(n * k, 0.5)),
         w2: r(rng.vec_f32(n * k, 0.5)),
-        bias: if rng.next() % 2 == 0 {
+        bias: if rng.next().is_multiple_of(2) {
             Some(r(rng.vec_f32(n, 1.0)))
         } else {
             None
         },
-        res: if rng.next() % 2 == 0 {
+        res: if rng.next().is_multiple_of(2) {
             Some(r(rng.vec_f32(m * ldy, 2.0)))
         } else {
             None
