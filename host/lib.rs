@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod kernels;
 pub mod model;
 pub mod parallel;
 pub mod reshard;

@@ -3,7 +3,10 @@
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use remp::model::Model;
-use remp::parallel::Topology;
+use remp::parallel::{Placement, Topology};
+use remp::reshard::bench::{copy_bandwidth, plot_svg, run_mode, BenchConfig, Mode};
+use remp::reshard::executor::ReconfigEvent;
+use remp::reshard::planner::plan_topology;
 use remp::runtime::{Engine, EngineConfig, Request, Sampling};
 use remp::{Error, Result};
 use serde_json::json;
@@ -26,6 +29,49 @@ struct Cli {
 enum Cmd {
     /// Generate continuations of one or more prompts, batched together.
     Generate(GenerateArgs),
+    /// Show the reshard plan between two topologies: assignment, transfers, totals.
+    Plan(PlanArgs),
+    /// Compare online, stop-the-world and restart switches on the same workload.
+    BenchReconfig(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// Checkpoint directory (default: the built-in random tiny model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    from: String,
+    #[arg(long)]
+    to: String,
+    /// Workers available (default: the larger world size).
+    #[arg(long)]
+    workers: Option<usize>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Checkpoint directory (default: a built-in random model of about 111M parameters).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value = "tp2pp2")]
+    from: String,
+    #[arg(long, default_value = "tp4pp1")]
+    to: String,
+    /// Live requests decoding during the switch.
+    #[arg(long, default_value_t = 8)]
+    requests: usize,
+    /// Segments (layers) in flight during the online switch.
+    #[arg(long, default_value_t = 2)]
+    window: usize,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Write an SVG of step latency over time with the switch windows marked.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -66,12 +112,16 @@ struct GenerateArgs {
     /// Device: cpu.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Switch topology when decode step STEP begins, e.g. `8:tp4pp1` (repeatable).
+    #[arg(long = "reconfigure")]
+    reconfigure: Vec<String>,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
 }
 
 fn main() -> ExitCode {
+    remp::runtime::tune_allocator();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
@@ -80,6 +130,8 @@ fn main() -> ExitCode {
     let sub = matches.subcommand().map(|(_, m)| m.clone());
     let res = match cli.cmd {
         Cmd::Generate(a) => generate(a, sub.as_ref()),
+        Cmd::Plan(a) => plan(a),
+        Cmd::BenchReconfig(a) => bench_reconfig(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -170,8 +222,28 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
     let model = load_model(&a.model, a.json)?;
     let topo = Topology::new(a.tp, a.pp);
     topo.validate(&model.config)?;
+    let mut switches = Vec::new();
+    for r in &a.reconfigure {
+        let (step, t) = r
+            .split_once(':')
+            .ok_or_else(|| Error::Request(format!("--reconfigure `{r}`: expected STEP:tpXppY")))?;
+        let step: u64 = step
+            .trim()
+            .parse()
+            .map_err(|_| Error::Request(format!("--reconfigure `{r}`: `{step}` is not a step")))?;
+        let t: Topology = t.parse()?;
+        t.validate(&model.config)?;
+        switches.push((step, t));
+    }
+    switches.sort_by_key(|s| s.0);
     let mut econf = EngineConfig::new(topo);
     econf.kv_blocks = a.kv_blocks;
+    econf.workers = Some(
+        switches
+            .iter()
+            .map(|s| s.1.world_size())
+            .fold(topo.world_size(), usize::max),
+    );
     let mut engine = Engine::new(&model, econf)?;
 
     let mut ids = Vec::new();
@@ -203,8 +275,28 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
     }
 
     let t0 = Instant::now();
-    engine.run_to_completion()?;
+    let mut next_switch = 0;
+    // (from, to, requested step, event count before it)
+    let mut asked: Vec<(String, Topology, u64)> = Vec::new();
+    let mut ends: Vec<f64> = Vec::new();
+    while engine.has_work() || engine.reconfig_in_progress() {
+        if let Some(&(at, t)) = switches.get(next_switch) {
+            // Requested when that step begins; a switch still running defers the next.
+            if engine.steps() >= at && !engine.reconfig_in_progress() {
+                asked.push((engine.topology_name(), t, engine.steps()));
+                engine.reconfigure(t)?;
+                next_switch += 1;
+            }
+        }
+        engine.step()?;
+        ends.push(t0.elapsed().as_secs_f64() * 1e3);
+        if !engine.has_work() && next_switch < switches.len() && !engine.reconfig_in_progress() {
+            // Requests finished before the remaining switch steps: skip them.
+            break;
+        }
+    }
     let elapsed_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let reconfigs = reconfig_report(&mut engine, &asked, &ends);
 
     let mut reqs = Vec::new();
     for id in &ids {
@@ -227,9 +319,24 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
             "requests": reqs,
             "steps": engine.steps(),
             "elapsed_ms": elapsed_ms,
+            "reconfigurations": reconfigs,
         });
         println!("{doc}");
     } else {
+        for r in &reconfigs {
+            eprintln!(
+                "switch {} -> {}: steps {} -> {}, {:.1} ms, {} bytes moved, peak extra {} bytes, max gap {:.1} ms (median step {:.1} ms)",
+                r["from"].as_str().unwrap_or(""),
+                r["to"].as_str().unwrap_or(""),
+                r["requested_at_step"],
+                r["completed_at_step"],
+                r["total_ms"].as_f64().unwrap_or(0.0),
+                r["bytes_moved"],
+                r["peak_extra_bytes"],
+                r["max_step_gap_ms"].as_f64().unwrap_or(0.0),
+                r["median_step_ms"].as_f64().unwrap_or(0.0),
+            );
+        }
         for (i, r) in reqs.iter().enumerate() {
             println!("[{i}] {}", r["text"].as_str().unwrap_or(""));
         }
@@ -244,6 +351,166 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
             reqs.len(),
             engine.steps(),
             toks as f64 / (elapsed_ms / 1e3)
+        );
+    }
+    Ok(())
+}
+
+/// One JSON record per switch, from the engine's events and the step end times.
+fn reconfig_report(
+    engine: &mut Engine,
+    asked: &[(String, Topology, u64)],
+    ends: &[f64],
+) -> Vec<serde_json::Value> {
+    let finished: Vec<(u64, f64, u64, u64)> = engine
+        .reconfig_events()
+        .iter()
+        .filter_map(|e| match e {
+            ReconfigEvent::Finished {
+                step,
+                total_ms,
+                bytes_moved,
+                peak_extra_bytes,
+                ..
+            } => Some((*step, *total_ms, *bytes_moved, *peak_extra_bytes)),
+            _ => None,
+        })
+        .collect();
+    let gaps: Vec<f64> = ends.windows(2).map(|w| w[1] - w[0]).collect();
+    let mut out = Vec::new();
+    for (i, (from, to, at)) in asked.iter().enumerate() {
+        let Some(&(done, total_ms, bytes, peak)) = finished.get(i) else {
+            continue;
+        };
+        // Gaps that end in steps at..=done+1 (gap k ends at step k+1).
+        let (lo, hi) = (
+            (*at as usize).saturating_sub(1),
+            (done as usize + 1).min(gaps.len()),
+        );
+        let max_gap = gaps
+            .get(lo..hi.max(lo))
+            .unwrap_or(&[])
+            .iter()
+            .copied()
+            .fold(0.0, f64::max);
+        let mut outside: Vec<f64> = gaps
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| *k < lo || *k >= hi)
+            .map(|(_, g)| *g)
+            .collect();
+        outside.sort_by(|a, b| a.total_cmp(b));
+        let median = outside.get(outside.len() / 2).copied().unwrap_or(0.0);
+        out.push(json!({
+            "from": from,
+            "to": to.to_string(),
+            "requested_at_step": at,
+            "completed_at_step": done,
+            "total_ms": total_ms,
+            "bytes_moved": bytes,
+            "peak_extra_bytes": peak,
+            "max_step_gap_ms": max_gap,
+            "median_step_ms": median,
+        }));
+    }
+    out
+}
+
+fn plan(a: PlanArgs) -> Result<()> {
+    let model = load_model(&a.model, true)?;
+    let cfg = &model.config;
+    let from: Topology = a.from.parse()?;
+    let to: Topology = a.to.parse()?;
+    from.validate(cfg)?;
+    to.validate(cfg)?;
+    let workers = a.workers.unwrap_or(from.world_size().max(to.world_size()));
+    let current = Placement::static_topology(from, cfg)?;
+    let (_, p) = plan_topology(cfg, &current, to, workers, &vec![0; cfg.num_layers])?;
+    if a.json {
+        println!("{}", p.to_json());
+    } else {
+        print!("{p}");
+    }
+    Ok(())
+}
+
+fn bench_reconfig(a: BenchArgs) -> Result<()> {
+    let model = match &a.model {
+        Some(d) => load_model(&Some(d.clone()), a.json)?,
+        None => Model::random_bench(),
+    };
+    let from: Topology = a.from.parse()?;
+    let to: Topology = a.to.parse()?;
+    from.validate(&model.config)?;
+    to.validate(&model.config)?;
+    if a.requests == 0 {
+        return Err(Error::Request("--requests must be at least 1".into()));
+    }
+    let mut bc = BenchConfig::new(from, to);
+    bc.requests = a.requests;
+    bc.window = a.window.max(1);
+    let bw = copy_bandwidth();
+    if !a.json {
+        eprintln!(
+            "{} ({:.0}M parameters), {} requests, {from} -> {to}; copy bandwidth {:.1} GB/s",
+            model.name,
+            model.config.num_params() as f64 / 1e6,
+            bc.requests,
+            bw / 1e9
+        );
+    }
+    let mut runs = Vec::new();
+    for mode in [Mode::Online, Mode::StopTheWorld, Mode::Restart] {
+        if !a.json {
+            eprintln!("running {} ...", mode.name());
+        }
+        runs.push(run_mode(&model, &bc, mode, bw)?);
+    }
+    if let Some(path) = &a.plot {
+        std::fs::write(path, plot_svg(&runs)).map_err(|e| Error::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+    }
+    if a.json {
+        let doc = json!({
+            "online": runs[0].to_json(),
+            "stop_the_world": runs[1].to_json(),
+            "restart": runs[2].to_json(),
+        });
+        println!("{doc}");
+    } else {
+        println!(
+            "{:<15} {:>9} {:>10} {:>11} {:>10} {:>10} {:>12} {:>12}",
+            "mode",
+            "stall_ms",
+            "max_gap_ms",
+            "median_step",
+            "total_ms",
+            "floor_ms",
+            "bytes_moved",
+            "peak_extra"
+        );
+        for r in &runs {
+            println!(
+                "{:<15} {:>9.1} {:>10.1} {:>11.1} {:>10.1} {:>10.1} {:>12} {:>12}",
+                r.mode.name(),
+                r.stall_ms,
+                r.max_gap_ms,
+                r.median_step_ms,
+                r.total_ms,
+                r.transfer_floor_ms,
+                r.bytes_moved,
+                r.peak_extra_bytes
+            );
+        }
+        let (on, stw, rs) = (&runs[0], &runs[1], &runs[2]);
+        println!(
+            "online max_gap / median_step = {:.2}; stop-the-world stall / online stall = {:.1}; restart max_gap / online max_gap = {:.1}; online total / max(floor, step) = {:.2}",
+            on.max_gap_ms / on.median_step_ms.max(1e-9),
+            stw.stall_ms / on.stall_ms.max(1e-9),
+            rs.max_gap_ms / on.max_gap_ms.max(1e-9),
+            on.total_ms / on.transfer_floor_ms.max(on.median_step_ms).max(1e-9)
         );
     }
     Ok(())

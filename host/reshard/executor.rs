@@ -48,6 +48,7 @@ pub struct SegmentJob {
     pub snapshot: Vec<SnapSeq>,
     /// Injected failure (tests): this worker's copy thread fails the job.
     pub fail_on: Option<WorkerId>,
+    registered: Instant,
     remaining: AtomicUsize,
     failed: AtomicBool,
 }
@@ -82,6 +83,8 @@ pub enum ReconfigEvent {
     },
     SegmentReady {
         segment: Segment,
+        /// From the segment's registration until its last copy finished.
+        copy_ms: f64,
     },
     Flipped {
         segment: Segment,
@@ -253,6 +256,7 @@ impl Controller {
                 job: a.job,
                 fail_on: a.fail_at.filter(|(s, _)| *s == seg).map(|(_, w)| w),
                 snapshot,
+                registered: Instant::now(),
                 remaining: AtomicUsize::new(0),
                 failed: AtomicBool::new(false),
                 plan,
@@ -302,7 +306,10 @@ impl Controller {
         let seg = job.plan.segment;
         if a.aborted.is_none() {
             let _ = self.live.set_ready(seg);
-            self.emit(ReconfigEvent::SegmentReady { segment: seg });
+            self.emit(ReconfigEvent::SegmentReady {
+                segment: seg,
+                copy_ms: job.registered.elapsed().as_secs_f64() * 1e3,
+            });
             return;
         }
         // Aborting: once no copy of this switch is still running, withdraw what has not
@@ -381,6 +388,31 @@ fn insert(data: &mut [f32], held: &Region, region: &Region, src: &[f32]) -> Resu
         data[at..at + n].copy_from_slice(&src[i * n..(i + 1) * n]);
     }
     Ok(())
+}
+
+/// Whether `me`'s new shard of `k` arrives as a single piece covering all of `region`.
+fn whole_piece(p: &SegmentPlan, me: WorkerId, k: TensorKind, region: &Region) -> bool {
+    let mut pieces = p
+        .transfers
+        .iter()
+        .filter(|t| t.dst == me && t.item == Item::Weight(k));
+    matches!((pieces.next(), pieces.next()), (Some(t), None) if t.region == *region)
+}
+
+/// Copies `region` from a buffer holding `src_held` into one holding `dst_held`.
+fn copy_region(
+    src: &[f32],
+    src_held: &Region,
+    dst: &mut [f32],
+    dst_held: &Region,
+    region: &Region,
+) {
+    let (sw, dw, n) = (src_held.cols.len(), dst_held.cols.len(), region.cols.len());
+    for r in region.rows.clone() {
+        let s = (r - src_held.rows.start) * sw + (region.cols.start - src_held.cols.start);
+        let d = (r - dst_held.rows.start) * dw + (region.cols.start - dst_held.cols.start);
+        dst[d..d + n].copy_from_slice(&src[s..s + n]);
+    }
 }
 
 /// A worker's copy thread.
@@ -477,10 +509,15 @@ impl CopyWorker {
         let mut kept_kv: Option<Arc<std::sync::Mutex<LayerKv>>> = None;
         if let Some(j) = new_idx {
             if !keep {
+                // A tensor that arrives as one piece covering its whole new region is
+                // built from that piece directly (the received buffer, or one copy out of
+                // the old buffer); the others get a zeroed buffer filled piece by piece.
                 for k in segment_tensors(cfg, seg) {
-                    let n = k.region(cfg, p.new_group.len(), j).len();
-                    self.mem.meter.alloc(n * 4);
-                    fresh.insert(k, vec![0.0; n]);
+                    let region = k.region(cfg, p.new_group.len(), j);
+                    self.mem.meter.alloc(region.len() * 4);
+                    if !whole_piece(p, me, k, &region) {
+                        fresh.insert(k, vec![0.0; region.len()]);
+                    }
                 }
             }
             if let Segment::Layer(_) = seg {
@@ -539,14 +576,26 @@ impl CopyWorker {
         for t in p.transfers.iter().filter(|t| t.src == me && t.dst != me) {
             self.comm.send(t.dst.0, tag, piece(t)?)?;
         }
-        let mut place = |t: &Transfer, data: Vec<f32>| -> Result<()> {
+        let place = |fresh: &mut HashMap<TensorKind, Vec<f32>>,
+                     fresh_kv: &mut Option<LayerKv>,
+                     t: &Transfer,
+                     data: Vec<f32>|
+         -> Result<()> {
             match t.item {
                 Item::Weight(k) => {
                     if keep {
                         return Ok(());
                     }
-                    let buf = fresh.get_mut(&k).ok_or_else(|| self.err("no buffer"))?;
-                    insert(buf, &new_region(k)?, &t.region, &data)
+                    match fresh.get_mut(&k) {
+                        Some(buf) => insert(buf, &new_region(k)?, &t.region, &data),
+                        None => {
+                            if data.len() != t.region.len() {
+                                return Err(self.err("piece size mismatch"));
+                            }
+                            fresh.insert(k, data);
+                            Ok(())
+                        }
+                    }
                 }
                 Item::Kv(_) => match fresh_kv.as_mut() {
                     Some(kv) => unpack_kv(kv, t, &data),
@@ -560,14 +609,31 @@ impl CopyWorker {
                 Item::Weight(_) => keep,
                 Item::Kv(_) => kv_kept,
             };
-            if !kept {
-                let data = piece(t)?;
-                place(t, data)?;
+            if kept {
+                continue;
+            }
+            match t.item {
+                Item::Weight(k) => {
+                    // Straight from the old buffer into the new one: one copy.
+                    let c = cur.as_ref().ok_or_else(|| self.err("no shard"))?;
+                    match fresh.get_mut(&k) {
+                        Some(buf) => {
+                            copy_region(c.get(k)?, &old_region(k)?, buf, &new_region(k)?, &t.region)
+                        }
+                        None => {
+                            fresh.insert(k, extract(c.get(k)?, &old_region(k)?, &t.region));
+                        }
+                    }
+                }
+                Item::Kv(_) => {
+                    let data = piece(t)?;
+                    place(&mut fresh, &mut fresh_kv, t, data)?;
+                }
             }
         }
         for t in p.transfers.iter().filter(|t| t.dst == me && t.src != me) {
             let data = self.comm.recv(t.src.0, tag)?;
-            place(t, data)?;
+            place(&mut fresh, &mut fresh_kv, t, data)?;
         }
 
         // 3. Stage for the flip.

@@ -1,0 +1,294 @@
+//! The reconfiguration benchmark behind `remp bench-reconfig`: the same workload (a few
+//! live requests decoding) switched from one topology to another three ways on the same
+//! engine code — online (this crate's point), stop-the-world (pause, reshard in memory,
+//! resume) and restart (tear down, reload, re-prefill) — with the step timeline of each.
+//!
+//! A token is emitted at the end of every step, so the gaps between step ends are what a
+//! client sees. `median_step_ms` is the median gap before the switch; `max_gap_ms` the
+//! largest gap from the switch request until one step after it completed; `stall_ms` is
+//! `max_gap_ms - median_step_ms`, clamped at 0. The transfer floor is the bytes through
+//! the busiest worker divided by the single-thread copy bandwidth measured in the same
+//! run: no switch can move its data faster than its busiest worker copies it.
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::parallel::Topology;
+use crate::reshard::executor::ReconfigEvent;
+use crate::runtime::{Engine, EngineConfig, Request};
+use serde_json::{json, Value};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Online,
+    StopTheWorld,
+    Restart,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Online => "online",
+            Mode::StopTheWorld => "stop_the_world",
+            Mode::Restart => "restart",
+        }
+    }
+}
+
+/// One mode's figures.
+#[derive(Debug, Clone)]
+pub struct SwitchMetrics {
+    pub mode: Mode,
+    pub stall_ms: f64,
+    pub max_gap_ms: f64,
+    pub median_step_ms: f64,
+    pub total_ms: f64,
+    pub transfer_floor_ms: f64,
+    pub bytes_moved: u64,
+    pub peak_extra_bytes: u64,
+    /// (time since the run started, gap since the previous token) per step, in ms.
+    pub timeline: Vec<(f64, f64)>,
+    /// Switch window on the timeline (ms): request to completion.
+    pub window_ms: (f64, f64),
+}
+
+impl SwitchMetrics {
+    pub fn to_json(&self) -> Value {
+        json!({
+            "stall_ms": self.stall_ms,
+            "max_gap_ms": self.max_gap_ms,
+            "median_step_ms": self.median_step_ms,
+            "total_ms": self.total_ms,
+            "transfer_floor_ms": self.transfer_floor_ms,
+            "bytes_moved": self.bytes_moved,
+            "peak_extra_bytes": self.peak_extra_bytes,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub from: Topology,
+    pub to: Topology,
+    pub requests: usize,
+    pub prompt_len: usize,
+    /// Steps decoded before the switch (the steady-state baseline).
+    pub warmup_steps: usize,
+    /// Steps decoded after the switch completed.
+    pub after_steps: usize,
+    /// Layers in flight for the online switch.
+    pub window: usize,
+}
+
+impl BenchConfig {
+    pub fn new(from: Topology, to: Topology) -> Self {
+        BenchConfig {
+            from,
+            to,
+            requests: 8,
+            prompt_len: 32,
+            warmup_steps: 12,
+            after_steps: 6,
+            window: 2,
+        }
+    }
+}
+
+/// Single-thread memcpy bandwidth in bytes per second (best of a few 64 MiB copies).
+pub fn copy_bandwidth() -> f64 {
+    let n = 16 << 20; // f32 elements: 64 MiB
+    let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let mut dst = vec![0.0f32; n];
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        best = best.min(t.elapsed().as_secs_f64());
+        std::hint::black_box(&dst);
+    }
+    (n * 4) as f64 / best
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Runs one mode on a fresh engine and measures it.
+pub fn run_mode(
+    model: &Model,
+    bc: &BenchConfig,
+    mode: Mode,
+    copy_bw: f64,
+) -> Result<SwitchMetrics> {
+    let cfg = &model.config;
+    let max_new = bc.warmup_steps + bc.after_steps + 200;
+    let per_seq = (bc.prompt_len + max_new).div_ceil(16);
+    let mut econf = EngineConfig::new(bc.from);
+    econf.workers = Some(bc.from.world_size().max(bc.to.world_size()));
+    econf.kv_blocks = per_seq * bc.requests;
+    let mut engine = Engine::new(model, econf)?;
+    for r in 0..bc.requests {
+        let prompt: Vec<u32> = (0..bc.prompt_len)
+            .map(|i| ((r * 131 + i * 17 + 3) % cfg.vocab_size) as u32)
+            .collect();
+        let mut req = Request::greedy(prompt, max_new);
+        req.ignore_eos = true;
+        engine.add_request(req)?;
+    }
+    let t0 = Instant::now();
+    let ms = |t: Instant| t.duration_since(t0).as_secs_f64() * 1e3;
+    let mut ends = vec![0.0f64];
+    engine.step()?; // prefill; its end is the first token
+    ends[0] = ms(Instant::now());
+    for _ in 0..bc.warmup_steps {
+        engine.step()?;
+        ends.push(ms(Instant::now()));
+    }
+    let (_, plan) = engine.plan_reconfigure(bc.to)?;
+    let floor_ms = plan.busiest_worker_bytes as f64 / copy_bw * 1e3;
+    let switch_at = ends.len();
+    let req_t = Instant::now();
+    let (mut bytes_moved, mut peak_extra, mut total_ms) = (0u64, 0u64, 0.0f64);
+    match mode {
+        Mode::Online => {
+            engine.reconfigure_with(
+                bc.to,
+                &crate::reshard::executor::ReconfigOptions {
+                    window: bc.window,
+                    fail_at: None,
+                },
+            )?;
+            while engine.reconfig_in_progress() {
+                engine.step()?;
+                ends.push(ms(Instant::now()));
+                if ends.len() > switch_at + 10_000 {
+                    return Err(Error::Reconfig("online switch does not finish".into()));
+                }
+            }
+        }
+        Mode::StopTheWorld => engine.reconfigure_stop_the_world(bc.to)?,
+        Mode::Restart => {
+            engine.restart(bc.to)?;
+            // The first step after a restart re-prefills every live request.
+            engine.step()?;
+            ends.push(ms(Instant::now()));
+            total_ms = req_t.elapsed().as_secs_f64() * 1e3;
+            bytes_moved = (cfg.num_params() * 4) as u64;
+        }
+    }
+    let done_t = ms(Instant::now());
+    for e in engine.reconfig_events() {
+        match e {
+            ReconfigEvent::Finished {
+                total_ms: t,
+                bytes_moved: b,
+                peak_extra_bytes: p,
+                ..
+            } => {
+                total_ms = *t;
+                bytes_moved = *b;
+                peak_extra = *p;
+            }
+            ReconfigEvent::Aborted { error, .. } => {
+                return Err(Error::Reconfig(format!(
+                    "{} switch aborted: {error}",
+                    mode.name()
+                )))
+            }
+            _ => {}
+        }
+    }
+    if mode == Mode::StopTheWorld {
+        total_ms = req_t.elapsed().as_secs_f64() * 1e3;
+    }
+    if engine.topology_name() != bc.to.to_string() {
+        return Err(Error::Reconfig(format!(
+            "{} ended on {}, not {}",
+            mode.name(),
+            engine.topology_name(),
+            bc.to
+        )));
+    }
+    let last_switch_step = ends.len();
+    for _ in 0..bc.after_steps {
+        engine.step()?;
+        ends.push(ms(Instant::now()));
+    }
+    let gaps: Vec<f64> = ends.windows(2).map(|w| w[1] - w[0]).collect();
+    // Steady state: decode steps before the switch (the first gap follows the prefill).
+    let mut steady: Vec<f64> = gaps[1..switch_at - 1].to_vec();
+    let median_step_ms = median(&mut steady);
+    // Gaps from the last token before the request to one step after completion.
+    let hi = (last_switch_step).min(gaps.len());
+    let max_gap_ms = gaps[switch_at - 1..hi.max(switch_at)]
+        .iter()
+        .copied()
+        .fold(0.0, f64::max);
+    let timeline = ends
+        .iter()
+        .zip(std::iter::once(0.0).chain(gaps.iter().copied()))
+        .map(|(&t, g)| (t, g))
+        .collect();
+    Ok(SwitchMetrics {
+        mode,
+        stall_ms: (max_gap_ms - median_step_ms).max(0.0),
+        max_gap_ms,
+        median_step_ms,
+        total_ms,
+        transfer_floor_ms: floor_ms,
+        bytes_moved,
+        peak_extra_bytes: peak_extra,
+        timeline,
+        window_ms: (ms(req_t), done_t),
+    })
+}
+
+/// Draws step latency over time for each mode, switch windows shaded.
+pub fn plot_svg(runs: &[SwitchMetrics]) -> String {
+    let (w, h, pad) = (900.0, 300.0, 40.0);
+    let panel_h = (h - pad) / runs.len().max(1) as f64;
+    let mut s = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{}' font-family='sans-serif' font-size='11'>\n",
+        h + pad
+    );
+    let colors = ["#1f77b4", "#d62728", "#2ca02c"];
+    for (i, r) in runs.iter().enumerate() {
+        let top = pad / 2.0 + i as f64 * panel_h;
+        let tmax = r.timeline.last().map(|x| x.0).unwrap_or(1.0).max(1.0);
+        let gmax = r.timeline.iter().map(|x| x.1).fold(1e-9, f64::max) * 1.1;
+        let x = |t: f64| pad + t / tmax * (w - 2.0 * pad);
+        let y = |g: f64| top + panel_h - 15.0 - g / gmax * (panel_h - 25.0);
+        s += &format!(
+            "<rect x='{:.1}' y='{:.1}' width='{:.1}' height='{:.1}' fill='#f5d76e' opacity='0.5'/>\n",
+            x(r.window_ms.0),
+            top,
+            (x(r.window_ms.1) - x(r.window_ms.0)).max(1.0),
+            panel_h - 15.0
+        );
+        let pts: Vec<String> = r
+            .timeline
+            .iter()
+            .skip(1)
+            .map(|&(t, g)| format!("{:.1},{:.1}", x(t), y(g)))
+            .collect();
+        s += &format!(
+            "<polyline fill='none' stroke='{}' stroke-width='1.5' points='{}'/>\n",
+            colors[i % 3],
+            pts.join(" ")
+        );
+        s += &format!(
+            "<text x='{pad}' y='{:.1}'>{}: step gap (ms) over time; max gap {:.1} ms, median step {:.1} ms, max y {:.1} ms</text>\n",
+            top + 10.0,
+            r.mode.name(),
+            r.max_gap_ms,
+            r.median_step_ms,
+            gmax
+        );
+    }
+    s += "</svg>\n";
+    s
+}
