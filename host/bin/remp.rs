@@ -145,10 +145,13 @@ fn main() -> ExitCode {
 fn load_model(dir: &Option<PathBuf>, quiet: bool) -> Result<Model> {
     match dir {
         Some(d) => {
+            // Progress is reported only after a successful load, so that a bad
+            // checkpoint's stderr is exactly the one error line (issue 2's CLI contract).
+            let model = Model::load(d)?;
             if !quiet {
-                eprintln!("loading {}", d.display());
+                eprintln!("loaded {}", d.display());
             }
-            Model::load(d)
+            Ok(model)
         }
         None => Ok(Model::random_tiny()),
     }
