@@ -26,13 +26,86 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y[t, o] = Σ_i x[t, i] · w[o, i]` for `t < tokens`; `y` is overwritten.
+///
+/// On x86-64 CPUs with AVX2 and FMA (detected at run time) a micro-kernel computes four
+/// token rows against each weight row at once, so a weight row is loaded once per four
+/// tokens; elsewhere a portable loop with the vectorisable [`dot`].
 pub fn matmul_t(x: &[f32], tokens: usize, w: &[f32], out_dim: usize, y: &mut [f32]) {
     let in_dim = w.len().checked_div(out_dim).unwrap_or(0);
-    debug_assert_eq!(x.len(), tokens * in_dim);
-    debug_assert_eq!(y.len(), tokens * out_dim);
+    assert_eq!(x.len(), tokens * in_dim, "matmul_t: x shape");
+    assert_eq!(y.len(), tokens * out_dim, "matmul_t: y shape");
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for, and the
+            // shapes were checked above.
+            unsafe { avx2::matmul_t(x, tokens, w, in_dim, out_dim, y) };
+            return;
+        }
+    }
     for (o, wr) in w.chunks_exact(in_dim.max(1)).enumerate().take(out_dim) {
         for t in 0..tokens {
             y[t * out_dim + o] = dot(&x[t * in_dim..(t + 1) * in_dim], wr);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Four tokens (`T = 4`) or fewer against one weight row.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn row<const T: usize>(xs: [*const f32; T], wr: *const f32, n: usize) -> [f32; T] {
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut i = 0;
+        while i + 8 <= n {
+            let wv = _mm256_loadu_ps(wr.add(i));
+            for t in 0..T {
+                acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(xs[t].add(i)), wv, acc[t]);
+            }
+            i += 8;
+        }
+        let mut out = [0.0f32; T];
+        for t in 0..T {
+            let mut s = hsum(acc[t]);
+            for k in i..n {
+                s += *xs[t].add(k) * *wr.add(k);
+            }
+            out[t] = s;
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn matmul_t(x: &[f32], tokens: usize, w: &[f32], n: usize, out_dim: usize, y: &mut [f32]) {
+        let xp = x.as_ptr();
+        for o in 0..out_dim {
+            let wr = w.as_ptr().add(o * n);
+            let mut t = 0;
+            while t + 4 <= tokens {
+                let r = row::<4>([xp.add(t * n), xp.add((t + 1) * n), xp.add((t + 2) * n), xp.add((t + 3) * n)], wr, n);
+                for (k, v) in r.into_iter().enumerate() {
+                    y[(t + k) * out_dim + o] = v;
+                }
+                t += 4;
+            }
+            while t < tokens {
+                y[t * out_dim + o] = row::<1>([xp.add(t * n)], wr, n)[0];
+                t += 1;
+            }
         }
     }
 }
