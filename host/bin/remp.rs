@@ -222,7 +222,9 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
             a.temperature
         )));
     }
-    let model = load_model(&a.model, a.json)?;
+    // No progress line: a bad topology or prompt found after loading must leave exactly
+    // one line (the error) on stderr; the summary line names the model on success.
+    let model = load_model(&a.model, true)?;
     let topo = Topology::new(a.tp, a.pp);
     topo.validate(&model.config)?;
     let mut switches = Vec::new();
@@ -273,7 +275,11 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
         };
         let id = engine
             .add_request(req)
-            .map_err(|e| Error::Request(format!("prompt {}: {e}", i + 1)))?;
+            .map_err(|e| match e {
+                // Not `{e}`: that would repeat "invalid request: " inside the message.
+                Error::Request(msg) => Error::Request(format!("prompt {}: {msg}", i + 1)),
+                e => e,
+            })?;
         ids.push(id);
     }
 
