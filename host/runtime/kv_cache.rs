@@ -96,25 +96,6 @@ impl LayerKv {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn allocator_refuses_without_taking() {
-        let mut a = BlockAllocator::new(4);
-        let x = a.alloc(3).unwrap();
-        assert_eq!(a.free(), 1);
-        assert!(a.alloc(2).is_none());
-        assert_eq!(a.free(), 1);
-        a.release(&x);
-        assert_eq!(a.free(), 4);
-        let mut all = a.alloc(4).unwrap();
-        all.sort();
-        assert_eq!(all, vec![0, 1, 2, 3]);
-    }
-}
-
 /// Packs K and V of `heads` (global KV-head ids, held by `kv`) at `positions` of the
 /// sequence with `table`: per position, per head, `head_dim` K values then V values.
 pub fn kv_pack(
@@ -155,4 +136,23 @@ pub fn kv_unpack(
         }
     }
     at
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocator_refuses_without_taking() {
+        let mut a = BlockAllocator::new(4);
+        let x = a.alloc(3).unwrap();
+        assert_eq!(a.free(), 1);
+        assert!(a.alloc(2).is_none());
+        assert_eq!(a.free(), 1);
+        a.release(&x);
+        assert_eq!(a.free(), 4);
+        let mut all = a.alloc(4).unwrap();
+        all.sort();
+        assert_eq!(all, vec![0, 1, 2, 3]);
+    }
 }

@@ -5,8 +5,9 @@
 use crate::backend::cpu::ops;
 use crate::model::random::mix64;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Sampling {
+    #[default]
     Greedy,
     /// `temperature > 0`, `0 < top_p <= 1`.
     Random {
@@ -14,12 +15,6 @@ pub enum Sampling {
         top_p: f32,
         seed: u64,
     },
-}
-
-impl Default for Sampling {
-    fn default() -> Self {
-        Sampling::Greedy
-    }
 }
 
 /// A small deterministic generator (splitmix64).
