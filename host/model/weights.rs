@@ -121,9 +121,17 @@ impl SafetensorsSource {
             entries,
             cfg: cfg.clone(),
         };
-        for kind in all_tensors(cfg) {
-            src.check(kind)?;
+        // Checked lazily, layer by layer (not via `all_tensors`): a config.json claiming
+        // absurdly many layers then fails fast on the first missing layer instead of
+        // building a list of billions of tensors first (which hung the CLI).
+        src.check(TensorKind::Embed)?;
+        for l in 0..cfg.num_layers {
+            for kind in TensorKind::layer_tensors(cfg, LayerId(l)) {
+                src.check(kind)?;
+            }
         }
+        src.check(TensorKind::FinalNorm)?;
+        src.check(TensorKind::LmHead)?;
         Ok(src)
     }
 
@@ -216,8 +224,12 @@ fn parse_header(
             })
             .filter(|o: &Vec<usize>| o.len() == 2 && o[0] <= o[1])
             .ok_or_else(|| tbad("missing or malformed data_offsets".into()))?;
-        let numel: usize = shape.iter().product();
-        if offs[1] - offs[0] != numel * dtype.size() {
+        // Checked arithmetic: a corrupt header's shape can overflow usize (a panic in
+        // builds with overflow checks, a wrong size check without).
+        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let nbytes = numel.and_then(|n| n.checked_mul(dtype.size()));
+        let numel = numel.unwrap_or(usize::MAX);
+        if nbytes != Some(offs[1] - offs[0]) {
             return Err(tbad(format!(
                 "data_offsets {offs:?} do not match shape {shape:?} ({numel} x {} bytes)",
                 dtype.size()
