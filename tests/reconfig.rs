@@ -206,6 +206,7 @@ fn failed_transfer_aborts_and_keeps_serving() {
     let opts = ReconfigOptions {
         window: 1,
         fail_at: Some((Segment::Layer(LayerId(4)), WorkerId(2))),
+        lookahead: 0,
     };
     engine.reconfigure_with(Topology::new(4, 1), &opts).unwrap();
     engine.run_to_completion().unwrap();

@@ -160,6 +160,7 @@ pub fn run_mode(
                 &crate::reshard::executor::ReconfigOptions {
                     window: bc.window,
                     fail_at: None,
+                    lookahead: 0,
                 },
             )?;
             while engine.reconfig_in_progress() {

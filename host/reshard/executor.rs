@@ -111,13 +111,27 @@ pub struct ReconfigOptions {
     pub window: usize,
     /// Test hook: make this worker's copy of this segment fail.
     pub fail_at: Option<(Segment, WorkerId)>,
+    /// How many segments ahead of the running step a new copy starts (0 = default 3).
+    pub lookahead: usize,
+}
+
+/// A segment's position in execution order (embedding 0, layer l at l + 1, head last).
+fn position(seg: Segment, num_layers: usize) -> usize {
+    match seg {
+        Segment::Embed => 0,
+        Segment::Layer(l) => l.0 + 1,
+        Segment::Head => num_layers + 1,
+    }
 }
 
 struct Active {
     job: u64,
     to: String,
-    segments: Vec<SegmentPlan>,
-    next: usize,
+    /// Segments not started yet (by position in execution order).
+    todo: Vec<Option<SegmentPlan>>,
+    /// Where the step's walk is (position of the last flip): new copies start ahead of it.
+    walk: usize,
+    lookahead: usize,
     in_flight: HashMap<Segment, Arc<SegmentJob>>,
     window: usize,
     fail_at: Option<(Segment, WorkerId)>,
@@ -198,8 +212,17 @@ impl Controller {
         let mut a = Active {
             job: self.next_job.fetch_add(1, Ordering::Relaxed),
             to: plan.to.clone(),
-            segments: plan.segments,
-            next: 0,
+            todo: {
+                let n = self.live.num_layers();
+                let mut todo: Vec<Option<SegmentPlan>> = vec![None; n + 2];
+                for s in plan.segments {
+                    let i = position(s.segment, n);
+                    todo[i] = Some(s);
+                }
+                todo
+            },
+            walk: 0,
+            lookahead: if opts.lookahead == 0 { 3 } else { opts.lookahead },
             in_flight: HashMap::new(),
             window: if opts.window == 0 { 2 } else { opts.window },
             fail_at: opts.fail_at,
@@ -219,9 +242,16 @@ impl Controller {
     }
 
     fn register_more(&self, a: &mut Active) -> Result<()> {
-        while a.aborted.is_none() && a.in_flight.len() < a.window && a.next < a.segments.len() {
-            let plan = a.segments[a.next].clone();
-            a.next += 1;
+        while a.aborted.is_none() && a.in_flight.len() < a.window {
+            // The first segment not started at least `lookahead` positions ahead of the
+            // step's walk (cyclically): its copy then has the time the walk takes to get
+            // there, so it can flip in the same step instead of waiting for the next.
+            let n = a.todo.len();
+            let start = a.walk + a.lookahead;
+            let Some(i) = (0..n).map(|d| (start + d) % n).find(|&i| a.todo[i].is_some()) else {
+                break;
+            };
+            let Some(plan) = a.todo[i].take() else { break };
             let seg = plan.segment;
             let snapshot: Vec<SnapSeq> = self
                 .current_plan
@@ -346,6 +376,7 @@ impl Controller {
         let Some(a) = st.as_mut() else { return };
         a.in_flight.remove(&seg);
         a.last_step = step;
+        a.walk = position(seg, self.live.num_layers());
         self.emit(ReconfigEvent::Flipped { segment: seg, step });
         if let Err(e) = self.register_more(a) {
             a.aborted.get_or_insert(e.to_string());
@@ -353,7 +384,7 @@ impl Controller {
         if a.in_flight.is_empty() {
             if a.aborted.is_some() {
                 self.abort_now(a);
-            } else if a.next == a.segments.len() {
+            } else if a.todo.iter().all(Option::is_none) {
                 self.finish(a, step);
             }
             *st = None;

@@ -763,6 +763,7 @@ impl Engine {
         let opts = ReconfigOptions {
             window: n.max(1),
             fail_at: None,
+                    lookahead: 0,
         };
         self.pool.ctrl.start(plan, &opts, self.step_no)?;
         while self.pool.ctrl.is_active() && !self.pool.live.all_ready() {

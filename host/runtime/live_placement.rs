@@ -97,6 +97,10 @@ impl LivePlacement {
         }
     }
 
+    pub fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+
     fn slot(&self, seg: Segment) -> &Slot {
         let i = match seg {
             Segment::Embed => 0,
