@@ -1,0 +1,641 @@
+//! The `remp generate` command line: its `--json` contract, and what it does with bad
+//! input (issue 2: "each gets one clear error line naming the file/tensor/value and a
+//! non-zero exit (2) from the CLI; no panic, no hang").
+//!
+//! Bad checkpoints are copies of `../shared/models/remp-tiny` in a temp dir, damaged one
+//! way each. Every bad case runs twice, plain and with `--json`, and must: exit with
+//! status 2, print nothing on stdout, print exactly one non-empty line on stderr that
+//! names the culprit, and never mention a panic. Every run is guarded by a 60 s timeout.
+
+mod common;
+
+use serde_json::Value;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `remp ARGS`, killing it (and failing) if it runs past [`TIMEOUT`]. The pipes are
+/// drained on threads so a chatty child cannot block on a full pipe.
+fn remp(args: &[&str]) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_remp"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn remp");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("remp {args:?} hung for {TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Run {
+        code: status.code(),
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// Checks the bad-input contract for `args`, plain and with `--json`; `names` must all
+/// appear in the error line (the file, tensor or value at fault).
+fn expect_bad(args: &[&str], names: &[&str]) {
+    for json in [false, true] {
+        let mut a = args.to_vec();
+        if json {
+            a.push("--json");
+        }
+        let r = remp(&a);
+        let ctx = format!(
+            "remp {a:?}\n--- stdout:\n{}--- stderr:\n{}",
+            r.stdout, r.stderr
+        );
+        assert!(!r.stderr.contains("panicked"), "panic: {ctx}");
+        assert_eq!(r.code, Some(2), "exit status: {ctx}");
+        assert!(r.stdout.is_empty(), "stdout not empty: {ctx}");
+        let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "expected one stderr line: {ctx}");
+        for n in names {
+            assert!(
+                lines[0].contains(n),
+                "error line does not name `{n}`: {ctx}"
+            );
+        }
+    }
+}
+
+/// A temp dir removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let d = std::env::temp_dir().join(format!("remp-cli-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A writable copy of remp-tiny (config, weights, tokenizer).
+fn tiny_copy(tag: &str) -> TempDir {
+    let d = TempDir::new(tag);
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ] {
+        std::fs::copy(common::tiny_dir().join(f), d.0.join(f)).unwrap();
+        // The shared files are read-only; the copies must not be.
+        let mut perm = std::fs::metadata(d.0.join(f)).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perm.set_readonly(false);
+        std::fs::set_permissions(d.0.join(f), perm).unwrap();
+    }
+    d
+}
+
+fn tiny() -> String {
+    common::tiny_dir().to_str().unwrap().to_owned()
+}
+
+fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let p = dir.join("config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(v.as_object_mut().unwrap());
+    std::fs::write(p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// Rewrites model.safetensors with `f` applied to the list of (name, dtype, shape, bytes).
+type Entry = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+fn edit_weights(dir: &Path, f: impl FnOnce(&mut Vec<Entry>)) {
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut entries: Vec<Entry> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    f(&mut entries);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = entries
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(p, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+fn find<'a>(e: &'a mut [Entry], name: &str) -> &'a mut Entry {
+    e.iter_mut()
+        .find(|x| x.0 == name)
+        .unwrap_or_else(|| panic!("remp-tiny has no {name}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// The contract
+
+fn parse_one_object(stdout: &str) -> Value {
+    assert_eq!(
+        stdout.trim_end().lines().count(),
+        1,
+        "stdout is not one line: {stdout}"
+    );
+    // from_str fails on anything after the first value, so this is exactly one object.
+    let v: Value = serde_json::from_str(stdout).expect("stdout is one JSON value");
+    assert!(v.is_object(), "{v}");
+    v
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn json_contract_builtin_model() {
+    let args = [
+        "generate",
+        "--prompt-ids",
+        "1,2,3",
+        "--prompt",
+        "hi",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ];
+    let r = remp(&args);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let v = parse_one_object(&r.stdout);
+    for k in [
+        "model",
+        "topology",
+        "device",
+        "requests",
+        "steps",
+        "elapsed_ms",
+    ] {
+        assert!(v.get(k).is_some(), "missing `{k}` in {v}");
+    }
+    assert!(v["model"].is_string());
+    assert_eq!(v["topology"], "tp2pp2");
+    assert_eq!(v["device"], "cpu");
+    assert!(v["steps"].as_u64().is_some_and(|s| s >= 1), "{v}");
+    assert!(v["elapsed_ms"].as_f64().is_some_and(|t| t >= 0.0), "{v}");
+    let reqs = v["requests"].as_array().unwrap();
+    assert_eq!(reqs.len(), 2);
+    // In the order given: the ids first, then the text.
+    assert_eq!(ids(&reqs[0]["prompt_ids"]), vec![1, 2, 3]);
+    let hi = ids(&reqs[1]["prompt_ids"]);
+    assert!(!hi.is_empty() && hi != vec![1, 2, 3], "{v}");
+    let mut outputs = Vec::new();
+    for r in reqs {
+        let out = ids(&r["output_ids"]);
+        assert!(!out.is_empty() && out.len() <= 5, "{r}");
+        assert!(r["text"].is_string(), "{r}");
+        match r["finish_reason"].as_str() {
+            Some("length") => assert_eq!(out.len(), 5, "{r}"),
+            Some("eos") => {}
+            other => panic!("finish_reason {other:?}"),
+        }
+        outputs.push(out);
+    }
+
+    // Reversed flags give the reversed order, and tp1pp1 the same greedy tokens.
+    let r2 = remp(&[
+        "generate",
+        "--prompt",
+        "hi",
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ]);
+    assert_eq!(r2.code, Some(0), "{}", r2.stderr);
+    let v2 = parse_one_object(&r2.stdout);
+    assert_eq!(v2["topology"], "tp1pp1");
+    let reqs2 = v2["requests"].as_array().unwrap();
+    assert_eq!(ids(&reqs2[0]["prompt_ids"]), hi);
+    assert_eq!(ids(&reqs2[1]["prompt_ids"]), vec![1, 2, 3]);
+    assert_eq!(ids(&reqs2[0]["output_ids"]), outputs[1]);
+    assert_eq!(ids(&reqs2[1]["output_ids"]), outputs[0]);
+}
+
+/// `--model remp-tiny`: the CLI reproduces transformers' 48 greedy tokens for the
+/// oracle prompt "You may", through the checkpoint's own tokenizer.
+#[test]
+fn json_contract_matches_oracle_on_remp_tiny() {
+    let cases = common::oracle();
+    let case = cases
+        .iter()
+        .find(|c| c.prompt.len() == 2)
+        .expect("the oracle's 2-token prompt (\"You may\")");
+    let want = &case.tokens[case.prompt.len()..];
+    let model = tiny();
+    for (tp, pp) in [("1", "1"), ("2", "3")] {
+        let r = remp(&[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "You may",
+            "--max-new-tokens",
+            "48",
+            "--ignore-eos",
+            "--tp",
+            tp,
+            "--pp",
+            pp,
+            "--json",
+        ]);
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        let v = parse_one_object(&r.stdout);
+        assert_eq!(v["topology"], format!("tp{tp}pp{pp}"));
+        assert_eq!(v["model"].as_str(), Some(model.as_str()));
+        let req = &v["requests"][0];
+        assert_eq!(ids(&req["prompt_ids"]), case.prompt, "tokenizer");
+        assert_eq!(ids(&req["output_ids"]), want, "tp{tp}pp{pp}");
+        assert_eq!(req["finish_reason"], "length");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input: files
+
+#[test]
+fn missing_model_dir() {
+    let d = TempDir::new("nodir");
+    let missing = d.0.join("no-such-model");
+    let m = missing.to_str().unwrap();
+    expect_bad(
+        &["generate", "--model", m, "--prompt-ids", "1,2"],
+        &["no-such-model"],
+    );
+}
+
+#[test]
+fn missing_config() {
+    let d = tiny_copy("noconfig");
+    std::fs::remove_file(d.0.join("config.json")).unwrap();
+    expect_bad(
+        &["generate", "--model", d.path(), "--prompt-ids", "1,2"],
+        &["config.json"],
+    );
+}
+
+#[test]
+fn malformed_config() {
+    let d = tiny_copy("badjson");
+    let args = ["generate", "--model", d.path(), "--prompt-ids", "1,2"];
+    std::fs::write(d.0.join("config.json"), "{\"hidden_size\": 256,, oops").unwrap();
+    expect_bad(&args, &["config.json"]);
+    std::fs::write(d.0.join("config.json"), "[1, 2]").unwrap();
+    expect_bad(&args, &["config.json"]);
+
+    let d = tiny_copy("nohidden");
+    edit_config(&d.0, |c| {
+        c.remove("hidden_size");
+    });
+    expect_bad(
+        &["generate", "--model", d.path(), "--prompt-ids", "1,2"],
+        &["config.json", "hidden_size"],
+    );
+
+    // Absurd layer count: fails on the first missing layer, quickly (once hung while
+    // listing every tensor of a billion layers).
+    let d = tiny_copy("manylayers");
+    edit_config(&d.0, |c| {
+        c.insert("num_hidden_layers".into(), 1_000_000_000u64.into());
+    });
+    let t0 = Instant::now();
+    expect_bad(
+        &["generate", "--model", d.path(), "--prompt-ids", "1,2"],
+        &["model.layers.6."],
+    );
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+
+    // Not a multiple: 8 heads, 3 KV heads.
+    let d = tiny_copy("kvheads");
+    edit_config(&d.0, |c| {
+        c.insert("num_key_value_heads".into(), 3.into());
+    });
+    expect_bad(
+        &["generate", "--model", d.path(), "--prompt-ids", "1,2"],
+        &["config.json", "num_key_value_heads"],
+    );
+
+    let d = tiny_copy("abchidden");
+    edit_config(&d.0, |c| {
+        c.insert("hidden_size".into(), "abc".into());
+    });
+    expect_bad(
+        &["generate", "--model", d.path(), "--prompt-ids", "1,2"],
+        &["config.json", "hidden_size", "abc"],
+    );
+}
+
+#[test]
+fn unsupported_architecture_and_rope() {
+    let d = tiny_copy("gpt2");
+    edit_config(&d.0, |c| {
+        c.insert(
+            "architectures".into(),
+            serde_json::json!(["GPT2LMHeadModel"]),
+        );
+        c.insert("model_type".into(), "gpt2".into());
+    });
+    expect_bad(
+        &["generate", "--model", d.path(), "--prompt-ids", "1,2"],
+        &["GPT2LMHeadModel"],
+    );
+
+    let d = tiny_copy("yarn");
+    edit_config(&d.0, |c| {
+        c.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                               "original_max_position_embeddings": 256}),
+        );
+    });
+    expect_bad(
+        &["generate", "--model", d.path(), "--prompt-ids", "1,2"],
+        &["yarn"],
+    );
+}
+
+#[test]
+fn missing_truncated_or_corrupt_safetensors() {
+    let d = tiny_copy("noweights");
+    let args = ["generate", "--model", d.path(), "--prompt-ids", "1,2"];
+    let st = d.0.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+
+    std::fs::remove_file(&st).unwrap();
+    expect_bad(&args, &["model.safetensors"]);
+
+    // Cut in half: the header is intact, the data ends early.
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    expect_bad(&args, &["model.safetensors"]);
+
+    // Cut inside the header.
+    std::fs::write(&st, &bytes[..100]).unwrap();
+    expect_bad(&args, &["model.safetensors"]);
+
+    // Garbage bytes (the "header length" is then absurd).
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&st, &garbage).unwrap();
+    expect_bad(&args, &["model.safetensors"]);
+
+    // A plausible header length followed by garbage instead of JSON.
+    let mut bad = bytes.clone();
+    let n = u64::from_le_bytes(bad[..8].try_into().unwrap()) as usize;
+    for (i, b) in bad[8..8 + n].iter_mut().enumerate() {
+        *b = b"\x00\xff{]garbage"[i % 11];
+    }
+    std::fs::write(&st, &bad).unwrap();
+    expect_bad(&args, &["model.safetensors"]);
+
+    // Empty file.
+    std::fs::write(&st, b"").unwrap();
+    expect_bad(&args, &["model.safetensors"]);
+
+    // A well-formed header whose shape overflows usize (once panicked on the product).
+    let header = serde_json::json!({"model.norm.weight": {
+        "dtype": "BF16", "shape": [1u64 << 33, 1u64 << 33, 4], "data_offsets": [0, 0]}})
+    .to_string();
+    let mut f = (header.len() as u64).to_le_bytes().to_vec();
+    f.extend(header.as_bytes());
+    std::fs::write(&st, &f).unwrap();
+    expect_bad(&args, &["model.safetensors", "model.norm.weight"]);
+
+    // Header length of u64::MAX.
+    let mut f = u64::MAX.to_le_bytes().to_vec();
+    f.extend(b"{}");
+    std::fs::write(&st, &f).unwrap();
+    expect_bad(&args, &["model.safetensors"]);
+}
+
+#[test]
+fn tensor_with_wrong_shape() {
+    let d = tiny_copy("shape");
+    let name = "model.layers.2.self_attn.k_proj.weight";
+    edit_weights(&d.0, |e| {
+        let t = find(e, name);
+        // [128, 256] -> [64, 256]
+        t.2[0] /= 2;
+        let len = t.3.len() / 2;
+        t.3.truncate(len);
+    });
+    expect_bad(
+        &["generate", "--model", d.path(), "--prompt-ids", "1,2"],
+        &[name, "model.safetensors"],
+    );
+}
+
+#[test]
+fn tensor_with_unsupported_dtype() {
+    for (dtype, tag) in [
+        (safetensors::Dtype::F64, "F64"),
+        (safetensors::Dtype::I64, "I64"),
+    ] {
+        let d = tiny_copy(tag);
+        let name = "model.norm.weight";
+        edit_weights(&d.0, |e| {
+            let t = find(e, name);
+            // bf16 -> 8-byte elements of the same shape.
+            t.1 = dtype;
+            t.3 = vec![0u8; t.2.iter().product::<usize>() * 8];
+        });
+        expect_bad(
+            &["generate", "--model", d.path(), "--prompt-ids", "1,2"],
+            &[name, tag],
+        );
+    }
+}
+
+#[test]
+fn missing_tensor() {
+    let d = tiny_copy("notensor");
+    let name = "model.layers.5.mlp.down_proj.weight";
+    edit_weights(&d.0, |e| e.retain(|t| t.0 != name));
+    expect_bad(
+        &["generate", "--model", d.path(), "--prompt-ids", "1,2"],
+        &[name],
+    );
+}
+
+#[test]
+fn sharded_index_naming_a_missing_file() {
+    let d = tiny_copy("index");
+    std::fs::remove_file(d.0.join("model.safetensors")).unwrap();
+    let index = serde_json::json!({"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}});
+    std::fs::write(d.0.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    expect_bad(
+        &["generate", "--model", d.path(), "--prompt-ids", "1,2"],
+        &["model-00001-of-00002.safetensors"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad input: topology, prompts, device
+
+#[test]
+fn impossible_topology() {
+    let m = tiny();
+    let base = ["generate", "--model", &m, "--prompt-ids", "1,2"];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        base.iter()
+            .map(|s| s.to_string())
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    for (extra, names) in [
+        (&["--tp", "3"][..], &["tp=3", "num_attention_heads=8"][..]),
+        (&["--pp", "7"][..], &["pp=7", "6"][..]),
+        (&["--tp", "0"][..], &["tp0pp1"][..]),
+        (&["--tp", "16"][..], &["tp=16"][..]),
+    ] {
+        let a = with(extra);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        expect_bad(&a, names);
+    }
+    // The built-in model has the same shape.
+    expect_bad(&["generate", "--prompt-ids", "1", "--tp", "3"], &["tp=3"]);
+}
+
+#[test]
+fn prompt_longer_than_context() {
+    let d = tiny_copy("ctx");
+    edit_config(&d.0, |c| {
+        c.insert("max_position_embeddings".into(), 16.into());
+    });
+    let long: Vec<String> = (2..22).map(|i| i.to_string()).collect();
+    let long = long.join(",");
+    expect_bad(
+        &["generate", "--model", d.path(), "--prompt-ids", &long],
+        &["20", "16"],
+    );
+    // Exactly the context: no room for a new token.
+    let full: Vec<String> = (2..18).map(|i| i.to_string()).collect();
+    let full = full.join(",");
+    expect_bad(
+        &["generate", "--model", d.path(), "--prompt-ids", &full],
+        &["16"],
+    );
+    // One short of it still runs (and stops at the context).
+    let ok: Vec<String> = (2..17).map(|i| i.to_string()).collect();
+    let ok = ok.join(",");
+    let r = remp(&[
+        "generate",
+        "--model",
+        d.path(),
+        "--prompt-ids",
+        &ok,
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let v = parse_one_object(&r.stdout);
+    assert_eq!(ids(&v["requests"][0]["output_ids"]).len(), 1, "{v}");
+}
+
+#[test]
+fn bad_prompts() {
+    let m = tiny();
+    let cases: [(&[&str], &[&str]); 7] = [
+        (&["--prompt", ""], &["empty"]),
+        (&["--prompt-ids", ""], &["empty"]),
+        (&["--prompt-ids", "1,x"], &["1,x", "`x`"]),
+        (&["--prompt-ids", "1,-3"], &["-3"]),
+        (&["--prompt-ids", "1,512"], &["512"]),
+        (&["--prompt-ids", "4294967295"], &["4294967295"]),
+        (&[], &["prompt"]),
+    ];
+    for (extra, names) in cases {
+        let mut a = vec!["generate", "--model", &m];
+        a.extend_from_slice(extra);
+        expect_bad(&a, names);
+    }
+    // The built-in model too.
+    expect_bad(&["generate", "--prompt", ""], &["empty"]);
+    expect_bad(&["generate", "--prompt-ids", "1,99999"], &["99999"]);
+    expect_bad(&["generate"], &["prompt"]);
+    expect_bad(
+        &["generate", "--prompt-ids", "1", "--max-new-tokens", "0"],
+        &["max_new_tokens"],
+    );
+}
+
+#[test]
+fn unavailable_device() {
+    expect_bad(
+        &["generate", "--prompt-ids", "1,2", "--device", "cuda"],
+        &["cuda"],
+    );
+    let m = tiny();
+    expect_bad(
+        &[
+            "generate",
+            "--model",
+            &m,
+            "--prompt-ids",
+            "1,2",
+            "--device",
+            "cuda",
+        ],
+        &["cuda"],
+    );
+}
