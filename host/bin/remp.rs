@@ -273,13 +273,11 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
             ignore_eos: a.ignore_eos,
             return_logits: false,
         };
-        let id = engine
-            .add_request(req)
-            .map_err(|e| match e {
-                // Not `{e}`: that would repeat "invalid request: " inside the message.
-                Error::Request(msg) => Error::Request(format!("prompt {}: {msg}", i + 1)),
-                e => e,
-            })?;
+        let id = engine.add_request(req).map_err(|e| match e {
+            // Not `{e}`: that would repeat "invalid request: " inside the message.
+            Error::Request(msg) => Error::Request(format!("prompt {}: {msg}", i + 1)),
+            e => e,
+        })?;
         ids.push(id);
     }
 
@@ -502,7 +500,7 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
         );
         for r in &runs {
             println!(
-                "{:<15} {:>9.1} {:>10.1} {:>11.1} {:>10.1} {:>10.1} {:>12} {:>12}",
+                "{:<15} {:>9.1} {:>10.1} {:>11.1} {:>10.1} {:>10.1} {:>12} {:>12} {:>9.1}",
                 r.mode.name(),
                 r.stall_ms,
                 r.max_gap_ms,
@@ -510,7 +508,8 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
                 r.total_ms,
                 r.transfer_floor_ms,
                 r.bytes_moved,
-                r.peak_extra_bytes
+                r.peak_extra_bytes,
+                r.copy_cpu_ms
             );
         }
         let (on, stw, rs) = (&runs[0], &runs[1], &runs[2]);

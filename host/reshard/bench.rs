@@ -46,6 +46,8 @@ pub struct SwitchMetrics {
     pub transfer_floor_ms: f64,
     pub bytes_moved: u64,
     pub peak_extra_bytes: u64,
+    /// CPU time the copy threads spent (online and stop-the-world).
+    pub copy_cpu_ms: f64,
     /// (time since the run started, gap since the previous token) per step, in ms.
     pub timeline: Vec<(f64, f64)>,
     /// Switch window on the timeline (ms): request to completion.
@@ -62,6 +64,7 @@ impl SwitchMetrics {
             "transfer_floor_ms": self.transfer_floor_ms,
             "bytes_moved": self.bytes_moved,
             "peak_extra_bytes": self.peak_extra_bytes,
+            "copy_cpu_ms": self.copy_cpu_ms,
         })
     }
 }
@@ -153,6 +156,7 @@ pub fn run_mode(
     let switch_at = ends.len();
     let req_t = Instant::now();
     let (mut bytes_moved, mut peak_extra, mut total_ms) = (0u64, 0u64, 0.0f64);
+    let mut copy_cpu_ms = 0.0;
     match mode {
         Mode::Online => {
             engine.reconfigure_with(
@@ -194,6 +198,7 @@ pub fn run_mode(
                 bytes_moved = *b;
                 peak_extra = *p;
             }
+            ReconfigEvent::SegmentReady { copy_cpu_ms: c, .. } => copy_cpu_ms += c,
             ReconfigEvent::Aborted { error, .. } => {
                 return Err(Error::Reconfig(format!(
                     "{} switch aborted: {error}",
@@ -243,6 +248,7 @@ pub fn run_mode(
         transfer_floor_ms: floor_ms,
         bytes_moved,
         peak_extra_bytes: peak_extra,
+        copy_cpu_ms,
         timeline,
         window_ms: (ms(req_t), done_t),
     })

@@ -26,7 +26,9 @@ use crate::parallel::{Region, Segment, TensorKind, WorkerId};
 use crate::reshard::planner::{Item, ReshardPlan, SegmentPlan, Transfer};
 use crate::runtime::kv_cache::{kv_pack, kv_unpack, KvGeometry, LayerKv};
 use crate::runtime::live_placement::{FlipInfo, LivePlacement};
-use crate::runtime::worker::{segment_tensors, MemMeter, ShardSet, Staged, StepPlan, WorkerMem};
+use crate::runtime::worker::{
+    segment_tensors, MemMeter, ShardSet, Staged, StagedShards, StepPlan, WorkerMem,
+};
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -49,6 +51,8 @@ pub struct SegmentJob {
     /// Injected failure (tests): this worker's copy thread fails the job.
     pub fail_on: Option<WorkerId>,
     registered: Instant,
+    /// Copy-thread CPU time spent on this job, in microseconds.
+    cpu_us: AtomicU64,
     remaining: AtomicUsize,
     failed: AtomicBool,
 }
@@ -85,6 +89,8 @@ pub enum ReconfigEvent {
         segment: Segment,
         /// From the segment's registration until its last copy finished.
         copy_ms: f64,
+        /// CPU time the copy threads spent on it, summed.
+        copy_cpu_ms: f64,
     },
     Flipped {
         segment: Segment,
@@ -287,6 +293,7 @@ impl Controller {
                 fail_on: a.fail_at.filter(|(s, _)| *s == seg).map(|(_, w)| w),
                 snapshot,
                 registered: Instant::now(),
+                cpu_us: AtomicU64::new(0),
                 remaining: AtomicUsize::new(0),
                 failed: AtomicBool::new(false),
                 plan,
@@ -339,6 +346,7 @@ impl Controller {
             self.emit(ReconfigEvent::SegmentReady {
                 segment: seg,
                 copy_ms: job.registered.elapsed().as_secs_f64() * 1e3,
+                copy_cpu_ms: job.cpu_us.load(Ordering::SeqCst) as f64 / 1e3,
             });
             return;
         }
@@ -421,13 +429,32 @@ fn insert(data: &mut [f32], held: &Region, region: &Region, src: &[f32]) -> Resu
     Ok(())
 }
 
-/// Whether `me`'s new shard of `k` arrives as a single piece covering all of `region`.
-fn whole_piece(p: &SegmentPlan, me: WorkerId, k: TensorKind, region: &Region) -> bool {
+/// CPU time of the calling thread in microseconds (0 where unavailable).
+fn thread_cpu_us() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+            return ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
+        }
+    }
+    0
+}
+
+/// The source, when `me`'s new shard of `k` arrives as one piece covering all of `region`.
+fn whole_piece(p: &SegmentPlan, me: WorkerId, k: TensorKind, region: &Region) -> Option<WorkerId> {
     let mut pieces = p
         .transfers
         .iter()
         .filter(|t| t.dst == me && t.item == Item::Weight(k));
-    matches!((pieces.next(), pieces.next()), (Some(t), None) if t.region == *region)
+    match (pieces.next(), pieces.next()) {
+        (Some(t), None) if t.region == *region => Some(t.src),
+        _ => None,
+    }
 }
 
 /// Copies `region` from a buffer holding `src_held` into one holding `dst_held`.
@@ -461,7 +488,9 @@ impl CopyWorker {
         while let Ok(cmd) = cmds.recv() {
             match cmd {
                 CopyCmd::Run(job) => {
+                    let t = thread_cpu_us();
                     let r = self.run_job(&job);
+                    job.cpu_us.fetch_add(thread_cpu_us() - t, Ordering::SeqCst);
                     self.ctrl.on_copy_done(&job, r);
                 }
                 CopyCmd::Discard(seg) => self.discard(seg),
@@ -482,11 +511,8 @@ impl CopyWorker {
             .ok()
             .and_then(|mut s| s.remove(&seg))
             .unwrap_or_default();
-        if let Some(s) = staged.shards {
-            let cur = self.mem.shard(seg);
-            if !cur.is_some_and(|c| Arc::ptr_eq(&c, &s)) {
-                self.mem.meter.free(s.bytes());
-            }
+        if let Some(StagedShards::New { set, .. }) = staged.shards {
+            self.mem.meter.free(set.bytes());
         }
         if let (Segment::Layer(l), Some(kv)) = (seg, staged.kv) {
             let cur = self.mem.kv(l);
@@ -533,9 +559,14 @@ impl CopyWorker {
             return Err(self.err(format!("injected failure while moving {seg}")));
         }
 
+        let old_region = |k: TensorKind| -> Result<Region> {
+            let i = old_idx.ok_or_else(|| self.err("not an old member"))?;
+            Ok(k.region(cfg, p.old_group.len(), i))
+        };
         // 1. New buffers (kept as they are when this worker's shard does not change).
         let keep = new_idx.is_some() && p.unchanged_members().contains(&me);
         let mut fresh: HashMap<TensorKind, Vec<f32>> = HashMap::new();
+        let mut in_place: Vec<(TensorKind, Region, Region)> = Vec::new();
         let mut fresh_kv: Option<LayerKv> = None;
         let mut kept_kv: Option<Arc<std::sync::Mutex<LayerKv>>> = None;
         if let Some(j) = new_idx {
@@ -545,9 +576,13 @@ impl CopyWorker {
                 // the old buffer); the others get a zeroed buffer filled piece by piece.
                 for k in segment_tensors(cfg, seg) {
                     let region = k.region(cfg, p.new_group.len(), j);
-                    self.mem.meter.alloc(region.len() * 4);
-                    if !whole_piece(p, me, k, &region) {
-                        fresh.insert(k, vec![0.0; region.len()]);
+                    match whole_piece(p, me, k, &region) {
+                        // All of it is already here: cut out of the old buffer at the flip.
+                        Some(src) if src == me => in_place.push((k, old_region(k)?, region)),
+                        Some(_) => {}
+                        None => {
+                            fresh.insert(k, vec![0.0; region.len()]);
+                        }
                     }
                 }
             }
@@ -565,10 +600,6 @@ impl CopyWorker {
                 }
             }
         }
-        let old_region = |k: TensorKind| -> Result<Region> {
-            let i = old_idx.ok_or_else(|| self.err("not an old member"))?;
-            Ok(k.region(cfg, p.old_group.len(), i))
-        };
         let new_region = |k: TensorKind| -> Result<Region> {
             let j = new_idx.ok_or_else(|| self.err("not a new member"))?;
             Ok(k.region(cfg, p.new_group.len(), j))
@@ -637,7 +668,7 @@ impl CopyWorker {
         // (`place` skips pieces whose buffer is kept in place.)
         for t in p.transfers.iter().filter(|t| t.src == me && t.dst == me) {
             let kept = match t.item {
-                Item::Weight(_) => keep,
+                Item::Weight(k) => keep || in_place.iter().any(|(x, _, _)| *x == k),
                 Item::Kv(_) => kv_kept,
             };
             if kept {
@@ -670,13 +701,15 @@ impl CopyWorker {
         // 3. Stage for the flip.
         if let Some(j) = new_idx {
             let shards = if keep {
-                cur.clone().ok_or_else(|| self.err("kept shard missing"))?
+                StagedShards::Kept(cur.clone().ok_or_else(|| self.err("kept shard missing"))?)
             } else {
-                Arc::new(ShardSet {
+                let set = ShardSet {
                     group_size: p.new_group.len(),
                     index: j,
                     tensors: fresh,
-                })
+                };
+                self.mem.meter.alloc(set.bytes());
+                StagedShards::New { set, in_place }
             };
             let kv = match (fresh_kv, kept_kv) {
                 (Some(f), _) => Some(Arc::new(std::sync::Mutex::new(f))),

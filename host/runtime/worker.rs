@@ -13,7 +13,7 @@ use crate::backend::cpu::ops;
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, TensorSource};
 use crate::parallel::shard::HeadShard;
-use crate::parallel::{Group, LayerId, Placement, Segment, TensorKind, WorkerId};
+use crate::parallel::{Group, LayerId, Placement, Region, Segment, TensorKind, WorkerId};
 use crate::reshard::planner::Item;
 use crate::runtime::kv_cache::{kv_pack, kv_unpack, KvGeometry, LayerKv};
 use crate::runtime::live_placement::{Decision, FlipInfo, LivePlacement};
@@ -88,11 +88,40 @@ impl MemMeter {
     }
 }
 
+/// A segment's shards prepared for its flip.
+pub enum StagedShards {
+    /// This worker's shard does not change: the resident one stays.
+    Kept(Arc<ShardSet>),
+    /// New buffers; the tensors in `in_place` (old region, new region) are cut out of the
+    /// resident buffer at the flip instead of copied beforehand: no second copy of the
+    /// data that stays, and no extra memory for it while the switch is in flight.
+    New {
+        set: ShardSet,
+        in_place: Vec<(TensorKind, Region, Region)>,
+    },
+}
+
 /// Buffers prepared by the copy thread for a pending switch of one segment.
 #[derive(Default)]
 pub struct Staged {
-    pub shards: Option<Arc<ShardSet>>,
+    pub shards: Option<StagedShards>,
     pub kv: Option<Arc<Mutex<LayerKv>>>,
+}
+
+/// Keeps `to` (inside `from`) of a row-major buffer holding `from`, in place: rows move
+/// forward only, so one pass suffices; a kept prefix costs nothing.
+pub fn compact_in_place(mut v: Vec<f32>, from: &Region, to: &Region) -> Vec<f32> {
+    let (fw, tw) = (from.cols.len(), to.cols.len());
+    for (i, r) in to.rows.clone().enumerate() {
+        let src = (r - from.rows.start) * fw + (to.cols.start - from.cols.start);
+        let dst = i * tw;
+        if src != dst {
+            v.copy_within(src..src + tw, dst);
+        }
+    }
+    v.truncate(to.len());
+    v.shrink_to_fit();
+    v
 }
 
 /// A worker's memory.
@@ -442,20 +471,40 @@ impl Worker {
                 }
             }
         }
-        // Swap: the old buffers go (unless the staged ones are the same, kept in place).
+        // Swap: the old buffers go (unless kept, or cut down in place).
         let meter = &self.mem.meter;
         {
             let mut shards = self.mem.shards.write().map_err(|_| self.err("poisoned"))?;
             let old = shards.remove(&seg);
-            if let Some(new) = staged.shards {
-                shards.insert(seg, new.clone());
-                if old.as_ref().is_some_and(|o| Arc::ptr_eq(o, &new)) {
-                    // Kept in place: nothing freed.
-                } else if let Some(o) = old {
-                    meter.free(o.bytes());
+            let old_bytes = old.as_ref().map_or(0, |o| o.bytes());
+            match staged.shards {
+                Some(StagedShards::Kept(new)) => {
+                    if !old.as_ref().is_some_and(|o| Arc::ptr_eq(o, &new)) {
+                        meter.free(old_bytes);
+                    }
+                    shards.insert(seg, new);
                 }
-            } else if let Some(o) = old {
-                meter.free(o.bytes());
+                Some(StagedShards::New { mut set, in_place }) => {
+                    // Bytes of the old buffers that live on as new tensors.
+                    let stays: usize = in_place.iter().map(|(_, _, to)| to.len() * 4).sum();
+                    if !in_place.is_empty() {
+                        let old = old.ok_or_else(|| self.err(format!("{seg}: nothing to cut down")))?;
+                        // The compute thread is the only holder at a flip; if not, copy.
+                        let mut old_tensors = match Arc::try_unwrap(old) {
+                            Ok(o) => o.tensors,
+                            Err(shared) => shared.tensors.clone(),
+                        };
+                        for (k, from, to) in in_place {
+                            let v = old_tensors
+                                .remove(&k)
+                                .ok_or_else(|| self.err(format!("{k:?} not resident")))?;
+                            set.tensors.insert(k, compact_in_place(v, &from, &to));
+                        }
+                    }
+                    meter.free(old_bytes - stays);
+                    shards.insert(seg, Arc::new(set));
+                }
+                None => meter.free(old_bytes),
             }
         }
         if let Segment::Layer(l) = seg {
