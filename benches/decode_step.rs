@@ -28,7 +28,9 @@ fn engine(model: &Model, topo: Topology, batch: usize) -> Engine {
 fn refill(e: &mut Engine, model: &Model, batch: usize) {
     let ctx = model.config.max_position_embeddings;
     for r in 0..batch {
-        let prompt: Vec<u32> = (0..16).map(|i| ((r * 31 + i * 7 + 2) % 500) as u32).collect();
+        let prompt: Vec<u32> = (0..16)
+            .map(|i| ((r * 31 + i * 7 + 2) % 500) as u32)
+            .collect();
         let mut req = Request::greedy(prompt, ctx - 16);
         req.ignore_eos = true;
         e.add_request(req).expect("request");
@@ -59,7 +61,9 @@ fn bench(c: &mut Criterion) {
     let floor_ms = weight_bytes / bw * 1e3;
     let mut rows = Vec::new();
     let mut g = c.benchmark_group("decode_step");
-    g.sample_size(20).measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
+    g.sample_size(20)
+        .measurement_time(Duration::from_secs(2))
+        .warm_up_time(Duration::from_millis(500));
     for (tp, pp) in [(1, 1), (2, 1), (1, 2)] {
         for batch in [1usize, 8] {
             let topo = Topology::new(tp, pp);
@@ -94,7 +98,10 @@ fn bench(c: &mut Criterion) {
         bw / 1e9,
         floor_ms
     );
-    println!("{:<8} {:>5} {:>10} {:>10} {:>12}", "topology", "batch", "step_ms", "tok/s", "step/floor");
+    println!(
+        "{:<8} {:>5} {:>10} {:>10} {:>12}",
+        "topology", "batch", "step_ms", "tok/s", "step/floor"
+    );
     for (topo, batch, med) in rows {
         println!(
             "{:<8} {:>5} {:>10.3} {:>10.0} {:>12.2}",

@@ -36,7 +36,8 @@ pub fn matmul_t(x: &[f32], tokens: usize, w: &[f32], out_dim: usize, y: &mut [f3
     assert_eq!(y.len(), tokens * out_dim, "matmul_t: y shape");
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU supports the features the function is compiled for, and the
             // shapes were checked above.
             unsafe { avx2::matmul_t(x, tokens, w, in_dim, out_dim, y) };
@@ -90,13 +91,29 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn matmul_t(x: &[f32], tokens: usize, w: &[f32], n: usize, out_dim: usize, y: &mut [f32]) {
+    pub unsafe fn matmul_t(
+        x: &[f32],
+        tokens: usize,
+        w: &[f32],
+        n: usize,
+        out_dim: usize,
+        y: &mut [f32],
+    ) {
         let xp = x.as_ptr();
         for o in 0..out_dim {
             let wr = w.as_ptr().add(o * n);
             let mut t = 0;
             while t + 4 <= tokens {
-                let r = row::<4>([xp.add(t * n), xp.add((t + 1) * n), xp.add((t + 2) * n), xp.add((t + 3) * n)], wr, n);
+                let r = row::<4>(
+                    [
+                        xp.add(t * n),
+                        xp.add((t + 1) * n),
+                        xp.add((t + 2) * n),
+                        xp.add((t + 3) * n),
+                    ],
+                    wr,
+                    n,
+                );
                 for (k, v) in r.into_iter().enumerate() {
                     y[(t + k) * out_dim + o] = v;
                 }
