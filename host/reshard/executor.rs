@@ -117,7 +117,8 @@ pub struct ReconfigOptions {
     pub window: usize,
     /// Test hook: make this worker's copy of this segment fail.
     pub fail_at: Option<(Segment, WorkerId)>,
-    /// How many segments ahead of the running step a new copy starts (0 = default 3).
+    /// How many segments ahead of the running step a new copy starts; 0 = adaptive:
+    /// the last segment's copy time over the time a step spends per segment, plus one.
     pub lookahead: usize,
 }
 
@@ -137,7 +138,10 @@ struct Active {
     todo: Vec<Option<SegmentPlan>>,
     /// Where the step's walk is (position of the last flip): new copies start ahead of it.
     walk: usize,
+    /// Fixed look-ahead, or 0 for adaptive.
     lookahead: usize,
+    /// Wall time of the last segment's copies.
+    last_copy_ms: Option<f64>,
     in_flight: HashMap<Segment, Arc<SegmentJob>>,
     window: usize,
     fail_at: Option<(Segment, WorkerId)>,
@@ -158,6 +162,8 @@ pub struct Controller {
     pub current_plan: Mutex<Option<Arc<StepPlan>>>,
     events: Mutex<Vec<ReconfigEvent>>,
     next_job: AtomicU64,
+    /// Recent step time in ms (f64 bits).
+    step_ms: AtomicU64,
 }
 
 impl Controller {
@@ -176,6 +182,7 @@ impl Controller {
             current_plan: Mutex::new(None),
             events: Mutex::new(Vec::new()),
             next_job: AtomicU64::new(1),
+            step_ms: AtomicU64::new(0),
         }
     }
 
@@ -228,7 +235,8 @@ impl Controller {
                 todo
             },
             walk: 0,
-            lookahead: if opts.lookahead == 0 { 3 } else { opts.lookahead },
+            lookahead: opts.lookahead,
+            last_copy_ms: None,
             in_flight: HashMap::new(),
             window: if opts.window == 0 { 2 } else { opts.window },
             fail_at: opts.fail_at,
@@ -247,13 +255,32 @@ impl Controller {
         Ok(())
     }
 
+    fn lookahead(&self, a: &Active, n: usize) -> usize {
+        if a.lookahead > 0 {
+            return a.lookahead;
+        }
+        let step_ms = f64::from_bits(self.step_ms.load(Ordering::Relaxed));
+        match a.last_copy_ms {
+            Some(c) if step_ms > 0.0 => {
+                let per_segment = step_ms / n as f64;
+                ((c / per_segment).ceil() as usize + 1).clamp(1, n)
+            }
+            _ => 3.min(n),
+        }
+    }
+
+    /// The engine reports its recent step time (used by the adaptive look-ahead).
+    pub fn set_step_ms(&self, ms: f64) {
+        self.step_ms.store(ms.to_bits(), Ordering::Relaxed);
+    }
+
     fn register_more(&self, a: &mut Active) -> Result<()> {
         while a.aborted.is_none() && a.in_flight.len() < a.window {
             // The first segment not started at least `lookahead` positions ahead of the
             // step's walk (cyclically): its copy then has the time the walk takes to get
             // there, so it can flip in the same step instead of waiting for the next.
             let n = a.todo.len();
-            let start = a.walk + a.lookahead;
+            let start = a.walk + self.lookahead(a, n);
             let Some(i) = (0..n).map(|d| (start + d) % n).find(|&i| a.todo[i].is_some()) else {
                 break;
             };
@@ -343,9 +370,11 @@ impl Controller {
         let seg = job.plan.segment;
         if a.aborted.is_none() {
             let _ = self.live.set_ready(seg);
+            let copy_ms = job.registered.elapsed().as_secs_f64() * 1e3;
+            a.last_copy_ms = Some(copy_ms);
             self.emit(ReconfigEvent::SegmentReady {
                 segment: seg,
-                copy_ms: job.registered.elapsed().as_secs_f64() * 1e3,
+                copy_ms,
                 copy_cpu_ms: job.cpu_us.load(Ordering::SeqCst) as f64 / 1e3,
             });
             return;

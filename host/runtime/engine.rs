@@ -658,6 +658,10 @@ impl Engine {
         if let Ok(mut cur) = pool.ctrl.current_plan.lock() {
             *cur = Some(plan.clone());
         }
+        if let Some(last) = self.history.last() {
+            pool.ctrl
+                .set_step_ms(last.end.duration_since(last.start).as_secs_f64() * 1e3);
+        }
         // The driver decides the embedding's group; workers decide the rest as they go.
         pool.live.group_for(plan.step, Segment::Embed, true)?;
         for (w, tx) in pool.cmd.iter().enumerate() {
