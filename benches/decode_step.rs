@@ -38,26 +38,12 @@ fn refill(e: &mut Engine, model: &Model, batch: usize) {
     e.step().expect("prefill");
 }
 
-/// Read+write bandwidth of a large copy, bytes per second (best of 5).
-fn memory_bandwidth() -> f64 {
-    let n = 32 << 20;
-    let src: Vec<f32> = (0..n).map(|i| i as f32).collect();
-    let mut dst = vec![0.0f32; n];
-    let mut best = f64::INFINITY;
-    for _ in 0..5 {
-        let t = Instant::now();
-        dst.copy_from_slice(&src);
-        best = best.min(t.elapsed().as_secs_f64());
-        std::hint::black_box(&dst);
-    }
-    (2 * n * 4) as f64 / best
-}
-
 fn bench(c: &mut Criterion) {
     remp::runtime::tune_allocator();
     let model = model();
     let weight_bytes = model.config.num_params() as f64 * 4.0;
-    let bw = memory_bandwidth();
+    // A copy reads and writes every byte: memory traffic is twice the copy rate.
+    let bw = 2.0 * remp::reshard::bench::copy_bandwidth();
     let floor_ms = weight_bytes / bw * 1e3;
     let mut rows = Vec::new();
     let mut g = c.benchmark_group("decode_step");

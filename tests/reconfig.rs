@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use remp::parallel::{LayerId, Segment, Topology, WorkerId};
 use remp::reshard::executor::{ReconfigEvent, ReconfigOptions};
-use remp::runtime::{Engine, EngineConfig, Request};
+use remp::runtime::sampling::Rng;
+use remp::runtime::{Engine, EngineConfig, Request, RequestId};
 
 /// Every topology of remp-tiny (8 heads, 4 KV heads, 6 layers) with at most 8 ranks.
 fn all_topologies() -> Vec<Topology> {
@@ -21,18 +22,22 @@ fn all_topologies() -> Vec<Topology> {
     v
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
+/// The oracle request of `c`: greedy, its 48 tokens, EOS ignored.
+fn oracle_request(c: &OracleCase) -> Request {
+    let mut r = Request::greedy(c.prompt.clone(), c.tokens.len() - c.prompt.len());
+    r.ignore_eos = true;
+    r
+}
+
+fn add_all(engine: &mut Engine, cases: &[OracleCase]) -> Vec<RequestId> {
+    cases
+        .iter()
+        .map(|c| engine.add_request(oracle_request(c)).unwrap())
+        .collect()
+}
+
+fn below(rng: &mut Rng, n: usize) -> usize {
+    (rng.next_u64() % n as u64) as usize
 }
 
 fn seed() -> u64 {
@@ -48,8 +53,8 @@ fn run_sequence(seed: u64, switches: usize) {
     let model = tiny_model();
     let cases = oracle();
     let topos = all_topologies();
-    let mut rng = Rng(seed);
-    let start = topos[rng.below(topos.len())];
+    let mut rng = Rng::new(seed);
+    let start = topos[below(&mut rng, topos.len())];
     let mut econf = EngineConfig::new(start);
     econf.workers = Some(8);
     let mut engine = Engine::new(&model, econf).unwrap();
@@ -60,15 +65,16 @@ fn run_sequence(seed: u64, switches: usize) {
     let mut trail = vec![start.to_string()];
     while next_join < cases.len() || engine.has_work() || pending_switches > 0 {
         // Requests join at different steps (some while a switch is in flight).
-        if next_join < cases.len() && rng.below(3) == 0 {
-            let c = &cases[next_join];
-            let mut req = Request::greedy(c.prompt.clone(), c.tokens.len() - c.prompt.len());
-            req.ignore_eos = true;
-            ids.push(engine.add_request(req).unwrap());
+        if next_join < cases.len() && below(&mut rng, 3) == 0 {
+            ids.push(
+                engine
+                    .add_request(oracle_request(&cases[next_join]))
+                    .unwrap(),
+            );
             next_join += 1;
         }
-        if pending_switches > 0 && !engine.reconfig_in_progress() && rng.below(4) == 0 {
-            let t = topos[rng.below(topos.len())];
+        if pending_switches > 0 && !engine.reconfig_in_progress() && below(&mut rng, 4) == 0 {
+            let t = topos[below(&mut rng, topos.len())];
             engine.reconfigure(t).unwrap();
             trail.push(t.to_string());
             pending_switches -= 1;
@@ -113,14 +119,7 @@ fn tp2pp2_to_tp4pp1_and_back_mid_decode() {
     let mut econf = EngineConfig::new(Topology::new(2, 2));
     econf.workers = Some(4);
     let mut engine = Engine::new(&model, econf).unwrap();
-    let ids: Vec<_> = cases
-        .iter()
-        .map(|c| {
-            let mut r = Request::greedy(c.prompt.clone(), c.tokens.len() - c.prompt.len());
-            r.ignore_eos = true;
-            engine.add_request(r).unwrap()
-        })
-        .collect();
+    let ids = add_all(&mut engine, &cases);
     for _ in 0..5 {
         engine.step().unwrap();
     }
@@ -166,14 +165,7 @@ fn switch_requested_during_prefill_and_with_idle_engine() {
     engine.run_to_completion().unwrap();
     assert_eq!(engine.topology_name(), "tp8pp1");
     // Requested right before the prefill step of all five prompts.
-    let ids: Vec<_> = cases
-        .iter()
-        .map(|c| {
-            let mut r = Request::greedy(c.prompt.clone(), c.tokens.len() - c.prompt.len());
-            r.ignore_eos = true;
-            engine.add_request(r).unwrap()
-        })
-        .collect();
+    let ids = add_all(&mut engine, &cases);
     engine.reconfigure(Topology::new(2, 3)).unwrap();
     engine.run_to_completion().unwrap();
     assert_eq!(engine.topology_name(), "tp2pp3");
@@ -192,14 +184,7 @@ fn failed_transfer_aborts_and_keeps_serving() {
     let mut econf = EngineConfig::new(Topology::new(2, 2));
     econf.workers = Some(4);
     let mut engine = Engine::new(&model, econf).unwrap();
-    let ids: Vec<_> = cases
-        .iter()
-        .map(|c| {
-            let mut r = Request::greedy(c.prompt.clone(), c.tokens.len() - c.prompt.len());
-            r.ignore_eos = true;
-            engine.add_request(r).unwrap()
-        })
-        .collect();
+    let ids = add_all(&mut engine, &cases);
     for _ in 0..4 {
         engine.step().unwrap();
     }
@@ -241,14 +226,7 @@ fn stop_the_world_and_restart_baselines_keep_tokens() {
     let mut econf = EngineConfig::new(Topology::new(2, 2));
     econf.workers = Some(4);
     let mut engine = Engine::new(&model, econf).unwrap();
-    let ids: Vec<_> = cases
-        .iter()
-        .map(|c| {
-            let mut r = Request::greedy(c.prompt.clone(), c.tokens.len() - c.prompt.len());
-            r.ignore_eos = true;
-            engine.add_request(r).unwrap()
-        })
-        .collect();
+    let ids = add_all(&mut engine, &cases);
     for _ in 0..6 {
         engine.step().unwrap();
     }

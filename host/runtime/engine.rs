@@ -767,7 +767,7 @@ impl Engine {
         let opts = ReconfigOptions {
             window: n.max(1),
             fail_at: None,
-                    lookahead: 0,
+            lookahead: 0,
         };
         self.pool.ctrl.start(plan, &opts, self.step_no)?;
         while self.pool.ctrl.is_active() && !self.pool.live.all_ready() {
@@ -807,8 +807,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Makes the KV pre-copy see every cached position (used when no step is running).
-    fn publish_cached_lengths(&self) {
+    /// A plan with no new tokens: every running sequence at its cached length.
+    fn empty_plan(&self) -> Arc<StepPlan> {
         let seqs = self
             .running
             .iter()
@@ -820,11 +820,16 @@ impl Engine {
                 all_logits: false,
             })
             .collect();
-        let plan = Arc::new(StepPlan {
+        Arc::new(StepPlan {
             step: self.step_no,
             live: self.pool.live.clone(),
             seqs,
-        });
+        })
+    }
+
+    /// Makes the KV pre-copy see every cached position (used when no step is running).
+    fn publish_cached_lengths(&self) {
+        let plan = self.empty_plan();
         if let Ok(mut cur) = self.pool.ctrl.current_plan.lock() {
             *cur = Some(plan);
         }
@@ -832,22 +837,7 @@ impl Engine {
 
     /// A step with no tokens: lets ready segments flip without decoding.
     fn flip_step(&mut self) -> Result<()> {
-        let seqs = self
-            .running
-            .iter()
-            .map(|s| SeqWork {
-                id: s.id.0,
-                tokens: Vec::new(),
-                start_pos: s.cached,
-                block_table: s.blocks.clone(),
-                all_logits: false,
-            })
-            .collect();
-        let plan = Arc::new(StepPlan {
-            step: self.step_no,
-            live: self.pool.live.clone(),
-            seqs,
-        });
+        let plan = self.empty_plan();
         self.run_plan(&plan)?;
         self.step_no += 1;
         Ok(())

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::model::{ModelConfig, TensorSource};
 use crate::parallel::shard::HeadShard;
 use crate::parallel::{Group, LayerId, Placement, Region, Segment, TensorKind, WorkerId};
-use crate::reshard::planner::Item;
+use crate::reshard::planner::{Item, Transfer};
 use crate::runtime::kv_cache::{kv_pack, kv_unpack, KvGeometry, LayerKv};
 use crate::runtime::live_placement::{Decision, FlipInfo, LivePlacement};
 use crossbeam_channel::{Receiver, Sender};
@@ -414,45 +414,9 @@ impl Worker {
         if let Segment::Layer(l) = seg {
             let old = self.mem.kv(l);
             let delta = |s: &SeqWork| f.precopied.get(&s.id).copied().unwrap_or(0)..s.start_pos;
-            let tag = Tag::Reshard(f.job);
-            for t in &f.kv_transfers {
-                if t.src != me || t.item != Item::Kv(l) {
-                    continue;
-                }
-                let old = old.as_ref().ok_or_else(|| self.err("no KV to send"))?;
-                let mut buf = Vec::new();
-                {
-                    let kv = old.lock().map_err(|_| self.err("KV poisoned"))?;
-                    for s in &plan.seqs {
-                        kv_pack(&kv, &s.block_table, delta(s), &t.region.rows, &mut buf);
-                    }
-                }
-                if t.dst == me {
-                    let new = staged.kv.as_ref().ok_or_else(|| self.err("no staged KV"))?;
-                    if !Arc::ptr_eq(old, new) {
-                        let mut kv = new.lock().map_err(|_| self.err("KV poisoned"))?;
-                        let mut at = 0;
-                        for s in &plan.seqs {
-                            at += kv_unpack(
-                                &mut kv,
-                                &s.block_table,
-                                delta(s),
-                                &t.region.rows,
-                                &buf[at..],
-                            );
-                        }
-                    }
-                } else {
-                    self.comm.send(t.dst.0, tag, buf)?;
-                }
-            }
-            for t in &f.kv_transfers {
-                if t.dst != me || t.src == me || t.item != Item::Kv(l) {
-                    continue;
-                }
-                let buf = self.comm.recv(t.src.0, tag)?;
-                let new = staged.kv.as_ref().ok_or_else(|| self.err("no staged KV"))?;
-                let mut kv = new.lock().map_err(|_| self.err("KV poisoned"))?;
+            // Every sequence's delta, in plan order, for one KV transfer's heads.
+            let unpack = |kv: &Arc<Mutex<LayerKv>>, t: &Transfer, buf: &[f32]| -> Result<()> {
+                let mut kv = kv.lock().map_err(|_| self.err("KV poisoned"))?;
                 let mut at = 0;
                 for s in &plan.seqs {
                     at += kv_unpack(
@@ -469,6 +433,37 @@ impl Worker {
                         buf.len()
                     )));
                 }
+                Ok(())
+            };
+            let tag = Tag::Reshard(f.job);
+            for t in &f.kv_transfers {
+                if t.src != me || t.item != Item::Kv(l) {
+                    continue;
+                }
+                let old = old.as_ref().ok_or_else(|| self.err("no KV to send"))?;
+                let mut buf = Vec::new();
+                {
+                    let kv = old.lock().map_err(|_| self.err("KV poisoned"))?;
+                    for s in &plan.seqs {
+                        kv_pack(&kv, &s.block_table, delta(s), &t.region.rows, &mut buf);
+                    }
+                }
+                if t.dst == me {
+                    let new = staged.kv.as_ref().ok_or_else(|| self.err("no staged KV"))?;
+                    if !Arc::ptr_eq(old, new) {
+                        unpack(new, t, &buf)?;
+                    }
+                } else {
+                    self.comm.send(t.dst.0, tag, buf)?;
+                }
+            }
+            for t in &f.kv_transfers {
+                if t.dst != me || t.src == me || t.item != Item::Kv(l) {
+                    continue;
+                }
+                let buf = self.comm.recv(t.src.0, tag)?;
+                let new = staged.kv.as_ref().ok_or_else(|| self.err("no staged KV"))?;
+                unpack(new, t, &buf)?;
             }
         }
         // Swap: the old buffers go (unless kept, or cut down in place).
@@ -488,7 +483,8 @@ impl Worker {
                     // Bytes of the old buffers that live on as new tensors.
                     let stays: usize = in_place.iter().map(|(_, _, to)| to.len() * 4).sum();
                     if !in_place.is_empty() {
-                        let old = old.ok_or_else(|| self.err(format!("{seg}: nothing to cut down")))?;
+                        let old =
+                            old.ok_or_else(|| self.err(format!("{seg}: nothing to cut down")))?;
                         // The compute thread is the only holder at a flip; if not, copy.
                         let mut old_tensors = match Arc::try_unwrap(old) {
                             Ok(o) => o.tensors,
