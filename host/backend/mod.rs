@@ -3,3 +3,4 @@
 
 pub mod comm;
 pub mod cpu;
+pub mod cuda;

@@ -1,0 +1,458 @@
+//! CUDA driver layer (through `cudarc`, loaded at run time): one binary serves CPU-only
+//! and GPU machines. [`CudaDevice::open`] checks that `libcuda` exists before the first
+//! driver call (cudarc panics otherwise) and turns every failure — no driver, no device,
+//! an unsupported compute capability — into [`Error::Device`].
+//!
+//! [`CudaDevice`] owns device `ordinal`'s primary context and one stream, loads the
+//! embedded PTX module of [`crate::kernels`] (sm_90 for compute capability 9.x and up,
+//! sm_80 for 8.x) once, on first use, and launches kernels by name with plain argument
+//! lists ([`Arg`]). Every driver call is checked; after each launch the launch error and
+//! (with [`CudaDevice::set_sync_check`]) the kernel's completion are checked too.
+//! [`DevBuf`] is a raw device allocation (freed on drop) addressed by its `u64` pointer,
+//! which is what the kernels take.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
+
+use crate::kernels::{self, Arch};
+use crate::{Error, Result};
+
+fn derr(what: &str, e: DriverError) -> Error {
+    Error::Device(format!("{what}: {e:?}"))
+}
+
+/// Whether a CUDA driver library can be loaded at all (without it, cudarc's first
+/// driver call panics).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library by its candidate names.
+    unsafe { sys::is_culib_present() }
+}
+
+/// One kernel argument, passed by value as the kernel's parameter type.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    /// A device pointer (`*const T` / `*mut T` parameters); `Ptr(0)` is null.
+    Ptr(u64),
+    U32(u32),
+    U64(u64),
+    F32(f32),
+}
+
+impl From<&DevBuf> for Arg {
+    fn from(b: &DevBuf) -> Arg {
+        Arg::Ptr(b.ptr)
+    }
+}
+
+/// A raw device allocation of `len` bytes (at least 256-byte aligned), freed on drop.
+pub struct DevBuf {
+    ptr: u64,
+    len: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl DevBuf {
+    /// Device address of the first byte.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    /// Device address of byte `off`.
+    pub fn at(&self, off: usize) -> u64 {
+        assert!(off <= self.len, "offset {off} beyond {} bytes", self.len);
+        self.ptr + off as u64
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Copy `data` to the start of the buffer (synchronous).
+    pub fn upload<T: Copy>(&self, data: &[T]) -> Result<()> {
+        self.upload_at(0, data)
+    }
+    /// Copy `data` to byte offset `off` (synchronous).
+    pub fn upload_at<T: Copy>(&self, off: usize, data: &[T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(data);
+        assert!(off + bytes <= self.len, "upload of {bytes} B at {off} beyond {} B", self.len);
+        self.ctx.bind_to_thread().map_err(|e| derr("bind context", e))?;
+        // SAFETY: the range is inside this allocation; T: Copy is plain bytes.
+        unsafe { result::memcpy_htod_sync(self.ptr + off as u64, data) }
+            .map_err(|e| derr("cuMemcpyHtoD", e))
+    }
+    /// The whole buffer as `len / size_of::<T>()` elements (synchronous).
+    pub fn download<T: Copy + Default>(&self) -> Result<Vec<T>> {
+        let mut v = vec![T::default(); self.len / std::mem::size_of::<T>().max(1)];
+        self.ctx.bind_to_thread().map_err(|e| derr("bind context", e))?;
+        // SAFETY: v's bytes lie inside the allocation.
+        unsafe { result::memcpy_dtoh_sync(&mut v[..], self.ptr) }
+            .map_err(|e| derr("cuMemcpyDtoH", e))?;
+        Ok(v)
+    }
+    /// Set every byte to `byte` (synchronous), e.g. to poison outputs.
+    pub fn fill(&self, byte: u8) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| derr("bind context", e))?;
+        // SAFETY: the whole allocation.
+        unsafe { result::memset_d8_sync(self.ptr, byte, self.len) }
+            .map_err(|e| derr("cuMemsetD8", e))
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if self.len > 0 && self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by malloc_sync and freed once.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// A CUDA device: its primary context, one stream, the kernel module (loaded lazily).
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: Arch,
+    name: String,
+    cc: (i32, i32),
+    module: OnceLock<std::result::Result<Module, String>>,
+    sync_check: std::sync::atomic::AtomicBool,
+}
+
+struct Module {
+    raw: sys::CUmodule,
+    funcs: Mutex<HashMap<String, sys::CUfunction>>,
+}
+// SAFETY: CUmodule / CUfunction handles are usable from any thread with the context
+// current; the map is behind a mutex.
+unsafe impl Send for Module {}
+unsafe impl Sync for Module {}
+
+impl CudaDevice {
+    /// Open device `ordinal`. Fails with [`Error::Device`] (never panics) when there is
+    /// no CUDA driver, no device, or the device is older than sm_80.
+    pub fn open(ordinal: usize) -> Result<CudaDevice> {
+        if !driver_present() {
+            return Err(Error::Device(
+                "no CUDA driver: libcuda.so could not be loaded (is this a GPU machine?)".into(),
+            ));
+        }
+        result::init().map_err(|e| derr("cuInit", e))?;
+        let count = CudaContext::device_count().map_err(|e| derr("cuDeviceGetCount", e))?;
+        if count <= 0 || ordinal >= count as usize {
+            return Err(Error::Device(format!(
+                "no CUDA device {ordinal} ({count} present)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| derr("cuDevicePrimaryCtxRetain", e))?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(|e| derr("compute capability", e))?;
+        let name = ctx.name().map_err(|e| derr("device name", e))?;
+        let arch = Arch::for_compute_capability(cc.0 as u32, cc.1 as u32).ok_or_else(|| {
+            Error::Device(format!(
+                "{name}: compute capability {}.{} is below sm_80 (needs cp.async, ldmatrix, bf16 mma)",
+                cc.0, cc.1
+            ))
+        })?;
+        let stream = ctx.new_stream().map_err(|e| derr("cuStreamCreate", e))?;
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            arch,
+            name,
+            cc,
+            module: OnceLock::new(),
+            sync_check: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// Raw stream handle (for events, cuBLAS, async copies).
+    pub fn cu_stream(&self) -> sys::CUstream {
+        self.stream.cu_stream()
+    }
+    /// A device attribute (e.g. `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`).
+    pub fn attribute(&self, a: sys::CUdevice_attribute) -> Result<i32> {
+        self.ctx.attribute(a).map_err(|e| derr("cuDeviceGetAttribute", e))
+    }
+    pub fn sm_count(&self) -> Result<u32> {
+        Ok(self.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as u32)
+    }
+    /// After every launch also synchronize and check the kernel ran to completion
+    /// (tests: a trap or fault is reported at the launch that caused it).
+    pub fn set_sync_check(&self, on: bool) {
+        self.sync_check
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| derr("bind context", e))
+    }
+
+    /// Allocate `bytes` bytes (contents undefined).
+    pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        self.bind()?;
+        let ptr = if bytes == 0 {
+            0
+        } else {
+            // SAFETY: plain allocation, freed by DevBuf's drop.
+            unsafe { result::malloc_sync(bytes) }
+                .map_err(|e| derr(&format!("cuMemAlloc({bytes} B)"), e))?
+        };
+        Ok(DevBuf {
+            ptr,
+            len: bytes,
+            ctx: self.ctx.clone(),
+        })
+    }
+    /// Allocate and upload `data`.
+    pub fn upload<T: Copy>(&self, data: &[T]) -> Result<DevBuf> {
+        let b = self.alloc(std::mem::size_of_val(data).max(1))?;
+        if !data.is_empty() {
+            b.upload(data)?;
+        }
+        Ok(b)
+    }
+    /// Allocate `bytes` bytes, every byte set to `poison`.
+    pub fn alloc_poisoned(&self, bytes: usize, poison: u8) -> Result<DevBuf> {
+        let b = self.alloc(bytes.max(1))?;
+        b.fill(poison)?;
+        Ok(b)
+    }
+
+    /// Wait for the stream and report any asynchronous error (trap, fault).
+    pub fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        self.stream
+            .synchronize()
+            .map_err(|e| derr("kernel execution (cuStreamSynchronize)", e))
+    }
+
+    /// Asynchronous device-to-device copy on the device's stream.
+    pub fn copy_dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.bind()?;
+        // SAFETY: caller passes ranges inside live allocations.
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.cu_stream()) }
+            .map_err(|e| derr("cuMemcpyDtoDAsync", e))
+    }
+
+    fn module(&self) -> Result<&Module> {
+        let m = self.module.get_or_init(|| self.load_module());
+        m.as_ref().map_err(|e| Error::Device(e.clone()))
+    }
+
+    fn load_module(&self) -> std::result::Result<Module, String> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| format!("bind context: {e:?}"))?;
+        let src = CString::new(kernels::ptx(self.arch)).map_err(|e| e.to_string())?;
+        const LOG: usize = 16 << 10;
+        let mut err_log = vec![0u8; LOG];
+        let mut info_log = vec![0u8; LOG];
+        let mut opts = [
+            sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
+            sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+            sys::CUjit_option::CU_JIT_INFO_LOG_BUFFER,
+            sys::CUjit_option::CU_JIT_INFO_LOG_BUFFER_SIZE_BYTES,
+        ];
+        let mut vals: [*mut c_void; 4] = [
+            err_log.as_mut_ptr() as *mut c_void,
+            LOG as *mut c_void,
+            info_log.as_mut_ptr() as *mut c_void,
+            LOG as *mut c_void,
+        ];
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: NUL-terminated PTX text; option values per the driver API.
+        let r = unsafe {
+            sys::cuModuleLoadDataEx(
+                &mut raw,
+                src.as_ptr() as *const c_void,
+                opts.len() as u32,
+                opts.as_mut_ptr(),
+                vals.as_mut_ptr(),
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            let log = String::from_utf8_lossy(&err_log);
+            return Err(format!(
+                "loading the {} PTX module (cuModuleLoadDataEx): {r:?}\n{}",
+                self.arch.name(),
+                log.trim_end_matches('\0')
+            ));
+        }
+        Ok(Module {
+            raw,
+            funcs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Load the kernel module now (it is otherwise loaded by the first launch).
+    pub fn load_kernels(&self) -> Result<()> {
+        self.module().map(|_| ())
+    }
+
+    fn function(&self, name: &str) -> Result<sys::CUfunction> {
+        if kernels::kernel(name).is_none() {
+            return Err(Error::Device(format!("unknown kernel `{name}`")));
+        }
+        let m = self.module()?;
+        let mut funcs = m.funcs.lock().unwrap();
+        if let Some(&f) = funcs.get(name) {
+            return Ok(f);
+        }
+        let cname = CString::new(name).unwrap();
+        let mut f = std::ptr::null_mut();
+        // SAFETY: valid module and NUL-terminated name.
+        let r = unsafe { sys::cuModuleGetFunction(&mut f, m.raw, cname.as_ptr()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::Device(format!("cuModuleGetFunction({name}): {r:?}")));
+        }
+        funcs.insert(name.to_string(), f);
+        Ok(f)
+    }
+
+    /// Launch kernel `name` on the device's stream with `grid` blocks of `block` threads
+    /// (1-D blocks, as all remp kernels use) and the given arguments, in the kernel's
+    /// parameter order. Checks the launch; with sync-check on, also its completion.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's parameters in number and type, and every
+    /// pointer must be valid for the accesses the kernel makes.
+    pub unsafe fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
+        let f = self.function(name)?;
+        self.bind()?;
+        let mut vals: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::Ptr(p) | Arg::U64(p) => p,
+                Arg::U32(v) => v as u64,
+                Arg::F32(v) => v.to_bits() as u64,
+            })
+            .collect();
+        // each parameter points at its own 8-byte slot; u32/f32 are read from the low
+        // 4 bytes (x86_64 is little-endian)
+        let mut ptrs: Vec<*mut c_void> = vals
+            .iter_mut()
+            .map(|v| v as *mut u64 as *mut c_void)
+            .collect();
+        let r = sys::cuLaunchKernel(
+            f,
+            grid[0],
+            grid[1],
+            grid[2],
+            block,
+            1,
+            1,
+            0,
+            self.cu_stream(),
+            ptrs.as_mut_ptr(),
+            std::ptr::null_mut(),
+        );
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::Device(format!(
+                "launch {name} grid {grid:?} block {block}: {r:?}"
+            )));
+        }
+        if self.sync_check.load(std::sync::atomic::Ordering::Relaxed) {
+            self.stream
+                .synchronize()
+                .map_err(|e| derr(&format!("kernel {name} grid {grid:?} block {block}"), e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        if let Some(Ok(m)) = self.module.get() {
+            if self.ctx.bind_to_thread().is_ok() {
+                let _ = self.stream.synchronize();
+                // SAFETY: loaded once by load_module, unloaded once.
+                unsafe { sys::cuModuleUnload(m.raw) };
+            }
+        }
+    }
+}
+
+/// Timing with CUDA events on the device's stream.
+pub struct EventTimer {
+    start: sys::CUevent,
+    stop: sys::CUevent,
+    stream: sys::CUstream,
+}
+
+impl EventTimer {
+    pub fn new(dev: &CudaDevice) -> Result<EventTimer> {
+        dev.bind()?;
+        let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = result::event::create(flags).map_err(|e| derr("cuEventCreate", e))?;
+        let stop = result::event::create(flags).map_err(|e| derr("cuEventCreate", e))?;
+        Ok(EventTimer {
+            start,
+            stop,
+            stream: dev.cu_stream(),
+        })
+    }
+    pub fn start(&self) -> Result<()> {
+        // SAFETY: live event and stream.
+        unsafe { result::event::record(self.start, self.stream) }
+            .map_err(|e| derr("cuEventRecord", e))
+    }
+    /// Record the stop event, wait for it, and return the elapsed milliseconds.
+    pub fn stop_ms(&self) -> Result<f32> {
+        // SAFETY: live events and stream.
+        unsafe {
+            result::event::record(self.stop, self.stream).map_err(|e| derr("cuEventRecord", e))?;
+            result::event::synchronize(self.stop).map_err(|e| derr("cuEventSynchronize", e))?;
+            result::event::elapsed(self.start, self.stop).map_err(|e| derr("cuEventElapsedTime", e))
+        }
+    }
+}
+
+impl Drop for EventTimer {
+    fn drop(&mut self) {
+        // SAFETY: created by new, destroyed once.
+        unsafe {
+            let _ = result::event::destroy(self.start);
+            let _ = result::event::destroy(self.stop);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a machine without a GPU (CI), opening a device is an error, not a panic; on a
+    /// GPU machine it opens and picks a PTX arch.
+    #[test]
+    fn open_without_gpu_is_an_error_not_a_panic() {
+        match CudaDevice::open(0) {
+            Ok(d) => assert!(matches!(d.arch(), Arch::Sm80 | Arch::Sm90)),
+            Err(e) => {
+                assert!(matches!(e, Error::Device(_)), "{e}");
+                assert!(e.to_string().starts_with("device: "), "{e}");
+            }
+        }
+        // an absurd ordinal is always an error
+        assert!(matches!(CudaDevice::open(1 << 20), Err(Error::Device(_))));
+    }
+}

@@ -1,0 +1,415 @@
+//! `remp-gpu-bench`: times remp's Rust/PTX kernels on the GPU against baselines measured
+//! in the same run (see `tools/gpu-check`):
+//! - HBM bandwidth: `cuMemcpyDtoD` of 256 MiB (bytes read + written);
+//! - `reshard_copy2d` (contiguous and a column-slice) vs that DtoD copy, same bytes;
+//! - decode GEMM (M = 1, 8, 16; 7B–70B shard shapes): weight bytes / time, % of HBM;
+//! - prefill GEMM 4096³ (`gemm_mma_bf16`) vs cuBLAS `cublasGemmEx` (bf16 in/out, f32
+//!   compute) → % of cuBLAS TFLOP/s;
+//! - decode attention, batch 32 × 4096 context (8 KV heads, 32 q heads, d 128): KV bytes
+//!   read / time (incl. the split-K combine), % of HBM.
+//!
+//! Method: inputs are random bf16 (never zeros) in a 1 GiB pool; operands rotate through
+//! the pool so every timed working set is ≥ 256 MiB (L2 is 50–60 MB); CUDA events
+//! around batches of launches after warm-up; the median over batches is reported.
+//! Writes the table to stdout and JSON to `$OUT/kernels.json` (`$OUT` defaults to
+//! `./gpu-out`). Exits 2 with one line when there is no GPU.
+
+use remp::backend::cuda::{Arg, CudaDevice, DevBuf, EventTimer};
+use remp::Result;
+use serde_json::{json, Value};
+
+const MIB: usize = 1 << 20;
+const POOL: usize = 1024 * MIB;
+
+fn main() {
+    match run() {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("remp-gpu-bench: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+struct Bench<'a> {
+    dev: &'a CudaDevice,
+    timer: EventTimer,
+    rows: Vec<Value>,
+}
+
+impl Bench<'_> {
+    /// Median milliseconds per call of `f(i)` (i counts up, for rotation): 3 warm-up
+    /// batches, then `reps` batches of `inner` calls, each batch timed with events.
+    fn time(&self, reps: usize, inner: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+        let mut i = 0;
+        for _ in 0..3 * inner {
+            f(i)?;
+            i += 1;
+        }
+        self.dev.synchronize()?;
+        let mut ts = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            self.timer.start()?;
+            for _ in 0..inner {
+                f(i)?;
+                i += 1;
+            }
+            ts.push(self.timer.stop_ms()? as f64 / inner as f64);
+        }
+        self.dev.synchronize()?;
+        ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Ok(ts[ts.len() / 2])
+    }
+}
+
+/// Fill `buf` with random finite bf16 values in ±[2^-7, 1): 64 MiB from the host,
+/// replicated on the device.
+fn fill_random(dev: &CudaDevice, buf: &DevBuf) -> Result<()> {
+    let chunk = (64 * MIB).min(buf.len());
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let host: Vec<u16> = (0..chunk / 2)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let r = (s >> 16) as u16;
+            let e = 120 + (r % 7);
+            ((r & 0x8000) | (e << 7) | ((s >> 40) as u16 & 0x7F)) as u16
+        })
+        .collect();
+    buf.upload(&host)?;
+    let mut off = chunk;
+    while off < buf.len() {
+        let n = chunk.min(buf.len() - off);
+        dev.copy_dtod(buf.at(off), buf.ptr(), n)?;
+        off += n;
+    }
+    dev.synchronize()
+}
+
+fn gbs(bytes: f64, ms: f64) -> f64 {
+    bytes / (ms * 1e-3) / 1e9
+}
+
+fn run() -> Result<()> {
+    let dev = CudaDevice::open(0)?;
+    let t0 = std::time::Instant::now();
+    dev.load_kernels()?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let sms = dev.sm_count()?;
+    let (cc0, cc1) = dev.compute_capability();
+    println!(
+        "device: {} (sm_{cc0}{cc1}, {sms} SMs), PTX {} module loaded in {load_s:.2} s",
+        dev.name(),
+        dev.arch().name()
+    );
+    let mut b = Bench { dev: &dev, timer: EventTimer::new(&dev)?, rows: vec![] };
+    let pool = dev.alloc(POOL)?;
+    fill_random(&dev, &pool)?;
+    // a pool offset for rotation step i of buffers of `bytes` bytes (256-byte aligned)
+    let rot = |i: usize, bytes: usize| -> u64 {
+        let slots = ((POOL - bytes) / bytes.next_multiple_of(256)).max(1);
+        pool.at((i % slots) * bytes.next_multiple_of(256))
+    };
+
+    // ---- HBM bandwidth: DtoD 256 MiB (read + write)
+    let copy_bytes = 256 * MIB;
+    let dst = dev.alloc(copy_bytes)?;
+    dst.fill(0x3C)?;
+    let t = b.time(15, 4, |i| dev.copy_dtod(dst.ptr(), pool.at((i % 3) * copy_bytes), copy_bytes))?;
+    let hbm = gbs(2.0 * copy_bytes as f64, t);
+    b.rows.push(json!({"bench": "hbm_dtod", "bytes_rw": 2 * copy_bytes, "ms": t, "gb_s": hbm}));
+    println!("HBM (cuMemcpyDtoD 256 MiB, read+write): {hbm:.0} GB/s");
+
+    // ---- reshard_copy2d vs DtoD
+    let cols = 8192usize; // bf16 row of 16 KiB
+    for (label, rows, src_stride, dst_stride) in [
+        ("contiguous 256 MiB", copy_bytes / (cols * 2), cols, cols),
+        ("column half of [rows, 2*cols] -> packed", copy_bytes / (cols * 2), 2 * cols, cols),
+        ("packed -> column half of [rows, 2*cols]", copy_bytes / (cols * 4), cols, 2 * cols),
+    ] {
+        let items = rows * (cols * 2).div_ceil(8192);
+        let grid = (items.div_ceil(4) as u32).clamp(1, 8 * sms);
+        let dstb = if dst_stride > cols { dev.alloc(rows * dst_stride * 2)? } else { dev.alloc(rows * cols * 2)? };
+        let src_span = rows * src_stride * 2;
+        let t = b.time(15, 4, |i| {
+            let src = if src_span <= POOL / 2 { pool.at((i % 2) * (POOL / 2)) } else { pool.ptr() };
+            let args = [
+                Arg::Ptr(dstb.ptr()),
+                Arg::U64(0),
+                Arg::U64(dst_stride as u64),
+                Arg::Ptr(src),
+                Arg::U64(0),
+                Arg::U64(src_stride as u64),
+                Arg::U32(rows as u32),
+                Arg::U32(cols as u32),
+                Arg::U32(2),
+            ];
+            unsafe { dev.launch("reshard_copy2d", [grid, 1, 1], 128, &args) }
+        })?;
+        let bytes = (2 * rows * cols * 2) as f64;
+        // DtoD of the same bytes
+        let td = b.time(15, 4, |i| dev.copy_dtod(dstb.ptr(), pool.at((i % 2) * (POOL / 2)), rows * cols * 2))?;
+        let (g, gd) = (gbs(bytes, t), gbs(bytes, td));
+        println!("reshard_copy2d {label}: {g:.0} GB/s vs DtoD {gd:.0} GB/s = {:.1}%", 100.0 * g / gd);
+        b.rows.push(json!({"bench": "reshard_copy2d", "case": label, "bytes_rw": bytes, "ms": t,
+            "gb_s": g, "dtod_gb_s": gd, "pct_of_dtod": 100.0 * g / gd, "grid": grid}));
+    }
+
+    // ---- decode GEMM
+    let y = dev.alloc(64 * MIB)?;
+    for &(label, k, n) in &[
+        ("7B q/o (K=4096,N=4096)", 4096usize, 4096usize),
+        ("8B up (K=4096,N=14336)", 4096, 14336),
+        ("70B gate TP8 (K=8192,N=3584)", 8192, 28672 / 8),
+        ("70B down TP8 (K=3584,N=8192)", 28672 / 8, 8192),
+        ("70B q TP8 (K=8192,N=1024)", 8192, 1024),
+    ] {
+        for m in [1usize, 8, 16] {
+            let wbytes = n * k * 2;
+            let grid = [n.div_ceil(8) as u32, 1, 1];
+            let t = b.time(21, 8, |i| {
+                let w = rot(i, wbytes);
+                let x = rot(i + 7, m * k * 2);
+                let args = [
+                    Arg::Ptr(y.ptr()),
+                    Arg::Ptr(x),
+                    Arg::Ptr(w),
+                    Arg::Ptr(0),
+                    Arg::Ptr(0),
+                    Arg::U32(m as u32),
+                    Arg::U32(n as u32),
+                    Arg::U32(k as u32),
+                    Arg::U32(k as u32),
+                    Arg::U32(n as u32),
+                ];
+                unsafe { dev.launch("gemm_decode_bf16", grid, 128, &args) }
+            })?;
+            let g = gbs(wbytes as f64, t);
+            println!(
+                "gemm_decode M={m:2} {label}: {:.1} us, {g:.0} GB/s weights = {:.1}% of HBM",
+                t * 1e3,
+                100.0 * g / hbm
+            );
+            b.rows.push(json!({"bench": "gemm_decode_bf16", "case": label, "m": m, "n": n, "k": k,
+                "ms": t, "weight_gb_s": g, "pct_of_hbm": 100.0 * g / hbm}));
+        }
+    }
+
+    // ---- prefill GEMM 4096^3 vs cuBLAS
+    let (m, n, k) = (4096usize, 4096usize, 4096usize);
+    let flops = 2.0 * (m * n * k) as f64;
+    let yb = dev.alloc(m * n * 2)?;
+    let grid = [n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1];
+    let t = b.time(9, 4, |i| {
+        let args = [
+            Arg::Ptr(yb.ptr()),
+            Arg::Ptr(rot(2 * i, m * k * 2)),
+            Arg::Ptr(rot(2 * i + 1, n * k * 2)),
+            Arg::Ptr(0),
+            Arg::Ptr(0),
+            Arg::U32(m as u32),
+            Arg::U32(n as u32),
+            Arg::U32(k as u32),
+            Arg::U32(k as u32),
+            Arg::U32(n as u32),
+        ];
+        unsafe { dev.launch("gemm_mma_bf16", grid, 128, &args) }
+    })?;
+    let ours = flops / (t * 1e-3) / 1e12;
+    let cublas = match cublas_gemm_time(&b, &yb, &rot, m, n, k) {
+        Ok(tc) => Some(flops / (tc * 1e-3) / 1e12),
+        Err(e) => {
+            println!("cuBLAS baseline unavailable: {e}");
+            None
+        }
+    };
+    match cublas {
+        Some(c) => println!(
+            "gemm_mma_bf16 4096^3: {ours:.0} TFLOP/s vs cuBLAS {c:.0} TFLOP/s = {:.1}%",
+            100.0 * ours / c
+        ),
+        None => println!("gemm_mma_bf16 4096^3: {ours:.0} TFLOP/s"),
+    }
+    b.rows.push(json!({"bench": "gemm_mma_bf16", "m": m, "n": n, "k": k, "ms": t, "tflops": ours,
+        "cublas_tflops": cublas, "pct_of_cublas": cublas.map(|c| 100.0 * ours / c)}));
+
+    // ---- decode attention: batch 32 x 4096 context
+    let (seqs, ctx, qh, kvh, d, bs) = (32usize, 4096usize, 32usize, 8usize, 128usize, 16usize);
+    let max_blocks = ctx / bs;
+    let nblocks = seqs * max_blocks;
+    let kv_bytes = nblocks * bs * kvh * d * 2; // per K (V the same)
+    assert!(2 * kv_bytes <= POOL);
+    let mut ids: Vec<u32> = (0..nblocks as u32).collect();
+    let mut s = 0x2545_f491_4f6c_dd1du64;
+    for i in (1..ids.len()).rev() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ids.swap(i, (s % (i as u64 + 1)) as usize);
+    }
+    let tables = dev.upload(&ids)?;
+    let lens = dev.upload(&vec![ctx as u32; seqs])?;
+    let q = dev.alloc(seqs * qh * d * 2)?;
+    dev.copy_dtod(q.ptr(), pool.at(POOL - q.len()), q.len())?;
+    let out = dev.alloc(seqs * qh * d * 2)?;
+    let (kc, vc) = (pool.ptr(), pool.at(kv_bytes));
+    let mut best: Option<(f64, usize)> = None;
+    let mut per_split = vec![];
+    for split_tokens in [4096usize, 1024, 512] {
+        let splits = ctx.div_ceil(split_tokens);
+        let opart = dev.alloc(seqs * qh * splits * d * 4)?;
+        let ml = dev.alloc(seqs * qh * splits * 2 * 4)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let t = b.time(11, 4, |_| {
+            let args = [
+                Arg::Ptr(out.ptr()),
+                Arg::Ptr(opart.ptr()),
+                Arg::Ptr(ml.ptr()),
+                Arg::Ptr(q.ptr()),
+                Arg::Ptr(kc),
+                Arg::Ptr(vc),
+                Arg::Ptr(tables.ptr()),
+                Arg::Ptr(lens.ptr()),
+                Arg::U32(qh as u32),
+                Arg::U32(kvh as u32),
+                Arg::U32(d as u32),
+                Arg::U32(bs as u32),
+                Arg::U32(max_blocks as u32),
+                Arg::U32((qh * d) as u32),
+                Arg::U32(split_tokens as u32),
+                Arg::F32(scale),
+            ];
+            let grid = [(kvh * (qh / kvh).div_ceil(8)) as u32, seqs as u32, splits as u32];
+            unsafe { dev.launch("attn_decode_bf16", grid, 128, &args) }?;
+            if splits > 1 {
+                let cargs = [
+                    Arg::Ptr(out.ptr()),
+                    Arg::Ptr(opart.ptr()),
+                    Arg::Ptr(ml.ptr()),
+                    Arg::Ptr(lens.ptr()),
+                    Arg::U32(qh as u32),
+                    Arg::U32(d as u32),
+                    Arg::U32(splits as u32),
+                    Arg::U32(split_tokens as u32),
+                ];
+                unsafe { dev.launch("attn_decode_combine_bf16", [qh as u32, seqs as u32, 1], 128, &cargs) }?;
+            }
+            Ok(())
+        })?;
+        let g = gbs(2.0 * kv_bytes as f64, t);
+        println!(
+            "attn_decode batch {seqs} ctx {ctx} split {split_tokens}: {:.1} us, {g:.0} GB/s KV = {:.1}% of HBM",
+            t * 1e3,
+            100.0 * g / hbm
+        );
+        per_split.push(json!({"split_tokens": split_tokens, "ms": t, "kv_gb_s": g, "pct_of_hbm": 100.0 * g / hbm}));
+        if best.is_none_or(|(bt, _)| t < bt) {
+            best = Some((t, split_tokens));
+        }
+    }
+    let (t, split) = best.unwrap();
+    let g = gbs(2.0 * kv_bytes as f64, t);
+    b.rows.push(json!({"bench": "attn_decode_bf16", "seqs": seqs, "ctx": ctx, "q_heads": qh, "kv_heads": kvh,
+        "head_dim": d, "block_size": bs, "kv_bytes": 2 * kv_bytes, "best_split_tokens": split, "ms": t,
+        "kv_gb_s": g, "pct_of_hbm": 100.0 * g / hbm, "splits": per_split}));
+
+    // ---- summary
+    println!();
+    println!("{:<44} {:>12} {:>14}", "kernel", "result", "vs baseline");
+    for r in &b.rows {
+        let (name, res, vs) = match r["bench"].as_str().unwrap() {
+            "hbm_dtod" => ("HBM (DtoD)".to_string(), format!("{:.0} GB/s", r["gb_s"].as_f64().unwrap()), String::new()),
+            "reshard_copy2d" => (
+                format!("reshard_copy2d {}", r["case"].as_str().unwrap()),
+                format!("{:.0} GB/s", r["gb_s"].as_f64().unwrap()),
+                format!("{:.1}% DtoD", r["pct_of_dtod"].as_f64().unwrap()),
+            ),
+            "gemm_decode_bf16" => (
+                format!("gemm_decode M={} K={} N={}", r["m"], r["k"], r["n"]),
+                format!("{:.0} GB/s", r["weight_gb_s"].as_f64().unwrap()),
+                format!("{:.1}% HBM", r["pct_of_hbm"].as_f64().unwrap()),
+            ),
+            "gemm_mma_bf16" => (
+                "gemm_mma_bf16 4096^3".to_string(),
+                format!("{:.0} TFLOP/s", r["tflops"].as_f64().unwrap()),
+                r["pct_of_cublas"].as_f64().map(|p| format!("{p:.1}% cuBLAS")).unwrap_or("-".into()),
+            ),
+            "attn_decode_bf16" => (
+                format!("attn_decode b32 ctx4096 (split {})", r["best_split_tokens"]),
+                format!("{:.0} GB/s", r["kv_gb_s"].as_f64().unwrap()),
+                format!("{:.1}% HBM", r["pct_of_hbm"].as_f64().unwrap()),
+            ),
+            _ => continue,
+        };
+        println!("{name:<44} {res:>12} {vs:>14}");
+    }
+    let out_dir = std::env::var("OUT").unwrap_or_else(|_| "gpu-out".into());
+    let _ = std::fs::create_dir_all(&out_dir);
+    let path = std::path::Path::new(&out_dir).join("kernels.json");
+    let doc = json!({
+        "device": dev.name(), "compute_capability": format!("{cc0}.{cc1}"), "sms": sms,
+        "ptx_arch": dev.arch().name(), "module_load_s": load_s, "hbm_gb_s": hbm,
+        "method": "CUDA events around batches of launches after 3 warm-up batches; median over batches; random bf16 inputs rotated through a 1 GiB pool",
+        "results": b.rows,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap())
+        .map_err(|e| remp::Error::Device(format!("{}: {e}", path.display())))?;
+    println!("JSON: {}", path.display());
+    Ok(())
+}
+
+/// Median ms of cuBLAS `cublasGemmEx` computing the same product (bf16 in and out, f32
+/// compute): row-major y[M,N] = x[M,K]·W[N,K]ᵀ is column-major yᵀ = W·xᵀ, i.e.
+/// gemm(op(A)=T with A = W (K×N col-major), B = x (K×M col-major)).
+fn cublas_gemm_time(
+    b: &Bench,
+    y: &DevBuf,
+    rot: &dyn Fn(usize, usize) -> u64,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<f64> {
+    use cudarc::cublas::{result as cb, sys as cs};
+    let err = |e: cb::CublasError| remp::Error::Device(format!("cuBLAS: {e:?}"));
+    if !unsafe { cs::is_culib_present() } {
+        return Err(remp::Error::Device("libcublas not found (LD_LIBRARY_PATH?)".into()));
+    }
+    b.dev.bind()?;
+    let h = cb::create_handle().map_err(err)?;
+    let r = (|| {
+        unsafe { cb::set_stream(h, b.dev.cu_stream() as cs::cudaStream_t) }.map_err(err)?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        b.time(9, 4, |i| {
+            let (x, w) = (rot(2 * i, m * k * 2), rot(2 * i + 1, n * k * 2));
+            unsafe {
+                cb::gemm_ex(
+                    h,
+                    cs::cublasOperation_t::CUBLAS_OP_T,
+                    cs::cublasOperation_t::CUBLAS_OP_N,
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const _,
+                    w as *const _,
+                    cs::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    x as *const _,
+                    cs::cudaDataType::CUDA_R_16BF,
+                    k as i32,
+                    &beta as *const f32 as *const _,
+                    y.ptr() as *mut _,
+                    cs::cudaDataType::CUDA_R_16BF,
+                    n as i32,
+                    cs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(err)
+        })
+    })();
+    unsafe {
+        let _ = cb::destroy_handle(h);
+    }
+    r
+}

@@ -1,0 +1,764 @@
+//! Every kernel family on a real GPU against a CPU reference, on fresh random inputs
+//! (seed printed; rerun with `REMP_TEST_SEED=N`). Run by `tools/gpu-check` with
+//! `--include-ignored --test-threads=1`; ignored elsewhere (CI has no GPU).
+//!
+//! The reference for most kernels is the *same kernel source* compiled for the host and
+//! run by the emulator of `remp-gpu-kernels` (itself checked against plain f64
+//! references by `cargo test -p remp-gpu-kernels`), on byte-identical inputs: so the
+//! GPU must reproduce the emulated result up to the GPU's approximate transcendentals.
+//! Copies, the KV write, embedding and argmax are checked bit for bit, and one large
+//! tensor-core GEMM against a plain f64 dot product (too big for the emulator).
+//!
+//! Tolerances: kernels do the same f32 operations in the same order on both sides
+//! (the emulator reproduces shuffles, `mma.sync` fragments and the reduction trees), but
+//! the GPU's `ex2.approx` / `rsqrt.approx` are ≈2 ulp off the emulator's exact ones, and
+//! a tiny f32 difference can flip one bf16 rounding (2^-8 relative). So bf16 results
+//! must agree within ~2 bf16 ulps (atol 1e-2, rtol 1e-2), f16 within 1e-3, f32 within
+//! 1e-4 relative (1e-3 for outputs of exp-based kernels).
+//!
+//! Outputs are poisoned (0xFF bytes: NaN for floats) on both sides before the launch;
+//! every element the kernel must write is checked to be non-poison, and every element
+//! it must not write (row padding, skipped slots) to still hold the poison.
+#![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+
+use std::sync::OnceLock;
+
+use remp::backend::cuda::{Arg, CudaDevice, DevBuf};
+use remp_gpu_kernels::prims::emu::launch as emu;
+use remp_gpu_kernels::prims::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Bf16, F16};
+use remp_gpu_kernels::{attention::*, gemm::*, small::*};
+
+const GPU: &str = "needs a CUDA device";
+
+fn dev() -> &'static CudaDevice {
+    static DEV: OnceLock<CudaDevice> = OnceLock::new();
+    DEV.get_or_init(|| {
+        let d = CudaDevice::open(0).unwrap_or_else(|e| panic!("{e}"));
+        d.set_sync_check(true);
+        d.load_kernels().unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("device: {} sm_{}{}", d.name(), d.compute_capability().0, d.compute_capability().1);
+        d
+    })
+}
+
+// ------------------------------------------------------------------ random inputs
+
+struct Rng(u64);
+impl Rng {
+    fn new(test: &str) -> Rng {
+        let seed = std::env::var("REMP_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap();
+                t.as_nanos() as u64 ^ (test.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            });
+        eprintln!("{test}: seed {seed} (rerun with REMP_TEST_SEED={seed})");
+        Rng(seed)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() % (hi - lo + 1) as u64) as usize
+    }
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.range(0, xs.len() - 1)]
+    }
+    fn sym(&mut self, a: f32) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+    }
+    fn bf16(&mut self, n: usize, a: f32) -> Vec<u16> {
+        (0..n).map(|_| f32_to_bf16(self.sym(a))).collect()
+    }
+    fn f16(&mut self, n: usize, a: f32) -> Vec<u16> {
+        (0..n).map(|_| f32_to_f16(self.sym(a))).collect()
+    }
+    fn f32(&mut self, n: usize, a: f32) -> Vec<f32> {
+        (0..n).map(|_| self.sym(a)).collect()
+    }
+}
+
+// ------------------------------------------------------------------ paired buffers
+
+/// Buffers that exist twice: on the host (16-byte aligned, for the emulator) and on the
+/// device, with identical initial bytes.
+struct Pair {
+    host: Vec<Vec<u128>>,
+    lens: Vec<usize>,
+    dev: Vec<DevBuf>,
+}
+
+/// A kernel argument for both sides.
+#[derive(Clone, Copy)]
+enum A {
+    /// buffer `id` at byte offset
+    B(usize, usize),
+    Null,
+    U(u32),
+    F(f32),
+}
+use A::{Null, F, U};
+#[allow(non_snake_case)]
+fn B(id: usize) -> A {
+    A::B(id, 0)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Bf16,
+    F16,
+    F32,
+    /// bit-exact, element size in bytes
+    Exact(usize),
+}
+
+impl Pair {
+    fn new() -> Pair {
+        Pair {
+            host: vec![],
+            lens: vec![],
+            dev: vec![],
+        }
+    }
+    fn bytes<T: Copy>(&mut self, data: &[T]) -> usize {
+        let n = std::mem::size_of_val(data);
+        let mut h = vec![0u128; n / 16 + 1];
+        // SAFETY: plain bytes into a large enough buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, h.as_mut_ptr() as *mut u8, n) };
+        let d = dev().upload(data).unwrap();
+        self.host.push(h);
+        self.lens.push(n);
+        self.dev.push(d);
+        self.host.len() - 1
+    }
+    /// An output of `n` elements of `elem` bytes, poisoned with 0xFF.
+    fn out(&mut self, n: usize, elem: usize) -> usize {
+        self.bytes(&vec![0xFFu8; n * elem])
+    }
+    /// Host pointer of buffer `id` (for the emulator).
+    fn h<T>(&self, id: usize) -> *mut T {
+        self.host[id].as_ptr() as *mut T
+    }
+    fn hat<T>(&self, id: usize, elems: usize) -> *mut T {
+        // SAFETY: callers stay in bounds
+        unsafe { (self.host[id].as_ptr() as *mut T).add(elems) }
+    }
+    fn host_bytes(&self, id: usize) -> &[u8] {
+        // SAFETY: lens[id] bytes were allocated
+        unsafe { std::slice::from_raw_parts(self.host[id].as_ptr() as *const u8, self.lens[id]) }
+    }
+    fn gpu(&self, name: &str, grid: [u32; 3], block: u32, args: &[A]) {
+        let args: Vec<Arg> = args
+            .iter()
+            .map(|a| match *a {
+                A::B(id, off) => Arg::Ptr(self.dev[id].at(off)),
+                Null => Arg::Ptr(0),
+                U(v) => Arg::U32(v),
+                F(v) => Arg::F32(v),
+            })
+            .collect();
+        // SAFETY: argument lists mirror the kernel signatures (and the emulator call)
+        unsafe { dev().launch(name, grid, block, &args) }.unwrap_or_else(|e| panic!("{e}"));
+    }
+    /// Compare output `id` on the GPU with the emulator's. `written(i)`: element `i`
+    /// must have been written (else it must still hold the poison / initial bytes).
+    fn check(&self, what: &str, id: usize, kind: Kind, written: &dyn Fn(usize) -> bool) {
+        let g = self.dev[id].download::<u8>().unwrap();
+        let h = self.host_bytes(id);
+        let es = match kind {
+            Kind::Bf16 | Kind::F16 => 2,
+            Kind::F32 => 4,
+            Kind::Exact(e) => e,
+        };
+        let val = |b: &[u8], i: usize| -> f32 {
+            let s = &b[i * es..(i + 1) * es];
+            match kind {
+                Kind::Bf16 => bf16_to_f32(u16::from_le_bytes([s[0], s[1]])),
+                Kind::F16 => f16_to_f32(u16::from_le_bytes([s[0], s[1]])),
+                Kind::F32 => f32::from_le_bytes([s[0], s[1], s[2], s[3]]),
+                Kind::Exact(_) => 0.0,
+            }
+        };
+        let (atol, rtol) = match kind {
+            Kind::Bf16 => (1e-2, 1e-2),
+            Kind::F16 => (1e-3, 2e-3),
+            _ => (1e-4, 1e-3),
+        };
+        let n = h.len() / es;
+        let (mut bad, mut first) = (0usize, None);
+        for i in 0..n {
+            let (gb, hb) = (&g[i * es..(i + 1) * es], &h[i * es..(i + 1) * es]);
+            let ok = if !written(i) || matches!(kind, Kind::Exact(_)) {
+                gb == hb && (!written(i) || gb.iter().any(|&b| b != 0xFF) || hb.iter().any(|&b| b != 0xFF))
+            } else {
+                let (gv, hv) = (val(&g, i), val(h, i));
+                gv.is_finite() && hv.is_finite() && (gv - hv).abs() <= atol + rtol * hv.abs()
+            };
+            if !ok {
+                bad += 1;
+                if first.is_none() {
+                    first = Some(i);
+                }
+            }
+        }
+        if let Some(i) = first {
+            let desc = |b: &[u8]| match kind {
+                Kind::Exact(_) => format!("{:02x?}", &b[i * es..(i + 1) * es]),
+                _ => format!("{}", val(b, i)),
+            };
+            panic!(
+                "{what}: {bad}/{n} elements wrong; first at {i} (written: {}): gpu {} emulator/reference {}",
+                written(i),
+                desc(&g),
+                desc(h)
+            );
+        }
+    }
+}
+
+fn all(_: usize) -> bool {
+    true
+}
+
+// ------------------------------------------------------------------ reshard copy
+
+/// `reshard_copy2d` on random regions (misaligned starts, mutually misaligned
+/// src/dst, all element sizes, long rows spanning several 8 KiB segments) against a
+/// byte-exact CPU copy; bytes outside the region must keep their poison.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_reshard_copy2d() {
+    let _ = GPU;
+    let mut rng = Rng::new("gpu_reshard_copy2d");
+    let sms = dev().sm_count().unwrap();
+    for case in 0..16 {
+        let elem = [2usize, 4, 2, 1][case % 4].max(2);
+        let rows = rng.pick(&[1usize, 3, 17, 64]);
+        let cols = rng.pick(&[1usize, 7, 64, 255, 1000, 5000, 20000]);
+        let src_stride = cols + rng.pick(&[0usize, 0, 1, 5, 64]);
+        let dst_stride = cols + rng.pick(&[0usize, 0, 3, 8]);
+        let (so, dof) = (rng.range(0, 37), rng.range(0, 37));
+        let src: Vec<u8> = (0..(so + rows * src_stride) * elem).map(|_| rng.next() as u8).collect();
+        let dst_len = (dof + rows * dst_stride) * elem + 16;
+        let s = dev().upload(&src).unwrap();
+        let d = dev().alloc_poisoned(dst_len, 0xA5).unwrap();
+        let items = rows * (cols * elem).div_ceil(8192);
+        let grid = (items.div_ceil(4) as u32).clamp(1, 8 * sms);
+        let args = [
+            Arg::Ptr(d.ptr()),
+            Arg::U64(dof as u64),
+            Arg::U64(dst_stride as u64),
+            Arg::Ptr(s.ptr()),
+            Arg::U64(so as u64),
+            Arg::U64(src_stride as u64),
+            Arg::U32(rows as u32),
+            Arg::U32(cols as u32),
+            Arg::U32(elem as u32),
+        ];
+        unsafe { dev().launch("reshard_copy2d", [grid, 1, 1], 128, &args) }.unwrap();
+        let got = d.download::<u8>().unwrap();
+        let mut want = vec![0xA5u8; dst_len];
+        for r in 0..rows {
+            let (a, b) = ((so + r * src_stride) * elem, (dof + r * dst_stride) * elem);
+            want[b..b + cols * elem].copy_from_slice(&src[a..a + cols * elem]);
+        }
+        if got != want {
+            let i = got.iter().zip(&want).position(|(a, b)| a != b).unwrap();
+            panic!("copy2d elem {elem} rows {rows} cols {cols} strides {src_stride}/{dst_stride} offs {so}/{dof}: first diff at byte {i}");
+        }
+    }
+}
+
+/// `reshard_copy2d_batched`: pack a head slice of paged KV blocks into a send buffer
+/// and unpack it into blocks with fewer heads (as the KV reshard does), byte-exact.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_reshard_copy2d_batched_kv_heads() {
+    let mut rng = Rng::new("gpu_reshard_batched");
+    for _ in 0..4 {
+        let (bs, kvh, hd) = (rng.pick(&[16usize, 32]), rng.range(2, 8), rng.pick(&[64usize, 128, 40]));
+        let nblocks = rng.range(1, 300);
+        let h0 = rng.range(0, kvh - 1);
+        let h1 = rng.range(h0 + 1, kvh);
+        let nh = h1 - h0;
+        let e = 2usize;
+        let src: Vec<u16> = (0..nblocks * bs * kvh * hd).map(|_| rng.next() as u16).collect();
+        let s = dev().upload(&src).unwrap();
+        let packed = dev().alloc_poisoned(nblocks * bs * nh * hd * e, 0xFF).unwrap();
+        let descs: Vec<u64> = (0..nblocks)
+            .flat_map(|b| {
+                [
+                    packed.at(b * bs * nh * hd * e),
+                    s.at((b * bs * kvh + h0) * hd * e),
+                    (nh * hd * e) as u64,
+                    (kvh * hd * e) as u64,
+                    ((bs as u64) << 32) | (nh * hd * e) as u64,
+                ]
+            })
+            .collect();
+        let db = dev().upload(&descs).unwrap();
+        let args = [Arg::Ptr(db.ptr()), Arg::U32(nblocks as u32)];
+        unsafe { dev().launch("reshard_copy2d_batched", [4, nblocks.min(1024) as u32, 1], 128, &args) }.unwrap();
+        let dst = dev().alloc_poisoned(nblocks * bs * nh * hd * e, 0xFF).unwrap();
+        let n = (bs * nh * hd * e) as u64;
+        let descs2: Vec<u64> = (0..nblocks)
+            .flat_map(|b| [dst.at(b * n as usize), packed.at(b * n as usize), n, n, (1u64 << 32) | n])
+            .collect();
+        let db2 = dev().upload(&descs2).unwrap();
+        let args = [Arg::Ptr(db2.ptr()), Arg::U32(nblocks as u32)];
+        unsafe { dev().launch("reshard_copy2d_batched", [2, 7, 1], 128, &args) }.unwrap();
+        let got = dst.download::<u16>().unwrap();
+        for b in 0..nblocks {
+            for sl in 0..bs {
+                for h in 0..nh {
+                    for d in 0..hd {
+                        let want = src[((b * bs + sl) * kvh + h0 + h) * hd + d];
+                        assert_eq!(got[((b * bs + sl) * nh + h) * hd + d], want, "block {b} slot {sl} head {h} d {d}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ GEMM
+
+struct Gemm {
+    m: usize,
+    n: usize,
+    k: usize,
+    ldx: usize,
+    ldy: usize,
+}
+
+/// One GEMM kernel (decode or mma; plain, f32-out or SiLU) on GPU and emulator.
+fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, bias: bool, res: bool) {
+    let Gemm { m, n, k, ldx, ldy } = g;
+    let silu = kernel.contains("silu");
+    let f32out = kernel.ends_with("f32out");
+    let mma = kernel.contains("mma");
+    let mut p = Pair::new();
+    let x = p.bytes(&rng.bf16(m * ldx, 1.0));
+    let w = p.bytes(&rng.bf16(n * k, 0.5));
+    let w2 = p.bytes(&rng.bf16(n * k, 0.5));
+    let b = if bias { Some(p.bytes(&rng.bf16(n, 1.0))) } else { None };
+    let r = if res { Some(p.bytes(&rng.bf16(m * ldy, 2.0))) } else { None };
+    let y = p.out(m * ldy, if f32out { 4 } else { 2 });
+    let grid = match (mma, silu) {
+        (false, false) => [n.div_ceil(8) as u32, 1, 1],
+        (false, true) => [n.div_ceil(4) as u32, 1, 1],
+        (true, false) => [n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1],
+        (true, true) => [n.div_ceil(64) as u32, m.div_ceil(128) as u32, 1],
+    };
+    let dims = [U(m as u32), U(n as u32), U(k as u32), U(ldx as u32), U(ldy as u32)];
+    let opt = |o: Option<usize>| o.map(B).unwrap_or(Null);
+    let mut args = vec![B(y), B(x), B(w)];
+    if silu {
+        args.push(B(w2));
+    } else {
+        args.extend([opt(b), opt(r)]);
+    }
+    args.extend(dims);
+    p.gpu(kernel, grid, 128, &args);
+    let (yh, xh, wh, w2h) = (p.h::<u8>(y), p.h::<Bf16>(x), p.h::<Bf16>(w), p.h::<Bf16>(w2));
+    let bh = b.map(|i| p.h::<Bf16>(i) as *const Bf16).unwrap_or(std::ptr::null());
+    let rh = r.map(|i| p.h::<Bf16>(i) as *const Bf16).unwrap_or(std::ptr::null());
+    let (m, n, k, ldx, ldy) = (m as u32, n as u32, k as u32, ldx as u32, ldy as u32);
+    unsafe {
+        emu(grid, 128, || match kernel {
+            "gemm_decode_bf16" => gemm_decode_bf16(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
+            "gemm_decode_bf16_f32out" => gemm_decode_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
+            "gemm_decode_silu_bf16" => gemm_decode_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy),
+            "gemm_mma_bf16" => gemm_mma_bf16(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
+            "gemm_mma_bf16_f32out" => gemm_mma_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
+            "gemm_mma_silu_bf16" => gemm_mma_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy),
+            _ => unreachable!(),
+        })
+    };
+    let what = format!("{kernel} m {m} n {n} k {k} ldx {ldx} ldy {ldy} bias {bias} res {res}");
+    let written = |i: usize| (i % ldy as usize) < n as usize;
+    p.check(&what, y, if f32out { Kind::F32 } else { Kind::Bf16 }, &written);
+}
+
+/// Decode GEMMs (M 1..16, aligned and scalar-fallback K, bias/residual epilogues,
+/// SiLU·mul) against the emulator.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_gemm_decode() {
+    let mut rng = Rng::new("gpu_gemm_decode");
+    for kernel in ["gemm_decode_bf16", "gemm_decode_bf16_f32out", "gemm_decode_silu_bf16"] {
+        for &(m, k) in &[(1usize, 512usize), (5, 520), (16, 264), (3, 77)] {
+            let n = rng.range(60, 300);
+            let ldx = k + rng.pick(&[0usize, 8, 3]);
+            let ldy = n + rng.pick(&[0usize, 5]);
+            let (bias, res) = (rng.next() % 2 == 0, rng.next() % 2 == 0);
+            gemm_case(&mut rng, kernel, Gemm { m, n, k, ldx, ldy }, bias, res);
+        }
+    }
+}
+
+/// Tensor-core GEMMs with ragged M/N/K tails, against the emulator (which reproduces
+/// the `mma.sync` / `ldmatrix` fragment layouts).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_gemm_mma() {
+    let mut rng = Rng::new("gpu_gemm_mma");
+    for kernel in ["gemm_mma_bf16", "gemm_mma_bf16_f32out", "gemm_mma_silu_bf16"] {
+        for &(m, n, k) in &[(128usize, 128usize, 256usize), (130, 200, 264), (37, 136, 96)] {
+            let ldx = k + rng.pick(&[0usize, 8]);
+            let ldy = n + rng.pick(&[0usize, 3]);
+            let (bias, res) = (rng.next() % 2 == 0, rng.next() % 2 == 0);
+            gemm_case(&mut rng, kernel, Gemm { m, n, k, ldx, ldy }, bias, res);
+        }
+    }
+}
+
+/// A larger tensor-core GEMM (many blocks, long K pipeline) against a plain f64 dot
+/// product on the CPU: f32-out, so only summation order differs (tolerance ~ K·2^-24).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_gemm_mma_large_vs_f64() {
+    let mut rng = Rng::new("gpu_gemm_mma_large");
+    let (m, n, k) = (384usize, 520usize, 1024usize);
+    let x = rng.bf16(m * k, 1.0);
+    let w = rng.bf16(n * k, 0.5);
+    let (xd, wd) = (dev().upload(&x).unwrap(), dev().upload(&w).unwrap());
+    let y = dev().alloc_poisoned(m * n * 4, 0xFF).unwrap();
+    let args = [
+        Arg::Ptr(y.ptr()),
+        Arg::Ptr(xd.ptr()),
+        Arg::Ptr(wd.ptr()),
+        Arg::Ptr(0),
+        Arg::Ptr(0),
+        Arg::U32(m as u32),
+        Arg::U32(n as u32),
+        Arg::U32(k as u32),
+        Arg::U32(k as u32),
+        Arg::U32(n as u32),
+    ];
+    let grid = [n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1];
+    unsafe { dev().launch("gemm_mma_bf16_f32out", grid, 128, &args) }.unwrap();
+    let got = y.download::<f32>().unwrap();
+    let xf: Vec<f64> = x.iter().map(|&v| bf16_to_f32(v) as f64).collect();
+    let wf: Vec<f64> = w.iter().map(|&v| bf16_to_f32(v) as f64).collect();
+    for i in 0..m {
+        for j in 0..n {
+            let want: f64 = (0..k).map(|kk| xf[i * k + kk] * wf[j * k + kk]).sum();
+            let g = got[i * n + j] as f64;
+            assert!(
+                (g - want).abs() <= 1e-3 + 1e-4 * want.abs(),
+                "y[{i},{j}] = {g}, want {want}"
+            );
+        }
+    }
+}
+
+// ------------------------------------------------------------------ attention
+
+struct Paged {
+    max_blocks: usize,
+    nblocks: usize,
+    tables: Vec<u32>,
+}
+
+fn paged(rng: &mut Rng, ctx: &[usize], kvh: usize, d: usize, bs: usize) -> Paged {
+    let max_blocks = ctx.iter().map(|c| c.div_ceil(bs)).max().unwrap().max(1);
+    let nblocks = ctx.len() * max_blocks + 3;
+    let mut ids: Vec<u32> = (0..nblocks as u32).collect();
+    for i in (1..ids.len()).rev() {
+        ids.swap(i, rng.range(0, i));
+    }
+    let _ = (kvh, d, bs);
+    Paged { max_blocks, nblocks, tables: ids[..ctx.len() * max_blocks].to_vec() }
+}
+
+/// Paged decode attention (GQA group sizes 1–10, head dims 40–128, split-K with the
+/// combine kernel and without) against the emulator.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_attn_decode() {
+    let mut rng = Rng::new("gpu_attn_decode");
+    for case in 0..6 {
+        let kvh = rng.range(1, 3);
+        let group = [1usize, 4, 8, 10, 5, 2][case];
+        let qh = kvh * group;
+        let d = rng.pick(&[40usize, 64, 128]);
+        let bs = rng.pick(&[16usize, 32]);
+        let nseq = rng.range(1, 3);
+        let ctx: Vec<usize> = (0..nseq).map(|_| rng.range(1, 300)).collect();
+        let split_tokens = rng.pick(&[64usize, 128, 4096]);
+        let splits = ctx.iter().max().unwrap().div_ceil(split_tokens);
+        let c = paged(&mut rng, &ctx, kvh, d, bs);
+        let q_stride = qh * d + rng.pick(&[0usize, 8]);
+        let mut p = Pair::new();
+        let kc = p.bytes(&rng.bf16(c.nblocks * bs * kvh * d, 1.0));
+        let vc = p.bytes(&rng.bf16(c.nblocks * bs * kvh * d, 1.0));
+        let q = p.bytes(&rng.bf16(nseq * q_stride, 1.0));
+        let tb = p.bytes(&c.tables);
+        let ctx32: Vec<u32> = ctx.iter().map(|&x| x as u32).collect();
+        let cl = p.bytes(&ctx32);
+        let out = p.out(nseq * qh * d, 2);
+        let op = p.out(nseq * qh * splits * d, 4);
+        let ml = p.out(nseq * qh * splits * 2, 4);
+        let scale = 1.0 / (d as f32).sqrt();
+        let grid = [(kvh * group.div_ceil(8)) as u32, nseq as u32, splits as u32];
+        let cgrid = [qh as u32, nseq as u32, 1];
+        let dims = [U(qh as u32), U(kvh as u32), U(d as u32), U(bs as u32), U(c.max_blocks as u32), U(q_stride as u32), U(split_tokens as u32), F(scale)];
+        let mut args = vec![B(out), B(op), B(ml), B(q), B(kc), B(vc), B(tb), B(cl)];
+        args.extend(dims);
+        p.gpu("attn_decode_bf16", grid, 128, &args);
+        if splits > 1 {
+            let args = [B(out), B(op), B(ml), B(cl), U(qh as u32), U(d as u32), U(splits as u32), U(split_tokens as u32)];
+            p.gpu("attn_decode_combine_bf16", cgrid, 128, &args);
+        }
+        let (o, opp, mlp) = (p.h::<Bf16>(out), p.h::<f32>(op), p.h::<f32>(ml));
+        let (qp, kp, vp, tp, cp) = (p.h::<Bf16>(q), p.h::<Bf16>(kc), p.h::<Bf16>(vc), p.h::<u32>(tb), p.h::<u32>(cl));
+        unsafe {
+            emu(grid, 128, || {
+                attn_decode_bf16(o, opp, mlp, qp, kp, vp, tp, cp, qh as u32, kvh as u32, d as u32, bs as u32, c.max_blocks as u32, q_stride as u32, split_tokens as u32, scale)
+            });
+            if splits > 1 {
+                emu(cgrid, 128, || {
+                    attn_decode_combine_bf16(o, opp, mlp, cp, qh as u32, d as u32, splits as u32, split_tokens as u32)
+                });
+            }
+        }
+        let what = format!("attn_decode kvh {kvh} group {group} d {d} bs {bs} ctx {ctx:?} split {split_tokens}");
+        p.check(&what, out, Kind::Bf16, &all);
+    }
+}
+
+/// KV cache write (byte-exact, a skipped padding slot) then causal varlen prefill
+/// attention over the paged cache with a cached prefix, against the emulator.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_kv_write_and_attn_prefill() {
+    let mut rng = Rng::new("gpu_attn_prefill");
+    for case in 0..4 {
+        let kvh = rng.range(1, 3);
+        let group = [1usize, 3, 4, 9][case];
+        let qh = kvh * group;
+        let d = rng.pick(&[40usize, 64, 128]);
+        let bs = 16;
+        let nseq = rng.range(1, 3);
+        let qlen: Vec<usize> = (0..nseq).map(|_| rng.range(1, 40)).collect();
+        let ctx: Vec<usize> = qlen.iter().map(|&q| q + rng.range(0, 60)).collect();
+        let c = paged(&mut rng, &ctx, kvh, d, bs);
+        let stride = (qh + 2 * kvh) * d;
+        let tokens: usize = qlen.iter().sum();
+        let mut slots = vec![];
+        let mut starts = vec![];
+        let mut row = 0;
+        for s in 0..nseq {
+            starts.push(row as u32);
+            for i in 0..qlen[s] {
+                let t = ctx[s] - qlen[s] + i;
+                let blk = c.tables[s * c.max_blocks + t / bs] as usize;
+                slots.push((blk * bs + t % bs) as u32);
+            }
+            row += qlen[s];
+        }
+        slots.push(u32::MAX); // padding row: must be skipped
+        let mut p = Pair::new();
+        let qkv = p.bytes(&rng.bf16((tokens + 1) * stride, 1.0));
+        let kc = p.bytes(&rng.bf16(c.nblocks * bs * kvh * d, 1.0));
+        let vc = p.bytes(&rng.bf16(c.nblocks * bs * kvh * d, 1.0));
+        let sl = p.bytes(&slots);
+        let tb = p.bytes(&c.tables);
+        let ctx32: Vec<u32> = ctx.iter().map(|&x| x as u32).collect();
+        let qlen32: Vec<u32> = qlen.iter().map(|&x| x as u32).collect();
+        let (cl, st, ql) = (p.bytes(&ctx32), p.bytes(&starts), p.bytes(&qlen32));
+        let out = p.out(tokens * qh * d, 2);
+        let wgrid = [tokens as u32 + 1, 1, 1];
+        p.gpu(
+            "kv_cache_write_bf16",
+            wgrid,
+            128,
+            &[B(kc), B(vc), A::B(qkv, qh * d * 2), A::B(qkv, (qh + kvh) * d * 2), B(sl), U(kvh as u32), U(d as u32), U(stride as u32), U(stride as u32)],
+        );
+        let (kp, vp, qp) = (p.h::<Bf16>(kc), p.h::<Bf16>(vc), p.h::<Bf16>(qkv));
+        let (kin, vin) = (p.hat::<Bf16>(qkv, qh * d), p.hat::<Bf16>(qkv, (qh + kvh) * d));
+        let slp = p.h::<u32>(sl);
+        unsafe {
+            emu(wgrid, 128, || kv_cache_write_bf16(kp, vp, kin, vin, slp, kvh as u32, d as u32, stride as u32, stride as u32));
+        }
+        p.check("kv_cache_write K", kc, Kind::Exact(2), &all);
+        p.check("kv_cache_write V", vc, Kind::Exact(2), &all);
+        let scale = 1.0 / (d as f32).sqrt();
+        let maxq = *qlen.iter().max().unwrap() as u32;
+        let grid = [(kvh * group.div_ceil(8)) as u32, maxq.div_ceil(4), nseq as u32];
+        p.gpu(
+            "attn_prefill_bf16",
+            grid,
+            128,
+            &[B(out), B(qkv), B(kc), B(vc), B(tb), B(cl), B(st), B(ql), U(qh as u32), U(kvh as u32), U(d as u32), U(bs as u32), U(c.max_blocks as u32), U(stride as u32), F(scale)],
+        );
+        let (o, tp, cp, stp, qlp) = (p.h::<Bf16>(out), p.h::<u32>(tb), p.h::<u32>(cl), p.h::<u32>(st), p.h::<u32>(ql));
+        unsafe {
+            emu(grid, 128, || {
+                attn_prefill_bf16(o, qp, kp, vp, tp, cp, stp, qlp, qh as u32, kvh as u32, d as u32, bs as u32, c.max_blocks as u32, stride as u32, scale)
+            });
+        }
+        let what = format!("attn_prefill kvh {kvh} group {group} d {d} qlen {qlen:?} ctx {ctx:?}");
+        p.check(&what, out, Kind::Bf16, &all);
+    }
+}
+
+// ------------------------------------------------------------------ small ops
+
+macro_rules! rms_case {
+    ($p:ident, $rng:ident, $kind:expr, $gen:ident, $T:ty, $rms:ident, $addrms:ident, $es:expr) => {{
+        let rows = $rng.range(1, 9);
+        let cols = $rng.pick(&[64usize, 100, 4096, 5120, 8192]);
+        let eps = 1e-5f32;
+        let x = $p.bytes(&$rng.$gen(rows * cols, 2.0));
+        let w = $p.bytes(&$rng.$gen(cols, 1.0));
+        let res = $p.bytes(&$rng.$gen(rows * cols, 2.0));
+        let out = $p.out(rows * cols, $es);
+        let out2 = $p.out(rows * cols, $es);
+        let n1 = concat!(stringify!($rms));
+        let n2 = concat!(stringify!($addrms));
+        let grid = [rows as u32, 1, 1];
+        $p.gpu(n1, grid, 128, &[B(out), B(x), B(w), U(cols as u32), F(eps)]);
+        $p.gpu(n2, grid, 128, &[B(out2), B(res), B(x), B(w), U(cols as u32), F(eps)]);
+        let (o, o2, xp, wp, rp) = ($p.h::<$T>(out), $p.h::<$T>(out2), $p.h::<$T>(x), $p.h::<$T>(w), $p.h::<$T>(res));
+        unsafe {
+            emu(grid, 128, || $rms(o, xp, wp, cols as u32, eps));
+            emu(grid, 128, || $addrms(o2, rp, xp, wp, cols as u32, eps));
+        }
+        $p.check(&format!("{n1} rows {rows} cols {cols}"), out, $kind, &all);
+        $p.check(&format!("{n2} out rows {rows} cols {cols}"), out2, $kind, &all);
+        $p.check(&format!("{n2} residual rows {rows} cols {cols}"), res, $kind, &all);
+    }};
+}
+
+/// RMSNorm and fused residual-add + RMSNorm, bf16 / f16 / f32.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_rmsnorm() {
+    let mut rng = Rng::new("gpu_rmsnorm");
+    let mut p = Pair::new();
+    rms_case!(p, rng, Kind::Bf16, bf16, Bf16, rmsnorm_bf16, add_rmsnorm_bf16, 2);
+    rms_case!(p, rng, Kind::F16, f16, F16, rmsnorm_f16, add_rmsnorm_f16, 2);
+    rms_case!(p, rng, Kind::F32, f32, f32, rmsnorm_f32, add_rmsnorm_f32, 4);
+}
+
+/// RoPE in place on strided q and k (a fused qkv row), positions up to 200k, Llama 3
+/// scaled frequencies: sin/cos use the GPU's approximate functions after an f64 range
+/// reduction, so the tolerance is the bf16 one (f32: 1e-3 relative).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_rope() {
+    let mut rng = Rng::new("gpu_rope");
+    for (kind, name) in [(Kind::Bf16, "rope_bf16"), (Kind::F32, "rope_f32")] {
+        let d = rng.pick(&[64usize, 128]);
+        let (qh, kh) = (rng.range(1, 8), rng.range(1, 4));
+        let tokens = rng.range(1, 20);
+        let stride = (qh + 2 * kh) * d;
+        let inv = llama3_inv_freq(d, 500000.0, 8.0, 1.0, 4.0, 8192.0);
+        let pos: Vec<u32> = (0..tokens).map(|_| rng.pick(&[0u32, 1, 17, 4095, 131071, 200000]) + rng.range(0, 9) as u32).collect();
+        let mut p = Pair::new();
+        let es = if matches!(kind, Kind::F32) { 4 } else { 2 };
+        let qkv = if es == 4 { p.bytes(&rng.f32(tokens * stride, 1.0)) } else { p.bytes(&rng.bf16(tokens * stride, 1.0)) };
+        let (pp, ip) = (p.bytes(&pos), p.bytes(&inv));
+        let grid = [tokens as u32, 1, 1];
+        let args = [B(qkv), A::B(qkv, qh * d * es), B(pp), B(ip), U(qh as u32), U(kh as u32), U(d as u32), U(stride as u32), U(stride as u32)];
+        p.gpu(name, grid, 128, &args);
+        let (posp, invp) = (p.h::<u32>(pp), p.h::<f32>(ip));
+        unsafe {
+            if es == 4 {
+                let (q, k) = (p.h::<f32>(qkv), p.hat::<f32>(qkv, qh * d));
+                emu(grid, 128, || rope_f32(q, k, posp, invp, qh as u32, kh as u32, d as u32, stride as u32, stride as u32));
+            } else {
+                let (q, k) = (p.h::<Bf16>(qkv), p.hat::<Bf16>(qkv, qh * d));
+                emu(grid, 128, || rope_bf16(q, k, posp, invp, qh as u32, kh as u32, d as u32, stride as u32, stride as u32));
+            }
+        }
+        p.check(&format!("{name} d {d} qh {qh} kh {kh} pos {pos:?}"), qkv, kind, &all);
+    }
+}
+
+/// SiLU·mul over a fused [gate | up] row, residual add (in place), embedding lookup
+/// (vocab-parallel shard, out-of-shard ids give zeros; byte-exact).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_silu_residual_embedding() {
+    let mut rng = Rng::new("gpu_small");
+    let mut p = Pair::new();
+    // silu_mul
+    let (rows, cols) = (rng.range(1, 9), rng.pick(&[100usize, 1000, 14336]));
+    let gu = p.bytes(&rng.bf16(rows * 2 * cols, 4.0));
+    let out = p.out(rows * (cols + 3), 2);
+    let args = [B(out), B(gu), A::B(gu, cols * 2), U(rows as u32), U(cols as u32), U(2 * cols as u32), U(cols as u32 + 3)];
+    p.gpu("silu_mul_bf16", [64, 1, 1], 128, &args);
+    let (o, g, u) = (p.h::<Bf16>(out), p.h::<Bf16>(gu), p.hat::<Bf16>(gu, cols));
+    unsafe { emu([64, 1, 1], 128, || silu_mul_bf16(o, g, u, rows as u32, cols as u32, 2 * cols as u32, cols as u32 + 3)) };
+    p.check(&format!("silu_mul rows {rows} cols {cols}"), out, Kind::Bf16, &|i| i % (cols + 3) < cols);
+    // residual_add in place: a += b
+    let n = rng.range(1, 100_000);
+    let a = p.bytes(&rng.bf16(n, 2.0));
+    let b = p.bytes(&rng.bf16(n, 2.0));
+    p.gpu("residual_add_bf16", [40, 1, 1], 128, &[B(a), B(a), B(b), U(n as u32)]);
+    let (ap, bp) = (p.h::<Bf16>(a), p.h::<Bf16>(b));
+    unsafe { emu([40, 1, 1], 128, || residual_add_bf16(ap, ap, bp, n as u32)) };
+    p.check(&format!("residual_add n {n}"), a, Kind::Bf16, &all);
+    // embedding, vocab shard [vs, ve)
+    let (vocab, dim) = (rng.range(100, 3000), rng.pick(&[64usize, 4096]));
+    let (vs, ve) = (rng.range(0, vocab / 2), vocab);
+    let table = p.bytes(&rng.bf16((ve - vs) * dim, 1.0));
+    let tokens = rng.range(1, 32);
+    let ids: Vec<u32> = (0..tokens).map(|_| rng.range(0, vocab + 5) as u32).collect();
+    let idb = p.bytes(&ids);
+    let emb = p.out(tokens * dim, 2);
+    let grid = [tokens as u32, 1, 1];
+    p.gpu("embedding_bf16", grid, 128, &[B(emb), B(table), B(idb), U(dim as u32), U(vs as u32), U(ve as u32)]);
+    let (ep, tp, ip) = (p.h::<Bf16>(emb), p.h::<Bf16>(table), p.h::<u32>(idb));
+    unsafe { emu(grid, 128, || embedding_bf16(ep, tp, ip, dim as u32, vs as u32, ve as u32)) };
+    p.check(&format!("embedding vocab [{vs},{ve}) dim {dim} ids {ids:?}"), emb, Kind::Exact(2), &all);
+}
+
+/// Greedy argmax (ties to the lowest index; bf16 logits make ties likely) and top-p
+/// sampling: argmax is exact; a top-p draw may legitimately differ only when the
+/// uniform falls within exp-approximation error of a bucket edge, so at most one row
+/// in the batch may differ.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_argmax_top_p() {
+    let mut rng = Rng::new("gpu_sampling");
+    let mut p = Pair::new();
+    let rows = rng.range(1, 16);
+    let vocab = rng.pick(&[1000usize, 32000, 128256]);
+    let lb = p.bytes(&rng.bf16(rows * vocab, 8.0));
+    let lf = p.bytes(&rng.f32(rows * vocab, 8.0));
+    let (ob, of) = (p.out(rows, 4), p.out(rows, 4));
+    let grid = [rows as u32, 1, 1];
+    p.gpu("argmax_bf16", grid, 128, &[B(ob), B(lb), U(vocab as u32)]);
+    p.gpu("argmax_f32", grid, 128, &[B(of), B(lf), U(vocab as u32)]);
+    let (obp, ofp, lbp, lfp) = (p.h::<u32>(ob), p.h::<u32>(of), p.h::<Bf16>(lb), p.h::<f32>(lf));
+    unsafe {
+        emu(grid, 128, || argmax_bf16(obp, lbp, vocab as u32));
+        emu(grid, 128, || argmax_f32(ofp, lfp, vocab as u32));
+    }
+    p.check("argmax_bf16", ob, Kind::Exact(4), &all);
+    p.check("argmax_f32", of, Kind::Exact(4), &all);
+    // top-p
+    let uni: Vec<f32> = (0..rows).map(|_| rng.sym(0.5) + 0.5).collect();
+    let ub = p.bytes(&uni);
+    let ot = p.out(rows, 4);
+    let (temp, top_p) = (rng.pick(&[0.7f32, 1.0]), rng.pick(&[0.5f32, 0.9, 1.0]));
+    p.gpu("top_p_sample_f32", grid, 128, &[B(ot), B(lf), U(vocab as u32), F(temp), F(top_p), B(ub)]);
+    let (otp, up) = (p.h::<u32>(ot), p.h::<f32>(ub));
+    unsafe { emu(grid, 128, || top_p_sample_f32(otp, lfp, vocab as u32, temp, top_p, up)) };
+    let g = p.dev[ot].download::<u32>().unwrap();
+    let h: Vec<u32> = unsafe { std::slice::from_raw_parts(otp, rows).to_vec() };
+    assert!(g.iter().all(|&t| (t as usize) < vocab), "top-p sample out of range: {g:?}");
+    let differ = g.iter().zip(&h).filter(|(a, b)| a != b).count();
+    assert!(differ <= 1, "top-p temp {temp} p {top_p}: gpu {g:?} emulator {h:?}");
+}
