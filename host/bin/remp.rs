@@ -4,7 +4,7 @@
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use remp::model::Model;
 use remp::parallel::{Placement, Topology};
-use remp::reshard::bench::{copy_bandwidth, plot_svg, run_mode, BenchConfig, Mode};
+use remp::reshard::bench::{copy_bandwidth, plot_svg, run_mode, BenchConfig, Mode, SwitchMetrics};
 use remp::reshard::executor::ReconfigEvent;
 use remp::reshard::planner::plan_topology;
 use remp::runtime::{Engine, EngineConfig, Request, Sampling};
@@ -72,6 +72,10 @@ struct BenchArgs {
     /// Write an SVG of step latency over time with the switch windows marked.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Run the three modes this many times (round robin) and report each figure's
+    /// median, which damps noise from other work on the machine.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
 }
 
 #[derive(clap::Args)]
@@ -466,13 +470,17 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
             bw / 1e9
         );
     }
-    let mut runs = Vec::new();
-    for mode in [Mode::Online, Mode::StopTheWorld, Mode::Restart] {
-        if !a.json {
-            eprintln!("running {} ...", mode.name());
+    let modes = [Mode::Online, Mode::StopTheWorld, Mode::Restart];
+    let mut all: Vec<Vec<SwitchMetrics>> = vec![Vec::new(); modes.len()];
+    for rep in 0..a.repeat.max(1) {
+        for (i, mode) in modes.iter().enumerate() {
+            if !a.json {
+                eprintln!("running {} ({}/{}) ...", mode.name(), rep + 1, a.repeat.max(1));
+            }
+            all[i].push(run_mode(&model, &bc, *mode, bw)?);
         }
-        runs.push(run_mode(&model, &bc, mode, bw)?);
     }
+    let runs: Vec<SwitchMetrics> = all.into_iter().map(median_metrics).collect();
     if let Some(path) = &a.plot {
         std::fs::write(path, plot_svg(&runs)).map_err(|e| Error::Io {
             path: path.clone(),
@@ -522,4 +530,27 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Each figure's median over repeated runs of one mode (the timeline of the median run).
+fn median_metrics(mut v: Vec<SwitchMetrics>) -> SwitchMetrics {
+    let med = |v: &[SwitchMetrics], f: &dyn Fn(&SwitchMetrics) -> f64| -> f64 {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(|a, b| a.total_cmp(b));
+        x[x.len() / 2]
+    };
+    let stall = med(&v, &|m| m.stall_ms);
+    let max_gap = med(&v, &|m| m.max_gap_ms);
+    let median_step = med(&v, &|m| m.median_step_ms);
+    let total = med(&v, &|m| m.total_ms);
+    let floor = med(&v, &|m| m.transfer_floor_ms);
+    let moved = med(&v, &|m| m.bytes_moved as f64) as u64;
+    let peak = med(&v, &|m| m.peak_extra_bytes as f64) as u64;
+    let cpu = med(&v, &|m| m.copy_cpu_ms);
+    v.sort_by(|a, b| a.max_gap_ms.total_cmp(&b.max_gap_ms));
+    let n = v.len();
+    let mut m = v.swap_remove(n / 2);
+    (m.stall_ms, m.max_gap_ms, m.median_step_ms, m.total_ms) = (stall, max_gap, median_step, total);
+    (m.transfer_floor_ms, m.bytes_moved, m.peak_extra_bytes, m.copy_cpu_ms) = (floor, moved, peak, cpu);
+    m
 }
