@@ -7,6 +7,7 @@
 //!   the group of workers that runs it. The runtime executes any placement; a static
 //!   topology is just one of them.
 
+pub mod devices;
 pub mod placement;
 pub mod shard;
 pub mod topology;
