@@ -254,46 +254,63 @@ pub fn run_mode(
     })
 }
 
-/// Draws step latency over time for each mode, switch windows shaded.
+/// Draws step latency over time for each mode, switch windows shaded: one panel per
+/// mode, a stem per token (its height the gap since the previous token), the steady
+/// median dashed. Time runs from the first decoded token (the prefill is left out).
 pub fn plot_svg(runs: &[SwitchMetrics]) -> String {
-    let (w, h, pad) = (900.0, 300.0, 40.0);
-    let panel_h = (h - pad) / runs.len().max(1) as f64;
+    let (w, pad, panel_h) = (900.0, 50.0, 150.0);
+    let h = pad + runs.len() as f64 * panel_h;
     let mut s = format!(
-        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{}' font-family='sans-serif' font-size='11'>\n",
-        h + pad
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='11'>\n<rect width='100%' height='100%' fill='white'/>\n"
     );
     let colors = ["#1f77b4", "#d62728", "#2ca02c"];
     for (i, r) in runs.iter().enumerate() {
         let top = pad / 2.0 + i as f64 * panel_h;
-        let tmax = r.timeline.last().map(|x| x.0).unwrap_or(1.0).max(1.0);
-        let gmax = r.timeline.iter().map(|x| x.1).fold(1e-9, f64::max) * 1.1;
-        let x = |t: f64| pad + t / tmax * (w - 2.0 * pad);
-        let y = |g: f64| top + panel_h - 15.0 - g / gmax * (panel_h - 25.0);
+        let base = top + panel_h - 30.0;
+        let t0 = r.timeline.first().map(|x| x.0).unwrap_or(0.0);
+        let t1 = r.timeline.last().map(|x| x.0).unwrap_or(1.0).max(t0 + 1.0);
+        let gmax = r.timeline.iter().skip(1).map(|x| x.1).fold(1e-9, f64::max) * 1.1;
+        let x = |t: f64| pad + (t - t0) / (t1 - t0) * (w - 2.0 * pad);
+        let y = |g: f64| base - g / gmax * (panel_h - 50.0);
         s += &format!(
             "<rect x='{:.1}' y='{:.1}' width='{:.1}' height='{:.1}' fill='#f5d76e' opacity='0.5'/>\n",
-            x(r.window_ms.0),
-            top,
-            (x(r.window_ms.1) - x(r.window_ms.0)).max(1.0),
-            panel_h - 15.0
+            x(r.window_ms.0.max(t0)),
+            y(gmax),
+            (x(r.window_ms.1) - x(r.window_ms.0.max(t0))).max(1.0),
+            base - y(gmax)
         );
-        let pts: Vec<String> = r
-            .timeline
-            .iter()
-            .skip(1)
-            .map(|&(t, g)| format!("{:.1},{:.1}", x(t), y(g)))
-            .collect();
+        for &(t, g) in r.timeline.iter().skip(1) {
+            s += &format!(
+                "<line x1='{0:.1}' y1='{1:.1}' x2='{0:.1}' y2='{2:.1}' stroke='{3}' stroke-width='2'/>\n",
+                x(t),
+                base,
+                y(g),
+                colors[i % 3]
+            );
+        }
         s += &format!(
-            "<polyline fill='none' stroke='{}' stroke-width='1.5' points='{}'/>\n",
-            colors[i % 3],
-            pts.join(" ")
+            "<line x1='{pad}' y1='{0:.1}' x2='{1:.1}' y2='{0:.1}' stroke='gray' stroke-dasharray='4 3'/>\n",
+            y(r.median_step_ms),
+            w - pad
         );
         s += &format!(
-            "<text x='{pad}' y='{:.1}'>{}: step gap (ms) over time; max gap {:.1} ms, median step {:.1} ms, max y {:.1} ms</text>\n",
-            top + 10.0,
+            "<line x1='{pad}' y1='{base:.1}' x2='{:.1}' y2='{base:.1}' stroke='black'/>\n",
+            w - pad
+        );
+        s += &format!(
+            "<text x='{pad}' y='{:.1}'>{}: gap between tokens (ms; top {:.0}); max gap {:.1}, median step {:.1} (dashed), switch shaded</text>\n",
+            top + 12.0,
             r.mode.name(),
+            gmax,
             r.max_gap_ms,
-            r.median_step_ms,
-            gmax
+            r.median_step_ms
+        );
+        s += &format!(
+            "<text x='{pad}' y='{:.1}'>0 ms</text><text x='{:.1}' y='{:.1}' text-anchor='end'>{:.0} ms since the first token</text>\n",
+            base + 14.0,
+            w - pad,
+            base + 14.0,
+            t1 - t0
         );
     }
     s += "</svg>\n";
