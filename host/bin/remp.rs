@@ -164,8 +164,16 @@ fn load_model(dir: &Option<PathBuf>, quiet: bool) -> Result<Model> {
 fn check_device(device: &str) -> Result<()> {
     match device {
         "cpu" => Ok(()),
+        "cuda" => {
+            // Opening the device gives the clear error on a machine without driver or GPU.
+            let dev = remp::backend::cuda::CudaDevice::open(0)?;
+            Err(Error::Device(format!(
+                "found {} but the engine's CUDA backend is not built yet (its kernels are checked by tools/gpu-check); use --device cpu",
+                dev.name()
+            )))
+        }
         other => Err(Error::Device(format!(
-            "device `{other}` is not available in this build (supported: cpu)"
+            "unknown device `{other}` (supported: cpu, cuda)"
         ))),
     }
 }
