@@ -74,7 +74,7 @@ fn fill_random(dev: &CudaDevice, buf: &DevBuf) -> Result<()> {
             s ^= s << 17;
             let r = (s >> 16) as u16;
             let e = 120 + (r % 7);
-            ((r & 0x8000) | (e << 7) | ((s >> 40) as u16 & 0x7F)) as u16
+            (r & 0x8000) | (e << 7) | ((s >> 40) as u16 & 0x7F)
         })
         .collect();
     buf.upload(&host)?;
