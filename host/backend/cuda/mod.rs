@@ -48,10 +48,14 @@ impl From<&DevBuf> for Arg {
 }
 
 /// A raw device allocation of `len` bytes (at least 256-byte aligned), freed on drop.
+/// Its copies and fills are ordered on the device's stream (a non-blocking stream, which
+/// the legacy-stream `cuMemcpyHtoD`/`cuMemsetD8` would not be ordered with) and wait
+/// for completion before returning.
 pub struct DevBuf {
     ptr: u64,
     len: usize,
     ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
 }
 
 impl DevBuf {
@@ -79,31 +83,42 @@ impl DevBuf {
         let bytes = std::mem::size_of_val(data);
         assert!(off + bytes <= self.len, "upload of {bytes} B at {off} beyond {} B", self.len);
         self.ctx.bind_to_thread().map_err(|e| derr("bind context", e))?;
-        // SAFETY: the range is inside this allocation; T: Copy is plain bytes.
-        unsafe { result::memcpy_htod_sync(self.ptr + off as u64, data) }
-            .map_err(|e| derr("cuMemcpyHtoD", e))
+        // SAFETY: the range is inside this allocation; T: Copy is plain bytes; `data`
+        // outlives the copy (synchronized below).
+        unsafe { result::memcpy_htod_async(self.ptr + off as u64, data, self.stream.cu_stream()) }
+            .map_err(|e| derr("cuMemcpyHtoDAsync", e))?;
+        self.sync("cuMemcpyHtoD")
+    }
+    fn sync(&self, what: &str) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| derr(&format!("{what} (stream synchronize)"), e))
     }
     /// The whole buffer as `len / size_of::<T>()` elements (synchronous).
     pub fn download<T: Copy + Default>(&self) -> Result<Vec<T>> {
         let mut v = vec![T::default(); self.len / std::mem::size_of::<T>().max(1)];
         self.ctx.bind_to_thread().map_err(|e| derr("bind context", e))?;
-        // SAFETY: v's bytes lie inside the allocation.
-        unsafe { result::memcpy_dtoh_sync(&mut v[..], self.ptr) }
-            .map_err(|e| derr("cuMemcpyDtoH", e))?;
+        // SAFETY: v's bytes lie inside the allocation; v outlives the copy.
+        unsafe { result::memcpy_dtoh_async(&mut v[..], self.ptr, self.stream.cu_stream()) }
+            .map_err(|e| derr("cuMemcpyDtoHAsync", e))?;
+        self.sync("cuMemcpyDtoH")?;
         Ok(v)
     }
     /// Set every byte to `byte` (synchronous), e.g. to poison outputs.
     pub fn fill(&self, byte: u8) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| derr("bind context", e))?;
         // SAFETY: the whole allocation.
-        unsafe { result::memset_d8_sync(self.ptr, byte, self.len) }
-            .map_err(|e| derr("cuMemsetD8", e))
+        unsafe { result::memset_d8_async(self.ptr, byte, self.len, self.stream.cu_stream()) }
+            .map_err(|e| derr("cuMemsetD8Async", e))?;
+        self.sync("cuMemsetD8")
     }
 }
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
         if self.len > 0 && self.ctx.bind_to_thread().is_ok() {
+            // work queued on the stream may still use the buffer
+            let _ = self.stream.synchronize();
             // SAFETY: allocated by malloc_sync and freed once.
             let _ = unsafe { result::free_sync(self.ptr) };
         }
@@ -221,6 +236,7 @@ impl CudaDevice {
             ptr,
             len: bytes,
             ctx: self.ctx.clone(),
+            stream: self.stream.clone(),
         })
     }
     /// Allocate and upload `data`.
