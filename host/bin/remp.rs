@@ -529,12 +529,20 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
             );
         }
         let (on, stw, rs) = (&runs[0], &runs[1], &runs[2]);
+        // A ratio over a zero (no stall at all) is reported as such, not as a huge number.
+        let ratio = |a: f64, b: f64| {
+            if b > 1e-9 {
+                format!("{:.2}", a / b)
+            } else {
+                "inf (denominator 0)".to_string()
+            }
+        };
         println!(
-            "online max_gap / median_step = {:.2}; stop-the-world stall / online stall = {:.1}; restart max_gap / online max_gap = {:.1}; online total / max(floor, step) = {:.2}",
-            on.max_gap_ms / on.median_step_ms.max(1e-9),
-            stw.stall_ms / on.stall_ms.max(1e-9),
-            rs.max_gap_ms / on.max_gap_ms.max(1e-9),
-            on.total_ms / on.transfer_floor_ms.max(on.median_step_ms).max(1e-9)
+            "online max_gap / median_step = {}; stop-the-world stall / online stall = {}; restart max_gap / online max_gap = {}; online total / max(floor, step) = {}",
+            ratio(on.max_gap_ms, on.median_step_ms),
+            ratio(stw.stall_ms, on.stall_ms),
+            ratio(rs.max_gap_ms, on.max_gap_ms),
+            ratio(on.total_ms, on.transfer_floor_ms.max(on.median_step_ms))
         );
     }
     Ok(())
