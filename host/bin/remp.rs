@@ -483,7 +483,12 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
     for rep in 0..a.repeat.max(1) {
         for (i, mode) in modes.iter().enumerate() {
             if !a.json {
-                eprintln!("running {} ({}/{}) ...", mode.name(), rep + 1, a.repeat.max(1));
+                eprintln!(
+                    "running {} ({}/{}) ...",
+                    mode.name(),
+                    rep + 1,
+                    a.repeat.max(1)
+                );
             }
             all[i].push(run_mode(&model, &bc, *mode, bw)?);
         }
@@ -567,6 +572,11 @@ fn median_metrics(mut v: Vec<SwitchMetrics>) -> SwitchMetrics {
     let n = v.len();
     let mut m = v.swap_remove(n / 2);
     (m.stall_ms, m.max_gap_ms, m.median_step_ms, m.total_ms) = (stall, max_gap, median_step, total);
-    (m.transfer_floor_ms, m.bytes_moved, m.peak_extra_bytes, m.copy_cpu_ms) = (floor, moved, peak, cpu);
+    (
+        m.transfer_floor_ms,
+        m.bytes_moved,
+        m.peak_extra_bytes,
+        m.copy_cpu_ms,
+    ) = (floor, moved, peak, cpu);
     m
 }

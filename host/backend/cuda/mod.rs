@@ -81,8 +81,14 @@ impl DevBuf {
     /// Copy `data` to byte offset `off` (synchronous).
     pub fn upload_at<T: Copy>(&self, off: usize, data: &[T]) -> Result<()> {
         let bytes = std::mem::size_of_val(data);
-        assert!(off + bytes <= self.len, "upload of {bytes} B at {off} beyond {} B", self.len);
-        self.ctx.bind_to_thread().map_err(|e| derr("bind context", e))?;
+        assert!(
+            off + bytes <= self.len,
+            "upload of {bytes} B at {off} beyond {} B",
+            self.len
+        );
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| derr("bind context", e))?;
         // SAFETY: the range is inside this allocation; T: Copy is plain bytes; `data`
         // outlives the copy (synchronized below).
         unsafe { result::memcpy_htod_async(self.ptr + off as u64, data, self.stream.cu_stream()) }
@@ -97,7 +103,9 @@ impl DevBuf {
     /// The whole buffer as `len / size_of::<T>()` elements (synchronous).
     pub fn download<T: Copy + Default>(&self) -> Result<Vec<T>> {
         let mut v = vec![T::default(); self.len / std::mem::size_of::<T>().max(1)];
-        self.ctx.bind_to_thread().map_err(|e| derr("bind context", e))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| derr("bind context", e))?;
         // SAFETY: v's bytes lie inside the allocation; v outlives the copy.
         unsafe { result::memcpy_dtoh_async(&mut v[..], self.ptr, self.stream.cu_stream()) }
             .map_err(|e| derr("cuMemcpyDtoHAsync", e))?;
@@ -106,7 +114,9 @@ impl DevBuf {
     }
     /// Set every byte to `byte` (synchronous), e.g. to poison outputs.
     pub fn fill(&self, byte: u8) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| derr("bind context", e))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| derr("bind context", e))?;
         // SAFETY: the whole allocation.
         unsafe { result::memset_d8_async(self.ptr, byte, self.len, self.stream.cu_stream()) }
             .map_err(|e| derr("cuMemsetD8Async", e))?;
@@ -205,11 +215,15 @@ impl CudaDevice {
     }
     /// A device attribute (e.g. `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`).
     pub fn attribute(&self, a: sys::CUdevice_attribute) -> Result<i32> {
-        self.ctx.attribute(a).map_err(|e| derr("cuDeviceGetAttribute", e))
+        self.ctx
+            .attribute(a)
+            .map_err(|e| derr("cuDeviceGetAttribute", e))
     }
     pub fn sm_count(&self) -> Result<u32> {
-        Ok(self.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-            as u32)
+        Ok(
+            self.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+                as u32,
+        )
     }
     /// After every launch also synchronize and check the kernel ran to completion
     /// (tests: a trap or fault is reported at the launch that caused it).
@@ -219,7 +233,9 @@ impl CudaDevice {
     }
 
     pub fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| derr("bind context", e))
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| derr("bind context", e))
     }
 
     /// Allocate `bytes` bytes (contents undefined).
@@ -352,7 +368,13 @@ impl CudaDevice {
     /// # Safety
     /// The arguments must match the kernel's parameters in number and type, and every
     /// pointer must be valid for the accesses the kernel makes.
-    pub unsafe fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
+    pub unsafe fn launch(
+        &self,
+        name: &str,
+        grid: [u32; 3],
+        block: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         let f = self.function(name)?;
         self.bind()?;
         let mut vals: Vec<u64> = args
