@@ -281,7 +281,10 @@ impl Controller {
             // there, so it can flip in the same step instead of waiting for the next.
             let n = a.todo.len();
             let start = a.walk + self.lookahead(a, n);
-            let Some(i) = (0..n).map(|d| (start + d) % n).find(|&i| a.todo[i].is_some()) else {
+            let Some(i) = (0..n)
+                .map(|d| (start + d) % n)
+                .find(|&i| a.todo[i].is_some())
+            else {
                 break;
             };
             let Some(plan) = a.todo[i].take() else { break };
