@@ -595,7 +595,9 @@ impl Engine {
             live: self.pool.live.clone(),
             seqs,
         });
-        let logits = self.run_plan(&plan)?;
+        // A failed step still consumes its number: the placement's per-step decisions
+        // (flips included) are never replayed under the same number.
+        let logits = self.run_plan(&plan).inspect_err(|_| self.step_no += 1)?;
         let vocab = self.cfg.vocab_size;
 
         let mut events = Vec::new();
@@ -838,8 +840,9 @@ impl Engine {
     /// A step with no tokens: lets ready segments flip without decoding.
     fn flip_step(&mut self) -> Result<()> {
         let plan = self.empty_plan();
-        self.run_plan(&plan)?;
+        let r = self.run_plan(&plan);
         self.step_no += 1;
+        r?;
         Ok(())
     }
 
