@@ -148,6 +148,8 @@ struct Active {
     aborted: Option<String>,
     started: Instant,
     reshard_before: u64,
+    /// Bytes resident on all workers when the switch started.
+    resident_before: i64,
     last_step: u64,
 }
 
@@ -216,6 +218,7 @@ impl Controller {
             )));
         }
         self.meter.reset_peak();
+        let resident_before = self.meter.now();
         self.emit(ReconfigEvent::Started {
             from: plan.from.clone(),
             to: plan.to.clone(),
@@ -243,6 +246,7 @@ impl Controller {
             aborted: None,
             started: Instant::now(),
             reshard_before: self.stats.reshard_bytes(),
+            resident_before,
             last_step: step,
         };
         self.register_more(&mut a)?;
@@ -343,7 +347,11 @@ impl Controller {
 
     fn finish(&self, a: &Active, step: u64) {
         let moved = self.stats.reshard_bytes() - a.reshard_before;
-        let extra = (self.meter.peak() - self.meter.now()).max(0) as u64;
+        // Transient overhead: the peak above the larger of the two steady states (a
+        // switch that adds KV replication ends higher than it started, one that
+        // removes it lower; neither is "extra").
+        let steady = a.resident_before.max(self.meter.now());
+        let extra = (self.meter.peak() - steady).max(0) as u64;
         self.emit(ReconfigEvent::Finished {
             to: a.to.clone(),
             step,
