@@ -143,6 +143,124 @@ fn aligned16(p: usize) -> bool {
     p % 16 == 0
 }
 
+/// Columns of `y` per block of the tensor-core decode path (`_silu`: 8, as gate and up
+/// rows of the same 8 columns fill the two n8 tiles).
+pub const DEC_COLS: u32 = 16;
+/// Block size the launchers use for every decode kernel (8 warps split K).
+pub const DEC_BLOCK: u32 = 256;
+/// Most warps a decode block may have (shared reduction buffer size).
+const DEC_MAXW: u32 = 16;
+// Per-block shared memory of the decode kernels (`dec_smem`, 16 KiB):
+// `[warp < DEC_MAXW][tile 2][reg 4][lane 32]` f32.
+
+/// This lane's 16-byte chunk at `k` of the row `row` of a `[rows, ld]` bf16 matrix, or
+/// zeros when `ok` is false (rows past M/N, chunks past K: no load is issued).
+#[inline(always)]
+unsafe fn chunk(p: *const u16, row: u32, ld: u32, k: u32, ok: bool) -> [u32; 4] {
+    if ok {
+        ld_global_nc_v4(p.add(row as usize * ld as usize + k as usize) as *const u32)
+    } else {
+        [0; 4]
+    }
+}
+
+/// Tensor-core decode (vectorised path): the block's 2 n8 tiles (rows `wrow[0]`,
+/// `wrow[1]` + 0..8 of W, i.e. 8 output columns each) times rows `m0..m0+16` of x, K
+/// split over the warps in 32-element chunks. `mma.m16n8k16` treats K as a sum, so any
+/// permutation of K used identically for A and B is valid: lane (g = lane/4, t = lane%4)
+/// loads 16 contiguous bytes (k = kb + 8t .. +8) of W row g and of x rows g, g + 8, and
+/// feeds elements 0..3 of them to one mma and 4..7 to a second one. W is therefore read
+/// once for all 16 rows of x, with fully used 16-byte loads (a warp reads 512 B of each
+/// tile per chunk). Rows of x past M are zero (not loaded), so M <= 8 loads half the x.
+/// Each warp's accumulators go to shared memory `red` for a fixed-order reduction;
+/// returns after a barrier (every thread of the block must call it).
+#[inline(always)]
+unsafe fn decode_tc(
+    w: [*const u16; 2],
+    wrow: [u32; 2],
+    wrows_ok: [u32; 2], // number of valid rows in each tile (0..=8)
+    x: *const u16,
+    ldx: u32,
+    m0: u32,
+    m: u32,
+    k: u32,
+    red: *mut f32,
+) {
+    let lane = lane_id();
+    let (g, t) = (lane >> 2, lane & 3);
+    let nw = block_dim() / WARP;
+    let warp = warp_id();
+    let ra = m0 + g < m;
+    let rb = m0 + g + 8 < m;
+    let w_ok = [g < wrows_ok[0], g < wrows_ok[1]];
+    let mut acc = [[0.0f32; 4]; 2];
+    let nchunks = div_ceil(k, 32);
+    // two chunks per iteration, all loads issued before the mmas
+    let mut c = warp;
+    while c < nchunks {
+        let c2 = c + nw;
+        let ka = c * 32 + t * 8;
+        let kb = c2 * 32 + t * 8;
+        let (oka, okb) = (ka < k, c2 < nchunks && kb < k);
+        let wa0 = chunk(w[0], wrow[0] + g, k, ka, oka && w_ok[0]);
+        let wa1 = chunk(w[1], wrow[1] + g, k, ka, oka && w_ok[1]);
+        let wb0 = chunk(w[0], wrow[0] + g, k, kb, okb && w_ok[0]);
+        let wb1 = chunk(w[1], wrow[1] + g, k, kb, okb && w_ok[1]);
+        let xaa = chunk(x, m0 + g, ldx, ka, oka && ra);
+        let xab = chunk(x, m0 + g + 8, ldx, ka, oka && rb);
+        let xba = chunk(x, m0 + g, ldx, kb, okb && ra);
+        let xbb = chunk(x, m0 + g + 8, ldx, kb, okb && rb);
+        let wa = [wa0, wa1];
+        let wb = [wb0, wb1];
+        unroll!(j in 0..2 => {
+            acc[j] = mma_bf16_16816(acc[j], [xaa[0], xab[0], xaa[1], xab[1]], [wa[j][0], wa[j][1]]);
+            acc[j] = mma_bf16_16816(acc[j], [xaa[2], xab[2], xaa[3], xab[3]], [wa[j][2], wa[j][3]]);
+            acc[j] = mma_bf16_16816(acc[j], [xba[0], xbb[0], xba[1], xbb[1]], [wb[j][0], wb[j][1]]);
+            acc[j] = mma_bf16_16816(acc[j], [xba[2], xbb[2], xba[3], xbb[3]], [wb[j][2], wb[j][3]]);
+        });
+        c += 2 * nw;
+    }
+    unroll!(j in 0..2 => {
+        unroll!(r in 0..4 => {
+            *red.add((((warp * 2 + j as u32) * 4 + r as u32) * 32 + lane) as usize) = acc[j][r];
+        });
+    });
+    sync_threads();
+}
+
+/// Sum of the warps' partials for (tile `j`, register `r`, lane `l`) in warp order.
+#[inline(always)]
+unsafe fn decode_red(red: *const f32, j: u32, r: u32, l: u32) -> f32 {
+    let nw = block_dim() / WARP;
+    let mut s = 0.0f32;
+    let mut w = 0;
+    while w < nw {
+        s += *red.add((((w * 2 + j) * 4 + r) * 32 + l) as usize);
+        w += 1;
+    }
+    s
+}
+
+/// Valid rows of the n8 tile starting at row `r0` of an `n`-row W.
+#[inline(always)]
+fn rows_in(r0: u32, n: u32) -> u32 {
+    if r0 >= n {
+        0
+    } else {
+        umin(8, n - r0)
+    }
+}
+
+#[inline(always)]
+fn decode_vec_ok(k: u32, ldx: u32, ptrs: [usize; 3]) -> bool {
+    k % 8 == 0
+        && ldx % 8 == 0
+        && aligned16(ptrs[0])
+        && aligned16(ptrs[1])
+        && aligned16(ptrs[2])
+        && block_dim() <= DEC_MAXW * WARP
+}
+
 #[inline(always)]
 unsafe fn gemm_decode<O: Elem>(
     y: *mut O,
@@ -155,20 +273,44 @@ unsafe fn gemm_decode<O: Elem>(
     k: u32,
     ldx: u32,
     ldy: u32,
+    red: *mut f32,
 ) {
-    let n0 = (block_idx_x() * (block_dim() / WARP) + warp_id()) * 2;
+    let (xs, ws) = (x as *const u16, w as *const u16);
+    // block_dim() / 32 warps x 2 columns per block: DEC_COLS with the DEC_BLOCK launch
+    let cols = block_dim() / WARP * 2;
+    let nb = block_idx_x() * cols;
+    let vec_ok = decode_vec_ok(k, ldx, [x as usize, w as usize, w as usize]);
+    if vec_ok && cols == DEC_COLS {
+        let mut m0 = 0;
+        while m0 < m {
+            decode_tc([ws, ws], [nb, nb + 8], [rows_in(nb, n), rows_in(nb + 8, n)], xs, ldx, m0, m, k, red);
+            // one output element (tile j, register r, lane l) per thread
+            let mut i = thread_idx();
+            while i < 256 {
+                let (l, r, j) = (i & 31, (i >> 5) & 3, i >> 7);
+                let row = m0 + (l >> 2) + (r >> 1) * 8;
+                let col = nb + j * 8 + (l & 3) * 2 + (r & 1);
+                if row < m && col < n {
+                    store_out(y, ldy, bias, residual, row, col, decode_red(red, j, r, l));
+                }
+                i += block_dim();
+            }
+            sync_threads(); // red is reused by the next 16 rows
+            m0 += 16;
+        }
+        return;
+    }
+    let n0 = nb + warp_id() * 2;
     if n0 >= n {
         return; // whole warp leaves together
     }
     let has2 = n0 + 1 < n;
-    let (x, w) = (x as *const u16, w as *const u16);
-    let w0 = w.add(n0 as usize * k as usize);
+    let w0 = ws.add(n0 as usize * k as usize);
     let w1 = if has2 { w0.add(k as usize) } else { w0 };
-    let vec_ok = k % 8 == 0 && ldx % 8 == 0 && aligned16(x as usize) && aligned16(w as usize);
     let lane = lane_id();
     let mut m0 = 0;
     while m0 < m {
-        let acc = decode_dots([w0, w1], x, ldx, m0, m, k, vec_ok);
+        let acc = decode_dots([w0, w1], xs, ldx, m0, m, k, vec_ok);
         // lanes 0..3 store column n0, lanes 4..7 column n0 + 1
         let i = lane & 3;
         let r = (lane >> 2) as usize;
@@ -198,19 +340,42 @@ unsafe fn gemm_decode_silu(
     k: u32,
     ldx: u32,
     ldy: u32,
+    red: *mut f32,
 ) {
-    let col = block_idx_x() * (block_dim() / WARP) + warp_id();
+    let x = x as *const u16;
+    // block_dim() / 32 warps x 1 column per block: DEC_COLS / 2 with the DEC_BLOCK launch
+    let cols = block_dim() / WARP;
+    let nb = block_idx_x() * cols;
+    let vec_ok = decode_vec_ok(k, ldx, [x as usize, w_gate as usize, w_up as usize]);
+    if vec_ok && cols == DEC_COLS / 2 {
+        // tile 0 = gate rows nb..nb+8, tile 1 = up rows of the same columns
+        let rows = rows_in(nb, n);
+        let ws = [w_gate as *const u16, w_up as *const u16];
+        let mut m0 = 0;
+        while m0 < m {
+            decode_tc(ws, [nb, nb], [rows, rows], x, ldx, m0, m, k, red);
+            let mut i = thread_idx();
+            while i < 128 {
+                let (l, r) = (i & 31, i >> 5);
+                let row = m0 + (l >> 2) + (r >> 1) * 8;
+                let col = nb + (l & 3) * 2 + (r & 1);
+                if row < m && col < n {
+                    let v = silu_gate(decode_red(red, 0, r, l), decode_red(red, 1, r, l));
+                    *y.add((row * ldy + col) as usize) = Bf16::from_f32(v);
+                }
+                i += block_dim();
+            }
+            sync_threads();
+            m0 += 16;
+        }
+        return;
+    }
+    let col = nb + warp_id();
     if col >= n {
         return;
     }
-    let x = x as *const u16;
     let wg = (w_gate as *const u16).add(col as usize * k as usize);
     let wu = (w_up as *const u16).add(col as usize * k as usize);
-    let vec_ok = k % 8 == 0
-        && ldx % 8 == 0
-        && aligned16(x as usize)
-        && aligned16(w_gate as usize)
-        && aligned16(w_up as usize);
     let lane = lane_id();
     let mut m0 = 0;
     while m0 < m {
@@ -439,17 +604,20 @@ unsafe fn gemm_mma_silu(
 }
 
 kernels! {
-    /// Decode GEMM, bf16 out. block 128, grid.x = ceil(n / 8).
+    /// Decode GEMM, bf16 out. block DEC_BLOCK (256), grid.x = ceil(n / DEC_COLS) = ceil(n / 16).
     pub fn gemm_decode_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
-        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy);
+        let red = shared_bytes!(dec_smem, 16384) as *mut f32;
+        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red);
     }
-    /// Decode GEMM, f32 out (e.g. logits). block 128, grid.x = ceil(n / 8).
+    /// Decode GEMM, f32 out (e.g. logits). block DEC_BLOCK (256), grid.x = ceil(n / 16).
     pub fn gemm_decode_bf16_f32out(y: *mut f32, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
-        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy);
+        let red = shared_bytes!(dec_smem, 16384) as *mut f32;
+        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red);
     }
-    /// Decode gate/up GEMM with SiLU·mul. block 128, grid.x = ceil(n / 4).
+    /// Decode gate/up GEMM with SiLU·mul. block DEC_BLOCK (256), grid.x = ceil(n / 8).
     pub fn gemm_decode_silu_bf16(y: *mut Bf16, x: *const Bf16, w_gate: *const Bf16, w_up: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
-        gemm_decode_silu(y, x, w_gate, w_up, m, n, k, ldx, ldy);
+        let red = shared_bytes!(dec_smem, 16384) as *mut f32;
+        gemm_decode_silu(y, x, w_gate, w_up, m, n, k, ldx, ldy, red);
     }
     /// Tensor-core GEMM, bf16 out. block 128, grid = (ceil(n / 128), ceil(m / 128)).
     pub fn gemm_mma_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {

@@ -129,7 +129,7 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
         let yp = yb.ptr();
         unsafe {
             match path {
-                Path::Decode => launch([n.div_ceil(8), 1, 1], 128, || {
+                Path::Decode => launch([n.div_ceil(DEC_COLS), 1, 1], DEC_BLOCK, || {
                     gemm_decode_bf16_f32out(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
                 }),
                 Path::Mma => launch([n.div_ceil(128), m.div_ceil(128), 1], 128, || {
@@ -150,7 +150,7 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
         }; // in place: y += x·Wᵀ
         unsafe {
             match path {
-                Path::Decode => launch([n.div_ceil(8), 1, 1], 128, || {
+                Path::Decode => launch([n.div_ceil(DEC_COLS), 1, 1], DEC_BLOCK, || {
                     gemm_decode_bf16(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
                 }),
                 Path::Mma => launch([n.div_ceil(128), m.div_ceil(128), 1], 128, || {
@@ -188,7 +188,7 @@ fn run_silu(c: &Case, path: Path) {
     );
     unsafe {
         match path {
-            Path::Decode => launch([n.div_ceil(4), 1, 1], 128, || {
+            Path::Decode => launch([n.div_ceil(DEC_COLS / 2), 1, 1], DEC_BLOCK, || {
                 gemm_decode_silu_bf16(yp, xp, gp, up, m, n, k, ldx, ldy)
             }),
             Path::Mma => launch([n.div_ceil(64), m.div_ceil(128), 1], 128, || {
@@ -210,7 +210,7 @@ fn run_silu(c: &Case, path: Path) {
 fn decode_gemm_random_shapes() {
     let mut rng = Rng::new("decode_gemm");
     for it in 0..6 {
-        let m = rng.pick(&[1usize, 2, 3, 4, 5, 9, 16]);
+        let m = rng.pick(&[1usize, 2, 3, 4, 5, 9, 16, 20]);
         let n = rng.range(1, 40);
         let k = rng.pick(&[5usize, 64, 256, 264, 520, 1000]);
         let ldx = k + rng.pick(&[0usize, 8, 1]);

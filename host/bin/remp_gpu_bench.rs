@@ -167,7 +167,8 @@ fn run() -> Result<()> {
     ] {
         for m in [1usize, 8, 16] {
             let wbytes = n * k * 2;
-            let grid = [n.div_ceil(8) as u32, 1, 1];
+            // gemm::DEC_COLS = 16 columns per block, gemm::DEC_BLOCK = 256 threads
+            let grid = [n.div_ceil(16) as u32, 1, 1];
             let t = b.time(21, 8, |i| {
                 let w = rot(i, wbytes);
                 let x = rot(i + 7, m * k * 2);
@@ -183,7 +184,7 @@ fn run() -> Result<()> {
                     Arg::U32(k as u32),
                     Arg::U32(n as u32),
                 ];
-                unsafe { dev.launch("gemm_decode_bf16", grid, 128, &args) }
+                unsafe { dev.launch("gemm_decode_bf16", grid, 256, &args) }
             })?;
             let g = gbs(wbytes as f64, t);
             println!(
