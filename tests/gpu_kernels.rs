@@ -36,7 +36,12 @@ fn dev() -> &'static CudaDevice {
         let d = CudaDevice::open(0).unwrap_or_else(|e| panic!("{e}"));
         d.set_sync_check(true);
         d.load_kernels().unwrap_or_else(|e| panic!("{e}"));
-        eprintln!("device: {} sm_{}{}", d.name(), d.compute_capability().0, d.compute_capability().1);
+        eprintln!(
+            "device: {} sm_{}{}",
+            d.name(),
+            d.compute_capability().0,
+            d.compute_capability().1
+        );
         d
     })
 }
@@ -131,7 +136,9 @@ impl Pair {
         let n = std::mem::size_of_val(data);
         let mut h = vec![0u128; n / 16 + 1];
         // SAFETY: plain bytes into a large enough buffer.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, h.as_mut_ptr() as *mut u8, n) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, h.as_mut_ptr() as *mut u8, n)
+        };
         let d = dev().upload(data).unwrap();
         self.host.push(h);
         self.lens.push(n);
@@ -174,7 +181,14 @@ impl Pair {
     }
     /// [`Pair::check`] with an extra per-element absolute tolerance `extra(i)` (added to
     /// the kind's atol + rtol·|ref|).
-    fn check_tol(&self, what: &str, id: usize, kind: Kind, written: &dyn Fn(usize) -> bool, extra: &dyn Fn(usize) -> f32) {
+    fn check_tol(
+        &self,
+        what: &str,
+        id: usize,
+        kind: Kind,
+        written: &dyn Fn(usize) -> bool,
+        extra: &dyn Fn(usize) -> f32,
+    ) {
         let g = self.dev[id].download::<u8>().unwrap();
         let h = self.host_bytes(id);
         let es = match kind {
@@ -203,10 +217,15 @@ impl Pair {
         for i in 0..n {
             let (gb, hb) = (&g[i * es..(i + 1) * es], &h[i * es..(i + 1) * es]);
             let ok = if !written(i) || matches!(kind, Kind::Exact(_)) {
-                gb == hb && (!written(i) || gb.iter().any(|&b| b != 0xFF) || hb.iter().any(|&b| b != 0xFF))
+                gb == hb
+                    && (!written(i)
+                        || gb.iter().any(|&b| b != 0xFF)
+                        || hb.iter().any(|&b| b != 0xFF))
             } else {
                 let (gv, hv) = (val(&g, i), val(h, i));
-                gv.is_finite() && hv.is_finite() && (gv - hv).abs() <= atol + rtol * hv.abs() + extra(i)
+                gv.is_finite()
+                    && hv.is_finite()
+                    && (gv - hv).abs() <= atol + rtol * hv.abs() + extra(i)
             };
             if !ok {
                 bad += 1;
@@ -252,7 +271,9 @@ fn gpu_reshard_copy2d() {
         let src_stride = cols + rng.pick(&[0usize, 0, 1, 5, 64]);
         let dst_stride = cols + rng.pick(&[0usize, 0, 3, 8]);
         let (so, dof) = (rng.range(0, 37), rng.range(0, 37));
-        let src: Vec<u8> = (0..(so + rows * src_stride) * elem).map(|_| rng.next() as u8).collect();
+        let src: Vec<u8> = (0..(so + rows * src_stride) * elem)
+            .map(|_| rng.next() as u8)
+            .collect();
         let dst_len = (dof + rows * dst_stride) * elem + 16;
         let s = dev().upload(&src).unwrap();
         let d = dev().alloc_poisoned(dst_len, 0xA5).unwrap();
@@ -290,15 +311,23 @@ fn gpu_reshard_copy2d() {
 fn gpu_reshard_copy2d_batched_kv_heads() {
     let mut rng = Rng::new("gpu_reshard_batched");
     for _ in 0..4 {
-        let (bs, kvh, hd) = (rng.pick(&[16usize, 32]), rng.range(2, 8), rng.pick(&[64usize, 128, 40]));
+        let (bs, kvh, hd) = (
+            rng.pick(&[16usize, 32]),
+            rng.range(2, 8),
+            rng.pick(&[64usize, 128, 40]),
+        );
         let nblocks = rng.range(1, 300);
         let h0 = rng.range(0, kvh - 1);
         let h1 = rng.range(h0 + 1, kvh);
         let nh = h1 - h0;
         let e = 2usize;
-        let src: Vec<u16> = (0..nblocks * bs * kvh * hd).map(|_| rng.next() as u16).collect();
+        let src: Vec<u16> = (0..nblocks * bs * kvh * hd)
+            .map(|_| rng.next() as u16)
+            .collect();
         let s = dev().upload(&src).unwrap();
-        let packed = dev().alloc_poisoned(nblocks * bs * nh * hd * e, 0xFF).unwrap();
+        let packed = dev()
+            .alloc_poisoned(nblocks * bs * nh * hd * e, 0xFF)
+            .unwrap();
         let descs: Vec<u64> = (0..nblocks)
             .flat_map(|b| {
                 [
@@ -312,11 +341,29 @@ fn gpu_reshard_copy2d_batched_kv_heads() {
             .collect();
         let db = dev().upload(&descs).unwrap();
         let args = [Arg::Ptr(db.ptr()), Arg::U32(nblocks as u32)];
-        unsafe { dev().launch("reshard_copy2d_batched", [4, nblocks.min(1024) as u32, 1], 128, &args) }.unwrap();
-        let dst = dev().alloc_poisoned(nblocks * bs * nh * hd * e, 0xFF).unwrap();
+        unsafe {
+            dev().launch(
+                "reshard_copy2d_batched",
+                [4, nblocks.min(1024) as u32, 1],
+                128,
+                &args,
+            )
+        }
+        .unwrap();
+        let dst = dev()
+            .alloc_poisoned(nblocks * bs * nh * hd * e, 0xFF)
+            .unwrap();
         let n = (bs * nh * hd * e) as u64;
         let descs2: Vec<u64> = (0..nblocks)
-            .flat_map(|b| [dst.at(b * n as usize), packed.at(b * n as usize), n, n, (1u64 << 32) | n])
+            .flat_map(|b| {
+                [
+                    dst.at(b * n as usize),
+                    packed.at(b * n as usize),
+                    n,
+                    n,
+                    (1u64 << 32) | n,
+                ]
+            })
             .collect();
         let db2 = dev().upload(&descs2).unwrap();
         let args = [Arg::Ptr(db2.ptr()), Arg::U32(nblocks as u32)];
@@ -327,7 +374,11 @@ fn gpu_reshard_copy2d_batched_kv_heads() {
                 for h in 0..nh {
                     for d in 0..hd {
                         let want = src[((b * bs + sl) * kvh + h0 + h) * hd + d];
-                        assert_eq!(got[((b * bs + sl) * nh + h) * hd + d], want, "block {b} slot {sl} head {h} d {d}");
+                        assert_eq!(
+                            got[((b * bs + sl) * nh + h) * hd + d],
+                            want,
+                            "block {b} slot {sl} head {h} d {d}"
+                        );
                     }
                 }
             }
@@ -355,8 +406,16 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, bias: bool, res: bool) {
     let x = p.bytes(&rng.bf16(m * ldx, 1.0));
     let w = p.bytes(&rng.bf16(n * k, 0.5));
     let w2 = p.bytes(&rng.bf16(n * k, 0.5));
-    let b = if bias { Some(p.bytes(&rng.bf16(n, 1.0))) } else { None };
-    let r = if res { Some(p.bytes(&rng.bf16(m * ldy, 2.0))) } else { None };
+    let b = if bias {
+        Some(p.bytes(&rng.bf16(n, 1.0)))
+    } else {
+        None
+    };
+    let r = if res {
+        Some(p.bytes(&rng.bf16(m * ldy, 2.0)))
+    } else {
+        None
+    };
     let y = p.out(m * ldy, if f32out { 4 } else { 2 });
     let grid = match (mma, silu) {
         (false, false) => [(n as u32).div_ceil(DEC_COLS), 1, 1],
@@ -364,7 +423,13 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, bias: bool, res: bool) {
         (true, false) => [n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1],
         (true, true) => [n.div_ceil(64) as u32, m.div_ceil(128) as u32, 1],
     };
-    let dims = [U(m as u32), U(n as u32), U(k as u32), U(ldx as u32), U(ldy as u32)];
+    let dims = [
+        U(m as u32),
+        U(n as u32),
+        U(k as u32),
+        U(ldx as u32),
+        U(ldy as u32),
+    ];
     let opt = |o: Option<usize>| o.map(B).unwrap_or(Null);
     let mut args = vec![B(y), B(x), B(w)];
     if silu {
@@ -375,17 +440,32 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, bias: bool, res: bool) {
     args.extend(dims);
     let block = if mma { 128 } else { DEC_BLOCK };
     p.gpu(kernel, grid, block, &args);
-    let (yh, xh, wh, w2h) = (p.h::<u8>(y), p.h::<Bf16>(x), p.h::<Bf16>(w), p.h::<Bf16>(w2));
-    let bh = b.map(|i| p.h::<Bf16>(i) as *const Bf16).unwrap_or(std::ptr::null());
-    let rh = r.map(|i| p.h::<Bf16>(i) as *const Bf16).unwrap_or(std::ptr::null());
+    let (yh, xh, wh, w2h) = (
+        p.h::<u8>(y),
+        p.h::<Bf16>(x),
+        p.h::<Bf16>(w),
+        p.h::<Bf16>(w2),
+    );
+    let bh = b
+        .map(|i| p.h::<Bf16>(i) as *const Bf16)
+        .unwrap_or(std::ptr::null());
+    let rh = r
+        .map(|i| p.h::<Bf16>(i) as *const Bf16)
+        .unwrap_or(std::ptr::null());
     let (m, n, k, ldx, ldy) = (m as u32, n as u32, k as u32, ldx as u32, ldy as u32);
     unsafe {
         emu(grid, block, || match kernel {
             "gemm_decode_bf16" => gemm_decode_bf16(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
-            "gemm_decode_bf16_f32out" => gemm_decode_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
-            "gemm_decode_silu_bf16" => gemm_decode_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy),
+            "gemm_decode_bf16_f32out" => {
+                gemm_decode_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy)
+            }
+            "gemm_decode_silu_bf16" => {
+                gemm_decode_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy)
+            }
             "gemm_mma_bf16" => gemm_mma_bf16(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
-            "gemm_mma_bf16_f32out" => gemm_mma_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
+            "gemm_mma_bf16_f32out" => {
+                gemm_mma_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy)
+            }
             "gemm_mma_silu_bf16" => gemm_mma_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy),
             _ => unreachable!(),
         })
@@ -405,7 +485,13 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, bias: bool, res: bool) {
         // A layout/indexing bug is O(S); bf16-output checks keep their tolerance.
         let (xb, wb) = (p.h::<u16>(x), p.h::<u16>(w));
         let bv = b.map(|i| p.h::<u16>(i));
-        let (m, n, k, ldx, ldy) = (m as usize, n as usize, k as usize, ldx as usize, ldy as usize);
+        let (m, n, k, ldx, ldy) = (
+            m as usize,
+            n as usize,
+            k as usize,
+            ldx as usize,
+            ldy as usize,
+        );
         let mut tol = vec![0f32; m * ldy];
         for i in 0..m {
             for j in 0..n {
@@ -413,14 +499,23 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, bias: bool, res: bool) {
                 let (mut s, mut dot) = (0f64, 0f64);
                 for kk in 0..k {
                     // SAFETY: see above
-                    let t = unsafe { bf16_to_f32(*xb.add(i * ldx + kk)) as f64 * bf16_to_f32(*wb.add(j * k + kk)) as f64 };
+                    let t = unsafe {
+                        bf16_to_f32(*xb.add(i * ldx + kk)) as f64
+                            * bf16_to_f32(*wb.add(j * k + kk)) as f64
+                    };
                     s += t.abs();
                     dot += t;
                 }
                 // SAFETY: see above
-                let bias_v = bv.map(|bp| unsafe { bf16_to_f32(*bp.add(j)) as f64 }).unwrap_or(0.0);
+                let bias_v = bv
+                    .map(|bp| unsafe { bf16_to_f32(*bp.add(j)) as f64 })
+                    .unwrap_or(0.0);
                 let tc = s / 65536.0;
-                let flip = if bias || res { ((dot + bias_v).abs() + tc) / 128.0 } else { 0.0 };
+                let flip = if bias || res {
+                    ((dot + bias_v).abs() + tc) / 128.0
+                } else {
+                    0.0
+                };
                 tol[i * ldy + j] = (tc + flip) as f32;
             }
         }
@@ -436,7 +531,11 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, bias: bool, res: bool) {
 #[ignore = "needs a CUDA device"]
 fn gpu_gemm_decode() {
     let mut rng = Rng::new("gpu_gemm_decode");
-    for kernel in ["gemm_decode_bf16", "gemm_decode_bf16_f32out", "gemm_decode_silu_bf16"] {
+    for kernel in [
+        "gemm_decode_bf16",
+        "gemm_decode_bf16_f32out",
+        "gemm_decode_silu_bf16",
+    ] {
         for &(m, k) in &[(1usize, 512usize), (5, 520), (16, 264), (3, 77)] {
             let n = rng.range(60, 300);
             let ldx = k + rng.pick(&[0usize, 8, 3]);
@@ -453,8 +552,16 @@ fn gpu_gemm_decode() {
 #[ignore = "needs a CUDA device"]
 fn gpu_gemm_mma() {
     let mut rng = Rng::new("gpu_gemm_mma");
-    for kernel in ["gemm_mma_bf16", "gemm_mma_bf16_f32out", "gemm_mma_silu_bf16"] {
-        for &(m, n, k) in &[(128usize, 128usize, 256usize), (130, 200, 264), (37, 136, 96)] {
+    for kernel in [
+        "gemm_mma_bf16",
+        "gemm_mma_bf16_f32out",
+        "gemm_mma_silu_bf16",
+    ] {
+        for &(m, n, k) in &[
+            (128usize, 128usize, 256usize),
+            (130, 200, 264),
+            (37, 136, 96),
+        ] {
             let ldx = k + rng.pick(&[0usize, 8]);
             let ldy = n + rng.pick(&[0usize, 3]);
             let (bias, res) = (rng.next().is_multiple_of(2), rng.next().is_multiple_of(2));
@@ -520,7 +627,11 @@ fn paged(rng: &mut Rng, ctx: &[usize], kvh: usize, d: usize, bs: usize) -> Paged
         ids.swap(i, rng.range(0, i));
     }
     let _ = (kvh, d, bs);
-    Paged { max_blocks, nblocks, tables: ids[..ctx.len() * max_blocks].to_vec() }
+    Paged {
+        max_blocks,
+        nblocks,
+        tables: ids[..ctx.len() * max_blocks].to_vec(),
+    }
 }
 
 /// Paged decode attention (GQA group sizes 1–10, head dims 40–128, split-K with the
@@ -554,27 +665,79 @@ fn gpu_attn_decode() {
         let scale = 1.0 / (d as f32).sqrt();
         let grid = [(kvh * group.div_ceil(8)) as u32, nseq as u32, splits as u32];
         let cgrid = [qh as u32, nseq as u32, 1];
-        let dims = [U(qh as u32), U(kvh as u32), U(d as u32), U(bs as u32), U(c.max_blocks as u32), U(q_stride as u32), U(split_tokens as u32), F(scale)];
+        let dims = [
+            U(qh as u32),
+            U(kvh as u32),
+            U(d as u32),
+            U(bs as u32),
+            U(c.max_blocks as u32),
+            U(q_stride as u32),
+            U(split_tokens as u32),
+            F(scale),
+        ];
         let mut args = vec![B(out), B(op), B(ml), B(q), B(kc), B(vc), B(tb), B(cl)];
         args.extend(dims);
         p.gpu("attn_decode_bf16", grid, 128, &args);
         if splits > 1 {
-            let args = [B(out), B(op), B(ml), B(cl), U(qh as u32), U(d as u32), U(splits as u32), U(split_tokens as u32)];
+            let args = [
+                B(out),
+                B(op),
+                B(ml),
+                B(cl),
+                U(qh as u32),
+                U(d as u32),
+                U(splits as u32),
+                U(split_tokens as u32),
+            ];
             p.gpu("attn_decode_combine_bf16", cgrid, 128, &args);
         }
         let (o, opp, mlp) = (p.h::<Bf16>(out), p.h::<f32>(op), p.h::<f32>(ml));
-        let (qp, kp, vp, tp, cp) = (p.h::<Bf16>(q), p.h::<Bf16>(kc), p.h::<Bf16>(vc), p.h::<u32>(tb), p.h::<u32>(cl));
+        let (qp, kp, vp, tp, cp) = (
+            p.h::<Bf16>(q),
+            p.h::<Bf16>(kc),
+            p.h::<Bf16>(vc),
+            p.h::<u32>(tb),
+            p.h::<u32>(cl),
+        );
         unsafe {
             emu(grid, 128, || {
-                attn_decode_bf16(o, opp, mlp, qp, kp, vp, tp, cp, qh as u32, kvh as u32, d as u32, bs as u32, c.max_blocks as u32, q_stride as u32, split_tokens as u32, scale)
+                attn_decode_bf16(
+                    o,
+                    opp,
+                    mlp,
+                    qp,
+                    kp,
+                    vp,
+                    tp,
+                    cp,
+                    qh as u32,
+                    kvh as u32,
+                    d as u32,
+                    bs as u32,
+                    c.max_blocks as u32,
+                    q_stride as u32,
+                    split_tokens as u32,
+                    scale,
+                )
             });
             if splits > 1 {
                 emu(cgrid, 128, || {
-                    attn_decode_combine_bf16(o, opp, mlp, cp, qh as u32, d as u32, splits as u32, split_tokens as u32)
+                    attn_decode_combine_bf16(
+                        o,
+                        opp,
+                        mlp,
+                        cp,
+                        qh as u32,
+                        d as u32,
+                        splits as u32,
+                        split_tokens as u32,
+                    )
                 });
             }
         }
-        let what = format!("attn_decode kvh {kvh} group {group} d {d} bs {bs} ctx {ctx:?} split {split_tokens}");
+        let what = format!(
+            "attn_decode kvh {kvh} group {group} d {d} bs {bs} ctx {ctx:?} split {split_tokens}"
+        );
         p.check(&what, out, Kind::Bf16, &all);
     }
 }
@@ -625,29 +788,96 @@ fn gpu_kv_write_and_attn_prefill() {
             "kv_cache_write_bf16",
             wgrid,
             128,
-            &[B(kc), B(vc), A::B(qkv, qh * d * 2), A::B(qkv, (qh + kvh) * d * 2), B(sl), U(kvh as u32), U(d as u32), U(stride as u32), U(stride as u32)],
+            &[
+                B(kc),
+                B(vc),
+                A::B(qkv, qh * d * 2),
+                A::B(qkv, (qh + kvh) * d * 2),
+                B(sl),
+                U(kvh as u32),
+                U(d as u32),
+                U(stride as u32),
+                U(stride as u32),
+            ],
         );
         let (kp, vp, qp) = (p.h::<Bf16>(kc), p.h::<Bf16>(vc), p.h::<Bf16>(qkv));
-        let (kin, vin) = (p.hat::<Bf16>(qkv, qh * d), p.hat::<Bf16>(qkv, (qh + kvh) * d));
+        let (kin, vin) = (
+            p.hat::<Bf16>(qkv, qh * d),
+            p.hat::<Bf16>(qkv, (qh + kvh) * d),
+        );
         let slp = p.h::<u32>(sl);
         unsafe {
-            emu(wgrid, 128, || kv_cache_write_bf16(kp, vp, kin, vin, slp, kvh as u32, d as u32, stride as u32, stride as u32));
+            emu(wgrid, 128, || {
+                kv_cache_write_bf16(
+                    kp,
+                    vp,
+                    kin,
+                    vin,
+                    slp,
+                    kvh as u32,
+                    d as u32,
+                    stride as u32,
+                    stride as u32,
+                )
+            });
         }
         p.check("kv_cache_write K", kc, Kind::Exact(2), &all);
         p.check("kv_cache_write V", vc, Kind::Exact(2), &all);
         let scale = 1.0 / (d as f32).sqrt();
         let maxq = *qlen.iter().max().unwrap() as u32;
-        let grid = [(kvh * group.div_ceil(8)) as u32, maxq.div_ceil(4), nseq as u32];
+        let grid = [
+            (kvh * group.div_ceil(8)) as u32,
+            maxq.div_ceil(4),
+            nseq as u32,
+        ];
         p.gpu(
             "attn_prefill_bf16",
             grid,
             128,
-            &[B(out), B(qkv), B(kc), B(vc), B(tb), B(cl), B(st), B(ql), U(qh as u32), U(kvh as u32), U(d as u32), U(bs as u32), U(c.max_blocks as u32), U(stride as u32), F(scale)],
+            &[
+                B(out),
+                B(qkv),
+                B(kc),
+                B(vc),
+                B(tb),
+                B(cl),
+                B(st),
+                B(ql),
+                U(qh as u32),
+                U(kvh as u32),
+                U(d as u32),
+                U(bs as u32),
+                U(c.max_blocks as u32),
+                U(stride as u32),
+                F(scale),
+            ],
         );
-        let (o, tp, cp, stp, qlp) = (p.h::<Bf16>(out), p.h::<u32>(tb), p.h::<u32>(cl), p.h::<u32>(st), p.h::<u32>(ql));
+        let (o, tp, cp, stp, qlp) = (
+            p.h::<Bf16>(out),
+            p.h::<u32>(tb),
+            p.h::<u32>(cl),
+            p.h::<u32>(st),
+            p.h::<u32>(ql),
+        );
         unsafe {
             emu(grid, 128, || {
-                attn_prefill_bf16(o, qp, kp, vp, tp, cp, stp, qlp, qh as u32, kvh as u32, d as u32, bs as u32, c.max_blocks as u32, stride as u32, scale)
+                attn_prefill_bf16(
+                    o,
+                    qp,
+                    kp,
+                    vp,
+                    tp,
+                    cp,
+                    stp,
+                    qlp,
+                    qh as u32,
+                    kvh as u32,
+                    d as u32,
+                    bs as u32,
+                    c.max_blocks as u32,
+                    stride as u32,
+                    scale,
+                )
             });
         }
         let what = format!("attn_prefill kvh {kvh} group {group} d {d} qlen {qlen:?} ctx {ctx:?}");
@@ -671,15 +901,36 @@ macro_rules! rms_case {
         let n2 = concat!(stringify!($addrms));
         let grid = [rows as u32, 1, 1];
         $p.gpu(n1, grid, 128, &[B(out), B(x), B(w), U(cols as u32), F(eps)]);
-        $p.gpu(n2, grid, 128, &[B(out2), B(res), B(x), B(w), U(cols as u32), F(eps)]);
-        let (o, o2, xp, wp, rp) = ($p.h::<$T>(out), $p.h::<$T>(out2), $p.h::<$T>(x), $p.h::<$T>(w), $p.h::<$T>(res));
+        $p.gpu(
+            n2,
+            grid,
+            128,
+            &[B(out2), B(res), B(x), B(w), U(cols as u32), F(eps)],
+        );
+        let (o, o2, xp, wp, rp) = (
+            $p.h::<$T>(out),
+            $p.h::<$T>(out2),
+            $p.h::<$T>(x),
+            $p.h::<$T>(w),
+            $p.h::<$T>(res),
+        );
         unsafe {
             emu(grid, 128, || $rms(o, xp, wp, cols as u32, eps));
             emu(grid, 128, || $addrms(o2, rp, xp, wp, cols as u32, eps));
         }
         $p.check(&format!("{n1} rows {rows} cols {cols}"), out, $kind, &all);
-        $p.check(&format!("{n2} out rows {rows} cols {cols}"), out2, $kind, &all);
-        $p.check(&format!("{n2} residual rows {rows} cols {cols}"), res, $kind, &all);
+        $p.check(
+            &format!("{n2} out rows {rows} cols {cols}"),
+            out2,
+            $kind,
+            &all,
+        );
+        $p.check(
+            &format!("{n2} residual rows {rows} cols {cols}"),
+            res,
+            $kind,
+            &all,
+        );
     }};
 }
 
@@ -689,7 +940,16 @@ macro_rules! rms_case {
 fn gpu_rmsnorm() {
     let mut rng = Rng::new("gpu_rmsnorm");
     let mut p = Pair::new();
-    rms_case!(p, rng, Kind::Bf16, bf16, Bf16, rmsnorm_bf16, add_rmsnorm_bf16, 2);
+    rms_case!(
+        p,
+        rng,
+        Kind::Bf16,
+        bf16,
+        Bf16,
+        rmsnorm_bf16,
+        add_rmsnorm_bf16,
+        2
+    );
     rms_case!(p, rng, Kind::F16, f16, F16, rmsnorm_f16, add_rmsnorm_f16, 2);
     rms_case!(p, rng, Kind::F32, f32, f32, rmsnorm_f32, add_rmsnorm_f32, 4);
 }
@@ -707,25 +967,70 @@ fn gpu_rope() {
         let tokens = rng.range(1, 20);
         let stride = (qh + 2 * kh) * d;
         let inv = llama3_inv_freq(d, 500000.0, 8.0, 1.0, 4.0, 8192.0);
-        let pos: Vec<u32> = (0..tokens).map(|_| rng.pick(&[0u32, 1, 17, 4095, 131071, 200000]) + rng.range(0, 9) as u32).collect();
+        let pos: Vec<u32> = (0..tokens)
+            .map(|_| rng.pick(&[0u32, 1, 17, 4095, 131071, 200000]) + rng.range(0, 9) as u32)
+            .collect();
         let mut p = Pair::new();
         let es = if matches!(kind, Kind::F32) { 4 } else { 2 };
-        let qkv = if es == 4 { p.bytes(&rng.f32(tokens * stride, 1.0)) } else { p.bytes(&rng.bf16(tokens * stride, 1.0)) };
+        let qkv = if es == 4 {
+            p.bytes(&rng.f32(tokens * stride, 1.0))
+        } else {
+            p.bytes(&rng.bf16(tokens * stride, 1.0))
+        };
         let (pp, ip) = (p.bytes(&pos), p.bytes(&inv));
         let grid = [tokens as u32, 1, 1];
-        let args = [B(qkv), A::B(qkv, qh * d * es), B(pp), B(ip), U(qh as u32), U(kh as u32), U(d as u32), U(stride as u32), U(stride as u32)];
+        let args = [
+            B(qkv),
+            A::B(qkv, qh * d * es),
+            B(pp),
+            B(ip),
+            U(qh as u32),
+            U(kh as u32),
+            U(d as u32),
+            U(stride as u32),
+            U(stride as u32),
+        ];
         p.gpu(name, grid, 128, &args);
         let (posp, invp) = (p.h::<u32>(pp), p.h::<f32>(ip));
         unsafe {
             if es == 4 {
                 let (q, k) = (p.h::<f32>(qkv), p.hat::<f32>(qkv, qh * d));
-                emu(grid, 128, || rope_f32(q, k, posp, invp, qh as u32, kh as u32, d as u32, stride as u32, stride as u32));
+                emu(grid, 128, || {
+                    rope_f32(
+                        q,
+                        k,
+                        posp,
+                        invp,
+                        qh as u32,
+                        kh as u32,
+                        d as u32,
+                        stride as u32,
+                        stride as u32,
+                    )
+                });
             } else {
                 let (q, k) = (p.h::<Bf16>(qkv), p.hat::<Bf16>(qkv, qh * d));
-                emu(grid, 128, || rope_bf16(q, k, posp, invp, qh as u32, kh as u32, d as u32, stride as u32, stride as u32));
+                emu(grid, 128, || {
+                    rope_bf16(
+                        q,
+                        k,
+                        posp,
+                        invp,
+                        qh as u32,
+                        kh as u32,
+                        d as u32,
+                        stride as u32,
+                        stride as u32,
+                    )
+                });
             }
         }
-        p.check(&format!("{name} d {d} qh {qh} kh {kh} pos {pos:?}"), qkv, kind, &all);
+        p.check(
+            &format!("{name} d {d} qh {qh} kh {kh} pos {pos:?}"),
+            qkv,
+            kind,
+            &all,
+        );
     }
 }
 
@@ -740,16 +1045,46 @@ fn gpu_silu_residual_embedding() {
     let (rows, cols) = (rng.range(1, 9), rng.pick(&[100usize, 1000, 14336]));
     let gu = p.bytes(&rng.bf16(rows * 2 * cols, 4.0));
     let out = p.out(rows * (cols + 3), 2);
-    let args = [B(out), B(gu), A::B(gu, cols * 2), U(rows as u32), U(cols as u32), U(2 * cols as u32), U(cols as u32 + 3)];
+    let args = [
+        B(out),
+        B(gu),
+        A::B(gu, cols * 2),
+        U(rows as u32),
+        U(cols as u32),
+        U(2 * cols as u32),
+        U(cols as u32 + 3),
+    ];
     p.gpu("silu_mul_bf16", [64, 1, 1], 128, &args);
     let (o, g, u) = (p.h::<Bf16>(out), p.h::<Bf16>(gu), p.hat::<Bf16>(gu, cols));
-    unsafe { emu([64, 1, 1], 128, || silu_mul_bf16(o, g, u, rows as u32, cols as u32, 2 * cols as u32, cols as u32 + 3)) };
-    p.check(&format!("silu_mul rows {rows} cols {cols}"), out, Kind::Bf16, &|i| i % (cols + 3) < cols);
+    unsafe {
+        emu([64, 1, 1], 128, || {
+            silu_mul_bf16(
+                o,
+                g,
+                u,
+                rows as u32,
+                cols as u32,
+                2 * cols as u32,
+                cols as u32 + 3,
+            )
+        })
+    };
+    p.check(
+        &format!("silu_mul rows {rows} cols {cols}"),
+        out,
+        Kind::Bf16,
+        &|i| i % (cols + 3) < cols,
+    );
     // residual_add in place: a += b
     let n = rng.range(1, 100_000);
     let a = p.bytes(&rng.bf16(n, 2.0));
     let b = p.bytes(&rng.bf16(n, 2.0));
-    p.gpu("residual_add_bf16", [40, 1, 1], 128, &[B(a), B(a), B(b), U(n as u32)]);
+    p.gpu(
+        "residual_add_bf16",
+        [40, 1, 1],
+        128,
+        &[B(a), B(a), B(b), U(n as u32)],
+    );
     let (ap, bp) = (p.h::<Bf16>(a), p.h::<Bf16>(b));
     unsafe { emu([40, 1, 1], 128, || residual_add_bf16(ap, ap, bp, n as u32)) };
     p.check(&format!("residual_add n {n}"), a, Kind::Bf16, &all);
@@ -758,14 +1093,37 @@ fn gpu_silu_residual_embedding() {
     let (vs, ve) = (rng.range(0, vocab / 2), vocab);
     let table = p.bytes(&rng.bf16((ve - vs) * dim, 1.0));
     let tokens = rng.range(1, 32);
-    let ids: Vec<u32> = (0..tokens).map(|_| rng.range(0, vocab + 5) as u32).collect();
+    let ids: Vec<u32> = (0..tokens)
+        .map(|_| rng.range(0, vocab + 5) as u32)
+        .collect();
     let idb = p.bytes(&ids);
     let emb = p.out(tokens * dim, 2);
     let grid = [tokens as u32, 1, 1];
-    p.gpu("embedding_bf16", grid, 128, &[B(emb), B(table), B(idb), U(dim as u32), U(vs as u32), U(ve as u32)]);
+    p.gpu(
+        "embedding_bf16",
+        grid,
+        128,
+        &[
+            B(emb),
+            B(table),
+            B(idb),
+            U(dim as u32),
+            U(vs as u32),
+            U(ve as u32),
+        ],
+    );
     let (ep, tp, ip) = (p.h::<Bf16>(emb), p.h::<Bf16>(table), p.h::<u32>(idb));
-    unsafe { emu(grid, 128, || embedding_bf16(ep, tp, ip, dim as u32, vs as u32, ve as u32)) };
-    p.check(&format!("embedding vocab [{vs},{ve}) dim {dim} ids {ids:?}"), emb, Kind::Exact(2), &all);
+    unsafe {
+        emu(grid, 128, || {
+            embedding_bf16(ep, tp, ip, dim as u32, vs as u32, ve as u32)
+        })
+    };
+    p.check(
+        &format!("embedding vocab [{vs},{ve}) dim {dim} ids {ids:?}"),
+        emb,
+        Kind::Exact(2),
+        &all,
+    );
 }
 
 /// Greedy argmax (ties to the lowest index; bf16 logits make ties likely) and top-p
@@ -785,7 +1143,12 @@ fn gpu_argmax_top_p() {
     let grid = [rows as u32, 1, 1];
     p.gpu("argmax_bf16", grid, 128, &[B(ob), B(lb), U(vocab as u32)]);
     p.gpu("argmax_f32", grid, 128, &[B(of), B(lf), U(vocab as u32)]);
-    let (obp, ofp, lbp, lfp) = (p.h::<u32>(ob), p.h::<u32>(of), p.h::<Bf16>(lb), p.h::<f32>(lf));
+    let (obp, ofp, lbp, lfp) = (
+        p.h::<u32>(ob),
+        p.h::<u32>(of),
+        p.h::<Bf16>(lb),
+        p.h::<f32>(lf),
+    );
     unsafe {
         emu(grid, 128, || argmax_bf16(obp, lbp, vocab as u32));
         emu(grid, 128, || argmax_f32(ofp, lfp, vocab as u32));
@@ -797,12 +1160,27 @@ fn gpu_argmax_top_p() {
     let ub = p.bytes(&uni);
     let ot = p.out(rows, 4);
     let (temp, top_p) = (rng.pick(&[0.7f32, 1.0]), rng.pick(&[0.5f32, 0.9, 1.0]));
-    p.gpu("top_p_sample_f32", grid, 128, &[B(ot), B(lf), U(vocab as u32), F(temp), F(top_p), B(ub)]);
+    p.gpu(
+        "top_p_sample_f32",
+        grid,
+        128,
+        &[B(ot), B(lf), U(vocab as u32), F(temp), F(top_p), B(ub)],
+    );
     let (otp, up) = (p.h::<u32>(ot), p.h::<f32>(ub));
-    unsafe { emu(grid, 128, || top_p_sample_f32(otp, lfp, vocab as u32, temp, top_p, up)) };
+    unsafe {
+        emu(grid, 128, || {
+            top_p_sample_f32(otp, lfp, vocab as u32, temp, top_p, up)
+        })
+    };
     let g = p.dev[ot].download::<u32>().unwrap();
     let h: Vec<u32> = unsafe { std::slice::from_raw_parts(otp, rows).to_vec() };
-    assert!(g.iter().all(|&t| (t as usize) < vocab), "top-p sample out of range: {g:?}");
+    assert!(
+        g.iter().all(|&t| (t as usize) < vocab),
+        "top-p sample out of range: {g:?}"
+    );
     let differ = g.iter().zip(&h).filter(|(a, b)| a != b).count();
-    assert!(differ <= 1, "top-p temp {temp} p {top_p}: gpu {g:?} emulator {h:?}");
+    assert!(
+        differ <= 1,
+        "top-p temp {temp} p {top_p}: gpu {g:?} emulator {h:?}"
+    );
 }

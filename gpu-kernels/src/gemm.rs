@@ -283,7 +283,17 @@ unsafe fn gemm_decode<O: Elem>(
     if vec_ok && cols == DEC_COLS {
         let mut m0 = 0;
         while m0 < m {
-            decode_tc([ws, ws], [nb, nb + 8], [rows_in(nb, n), rows_in(nb + 8, n)], xs, ldx, m0, m, k, red);
+            decode_tc(
+                [ws, ws],
+                [nb, nb + 8],
+                [rows_in(nb, n), rows_in(nb + 8, n)],
+                xs,
+                ldx,
+                m0,
+                m,
+                k,
+                red,
+            );
             // one output element (tile j, register r, lane l) per thread
             let mut i = thread_idx();
             while i < 256 {

@@ -40,7 +40,12 @@ struct Bench<'a> {
 impl Bench<'_> {
     /// Median milliseconds per call of `f(i)` (i counts up, for rotation): 3 warm-up
     /// batches, then `reps` batches of `inner` calls, each batch timed with events.
-    fn time(&self, reps: usize, inner: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    fn time(
+        &self,
+        reps: usize,
+        inner: usize,
+        mut f: impl FnMut(usize) -> Result<()>,
+    ) -> Result<f64> {
         let mut i = 0;
         for _ in 0..3 * inner {
             f(i)?;
@@ -103,7 +108,11 @@ fn run() -> Result<()> {
         dev.name(),
         dev.arch().name()
     );
-    let mut b = Bench { dev: &dev, timer: EventTimer::new(&dev)?, rows: vec![] };
+    let mut b = Bench {
+        dev: &dev,
+        timer: EventTimer::new(&dev)?,
+        rows: vec![],
+    };
     let pool = dev.alloc(POOL)?;
     fill_random(&dev, &pool)?;
     // a pool offset for rotation step i of buffers of `bytes` bytes (256-byte aligned)
@@ -116,24 +125,45 @@ fn run() -> Result<()> {
     let copy_bytes = 256 * MIB;
     let dst = dev.alloc(copy_bytes)?;
     dst.fill(0x3C)?;
-    let t = b.time(15, 4, |i| dev.copy_dtod(dst.ptr(), pool.at((i % 3) * copy_bytes), copy_bytes))?;
+    let t = b.time(15, 4, |i| {
+        dev.copy_dtod(dst.ptr(), pool.at((i % 3) * copy_bytes), copy_bytes)
+    })?;
     let hbm = gbs(2.0 * copy_bytes as f64, t);
-    b.rows.push(json!({"bench": "hbm_dtod", "bytes_rw": 2 * copy_bytes, "ms": t, "gb_s": hbm}));
+    b.rows
+        .push(json!({"bench": "hbm_dtod", "bytes_rw": 2 * copy_bytes, "ms": t, "gb_s": hbm}));
     println!("HBM (cuMemcpyDtoD 256 MiB, read+write): {hbm:.0} GB/s");
 
     // ---- reshard_copy2d vs DtoD
     let cols = 8192usize; // bf16 row of 16 KiB
     for (label, rows, src_stride, dst_stride) in [
         ("contiguous 256 MiB", copy_bytes / (cols * 2), cols, cols),
-        ("column half of [rows, 2*cols] -> packed", copy_bytes / (cols * 2), 2 * cols, cols),
-        ("packed -> column half of [rows, 2*cols]", copy_bytes / (cols * 4), cols, 2 * cols),
+        (
+            "column half of [rows, 2*cols] -> packed",
+            copy_bytes / (cols * 2),
+            2 * cols,
+            cols,
+        ),
+        (
+            "packed -> column half of [rows, 2*cols]",
+            copy_bytes / (cols * 4),
+            cols,
+            2 * cols,
+        ),
     ] {
         let items = rows * (cols * 2).div_ceil(8192);
         let grid = (items.div_ceil(4) as u32).clamp(1, 8 * sms);
-        let dstb = if dst_stride > cols { dev.alloc(rows * dst_stride * 2)? } else { dev.alloc(rows * cols * 2)? };
+        let dstb = if dst_stride > cols {
+            dev.alloc(rows * dst_stride * 2)?
+        } else {
+            dev.alloc(rows * cols * 2)?
+        };
         let src_span = rows * src_stride * 2;
         let t = b.time(15, 4, |i| {
-            let src = if src_span <= POOL / 2 { pool.at((i % 2) * (POOL / 2)) } else { pool.ptr() };
+            let src = if src_span <= POOL / 2 {
+                pool.at((i % 2) * (POOL / 2))
+            } else {
+                pool.ptr()
+            };
             let args = [
                 Arg::Ptr(dstb.ptr()),
                 Arg::U64(0),
@@ -149,11 +179,18 @@ fn run() -> Result<()> {
         })?;
         let bytes = (2 * rows * cols * 2) as f64;
         // DtoD of the same bytes
-        let td = b.time(15, 4, |i| dev.copy_dtod(dstb.ptr(), pool.at((i % 2) * (POOL / 2)), rows * cols * 2))?;
+        let td = b.time(15, 4, |i| {
+            dev.copy_dtod(dstb.ptr(), pool.at((i % 2) * (POOL / 2)), rows * cols * 2)
+        })?;
         let (g, gd) = (gbs(bytes, t), gbs(bytes, td));
-        println!("reshard_copy2d {label}: {g:.0} GB/s vs DtoD {gd:.0} GB/s = {:.1}%", 100.0 * g / gd);
-        b.rows.push(json!({"bench": "reshard_copy2d", "case": label, "bytes_rw": bytes, "ms": t,
-            "gb_s": g, "dtod_gb_s": gd, "pct_of_dtod": 100.0 * g / gd, "grid": grid}));
+        println!(
+            "reshard_copy2d {label}: {g:.0} GB/s vs DtoD {gd:.0} GB/s = {:.1}%",
+            100.0 * g / gd
+        );
+        b.rows.push(
+            json!({"bench": "reshard_copy2d", "case": label, "bytes_rw": bytes, "ms": t,
+            "gb_s": g, "dtod_gb_s": gd, "pct_of_dtod": 100.0 * g / gd, "grid": grid}),
+        );
     }
 
     // ---- decode GEMM
@@ -192,8 +229,10 @@ fn run() -> Result<()> {
                 t * 1e3,
                 100.0 * g / hbm
             );
-            b.rows.push(json!({"bench": "gemm_decode_bf16", "case": label, "m": m, "n": n, "k": k,
-                "ms": t, "weight_gb_s": g, "pct_of_hbm": 100.0 * g / hbm}));
+            b.rows.push(
+                json!({"bench": "gemm_decode_bf16", "case": label, "m": m, "n": n, "k": k,
+                "ms": t, "weight_gb_s": g, "pct_of_hbm": 100.0 * g / hbm}),
+            );
         }
     }
 
@@ -232,8 +271,10 @@ fn run() -> Result<()> {
         ),
         None => println!("gemm_mma_bf16 4096^3: {ours:.0} TFLOP/s"),
     }
-    b.rows.push(json!({"bench": "gemm_mma_bf16", "m": m, "n": n, "k": k, "ms": t, "tflops": ours,
-        "cublas_tflops": cublas, "pct_of_cublas": cublas.map(|c| 100.0 * ours / c)}));
+    b.rows.push(
+        json!({"bench": "gemm_mma_bf16", "m": m, "n": n, "k": k, "ms": t, "tflops": ours,
+        "cublas_tflops": cublas, "pct_of_cublas": cublas.map(|c| 100.0 * ours / c)}),
+    );
 
     // ---- decode attention: batch 32 x 4096 context
     let (seqs, ctx, qh, kvh, d, bs) = (32usize, 4096usize, 32usize, 8usize, 128usize, 16usize);
@@ -281,7 +322,11 @@ fn run() -> Result<()> {
                 Arg::U32(split_tokens as u32),
                 Arg::F32(scale),
             ];
-            let grid = [(kvh * (qh / kvh).div_ceil(8)) as u32, seqs as u32, splits as u32];
+            let grid = [
+                (kvh * (qh / kvh).div_ceil(8)) as u32,
+                seqs as u32,
+                splits as u32,
+            ];
             unsafe { dev.launch("attn_decode_bf16", grid, 128, &args) }?;
             if splits > 1 {
                 let cargs = [
@@ -294,7 +339,14 @@ fn run() -> Result<()> {
                     Arg::U32(splits as u32),
                     Arg::U32(split_tokens as u32),
                 ];
-                unsafe { dev.launch("attn_decode_combine_bf16", [qh as u32, seqs as u32, 1], 128, &cargs) }?;
+                unsafe {
+                    dev.launch(
+                        "attn_decode_combine_bf16",
+                        [qh as u32, seqs as u32, 1],
+                        128,
+                        &cargs,
+                    )
+                }?;
             }
             Ok(())
         })?;
@@ -320,7 +372,11 @@ fn run() -> Result<()> {
     println!("{:<44} {:>12} {:>14}", "kernel", "result", "vs baseline");
     for r in &b.rows {
         let (name, res, vs) = match r["bench"].as_str().unwrap() {
-            "hbm_dtod" => ("HBM (DtoD)".to_string(), format!("{:.0} GB/s", r["gb_s"].as_f64().unwrap()), String::new()),
+            "hbm_dtod" => (
+                "HBM (DtoD)".to_string(),
+                format!("{:.0} GB/s", r["gb_s"].as_f64().unwrap()),
+                String::new(),
+            ),
             "reshard_copy2d" => (
                 format!("reshard_copy2d {}", r["case"].as_str().unwrap()),
                 format!("{:.0} GB/s", r["gb_s"].as_f64().unwrap()),
@@ -334,7 +390,10 @@ fn run() -> Result<()> {
             "gemm_mma_bf16" => (
                 "gemm_mma_bf16 4096^3".to_string(),
                 format!("{:.0} TFLOP/s", r["tflops"].as_f64().unwrap()),
-                r["pct_of_cublas"].as_f64().map(|p| format!("{p:.1}% cuBLAS")).unwrap_or("-".into()),
+                r["pct_of_cublas"]
+                    .as_f64()
+                    .map(|p| format!("{p:.1}% cuBLAS"))
+                    .unwrap_or("-".into()),
             ),
             "attn_decode_bf16" => (
                 format!("attn_decode b32 ctx4096 (split {})", r["best_split_tokens"]),
@@ -374,7 +433,9 @@ fn cublas_gemm_time(
     use cudarc::cublas::{result as cb, sys as cs};
     let err = |e: cb::CublasError| remp::Error::Device(format!("cuBLAS: {e:?}"));
     if !unsafe { cs::is_culib_present() } {
-        return Err(remp::Error::Device("libcublas not found (LD_LIBRARY_PATH?)".into()));
+        return Err(remp::Error::Device(
+            "libcublas not found (LD_LIBRARY_PATH?)".into(),
+        ));
     }
     b.dev.bind()?;
     let h = cb::create_handle().map_err(err)?;
