@@ -101,13 +101,12 @@ pub fn fabric(n_workers: usize, timeout: Duration) -> (Vec<Comm>, Vec<Comm>, Arc
         let mut senders: Vec<Vec<Sender<Msg>>> = (0..n).map(|_| Vec::new()).collect();
         let mut receivers: Vec<Vec<Receiver<Msg>>> = (0..n).map(|_| Vec::new()).collect();
         // Channel (a -> b): sender kept by a, receiver kept by b at index a.
-        for (a, s) in senders.iter_mut().enumerate() {
+        for s in senders.iter_mut() {
             for r in receivers.iter_mut() {
                 let (tx, rx) = unbounded();
                 s.push(tx);
                 r.push(rx);
             }
-            let _ = a;
         }
         senders
             .into_iter()

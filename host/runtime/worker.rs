@@ -666,7 +666,6 @@ impl Worker {
         let hd = cfg.head_dim;
         let nq = heads.q_heads.len();
         let g = cfg.gqa_group();
-        let slot = kv.slot_len();
         let scale = 1.0 / (hd as f32).sqrt();
         let mut scores = Vec::new();
         for i in 0..sw.tokens.len() {
@@ -694,7 +693,6 @@ impl Worker {
                 }
             }
         }
-        let _ = slot;
     }
 
     fn head(&self, plan: &StepPlan, s: &ShardSet, x: &[f32]) -> Result<()> {

@@ -346,11 +346,15 @@ impl CudaDevice {
             return Err(Error::Device(format!("unknown kernel `{name}`")));
         }
         let m = self.module()?;
-        let mut funcs = m.funcs.lock().unwrap();
+        let mut funcs = m
+            .funcs
+            .lock()
+            .map_err(|_| Error::Device("kernel table lock poisoned".into()))?;
         if let Some(&f) = funcs.get(name) {
             return Ok(f);
         }
-        let cname = CString::new(name).unwrap();
+        let cname = CString::new(name)
+            .map_err(|_| Error::Device(format!("kernel name `{name}` contains NUL")))?;
         let mut f = std::ptr::null_mut();
         // SAFETY: valid module and NUL-terminated name.
         let r = unsafe { sys::cuModuleGetFunction(&mut f, m.raw, cname.as_ptr()) };
