@@ -36,6 +36,26 @@ fn add_all(engine: &mut Engine, cases: &[OracleCase]) -> Vec<RequestId> {
         .collect()
 }
 
+/// tp2pp2 on 4 workers with every oracle prompt added.
+fn tp2pp2_serving_oracle() -> (Vec<OracleCase>, Engine, Vec<RequestId>) {
+    let model = tiny_model();
+    let cases = oracle();
+    let mut econf = EngineConfig::new(Topology::new(2, 2));
+    econf.workers = Some(4);
+    let mut engine = Engine::new(&model, econf).unwrap();
+    let ids = add_all(&mut engine, &cases);
+    (cases, engine, ids)
+}
+
+fn assert_oracle_tokens(engine: &Engine, cases: &[OracleCase], ids: &[RequestId]) {
+    for (c, id) in cases.iter().zip(ids) {
+        assert_eq!(
+            engine.output(*id).unwrap().output,
+            c.tokens[c.prompt.len()..]
+        );
+    }
+}
+
 fn below(rng: &mut Rng, n: usize) -> usize {
     (rng.next_u64() % n as u64) as usize
 }
@@ -114,12 +134,7 @@ fn random_switch_sequences_keep_oracle_tokens() {
 
 #[test]
 fn tp2pp2_to_tp4pp1_and_back_mid_decode() {
-    let model = tiny_model();
-    let cases = oracle();
-    let mut econf = EngineConfig::new(Topology::new(2, 2));
-    econf.workers = Some(4);
-    let mut engine = Engine::new(&model, econf).unwrap();
-    let ids = add_all(&mut engine, &cases);
+    let (cases, mut engine, ids) = tp2pp2_serving_oracle();
     for _ in 0..5 {
         engine.step().unwrap();
     }
@@ -139,12 +154,7 @@ fn tp2pp2_to_tp4pp1_and_back_mid_decode() {
     engine.reconfigure(Topology::new(2, 2)).unwrap();
     engine.run_to_completion().unwrap();
     assert_eq!(engine.topology_name(), "tp2pp2");
-    for (c, id) in cases.iter().zip(ids) {
-        assert_eq!(
-            engine.output(id).unwrap().output,
-            c.tokens[c.prompt.len()..]
-        );
-    }
+    assert_oracle_tokens(&engine, &cases, &ids);
     let evs = engine.reconfig_events();
     let finished = evs
         .iter()
@@ -169,22 +179,12 @@ fn switch_requested_during_prefill_and_with_idle_engine() {
     engine.reconfigure(Topology::new(2, 3)).unwrap();
     engine.run_to_completion().unwrap();
     assert_eq!(engine.topology_name(), "tp2pp3");
-    for (c, id) in cases.iter().zip(ids) {
-        assert_eq!(
-            engine.output(id).unwrap().output,
-            c.tokens[c.prompt.len()..]
-        );
-    }
+    assert_oracle_tokens(&engine, &cases, &ids);
 }
 
 #[test]
 fn failed_transfer_aborts_and_keeps_serving() {
-    let model = tiny_model();
-    let cases = oracle();
-    let mut econf = EngineConfig::new(Topology::new(2, 2));
-    econf.workers = Some(4);
-    let mut engine = Engine::new(&model, econf).unwrap();
-    let ids = add_all(&mut engine, &cases);
+    let (cases, mut engine, ids) = tp2pp2_serving_oracle();
     for _ in 0..4 {
         engine.step().unwrap();
     }
@@ -205,12 +205,7 @@ fn failed_transfer_aborts_and_keeps_serving() {
     // Some layers moved, layer 4 did not: a valid mixed placement, still serving.
     let p = engine.placement();
     assert_eq!(p.layers[4].len(), 2);
-    for (c, id) in cases.iter().zip(&ids) {
-        assert_eq!(
-            engine.output(*id).unwrap().output,
-            c.tokens[c.prompt.len()..]
-        );
-    }
+    assert_oracle_tokens(&engine, &cases, &ids);
     // And a later switch completes from there.
     engine.reconfigure(Topology::new(4, 1)).unwrap();
     while engine.reconfig_in_progress() {
@@ -221,12 +216,7 @@ fn failed_transfer_aborts_and_keeps_serving() {
 
 #[test]
 fn stop_the_world_and_restart_baselines_keep_tokens() {
-    let model = tiny_model();
-    let cases = oracle();
-    let mut econf = EngineConfig::new(Topology::new(2, 2));
-    econf.workers = Some(4);
-    let mut engine = Engine::new(&model, econf).unwrap();
-    let ids = add_all(&mut engine, &cases);
+    let (cases, mut engine, ids) = tp2pp2_serving_oracle();
     for _ in 0..6 {
         engine.step().unwrap();
     }
@@ -240,10 +230,5 @@ fn stop_the_world_and_restart_baselines_keep_tokens() {
     engine.restart(Topology::new(1, 2)).unwrap();
     assert_eq!(engine.topology_name(), "tp1pp2");
     engine.run_to_completion().unwrap();
-    for (c, id) in cases.iter().zip(ids) {
-        assert_eq!(
-            engine.output(id).unwrap().output,
-            c.tokens[c.prompt.len()..]
-        );
-    }
+    assert_oracle_tokens(&engine, &cases, &ids);
 }
