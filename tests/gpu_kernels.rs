@@ -663,7 +663,7 @@ fn gpu_attn_decode() {
         let op = p.out(nseq * qh * splits * d, 4);
         let ml = p.out(nseq * qh * splits * 2, 4);
         let scale = 1.0 / (d as f32).sqrt();
-        let grid = [(kvh * group.div_ceil(8)) as u32, nseq as u32, splits as u32];
+        let grid = [(kvh * group.div_ceil(4)) as u32, nseq as u32, splits as u32];
         let cgrid = [qh as u32, nseq as u32, 1];
         let dims = [
             U(qh as u32),
@@ -826,7 +826,7 @@ fn gpu_kv_write_and_attn_prefill() {
         let scale = 1.0 / (d as f32).sqrt();
         let maxq = *qlen.iter().max().unwrap() as u32;
         let grid = [
-            (kvh * group.div_ceil(8)) as u32,
+            (kvh * group.div_ceil(4)) as u32,
             maxq.div_ceil(4),
             nseq as u32,
         ];

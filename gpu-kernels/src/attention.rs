@@ -9,14 +9,17 @@
 //! `h` reads kv head `h / (q_heads / kv_heads)`.
 //!
 //! Design (flash-decoding, written for clarity over the last few percent): one block
-//! per (kv head, group of up to 8 q heads sharing it), so K/V are read once for the
-//! whole GQA group. In a warp, `D/8` lanes (rounded up to a power of two) hold one
-//! token's 16-byte chunks of K and V, so a warp works on `32 / lanes` tokens at once;
-//! q for the group is in registers, pre-scaled by `scale * log2(e)`, scores are reduced
-//! with shuffles inside each lane group, and each lane group keeps an online-softmax
-//! state (max, sum, 8 output dims per head) that is merged across groups with shuffles
-//! at the end (base-2 exponentials throughout).
-//! - `attn_decode_bf16`: one query per sequence. grid = (kv_heads * ceil(G / 8),
+//! per (kv head, group of up to 4 q heads sharing it), so K/V are read once per 4 heads
+//! of a GQA group (4 rather than 8 keeps registers low enough for 3 blocks per SM).
+//! In a warp, `D/8` lanes (rounded up to a power of two) hold one token's 16-byte
+//! chunks of K and V, so a warp works on `32 / lanes` tokens per slot and `TU` (4)
+//! slots per iteration: all the slots' block-table lookups and K and V loads are issued
+//! before any math, to keep many bytes in flight. q for the group is in registers,
+//! pre-scaled by `scale * log2(e)`, scores are reduced with shuffles inside each lane
+//! group, and each lane group keeps an online-softmax state (max, sum, 8 output dims
+//! per head), updated once per iteration for its `TU` tokens and merged across groups
+//! with shuffles at the end (base-2 exponentials throughout).
+//! - `attn_decode_bf16`: one query per sequence. grid = (kv_heads * ceil(G / 4),
 //!   num_seqs, splits), block 128: split `z` covers tokens `[z * split_tokens, ...)`
 //!   (split-K), its 4 warps interleave over them and merge through shared memory. With
 //!   one split the output is written directly; otherwise unnormalised partials go to
@@ -26,14 +29,14 @@
 //! - `attn_prefill_bf16`: causal attention for a chunk of new tokens per sequence (varlen:
 //!   sequence `s` has `q_lens[s]` queries starting at row `q_starts[s]`, the last of them
 //!   at position `ctx_lens[s] - 1`; their K/V must already be in the cache, see
-//!   `kv_cache_write_bf16`). grid = (kv_heads * ceil(G / 8), ceil(max_q_len / 4),
+//!   `kv_cache_write_bf16`). grid = (kv_heads * ceil(G / 4), ceil(max_q_len / 4),
 //!   num_seqs), block 128, one query per warp.
 //! - `kv_cache_write_bf16`: scatter new K/V rows `[tokens, kv_heads, head_dim]` into
 //!   their cache slots (`slot = block * block_size + offset`, `u32::MAX` = skip).
 //!   grid.x = tokens, block 128.
 use crate::prims::*;
 
-const MAXG: u32 = 8;
+const MAXG: u32 = 4;
 const MAXD: u32 = 256;
 const NEG_INF: f32 = -1.0 / 0.0;
 
@@ -45,7 +48,7 @@ struct Geo {
     kvh_idx: u32,
     d: u32,
     bs: u32,
-    g: u32, // q heads in this block's group (<= 8)
+    g: u32, // q heads in this block's group (<= MAXG)
     lpt: u32,
     tpw: u32,
     sub: u32,
@@ -54,9 +57,9 @@ struct Geo {
 }
 
 struct State {
-    m: [f32; 8],
-    l: [f32; 8],
-    acc: [[f32; 8]; 8],
+    m: [f32; 4],
+    l: [f32; 4],
+    acc: [[f32; 8]; 4],
 }
 
 #[inline(always)]
@@ -110,11 +113,11 @@ unsafe fn geo(
 
 /// The group's queries of one token, scaled, as this lane's 8-dim chunk.
 #[inline(always)]
-unsafe fn load_q(geo: &Geo, q: *const Bf16, h0: u32, scale: f32) -> [[f32; 8]; 8] {
-    let mut qr = [[0.0f32; 8]; 8];
+unsafe fn load_q(geo: &Geo, q: *const Bf16, h0: u32, scale: f32) -> [[f32; 8]; 4] {
+    let mut qr = [[0.0f32; 8]; 4];
     if geo.active {
         let s = scale * LOG2E;
-        unroll!(g in 0..8 => {
+        unroll!(g in 0..4 => {
             if (g as u32) < geo.g {
                 let p = q.add(((h0 + g as u32) * geo.d + geo.sub * 8) as usize);
                 unroll!(e in 0..8 => {
@@ -126,15 +129,17 @@ unsafe fn load_q(geo: &Geo, q: *const Bf16, h0: u32, scale: f32) -> [[f32; 8]; 8
     qr
 }
 
+/// Element offset of this lane's 16-byte chunk of token `t`'s K (or V) row.
 #[inline(always)]
-unsafe fn kv_row(geo: &Geo, cache: *const u16, t: u32) -> [f32; 8] {
+unsafe fn kv_off(geo: &Geo, t: u32) -> usize {
     let blk = *geo.table.add((t / geo.bs) as usize);
     let slot = blk * geo.bs + t % geo.bs;
-    let p = cache.add(
-        ((slot as usize * geo.kvh as usize + geo.kvh_idx as usize) * geo.d as usize)
-            + (geo.sub * 8) as usize,
-    );
-    let v = ld_global_nc_v4(p as *const u32);
+    ((slot as usize * geo.kvh as usize + geo.kvh_idx as usize) * geo.d as usize)
+        + (geo.sub * 8) as usize
+}
+
+#[inline(always)]
+fn unpack8(v: [u32; 4]) -> [f32; 8] {
     let mut r = [0.0f32; 8];
     unroll!(i in 0..4 => {
         let (a, b) = bf16x2_to_f32(v[i]);
@@ -144,12 +149,17 @@ unsafe fn kv_row(geo: &Geo, cache: *const u16, t: u32) -> [f32; 8] {
     r
 }
 
-/// Online softmax over tokens `first + tg + k * step` below `end` (all lanes of the warp
-/// call it with the same `first`, `end`, `step`).
+/// Token slots per lane group per iteration of `warp_attend`: K and V of all of them
+/// are loaded (`2 * TU` 16-byte loads per lane) before any of the math.
+const TU: u32 = 4;
+
+/// Online softmax over tokens `first + u * tpw + tg + k * step` (u < TU) below `end`
+/// (all lanes of the warp call it with the same `first`, `end`, `step`; `step` is a
+/// multiple of `TU * tpw`).
 #[inline(always)]
 unsafe fn warp_attend(
     geo: &Geo,
-    qr: &[[f32; 8]; 8],
+    qr: &[[f32; 8]; 4],
     st: &mut State,
     first: u32,
     end: u32,
@@ -157,36 +167,57 @@ unsafe fn warp_attend(
 ) {
     let mut base = first;
     while base < end {
-        let t = base + geo.tg;
-        let valid = t < end;
-        let mut kr = [0.0f32; 8];
-        if valid && geo.active {
-            kr = kv_row(geo, geo.kc, t);
-        }
-        let mut s = [0.0f32; 8];
-        unroll!(g in 0..8 => {
-            if (g as u32) < geo.g {
-                let mut d = 0.0f32;
-                unroll!(e in 0..8 => {
-                    d = fma(qr[g][e], kr[e], d);
-                });
-                s[g] = group_sum(d, geo.lpt);
+        // issue every load first: TU tokens' K and V chunks
+        let mut kraw = [[0u32; 4]; 4];
+        let mut vraw = [[0u32; 4]; 4];
+        unroll!(u in 0..4 => {
+            let t = base + u as u32 * geo.tpw + geo.tg;
+            if t < end && geo.active {
+                let off = kv_off(geo, t);
+                kraw[u] = ld_global_nc_v4(geo.kc.add(off) as *const u32);
+                vraw[u] = ld_global_nc_v4(geo.vc.add(off) as *const u32);
             }
         });
-        if valid {
-            let mut vr = [0.0f32; 8];
-            if geo.active {
-                vr = kv_row(geo, geo.vc, t);
-            }
-            unroll!(g in 0..8 => {
+        // scores (all lanes shuffle; invalid tokens masked to -inf afterwards)
+        let mut s = [[NEG_INF; 4]; 4];
+        unroll!(u in 0..4 => {
+            let kr = unpack8(kraw[u]);
+            let valid = base + u as u32 * geo.tpw + geo.tg < end;
+            unroll!(g in 0..4 => {
                 if (g as u32) < geo.g {
-                    let mn = fmax(st.m[g], s[g]);
-                    let alpha = exp2(st.m[g] - mn);
-                    let p = exp2(s[g] - mn);
-                    st.m[g] = mn;
-                    st.l[g] = fma(st.l[g], alpha, p);
+                    let mut d = 0.0f32;
                     unroll!(e in 0..8 => {
-                        st.acc[g][e] = fma(st.acc[g][e], alpha, p * vr[e]);
+                        d = fma(qr[g][e], kr[e], d);
+                    });
+                    let r = group_sum(d, geo.lpt);
+                    if valid {
+                        s[u][g] = r;
+                    }
+                }
+            });
+        });
+        // one online-softmax step for the TU tokens (slot 0 valid => the max is finite)
+        if base + geo.tg < end {
+            let mut vr = [[0.0f32; 8]; 4];
+            unroll!(u in 0..4 => {
+                vr[u] = unpack8(vraw[u]);
+            });
+            unroll!(g in 0..4 => {
+                if (g as u32) < geo.g {
+                    let mn = fmax(fmax(st.m[g], fmax(s[0][g], s[1][g])), fmax(s[2][g], s[3][g]));
+                    let alpha = exp2(st.m[g] - mn);
+                    let mut p = [0.0f32; 4];
+                    unroll!(u in 0..4 => {
+                        p[u] = exp2(s[u][g] - mn);
+                    });
+                    st.m[g] = mn;
+                    st.l[g] = fma(st.l[g], alpha, (p[0] + p[1]) + (p[2] + p[3]));
+                    unroll!(e in 0..8 => {
+                        let mut a = st.acc[g][e] * alpha;
+                        unroll!(u in 0..4 => {
+                            a = fma(p[u], vr[u][e], a);
+                        });
+                        st.acc[g][e] = a;
                     });
                 }
             });
@@ -209,7 +240,7 @@ fn merge_scale(m: f32, mn: f32) -> f32 {
 fn warp_merge(geo: &Geo, st: &mut State) {
     let mut off = geo.lpt;
     while off < 32 {
-        unroll!(g in 0..8 => {
+        unroll!(g in 0..4 => {
             if (g as u32) < geo.g {
                 let mo = shfl_xor_f32(st.m[g], off);
                 let lo = shfl_xor_f32(st.l[g], off);
@@ -231,9 +262,9 @@ fn warp_merge(geo: &Geo, st: &mut State) {
 #[inline(always)]
 fn new_state() -> State {
     State {
-        m: [NEG_INF; 8],
-        l: [0.0; 8],
-        acc: [[0.0; 8]; 8],
+        m: [NEG_INF; 4],
+        l: [0.0; 4],
+        acc: [[0.0; 8]; 4],
     }
 }
 
@@ -288,12 +319,19 @@ unsafe fn attn_decode(
     let mut st = new_state();
     let nw = block_dim() / WARP;
     let w = warp_id();
-    warp_attend(&geo, &qr, &mut st, t0 + w * geo.tpw, t1, nw * geo.tpw);
+    warp_attend(
+        &geo,
+        &qr,
+        &mut st,
+        t0 + w * TU * geo.tpw,
+        t1,
+        nw * TU * geo.tpw,
+    );
     warp_merge(&geo, &mut st);
     // cross-warp merge through shared memory: [warp][g][D] accumulators, then [warp][g][2]
     let ml = smem.add((4 * MAXG * MAXD) as usize);
     if geo.tg == 0 {
-        unroll!(g in 0..8 => {
+        unroll!(g in 0..4 => {
             if (g as u32) < geo.g {
                 let row = (w * MAXG + g as u32) as usize;
                 if geo.active {
@@ -421,10 +459,10 @@ unsafe fn attn_prefill(
     );
     let qr = load_q(&geo, q.add((row * q_stride) as usize), h0, scale);
     let mut st = new_state();
-    warp_attend(&geo, &qr, &mut st, 0, pos + 1, geo.tpw);
+    warp_attend(&geo, &qr, &mut st, 0, pos + 1, TU * geo.tpw);
     warp_merge(&geo, &mut st);
     if geo.tg == 0 && geo.active {
-        unroll!(g in 0..8 => {
+        unroll!(g in 0..4 => {
             if (g as u32) < geo.g {
                 let o = out.add(((row * q_heads + h0 + g as u32) * d + geo.sub * 8) as usize);
                 unroll!(e in 0..8 => {
@@ -443,7 +481,7 @@ kernels! {
         q_heads: u32, kv_heads: u32, head_dim: u32, block_size: u32, max_blocks: u32,
         q_stride: u32, split_tokens: u32, scale: f32,
     ) {
-        let smem = shared_bytes!(attn_smem, 33024) as *mut f32;
+        let smem = shared_bytes!(attn_smem, 16512) as *mut f32;
         attn_decode(out, o_part, ml_part, q, k_cache, v_cache, block_tables, ctx_lens, q_heads, kv_heads,
             head_dim, block_size, max_blocks, q_stride, split_tokens, scale, smem);
     }

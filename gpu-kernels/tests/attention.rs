@@ -130,7 +130,7 @@ fn paged_decode_gqa_split_k() {
             c.tables.as_ptr(),
             ctx32.as_ptr(),
         );
-        let gchunks = group.div_ceil(8) as u32;
+        let gchunks = group.div_ceil(4) as u32;
         unsafe {
             launch(
                 [kvh as u32 * gchunks, nseq as u32, splits as u32],
@@ -259,7 +259,7 @@ fn causal_prefill_varlen_with_cache_write() {
         let scale = 1.0 / (d as f32).sqrt();
         let ctx32: Vec<u32> = ctx.iter().map(|&x| x as u32).collect();
         let qlen32: Vec<u32> = qlen.iter().map(|&x| x as u32).collect();
-        let gchunks = group.div_ceil(8) as u32;
+        let gchunks = group.div_ceil(4) as u32;
         let maxq = *qlen.iter().max().unwrap() as u32;
         let (op, tp, cp, stp, qlp) = (
             out.ptr(),

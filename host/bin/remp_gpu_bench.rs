@@ -298,7 +298,7 @@ fn run() -> Result<()> {
     let (kc, vc) = (pool.ptr(), pool.at(kv_bytes));
     let mut best: Option<(f64, usize)> = None;
     let mut per_split = vec![];
-    for split_tokens in [4096usize, 1024, 512] {
+    for split_tokens in [4096usize, 2048, 1024, 512, 256] {
         let splits = ctx.div_ceil(split_tokens);
         let opart = dev.alloc(seqs * qh * splits * d * 4)?;
         let ml = dev.alloc(seqs * qh * splits * 2 * 4)?;
@@ -323,7 +323,7 @@ fn run() -> Result<()> {
                 Arg::F32(scale),
             ];
             let grid = [
-                (kvh * (qh / kvh).div_ceil(8)) as u32,
+                (kvh * (qh / kvh).div_ceil(4)) as u32,
                 seqs as u32,
                 splits as u32,
             ];
