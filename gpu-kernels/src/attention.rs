@@ -170,13 +170,13 @@ unsafe fn warp_attend(
         // issue every load first: TU tokens' K and V chunks
         let mut kraw = [[0u32; 4]; 4];
         let mut vraw = [[0u32; 4]; 4];
+        // (branch-free: the table index is clamped to a valid token, the loads predicated)
         unroll!(u in 0..4 => {
             let t = base + u as u32 * geo.tpw + geo.tg;
-            if t < end && geo.active {
-                let off = kv_off(geo, t);
-                kraw[u] = ld_global_nc_v4(geo.kc.add(off) as *const u32);
-                vraw[u] = ld_global_nc_v4(geo.vc.add(off) as *const u32);
-            }
+            let ok = t < end && geo.active;
+            let off = kv_off(geo, umin(t, end - 1));
+            kraw[u] = ld_global_nc_v4_if(geo.kc.add(off) as *const u32, ok);
+            vraw[u] = ld_global_nc_v4_if(geo.vc.add(off) as *const u32, ok);
         });
         // scores (all lanes shuffle; invalid tokens masked to -inf afterwards)
         let mut s = [[NEG_INF; 4]; 4];

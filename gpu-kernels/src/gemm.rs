@@ -148,6 +148,8 @@ fn aligned16(p: usize) -> bool {
 pub const DEC_COLS: u32 = 16;
 /// Block size the launchers use for every decode kernel (8 warps split K).
 pub const DEC_BLOCK: u32 = 256;
+/// 32-element K chunks each warp loads per iteration of `decode_tc` (all loads first).
+const DEC_CPI: u32 = 4;
 /// Most warps a decode block may have (shared reduction buffer size).
 const DEC_MAXW: u32 = 16;
 // Per-block shared memory of the decode kernels (`dec_smem`, 16 KiB):
@@ -157,11 +159,11 @@ const DEC_MAXW: u32 = 16;
 /// zeros when `ok` is false (rows past M/N, chunks past K: no load is issued).
 #[inline(always)]
 unsafe fn chunk(p: *const u16, row: u32, ld: u32, k: u32, ok: bool) -> [u32; 4] {
-    if ok {
-        ld_global_nc_v4(p.add(row as usize * ld as usize + k as usize) as *const u32)
-    } else {
-        [0; 4]
-    }
+    // predicated, not branched: the address is not read when !ok
+    ld_global_nc_v4_if(
+        p.add(row as usize * ld as usize + k as usize) as *const u32,
+        ok,
+    )
 }
 
 /// Tensor-core decode (vectorised path): the block's 2 n8 tiles (rows `wrow[0]`,
@@ -195,30 +197,28 @@ unsafe fn decode_tc(
     let w_ok = [g < wrows_ok[0], g < wrows_ok[1]];
     let mut acc = [[0.0f32; 4]; 2];
     let nchunks = div_ceil(k, 32);
-    // two chunks per iteration, all loads issued before the mmas
+    // DEC_CPI chunks per iteration, all loads issued before the mmas
     let mut c = warp;
     while c < nchunks {
-        let c2 = c + nw;
-        let ka = c * 32 + t * 8;
-        let kb = c2 * 32 + t * 8;
-        let (oka, okb) = (ka < k, c2 < nchunks && kb < k);
-        let wa0 = chunk(w[0], wrow[0] + g, k, ka, oka && w_ok[0]);
-        let wa1 = chunk(w[1], wrow[1] + g, k, ka, oka && w_ok[1]);
-        let wb0 = chunk(w[0], wrow[0] + g, k, kb, okb && w_ok[0]);
-        let wb1 = chunk(w[1], wrow[1] + g, k, kb, okb && w_ok[1]);
-        let xaa = chunk(x, m0 + g, ldx, ka, oka && ra);
-        let xab = chunk(x, m0 + g + 8, ldx, ka, oka && rb);
-        let xba = chunk(x, m0 + g, ldx, kb, okb && ra);
-        let xbb = chunk(x, m0 + g + 8, ldx, kb, okb && rb);
-        let wa = [wa0, wa1];
-        let wb = [wb0, wb1];
-        unroll!(j in 0..2 => {
-            acc[j] = mma_bf16_16816(acc[j], [xaa[0], xab[0], xaa[1], xab[1]], [wa[j][0], wa[j][1]]);
-            acc[j] = mma_bf16_16816(acc[j], [xaa[2], xab[2], xaa[3], xab[3]], [wa[j][2], wa[j][3]]);
-            acc[j] = mma_bf16_16816(acc[j], [xba[0], xbb[0], xba[1], xbb[1]], [wb[j][0], wb[j][1]]);
-            acc[j] = mma_bf16_16816(acc[j], [xba[2], xbb[2], xba[3], xbb[3]], [wb[j][2], wb[j][3]]);
+        let mut wv = [[[0u32; 4]; 2]; 4];
+        let mut xa = [[0u32; 4]; 4];
+        let mut xb = [[0u32; 4]; 4];
+        unroll!(q in 0..4 => {
+            let cq = c + q as u32 * nw;
+            let kq = cq * 32 + t * 8;
+            let ok = cq < nchunks && kq < k;
+            wv[q][0] = chunk(w[0], wrow[0] + g, k, kq, ok && w_ok[0]);
+            wv[q][1] = chunk(w[1], wrow[1] + g, k, kq, ok && w_ok[1]);
+            xa[q] = chunk(x, m0 + g, ldx, kq, ok && ra);
+            xb[q] = chunk(x, m0 + g + 8, ldx, kq, ok && rb);
         });
-        c += 2 * nw;
+        unroll!(q in 0..4 => {
+            unroll!(j in 0..2 => {
+                acc[j] = mma_bf16_16816(acc[j], [xa[q][0], xb[q][0], xa[q][1], xb[q][1]], [wv[q][j][0], wv[q][j][1]]);
+                acc[j] = mma_bf16_16816(acc[j], [xa[q][2], xb[q][2], xa[q][3], xb[q][3]], [wv[q][j][2], wv[q][j][3]]);
+            });
+        });
+        c += DEC_CPI * nw;
     }
     unroll!(j in 0..2 => {
         unroll!(r in 0..4 => {

@@ -225,6 +225,12 @@ fn decode_gemm_random_shapes() {
     );
     let c = case(&mut rng, m, n, k, k);
     run_silu(&c, Path::Decode);
+    // K over several tensor-core decode iterations (8 warps x 4 chunks x 32 = 1024
+    // elements each) plus a ragged tail
+    let c = case(&mut rng, 3, 21, 2312, 2312);
+    run(&c, Path::Decode, 0, true);
+    let c = case(&mut rng, 2, 9, 2312, 2312);
+    run_silu(&c, Path::Decode);
 }
 
 #[test]

@@ -357,6 +357,15 @@ pub unsafe fn ld_global_nc_v4(p: *const u32) -> [u32; 4] {
     ld_global_v4(p)
 }
 /// # Safety
+/// When `ok`, `p` must be 16-byte aligned and readable (it is not touched otherwise).
+pub unsafe fn ld_global_nc_v4_if(p: *const u32, ok: bool) -> [u32; 4] {
+    if ok {
+        ld_global_v4(p)
+    } else {
+        [0; 4]
+    }
+}
+/// # Safety
 /// `p` must be 16-byte aligned and writable.
 pub unsafe fn st_global_v4(p: *mut u32, v: [u32; 4]) {
     assert!((p as usize).is_multiple_of(16), "misaligned 16-byte store");

@@ -177,6 +177,17 @@ pub unsafe fn ld_global_nc_v4(p: *const u32) -> [u32; 4] {
          options(readonly, nostack));
     [a, b, c, d]
 }
+/// `ld_global_nc_v4(p)` when `ok`, else zeros without touching `p`: a predicated load
+/// (no branch), so a run of them stays one basic block and ptxas can issue them all
+/// before their uses.
+#[inline(always)]
+pub unsafe fn ld_global_nc_v4_if(p: *const u32, ok: bool) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("{{ .reg .pred q; .reg .u64 g; setp.ne.u32 q, {ok}, 0; mov.u32 {a}, 0; mov.u32 {b}, 0; mov.u32 {c}, 0; mov.u32 {d}, 0; cvta.to.global.u64 g, {p}; @q ld.global.nc.v4.u32 {{{a}, {b}, {c}, {d}}}, [g]; }}",
+         p = in(reg64) p, ok = in(reg32) ok as u32, a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+         options(readonly, nostack));
+    [a, b, c, d]
+}
 /// 16-byte store to global memory (`p` 16-byte aligned).
 #[inline(always)]
 pub unsafe fn st_global_v4(p: *mut u32, v: [u32; 4]) {
