@@ -135,6 +135,8 @@ fn random_switch_sequences_keep_oracle_tokens() {
 #[test]
 fn tp2pp2_to_tp4pp1_and_back_mid_decode() {
     let (cases, mut engine, ids) = tp2pp2_serving_oracle();
+    // An extra request that leaves (cancelled) while the switch is in flight.
+    let leaver = engine.add_request(oracle_request(&cases[1])).unwrap();
     for _ in 0..5 {
         engine.step().unwrap();
     }
@@ -143,6 +145,7 @@ fn tp2pp2_to_tp4pp1_and_back_mid_decode() {
     if engine.reconfig_in_progress() {
         let e = engine.reconfigure(Topology::new(1, 1)).unwrap_err();
         assert!(e.to_string().contains("in progress"), "{e}");
+        assert!(engine.cancel(leaver));
     }
     while engine.reconfig_in_progress() {
         engine.step().unwrap();
