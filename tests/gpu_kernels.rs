@@ -396,8 +396,9 @@ struct Gemm {
     ldy: usize,
 }
 
-/// One GEMM kernel (decode or mma; plain, f32-out or SiLU) on GPU and emulator.
-fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, bias: bool, res: bool) {
+/// One GEMM kernel (decode or mma; plain, f32-out or SiLU) on GPU and emulator, launched
+/// with `block` threads (mma: 128; decode: `DEC_BLOCK` or `DEC_BLOCK_WIDE`).
+fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: bool) {
     let Gemm { m, n, k, ldx, ldy } = g;
     let silu = kernel.contains("silu");
     let f32out = kernel.ends_with("f32out");
@@ -438,7 +439,6 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, bias: bool, res: bool) {
         args.extend([opt(b), opt(r)]);
     }
     args.extend(dims);
-    let block = if mma { 128 } else { DEC_BLOCK };
     p.gpu(kernel, grid, block, &args);
     let (yh, xh, wh, w2h) = (
         p.h::<u8>(y),
@@ -536,12 +536,28 @@ fn gpu_gemm_decode() {
         "gemm_decode_bf16_f32out",
         "gemm_decode_silu_bf16",
     ] {
-        for &(m, k) in &[(1usize, 512usize), (5, 520), (16, 264), (3, 77)] {
+        // (M, K, block): the wide block on an aligned and a scalar-path shape; K = 2312
+        // spans several 4-chunk iterations of the tensor-core loop plus a tail
+        for &(m, k, block) in &[
+            (1usize, 512usize, DEC_BLOCK),
+            (5, 520, DEC_BLOCK_WIDE),
+            (16, 264, DEC_BLOCK),
+            (3, 77, DEC_BLOCK_WIDE),
+            (2, 2312, DEC_BLOCK),
+            (9, 2312, DEC_BLOCK_WIDE),
+        ] {
             let n = rng.range(60, 300);
             let ldx = k + rng.pick(&[0usize, 8, 3]);
             let ldy = n + rng.pick(&[0usize, 5]);
             let (bias, res) = (rng.next().is_multiple_of(2), rng.next().is_multiple_of(2));
-            gemm_case(&mut rng, kernel, Gemm { m, n, k, ldx, ldy }, bias, res);
+            gemm_case(
+                &mut rng,
+                kernel,
+                Gemm { m, n, k, ldx, ldy },
+                block,
+                bias,
+                res,
+            );
         }
     }
 }
@@ -565,7 +581,7 @@ fn gpu_gemm_mma() {
             let ldx = k + rng.pick(&[0usize, 8]);
             let ldy = n + rng.pick(&[0usize, 3]);
             let (bias, res) = (rng.next().is_multiple_of(2), rng.next().is_multiple_of(2));
-            gemm_case(&mut rng, kernel, Gemm { m, n, k, ldx, ldy }, bias, res);
+            gemm_case(&mut rng, kernel, Gemm { m, n, k, ldx, ldy }, 128, bias, res);
         }
     }
 }

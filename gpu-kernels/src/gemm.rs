@@ -6,11 +6,12 @@
 //!
 //! Two paths, same epilogue:
 //! - **decode** (`gemm_decode_*`, M from 1 to ~64): memory-bound, so it streams W
-//!   exactly once per M-chunk of 4 rows with 16-byte `ld.global.nc` loads: each warp
-//!   owns two output columns (two rows of W), lanes split K in 8-element chunks, partial
-//!   dots are reduced with warp shuffles. Works for any shape and alignment (scalar
-//!   fallback when rows are not 16-byte aligned); it is also the fallback for the mma
-//!   path. Launch: block 128, grid.x = ceil(N / 8) (`_silu`: ceil(N / 4)).
+//!   once per 16 rows of x through `mma.m16n8k16` (see `decode_tc`): a block owns
+//!   `DEC_COLS` (16) output columns (`_silu`: 8) and its warps split K. Rows that are
+//!   not 16-byte aligned take a scalar path (a warp per two columns, lanes split K,
+//!   shuffles). Launch: block `DEC_BLOCK` (256) or `DEC_BLOCK_WIDE` (512, for shapes
+//!   with fewer than 2 blocks per SM: `dec_block`), grid.x = ceil(N / 16)
+//!   (`_silu`: ceil(N / 8)); other block sizes trap.
 //! - **mma** (`gemm_mma_*`, prefill-sized M): tensor cores through
 //!   `mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32`. Block tile 128x128x32, 4 warps in
 //!   2x2 each computing 64x64 (4x8 mma tiles, 128 f32 accumulators per lane), a
@@ -148,6 +149,19 @@ fn aligned16(p: usize) -> bool {
 pub const DEC_COLS: u32 = 16;
 /// Block size the launchers use for every decode kernel (8 warps split K).
 pub const DEC_BLOCK: u32 = 256;
+/// The other allowed decode block size (16 warps split K): for shapes with too few
+/// column blocks to fill the GPU, see [`dec_block`]. Columns per block do not change.
+pub const DEC_BLOCK_WIDE: u32 = 512;
+/// Decode block size for a launch of `blocks` blocks (grid.x) on a GPU with `sms` SMs:
+/// `DEC_BLOCK_WIDE` when there are fewer than two blocks per SM (e.g. N = 1024: 64
+/// blocks), so the few busy SMs get twice the loads in flight; else `DEC_BLOCK`.
+pub fn dec_block(blocks: u32, sms: u32) -> u32 {
+    if blocks < 2 * sms {
+        DEC_BLOCK_WIDE
+    } else {
+        DEC_BLOCK
+    }
+}
 /// 32-element K chunks each warp loads per iteration of `decode_tc` (all loads first).
 const DEC_CPI: u32 = 4;
 /// Most warps a decode block may have (shared reduction buffer size).
@@ -253,12 +267,19 @@ fn rows_in(r0: u32, n: u32) -> u32 {
 
 #[inline(always)]
 fn decode_vec_ok(k: u32, ldx: u32, ptrs: [usize; 3]) -> bool {
-    k % 8 == 0
-        && ldx % 8 == 0
-        && aligned16(ptrs[0])
-        && aligned16(ptrs[1])
-        && aligned16(ptrs[2])
-        && block_dim() <= DEC_MAXW * WARP
+    k % 8 == 0 && ldx % 8 == 0 && aligned16(ptrs[0]) && aligned16(ptrs[1]) && aligned16(ptrs[2])
+}
+
+/// Decode kernels run with `DEC_BLOCK` or `DEC_BLOCK_WIDE` threads (anything else traps:
+/// the scalar path needs at least `DEC_COLS / 2` warps, the shared buffer fits
+/// `DEC_MAXW`).
+#[inline(always)]
+fn check_dec_block() {
+    let b = block_dim();
+    // (both allowed sizes fit the shared buffer: DEC_BLOCK_WIDE = DEC_MAXW warps)
+    if (b != DEC_BLOCK && b != DEC_BLOCK_WIDE) || b > DEC_MAXW * WARP {
+        trap();
+    }
 }
 
 #[inline(always)]
@@ -275,12 +296,11 @@ unsafe fn gemm_decode<O: Elem>(
     ldy: u32,
     red: *mut f32,
 ) {
+    check_dec_block();
     let (xs, ws) = (x as *const u16, w as *const u16);
-    // block_dim() / 32 warps x 2 columns per block: DEC_COLS with the DEC_BLOCK launch
-    let cols = block_dim() / WARP * 2;
-    let nb = block_idx_x() * cols;
+    let nb = block_idx_x() * DEC_COLS;
     let vec_ok = decode_vec_ok(k, ldx, [x as usize, w as usize, w as usize]);
-    if vec_ok && cols == DEC_COLS {
+    if vec_ok {
         let mut m0 = 0;
         while m0 < m {
             decode_tc(
@@ -310,8 +330,9 @@ unsafe fn gemm_decode<O: Elem>(
         }
         return;
     }
+    // scalar path: warp i < DEC_COLS / 2 owns columns nb + 2i, nb + 2i + 1
     let n0 = nb + warp_id() * 2;
-    if n0 >= n {
+    if warp_id() * 2 >= DEC_COLS || n0 >= n {
         return; // whole warp leaves together
     }
     let has2 = n0 + 1 < n;
@@ -352,12 +373,11 @@ unsafe fn gemm_decode_silu(
     ldy: u32,
     red: *mut f32,
 ) {
+    check_dec_block();
     let x = x as *const u16;
-    // block_dim() / 32 warps x 1 column per block: DEC_COLS / 2 with the DEC_BLOCK launch
-    let cols = block_dim() / WARP;
-    let nb = block_idx_x() * cols;
+    let nb = block_idx_x() * (DEC_COLS / 2);
     let vec_ok = decode_vec_ok(k, ldx, [x as usize, w_gate as usize, w_up as usize]);
-    if vec_ok && cols == DEC_COLS / 2 {
+    if vec_ok {
         // tile 0 = gate rows nb..nb+8, tile 1 = up rows of the same columns
         let rows = rows_in(nb, n);
         let ws = [w_gate as *const u16, w_up as *const u16];
@@ -380,8 +400,9 @@ unsafe fn gemm_decode_silu(
         }
         return;
     }
+    // scalar path: warp i < DEC_COLS / 2 owns column nb + i
     let col = nb + warp_id();
-    if col >= n {
+    if warp_id() >= DEC_COLS / 2 || col >= n {
         return;
     }
     let wg = (w_gate as *const u16).add(col as usize * k as usize);
@@ -614,17 +635,17 @@ unsafe fn gemm_mma_silu(
 }
 
 kernels! {
-    /// Decode GEMM, bf16 out. block DEC_BLOCK (256), grid.x = ceil(n / DEC_COLS) = ceil(n / 16).
+    /// Decode GEMM, bf16 out. block `dec_block(grid.x, SMs)` (256 or 512), grid.x = ceil(n / DEC_COLS) = ceil(n / 16).
     pub fn gemm_decode_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
         gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red);
     }
-    /// Decode GEMM, f32 out (e.g. logits). block DEC_BLOCK (256), grid.x = ceil(n / 16).
+    /// Decode GEMM, f32 out (e.g. logits). block 256 or 512 (`dec_block`), grid.x = ceil(n / 16).
     pub fn gemm_decode_bf16_f32out(y: *mut f32, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
         gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red);
     }
-    /// Decode gate/up GEMM with SiLU·mul. block DEC_BLOCK (256), grid.x = ceil(n / 8).
+    /// Decode gate/up GEMM with SiLU·mul. block 256 or 512 (`dec_block`), grid.x = ceil(n / 8).
     pub fn gemm_decode_silu_bf16(y: *mut Bf16, x: *const Bf16, w_gate: *const Bf16, w_up: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
         gemm_decode_silu(y, x, w_gate, w_up, m, n, k, ldx, ldy, red);

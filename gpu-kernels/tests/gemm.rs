@@ -90,7 +90,8 @@ fn valid(c: &Case, y: &[f32]) -> Vec<f32> {
 }
 
 enum Path {
-    Decode,
+    /// decode kernels with this block size (`DEC_BLOCK` or `DEC_BLOCK_WIDE`)
+    Decode(u32),
     Mma,
 }
 
@@ -129,7 +130,7 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
         let yp = yb.ptr();
         unsafe {
             match path {
-                Path::Decode => launch([n.div_ceil(DEC_COLS), 1, 1], DEC_BLOCK, || {
+                Path::Decode(block) => launch([n.div_ceil(DEC_COLS), 1, 1], block, || {
                     gemm_decode_bf16_f32out(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
                 }),
                 Path::Mma => launch([n.div_ceil(128), m.div_ceil(128), 1], 128, || {
@@ -150,7 +151,7 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
         }; // in place: y += x·Wᵀ
         unsafe {
             match path {
-                Path::Decode => launch([n.div_ceil(DEC_COLS), 1, 1], DEC_BLOCK, || {
+                Path::Decode(block) => launch([n.div_ceil(DEC_COLS), 1, 1], block, || {
                     gemm_decode_bf16(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
                 }),
                 Path::Mma => launch([n.div_ceil(128), m.div_ceil(128), 1], 128, || {
@@ -188,7 +189,7 @@ fn run_silu(c: &Case, path: Path) {
     );
     unsafe {
         match path {
-            Path::Decode => launch([n.div_ceil(DEC_COLS / 2), 1, 1], DEC_BLOCK, || {
+            Path::Decode(block) => launch([n.div_ceil(DEC_COLS / 2), 1, 1], block, || {
                 gemm_decode_silu_bf16(yp, xp, gp, up, m, n, k, ldx, ldy)
             }),
             Path::Mma => launch([n.div_ceil(64), m.div_ceil(128), 1], 128, || {
@@ -216,7 +217,13 @@ fn decode_gemm_random_shapes() {
         let ldx = k + rng.pick(&[0usize, 8, 1]);
         let c = case(&mut rng, m, n, k, ldx);
         let x_off = if it % 3 == 2 { 1 } else { 0 }; // misaligned activations: scalar path
-        run(&c, Path::Decode, x_off, it % 2 == 1);
+                                                     // the wide block (16 warps) on every third shape, aligned or not
+        let block = if it % 3 == 1 {
+            DEC_BLOCK_WIDE
+        } else {
+            DEC_BLOCK
+        };
+        run(&c, Path::Decode(block), x_off, it % 2 == 1);
     }
     let (m, n, k) = (
         rng.range(1, 7),
@@ -224,13 +231,17 @@ fn decode_gemm_random_shapes() {
         rng.pick(&[256usize, 300]),
     );
     let c = case(&mut rng, m, n, k, k);
-    run_silu(&c, Path::Decode);
+    run_silu(&c, Path::Decode(DEC_BLOCK));
+    let c = case(&mut rng, m, n, 264, 264 + 1); // unaligned x rows: scalar path
+    run_silu(&c, Path::Decode(DEC_BLOCK_WIDE));
     // K over several tensor-core decode iterations (8 warps x 4 chunks x 32 = 1024
     // elements each) plus a ragged tail
     let c = case(&mut rng, 3, 21, 2312, 2312);
-    run(&c, Path::Decode, 0, true);
+    run(&c, Path::Decode(DEC_BLOCK), 0, true);
+    run(&c, Path::Decode(DEC_BLOCK_WIDE), 0, false);
     let c = case(&mut rng, 2, 9, 2312, 2312);
-    run_silu(&c, Path::Decode);
+    run_silu(&c, Path::Decode(DEC_BLOCK));
+    run_silu(&c, Path::Decode(DEC_BLOCK_WIDE));
 }
 
 #[test]

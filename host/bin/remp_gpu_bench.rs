@@ -204,8 +204,10 @@ fn run() -> Result<()> {
     ] {
         for m in [1usize, 8, 16] {
             let wbytes = n * k * 2;
-            // gemm::DEC_COLS = 16 columns per block, gemm::DEC_BLOCK = 256 threads
+            // gemm::DEC_COLS = 16 columns per block; block per gemm::dec_block: 512
+            // threads (DEC_BLOCK_WIDE) under 2 blocks per SM, else 256 (DEC_BLOCK)
             let grid = [n.div_ceil(16) as u32, 1, 1];
+            let block = if grid[0] < 2 * sms { 512 } else { 256 };
             let t = b.time(21, 8, |i| {
                 let w = rot(i, wbytes);
                 let x = rot(i + 7, m * k * 2);
@@ -221,17 +223,17 @@ fn run() -> Result<()> {
                     Arg::U32(k as u32),
                     Arg::U32(n as u32),
                 ];
-                unsafe { dev.launch("gemm_decode_bf16", grid, 256, &args) }
+                unsafe { dev.launch("gemm_decode_bf16", grid, block, &args) }
             })?;
             let g = gbs(wbytes as f64, t);
             println!(
-                "gemm_decode M={m:2} {label}: {:.1} us, {g:.0} GB/s weights = {:.1}% of HBM",
+                "gemm_decode M={m:2} {label} block {block}: {:.1} us, {g:.0} GB/s weights = {:.1}% of HBM",
                 t * 1e3,
                 100.0 * g / hbm
             );
             b.rows.push(
                 json!({"bench": "gemm_decode_bf16", "case": label, "m": m, "n": n, "k": k,
-                "ms": t, "weight_gb_s": g, "pct_of_hbm": 100.0 * g / hbm}),
+                "block": block, "ms": t, "weight_gb_s": g, "pct_of_hbm": 100.0 * g / hbm}),
             );
         }
     }
