@@ -661,36 +661,74 @@ impl Worker {
     }
 
     /// Causal attention of one sequence's new tokens over its cached prefix.
+    ///
+    /// Per new token and per local KV head, the query heads of that GQA group are done
+    /// together so each cached K/V row is read once for the group; positions are walked
+    /// block by block (one block-table lookup per block, no division per position).
     fn attend(&self, sw: &SeqWork, kv: &LayerKv, heads: &HeadShard, q: &[f32], out: &mut [f32]) {
         let cfg = &*self.cfg;
         let hd = cfg.head_dim;
         let nq = heads.q_heads.len();
         let g = cfg.gqa_group();
+        let bs = kv.geom.block_size;
+        let slot = kv.slot_len();
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut scores = Vec::new();
+        // Row offsets (in k/v) of positions lo..=pos for one KV head, block by block.
+        let rows = |lo: usize, pos: usize, kvl: usize, f: &mut dyn FnMut(usize, usize)| {
+            let mut p = lo;
+            while p <= pos {
+                let b = p / bs;
+                let end = ((b + 1) * bs).min(pos + 1);
+                let base = sw.block_table[b] as usize * bs;
+                for pp in p..end {
+                    f(pp - lo, (base + pp % bs) * slot + kvl * hd);
+                }
+                p = end;
+            }
+        };
+        let mut scores: Vec<f32> = Vec::new();
         for i in 0..sw.tokens.len() {
             let pos = sw.start_pos + i;
             let lo = match cfg.sliding_window {
                 Some(w) => (pos + 1).saturating_sub(w),
                 None => 0,
             };
-            for (qi, qh) in heads.q_heads.clone().enumerate() {
-                let kvh = qh / g - heads.kv_heads.start;
-                let qv = &q[(i * nq + qi) * hd..(i * nq + qi + 1) * hd];
+            let n = pos + 1 - lo;
+            for kvl in 0..heads.kv_heads.len() {
+                let kvh = heads.kv_heads.start + kvl;
+                // This group's query heads among the local ones (local indices).
+                let qs: Vec<usize> = (0..nq)
+                    .filter(|&qi| (heads.q_heads.start + qi) / g == kvh)
+                    .collect();
+                if qs.is_empty() {
+                    continue;
+                }
+                let ng = qs.len();
                 scores.clear();
-                for p in lo..=pos {
-                    let off = kv.slot_offset(&sw.block_table, p) + kvh * hd;
-                    scores.push(ops::dot(qv, &kv.k[off..off + hd]) * scale);
-                }
-                ops::softmax(&mut scores);
-                let o = &mut out[(i * nq + qi) * hd..(i * nq + qi + 1) * hd];
-                o.fill(0.0);
-                for (p, &w) in (lo..=pos).zip(&scores) {
-                    let off = kv.slot_offset(&sw.block_table, p) + kvh * hd;
-                    for (a, &b) in o.iter_mut().zip(&kv.v[off..off + hd]) {
-                        *a += w * b;
+                scores.resize(ng * n, 0.0);
+                rows(lo, pos, kvl, &mut |t, off| {
+                    let krow = &kv.k[off..off + hd];
+                    for (j, &qi) in qs.iter().enumerate() {
+                        let qv = &q[(i * nq + qi) * hd..(i * nq + qi + 1) * hd];
+                        scores[j * n + t] = ops::dot(qv, krow) * scale;
                     }
+                });
+                for j in 0..ng {
+                    ops::softmax(&mut scores[j * n..(j + 1) * n]);
                 }
+                for &qi in &qs {
+                    out[(i * nq + qi) * hd..(i * nq + qi + 1) * hd].fill(0.0);
+                }
+                rows(lo, pos, kvl, &mut |t, off| {
+                    let vrow = &kv.v[off..off + hd];
+                    for (j, &qi) in qs.iter().enumerate() {
+                        let w = scores[j * n + t];
+                        let o = &mut out[(i * nq + qi) * hd..(i * nq + qi + 1) * hd];
+                        for (a, &b) in o.iter_mut().zip(vrow) {
+                            *a += w * b;
+                        }
+                    }
+                });
             }
         }
     }
