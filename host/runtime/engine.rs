@@ -9,9 +9,9 @@
 //! the current placement, receives the gathered logits through the communication layer,
 //! and samples. Workers (one thread each) hold the weights and KV cache.
 //!
-//! KV blocks for a request's whole budget (prompt + max new tokens) are reserved when it
-//! is admitted, so a running request never runs out of cache; a request that does not fit
-//! waits in the queue, and one that could never fit is refused at `add_request`.
+//! Admission and batching are the [`super::scheduler`]'s: KV blocks for a request's whole
+//! budget are reserved when it is admitted; a request that does not fit waits in the
+//! queue, and one that could never fit is refused at `add_request`.
 
 use crate::backend::comm::{fabric, Comm, CommStats, Lane, Tag};
 use crate::error::{Error, Result};
@@ -22,9 +22,10 @@ use crate::reshard::planner::{plan_topology, ReshardPlan};
 use crate::runtime::kv_cache::{BlockAllocator, KvGeometry};
 use crate::runtime::live_placement::{FlipHook, LivePlacement};
 use crate::runtime::sampling::{sample, Rng, Sampling};
+use crate::runtime::scheduler::{Scheduler, Seq};
 use crate::runtime::worker::{Cmd, MemMeter, Reply, SeqWork, StepPlan, Worker, WorkerMem};
 use crossbeam_channel::{unbounded, Receiver, Sender};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -126,18 +127,6 @@ pub struct RequestOutput {
     pub prompt: Vec<u32>,
     pub output: Vec<u32>,
     pub finish: Option<FinishReason>,
-}
-
-struct Seq {
-    id: RequestId,
-    req: Request,
-    /// Prompt then generated tokens.
-    tokens: Vec<u32>,
-    /// Tokens whose KV is in the cache.
-    cached: usize,
-    blocks: Arc<Vec<u32>>,
-    rng: Rng,
-    max_new: usize,
 }
 
 /// Timing of one step, for benches and the reconfiguration report.
@@ -316,9 +305,7 @@ pub struct Engine {
     geom: KvGeometry,
     n_workers: usize,
     pool: Pool,
-    blocks: BlockAllocator,
-    waiting: VecDeque<Seq>,
-    running: Vec<Seq>,
+    sched: Scheduler,
     outputs: HashMap<RequestId, RequestOutput>,
     next_id: u64,
     step_no: u64,
@@ -366,10 +353,13 @@ impl Engine {
             geom,
             n_workers,
             pool,
-            blocks: BlockAllocator::new(econf.kv_blocks),
+            sched: Scheduler::new(
+                BlockAllocator::new(econf.kv_blocks),
+                geom,
+                econf.max_running,
+                econf.max_prefill_tokens,
+            ),
             econf,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
             outputs: HashMap::new(),
             next_id: 0,
             step_no: 0,
@@ -436,7 +426,7 @@ impl Engine {
     }
 
     pub fn free_blocks(&self) -> usize {
-        self.blocks.free()
+        self.sched.free_blocks()
     }
 
     /// Queues a request. Refused (typed error) when it is malformed or can never fit.
@@ -473,11 +463,11 @@ impl Engine {
         }
         let max_new = req.max_new_tokens.min(ctx - req.prompt.len());
         let need = self.geom.blocks_for(req.prompt.len() + max_new);
-        if need > self.blocks.total() {
+        if need > self.sched.total_blocks() {
             return Err(Error::Request(format!(
                 "request needs {need} KV blocks ({} tokens), the cache has {} in all",
                 req.prompt.len() + max_new,
-                self.blocks.total()
+                self.sched.total_blocks()
             )));
         }
         let id = RequestId(self.next_id);
@@ -494,7 +484,7 @@ impl Engine {
                 finish: None,
             },
         );
-        self.waiting.push_back(Seq {
+        self.sched.enqueue(Seq {
             id,
             tokens: req.prompt.clone(),
             cached: 0,
@@ -508,23 +498,13 @@ impl Engine {
 
     /// Cancels a waiting or running request; returns whether it was live.
     pub fn cancel(&mut self, id: RequestId) -> bool {
-        let seq = if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
-            self.waiting.remove(i)
-        } else if let Some(i) = self.running.iter().position(|s| s.id == id) {
-            Some(self.running.remove(i))
-        } else {
-            None
-        };
-        match seq {
-            Some(s) => {
-                self.blocks.release(&s.blocks);
-                if let Some(o) = self.outputs.get_mut(&id) {
-                    o.finish = Some(FinishReason::Cancelled);
-                }
-                true
+        let live = self.sched.remove(id);
+        if live {
+            if let Some(o) = self.outputs.get_mut(&id) {
+                o.finish = Some(FinishReason::Cancelled);
             }
-            None => false,
         }
+        live
     }
 
     pub fn output(&self, id: RequestId) -> Option<&RequestOutput> {
@@ -533,39 +513,15 @@ impl Engine {
 
     /// Whether any request is waiting or running.
     pub fn has_work(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty()
+        !self.sched.waiting.is_empty() || !self.sched.running.is_empty()
     }
 
     pub fn num_running(&self) -> usize {
-        self.running.len()
+        self.sched.running.len()
     }
 
     pub fn num_waiting(&self) -> usize {
-        self.waiting.len()
-    }
-
-    /// Admits waiting requests (FIFO) while KV blocks, the running limit and the prefill
-    /// budget allow.
-    fn admit(&mut self) {
-        let mut prefill = 0;
-        while let Some(s) = self.waiting.front() {
-            let n = s.tokens.len();
-            if self.running.len() >= self.econf.max_running
-                || (prefill > 0 && prefill + n > self.econf.max_prefill_tokens)
-            {
-                break;
-            }
-            let need = self.geom.blocks_for(n + s.max_new);
-            let Some(blocks) = self.blocks.alloc(need) else {
-                break;
-            };
-            let Some(mut s) = self.waiting.pop_front() else {
-                break;
-            };
-            s.blocks = Arc::new(blocks);
-            prefill += n;
-            self.running.push(s);
-        }
+        self.sched.waiting.len()
     }
 
     /// Runs one step: admits what fits, prefills new requests and decodes one token of
@@ -573,13 +529,14 @@ impl Engine {
     /// While a reconfiguration is in flight, a step runs even with no request so that
     /// its layers can flip.
     pub fn step(&mut self) -> Result<Vec<Event>> {
-        self.admit();
-        if self.running.is_empty() && !self.pool.ctrl.is_active() {
+        self.sched.admit();
+        if self.sched.running.is_empty() && !self.pool.ctrl.is_active() {
             self.collect_reconfig_events();
             return Ok(Vec::new());
         }
         let start = Instant::now();
         let seqs: Vec<SeqWork> = self
+            .sched
             .running
             .iter()
             .map(|s| SeqWork {
@@ -603,7 +560,7 @@ impl Engine {
         let mut events = Vec::new();
         let mut row = 0;
         let mut finished = Vec::new();
-        for (i, s) in self.running.iter_mut().enumerate() {
+        for (i, s) in self.sched.running.iter_mut().enumerate() {
             let n = plan.seqs[i].tokens.len();
             let rows = if s.req.return_logits { n } else { 1 };
             let mine = &logits[row * vocab..(row + rows) * vocab];
@@ -639,10 +596,7 @@ impl Engine {
                 finished.push(i);
             }
         }
-        for &i in finished.iter().rev() {
-            let s = self.running.remove(i);
-            self.blocks.release(&s.blocks);
-        }
+        self.sched.retire(&finished);
         self.history.push(StepRecord {
             step: self.step_no,
             start,
@@ -706,7 +660,7 @@ impl Engine {
         let mut all = Vec::new();
         while self.has_work() || self.reconfig_in_progress() {
             let ev = self.step()?;
-            if ev.is_empty() && self.running.is_empty() && !self.waiting.is_empty() {
+            if ev.is_empty() && self.sched.running.is_empty() && !self.sched.waiting.is_empty() {
                 return Err(Error::Request("waiting requests cannot be admitted".into()));
             }
             all.extend(ev);
@@ -718,7 +672,7 @@ impl Engine {
 
     /// Bytes of one KV head (K and V) cached per layer now: what the planner weighs.
     fn kv_bytes_per_head(&self) -> Vec<u64> {
-        let tokens: usize = self.running.iter().map(|s| s.cached).sum();
+        let tokens: usize = self.sched.running.iter().map(|s| s.cached).sum();
         let b = (tokens * self.cfg.head_dim * 2 * std::mem::size_of::<f32>()) as u64;
         vec![b; self.cfg.num_layers]
     }
@@ -803,7 +757,7 @@ impl Engine {
             &placement,
         )?;
         self.n_workers = n_workers;
-        for s in &mut self.running {
+        for s in &mut self.sched.running {
             s.cached = 0;
         }
         Ok(())
@@ -812,6 +766,7 @@ impl Engine {
     /// A plan with no new tokens: every running sequence at its cached length.
     fn empty_plan(&self) -> Arc<StepPlan> {
         let seqs = self
+            .sched
             .running
             .iter()
             .map(|s| SeqWork {
