@@ -398,7 +398,11 @@ struct Gemm {
 
 /// One GEMM kernel (decode or mma; plain, f32-out or SiLU) on GPU and emulator, launched
 /// with `block` threads (mma: 128; decode: `DEC_BLOCK` or `DEC_BLOCK_WIDE`).
-fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: bool) {
+/// `kchunk > 0` (decode `gemm_decode_bf16` / `_f32out` only): split-K instead —
+/// `gemm_decode_splitk_bf16` into an f32 workspace `[splits, m, n]`, grid
+/// (ceil(n / 16), ceil(k / kchunk)), then `gemm_splitk_reduce_bf16` / `_f32out` with
+/// block 256, grid ceil(m·n / 256), exactly as the bench launches them.
+fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: bool, kchunk: u32) {
     let Gemm { m, n, k, ldx, ldy } = g;
     let silu = kernel.contains("silu");
     let f32out = kernel.ends_with("f32out");
@@ -439,7 +443,42 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: 
         args.extend([opt(b), opt(r)]);
     }
     args.extend(dims);
-    p.gpu(kernel, grid, block, &args);
+    let split = kchunk > 0;
+    assert!(!split || (!mma && !silu), "split-K is decode-only");
+    let splits = if split {
+        (k as u32).div_ceil(kchunk)
+    } else {
+        1
+    };
+    let ws = p.out(if split { splits as usize * m * n } else { 1 }, 4);
+    let (grid, rgrid) = if split {
+        ([grid[0], splits, 1], [((m * n) as u32).div_ceil(256), 1, 1])
+    } else {
+        (grid, [1, 1, 1])
+    };
+    let reduce = if f32out {
+        "gemm_splitk_reduce_bf16_f32out"
+    } else {
+        "gemm_splitk_reduce_bf16"
+    };
+    let (mu, nu, ku, ldxu, ldyu) = (m as u32, n as u32, k as u32, ldx as u32, ldy as u32);
+    if split {
+        let pargs = [B(ws), B(x), B(w), U(mu), U(nu), U(ku), U(ldxu), U(kchunk)];
+        p.gpu("gemm_decode_splitk_bf16", grid, block, &pargs);
+        let rargs = [
+            B(y),
+            B(ws),
+            opt(b),
+            opt(r),
+            U(mu),
+            U(nu),
+            U(ldyu),
+            U(splits),
+        ];
+        p.gpu(reduce, rgrid, 256, &rargs);
+    } else {
+        p.gpu(kernel, grid, block, &args);
+    }
     let (yh, xh, wh, w2h) = (
         p.h::<u8>(y),
         p.h::<Bf16>(x),
@@ -452,26 +491,70 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: 
     let rh = r
         .map(|i| p.h::<Bf16>(i) as *const Bf16)
         .unwrap_or(std::ptr::null());
-    let (m, n, k, ldx, ldy) = (m as u32, n as u32, k as u32, ldx as u32, ldy as u32);
-    unsafe {
-        emu(grid, block, || match kernel {
-            "gemm_decode_bf16" => gemm_decode_bf16(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
-            "gemm_decode_bf16_f32out" => {
-                gemm_decode_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy)
-            }
-            "gemm_decode_silu_bf16" => {
-                gemm_decode_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy)
-            }
-            "gemm_mma_bf16" => gemm_mma_bf16(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
-            "gemm_mma_bf16_f32out" => {
-                gemm_mma_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy)
-            }
-            "gemm_mma_silu_bf16" => gemm_mma_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy),
-            _ => unreachable!(),
-        })
-    };
-    let what = format!("{kernel} m {m} n {n} k {k} ldx {ldx} ldy {ldy} bias {bias} res {res}");
+    let (m, n, k, ldx, ldy) = (mu, nu, ku, ldxu, ldyu);
+    let wsh = p.h::<f32>(ws);
+    if split {
+        unsafe {
+            emu(grid, block, || {
+                gemm_decode_splitk_bf16(wsh, xh, wh, m, n, k, ldx, kchunk)
+            });
+            emu(rgrid, 256, || {
+                if f32out {
+                    gemm_splitk_reduce_bf16_f32out(yh as _, wsh, bh, rh, m, n, ldy, splits)
+                } else {
+                    gemm_splitk_reduce_bf16(yh as _, wsh, bh, rh, m, n, ldy, splits)
+                }
+            });
+        }
+    } else {
+        unsafe {
+            emu(grid, block, || match kernel {
+                "gemm_decode_bf16" => gemm_decode_bf16(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
+                "gemm_decode_bf16_f32out" => {
+                    gemm_decode_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy)
+                }
+                "gemm_decode_silu_bf16" => {
+                    gemm_decode_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy)
+                }
+                "gemm_mma_bf16" => gemm_mma_bf16(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
+                "gemm_mma_bf16_f32out" => {
+                    gemm_mma_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy)
+                }
+                "gemm_mma_silu_bf16" => gemm_mma_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy),
+                _ => unreachable!(),
+            })
+        };
+    }
+    let what = format!(
+        "{kernel} m {m} n {n} k {k} ldx {ldx} ldy {ldy} bias {bias} res {res} kchunk {kchunk}"
+    );
     let written = |i: usize| (i % ldy as usize) < n as usize;
+    if split {
+        // every partial written; f32 tolerance plus the tensor-core allowance of the whole
+        // dot product (an upper bound for each split's share)
+        let (xb, wb) = (p.h::<u16>(x), p.h::<u16>(w));
+        let (mz, nz, kz, ldxz) = (m as usize, n as usize, k as usize, ldx as usize);
+        let mut tol = vec![0f32; splits as usize * mz * nz];
+        for i in 0..mz {
+            for j in 0..nz {
+                let mut s = 0f64;
+                for kk in 0..kz {
+                    // SAFETY: in bounds of the uploaded x [m, ldx], W [n, k]
+                    s += unsafe {
+                        (bf16_to_f32(*xb.add(i * ldxz + kk)) as f64
+                            * bf16_to_f32(*wb.add(j * kz + kk)) as f64)
+                            .abs()
+                    };
+                }
+                for sp in 0..splits as usize {
+                    tol[(sp * mz + i) * nz + j] = (s / 65536.0) as f32;
+                }
+            }
+        }
+        p.check_tol(&format!("{what} (partials)"), ws, Kind::F32, &all, &|i| {
+            tol[i]
+        });
+    }
     if f32out {
         // Both GEMM paths accumulate on tensor cores (`mma.sync`), whose f32
         // accumulation is not bit-IEEE on Hopper: products and partial sums are aligned
@@ -557,9 +640,58 @@ fn gpu_gemm_decode() {
                 block,
                 bias,
                 res,
+                0,
             );
         }
     }
+}
+
+/// Split-K decode GEMM (partials kernel into an f32 `[splits, m, n]` workspace, then
+/// the ordered reduce with the bias / residual / output epilogue) against the emulator:
+/// aligned (tensor-core) and scalar-fallback K, ragged last split, both block sizes,
+/// bf16 and f32 out, and the plan `dec_splitk` picks for a decode shape on this GPU.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_gemm_decode_split_k() {
+    let mut rng = Rng::new("gpu_gemm_decode_split_k");
+    let sms = dev().sm_count().unwrap();
+    for kernel in ["gemm_decode_bf16", "gemm_decode_bf16_f32out"] {
+        // (M, K, kchunk, block)
+        for &(m, k, kchunk, block) in &[
+            (1usize, 2048usize, 512u32, DEC_BLOCK),
+            (5, 1000, 256, DEC_BLOCK_WIDE),
+            (16, 2312, 1024, DEC_BLOCK),
+            (3, 77, 24, DEC_BLOCK),
+            (9, 520, 136, DEC_BLOCK_WIDE),
+        ] {
+            let n = rng.range(60, 300);
+            let ldx = k + rng.pick(&[0usize, 8, 3]);
+            let ldy = n + rng.pick(&[0usize, 5]);
+            let (bias, res) = (rng.next().is_multiple_of(2), rng.next().is_multiple_of(2));
+            gemm_case(
+                &mut rng,
+                kernel,
+                Gemm { m, n, k, ldx, ldy },
+                block,
+                bias,
+                res,
+                kchunk,
+            );
+        }
+    }
+    // the host's plan for a small-N decode shape (K 4096: the emulator stays quick)
+    let (m, n, k) = (4usize, 256usize, 4096usize);
+    let (splits, kchunk) = dec_splitk(n as u32, k as u32, sms);
+    assert!(splits > 1, "{n}x{k} on {sms} SMs should split");
+    let block = dec_block((n as u32).div_ceil(DEC_COLS) * splits, sms);
+    let g = Gemm {
+        m,
+        n,
+        k,
+        ldx: k,
+        ldy: n,
+    };
+    gemm_case(&mut rng, "gemm_decode_bf16", g, block, true, true, kchunk);
 }
 
 /// Tensor-core GEMMs with ragged M/N/K tails, against the emulator (which reproduces
@@ -581,7 +713,15 @@ fn gpu_gemm_mma() {
             let ldx = k + rng.pick(&[0usize, 8]);
             let ldy = n + rng.pick(&[0usize, 3]);
             let (bias, res) = (rng.next().is_multiple_of(2), rng.next().is_multiple_of(2));
-            gemm_case(&mut rng, kernel, Gemm { m, n, k, ldx, ldy }, 128, bias, res);
+            gemm_case(
+                &mut rng,
+                kernel,
+                Gemm { m, n, k, ldx, ldy },
+                128,
+                bias,
+                res,
+                0,
+            );
         }
     }
 }

@@ -12,6 +12,12 @@
 //!   shuffles). Launch: block `DEC_BLOCK` (256) or `DEC_BLOCK_WIDE` (512, for shapes
 //!   with fewer than 2 blocks per SM: `dec_block`), grid.x = ceil(N / 16)
 //!   (`_silu`: ceil(N / 8)); other block sizes trap.
+//!   **Split-K** for shapes with too few column blocks (`dec_splitk`: ceil(N / 16) <
+//!   2 x SMs and K >= 2048): `gemm_decode_splitk_bf16` runs the same block code on
+//!   K range `blockIdx.y * kchunk ..` and writes raw f32 partials `part[split][m][n]`
+//!   (grid (ceil(N / 16), splits), block `dec_block(grid.x * splits, SMs)`), then
+//!   `gemm_splitk_reduce_bf16` / `_f32out` (grid-stride, block 256, grid
+//!   ceil(M·N / 256)) sums the splits in order and applies the same epilogue.
 //! - **mma** (`gemm_mma_*`, prefill-sized M): tensor cores through
 //!   `mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32`. Block tile 128x128x32, 4 warps in
 //!   2x2 each computing 64x64 (4x8 mma tiles, 128 f32 accumulators per lane), a
@@ -162,6 +168,34 @@ pub fn dec_block(blocks: u32, sms: u32) -> u32 {
         DEC_BLOCK
     }
 }
+/// [`dec_splitk`] splits only K >= 2 x this (one full iteration of a 256-thread block:
+/// 8 warps x `DEC_CPI` chunks x 32); splits are at least a quarter of it deep.
+pub const DEC_SPLIT_MIN_K: u32 = 1024;
+/// Most splits [`dec_splitk`] chooses.
+pub const DEC_MAX_SPLITS: u32 = 16;
+/// Split-K plan of a decode GEMM (`gemm_decode_splitk_bf16` + `gemm_splitk_reduce_*`)
+/// with `n` output columns and depth `k` on `sms` SMs: `(splits, kchunk)`, K elements
+/// `s * kchunk ..` go to split `s` (grid.y = splits). `(1, k)` = no split (use the fused
+/// kernels): when ceil(n / 16) >= 2 x SMs already, or K is under 2 x
+/// `DEC_SPLIT_MIN_K`. Otherwise about 3 blocks per SM in all (grid.x x splits), each
+/// split at least `DEC_SPLIT_MIN_K / 4` deep and `kchunk` a multiple of 256, so every
+/// split is non-empty and 16-byte aligned.
+pub fn dec_splitk(n: u32, k: u32, sms: u32) -> (u32, u32) {
+    let blocks = div_ceil(n, DEC_COLS);
+    if blocks == 0 || blocks >= 2 * sms || k < 2 * DEC_SPLIT_MIN_K {
+        return (1, k);
+    }
+    let want = div_ceil(3 * sms, blocks);
+    let most = umin(DEC_MAX_SPLITS, k / (DEC_SPLIT_MIN_K / 4));
+    let s = umin(want, most);
+    let kchunk = div_ceil(div_ceil(k, s), 256) * 256;
+    let splits = div_ceil(k, kchunk);
+    if splits < 2 {
+        (1, k)
+    } else {
+        (splits, kchunk)
+    }
+}
 /// 32-element K chunks each warp loads per iteration of `decode_tc` (all loads first).
 const DEC_CPI: u32 = 4;
 /// Most warps a decode block may have (shared reduction buffer size).
@@ -195,6 +229,7 @@ unsafe fn decode_tc(
     w: [*const u16; 2],
     wrow: [u32; 2],
     wrows_ok: [u32; 2], // number of valid rows in each tile (0..=8)
+    ldw: u32,           // row stride of W (the full K; `k` is the range summed here)
     x: *const u16,
     ldx: u32,
     m0: u32,
@@ -221,8 +256,8 @@ unsafe fn decode_tc(
             let cq = c + q as u32 * nw;
             let kq = cq * 32 + t * 8;
             let ok = cq < nchunks && kq < k;
-            wv[q][0] = chunk(w[0], wrow[0] + g, k, kq, ok && w_ok[0]);
-            wv[q][1] = chunk(w[1], wrow[1] + g, k, kq, ok && w_ok[1]);
+            wv[q][0] = chunk(w[0], wrow[0] + g, ldw, kq, ok && w_ok[0]);
+            wv[q][1] = chunk(w[1], wrow[1] + g, ldw, kq, ok && w_ok[1]);
             xa[q] = chunk(x, m0 + g, ldx, kq, ok && ra);
             xb[q] = chunk(x, m0 + g + 8, ldx, kq, ok && rb);
         });
@@ -282,6 +317,58 @@ fn check_dec_block() {
     }
 }
 
+/// A decode result: through the epilogue into `y`, or (split-K) raw into the f32
+/// partials `part[split = block_idx_y][m][n]`.
+#[inline(always)]
+unsafe fn dec_out<O: Elem>(
+    y: *mut O,
+    ldy: u32,
+    bias: *const Bf16,
+    residual: *const Bf16,
+    part: *mut f32,
+    m: u32,
+    n: u32,
+    row: u32,
+    col: u32,
+    acc: f32,
+) {
+    if part as usize != 0 {
+        let at = (block_idx_y() as usize * m as usize + row as usize) * n as usize + col as usize;
+        *part.add(at) = acc;
+    } else {
+        store_out(y, ldy, bias, residual, row, col, acc);
+    }
+}
+
+/// Split-K reduce: `y[m][n] = epilogue(Σ_s part[s][m][n])`, splits summed in order
+/// (deterministic), then bias / residual / output rounding exactly as the fused
+/// decode epilogue. Grid-stride over the m·n outputs: any launch shape.
+#[inline(always)]
+unsafe fn splitk_reduce<O: Elem>(
+    y: *mut O,
+    part: *const f32,
+    bias: *const Bf16,
+    residual: *const Bf16,
+    m: u32,
+    n: u32,
+    ldy: u32,
+    splits: u32,
+) {
+    let total = m * n;
+    let plane = total as usize;
+    let mut i = block_idx_x() * block_dim() + thread_idx();
+    while i < total {
+        let mut s = 0u32;
+        let mut acc = 0.0f32;
+        while s < splits {
+            acc += *part.add(s as usize * plane + i as usize);
+            s += 1;
+        }
+        store_out(y, ldy, bias, residual, i / n, i % n, acc);
+        i += grid_dim_x() * block_dim();
+    }
+}
+
 #[inline(always)]
 unsafe fn gemm_decode<O: Elem>(
     y: *mut O,
@@ -295,11 +382,25 @@ unsafe fn gemm_decode<O: Elem>(
     ldx: u32,
     ldy: u32,
     red: *mut f32,
+    part: *mut f32,
+    kchunk: u32,
 ) {
     check_dec_block();
-    let (xs, ws) = (x as *const u16, w as *const u16);
     let nb = block_idx_x() * DEC_COLS;
     let vec_ok = decode_vec_ok(k, ldx, [x as usize, w as usize, w as usize]);
+    // this block's K range: all of K, or (split-K, `part` not null) elements
+    // k0 .. k0 + kchunk of it for split block_idx_y (kchunk % 8 == 0 keeps the
+    // 16-byte alignment of the vectorised path)
+    let mut k0 = 0;
+    let mut klen = k;
+    if part as usize != 0 {
+        k0 = block_idx_y() * kchunk;
+        klen = if k0 >= k { 0 } else { umin(kchunk, k - k0) };
+    }
+    let (xs, ws) = (
+        (x as *const u16).add(k0 as usize),
+        (w as *const u16).add(k0 as usize),
+    );
     if vec_ok {
         let mut m0 = 0;
         while m0 < m {
@@ -307,11 +408,12 @@ unsafe fn gemm_decode<O: Elem>(
                 [ws, ws],
                 [nb, nb + 8],
                 [rows_in(nb, n), rows_in(nb + 8, n)],
+                k,
                 xs,
                 ldx,
                 m0,
                 m,
-                k,
+                klen,
                 red,
             );
             // one output element (tile j, register r, lane l) per thread
@@ -321,7 +423,18 @@ unsafe fn gemm_decode<O: Elem>(
                 let row = m0 + (l >> 2) + (r >> 1) * 8;
                 let col = nb + j * 8 + (l & 3) * 2 + (r & 1);
                 if row < m && col < n {
-                    store_out(y, ldy, bias, residual, row, col, decode_red(red, j, r, l));
+                    dec_out(
+                        y,
+                        ldy,
+                        bias,
+                        residual,
+                        part,
+                        m,
+                        n,
+                        row,
+                        col,
+                        decode_red(red, j, r, l),
+                    );
                 }
                 i += block_dim();
             }
@@ -341,16 +454,19 @@ unsafe fn gemm_decode<O: Elem>(
     let lane = lane_id();
     let mut m0 = 0;
     while m0 < m {
-        let acc = decode_dots([w0, w1], xs, ldx, m0, m, k, vec_ok);
+        let acc = decode_dots([w0, w1], xs, ldx, m0, m, klen, vec_ok);
         // lanes 0..3 store column n0, lanes 4..7 column n0 + 1
         let i = lane & 3;
         let r = (lane >> 2) as usize;
         if lane < 8 && m0 + i < m && (r == 0 || has2) {
-            store_out(
+            dec_out(
                 y,
                 ldy,
                 bias,
                 residual,
+                part,
+                m,
+                n,
                 m0 + i,
                 n0 + r as u32,
                 pick(&acc, r, i as usize),
@@ -383,7 +499,7 @@ unsafe fn gemm_decode_silu(
         let ws = [w_gate as *const u16, w_up as *const u16];
         let mut m0 = 0;
         while m0 < m {
-            decode_tc(ws, [nb, nb], [rows, rows], x, ldx, m0, m, k, red);
+            decode_tc(ws, [nb, nb], [rows, rows], k, x, ldx, m0, m, k, red);
             let mut i = thread_idx();
             while i < 128 {
                 let (l, r) = (i & 31, i >> 5);
@@ -638,12 +754,32 @@ kernels! {
     /// Decode GEMM, bf16 out. block `dec_block(grid.x, SMs)` (256 or 512), grid.x = ceil(n / DEC_COLS) = ceil(n / 16).
     pub fn gemm_decode_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
-        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red);
+        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0);
     }
     /// Decode GEMM, f32 out (e.g. logits). block 256 or 512 (`dec_block`), grid.x = ceil(n / 16).
     pub fn gemm_decode_bf16_f32out(y: *mut f32, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
-        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red);
+        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0);
+    }
+    /// Split-K decode GEMM, partials: `part[s][m][n]` (f32, splits x m x n) = x[m, K_s] · W[n, K_s]ᵀ
+    /// over K_s = elements s·kchunk .. (s+1)·kchunk of K (s = block_idx_y; kchunk > 0, multiple
+    /// of 8, else it traps; see `dec_splitk`). No epilogue: `gemm_splitk_reduce_*` follows.
+    /// block 256 or 512 (`dec_block(grid.x * grid.y, SMs)`), grid = (ceil(n / 16), splits).
+    pub fn gemm_decode_splitk_bf16(part: *mut f32, x: *const Bf16, w: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, kchunk: u32) {
+        let red = shared_bytes!(dec_smem, 16384) as *mut f32;
+        if kchunk == 0 || kchunk % 8 != 0 || part as usize == 0 {
+            trap();
+        }
+        gemm_decode(0 as *mut f32, x, w, 0 as *const Bf16, 0 as *const Bf16, m, n, k, ldx, n, red, part, kchunk);
+    }
+    /// Split-K reduce, bf16 out: y = Σ_s part[s] (in order) (+ bias) (+ residual), as the fused
+    /// epilogue. Any launch shape (grid-stride); the launchers use block 256, grid ceil(m·n / 256).
+    pub fn gemm_splitk_reduce_bf16(y: *mut Bf16, part: *const f32, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, ldy: u32, splits: u32) {
+        splitk_reduce(y, part, bias, residual, m, n, ldy, splits);
+    }
+    /// Split-K reduce, f32 out. Any launch shape; block 256, grid ceil(m·n / 256).
+    pub fn gemm_splitk_reduce_bf16_f32out(y: *mut f32, part: *const f32, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, ldy: u32, splits: u32) {
+        splitk_reduce(y, part, bias, residual, m, n, ldy, splits);
     }
     /// Decode gate/up GEMM with SiLU·mul. block 256 or 512 (`dec_block`), grid.x = ceil(n / 8).
     pub fn gemm_decode_silu_bf16(y: *mut Bf16, x: *const Bf16, w_gate: *const Bf16, w_up: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {

@@ -92,7 +92,35 @@ fn valid(c: &Case, y: &[f32]) -> Vec<f32> {
 enum Path {
     /// decode kernels with this block size (`DEC_BLOCK` or `DEC_BLOCK_WIDE`)
     Decode(u32),
+    /// split-K decode (partials + reduce) with this block size and kchunk
+    SplitK(u32, u32),
     Mma,
+}
+
+/// Split-K decode: partials into an f32 workspace `[splits, m, n]` (poisoned with NaN),
+/// then the ordered reduce with the epilogue, launched like the host does.
+#[allow(clippy::too_many_arguments)]
+unsafe fn splitk<O: remp_gpu_kernels::prims::Elem>(
+    block: u32,
+    kchunk: u32,
+    y: *mut O,
+    x: *const Bf16,
+    w: *const Bf16,
+    bias: *const Bf16,
+    res: *const Bf16,
+    (m, n, k, ldx, ldy): (u32, u32, u32, u32, u32),
+    reduce: unsafe fn(*mut O, *const f32, *const Bf16, *const Bf16, u32, u32, u32, u32),
+) {
+    let splits = k.div_ceil(kchunk);
+    let ws = ABuf::new(&vec![f32::NAN; (splits * m * n) as usize]);
+    let pp = ws.ptr();
+    launch([n.div_ceil(DEC_COLS), splits, 1], block, || {
+        gemm_decode_splitk_bf16(pp, x, w, m, n, k, ldx, kchunk)
+    });
+    // an odd reduce launch on purpose: the kernel is grid-stride
+    launch([(m * n).div_ceil(256).min(3), 1, 1], 64, || {
+        reduce(y, pp, bias, res, m, n, ldy, splits)
+    });
 }
 
 fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
@@ -133,6 +161,17 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
                 Path::Decode(block) => launch([n.div_ceil(DEC_COLS), 1, 1], block, || {
                     gemm_decode_bf16_f32out(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
                 }),
+                Path::SplitK(block, kc) => splitk(
+                    block,
+                    kc,
+                    yp,
+                    xp,
+                    wp,
+                    bp,
+                    rp,
+                    (m, n, k, ldx, ldy),
+                    gemm_splitk_reduce_bf16_f32out,
+                ),
                 Path::Mma => launch([n.div_ceil(128), m.div_ceil(128), 1], 128, || {
                     gemm_mma_bf16_f32out(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
                 }),
@@ -154,6 +193,17 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
                 Path::Decode(block) => launch([n.div_ceil(DEC_COLS), 1, 1], block, || {
                     gemm_decode_bf16(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
                 }),
+                Path::SplitK(block, kc) => splitk(
+                    block,
+                    kc,
+                    yp,
+                    xp,
+                    wp,
+                    bp,
+                    rp,
+                    (m, n, k, ldx, ldy),
+                    gemm_splitk_reduce_bf16,
+                ),
                 Path::Mma => launch([n.div_ceil(128), m.div_ceil(128), 1], 128, || {
                     gemm_mma_bf16(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
                 }),
@@ -195,6 +245,7 @@ fn run_silu(c: &Case, path: Path) {
             Path::Mma => launch([n.div_ceil(64), m.div_ceil(128), 1], 128, || {
                 gemm_mma_silu_bf16(yp, xp, gp, up, m, n, k, ldx, ldy)
             }),
+            Path::SplitK(..) => unreachable!("no split-K SiLU kernel"),
         }
     }
     let want = silu_reference(c);
@@ -242,6 +293,59 @@ fn decode_gemm_random_shapes() {
     let c = case(&mut rng, 2, 9, 2312, 2312);
     run_silu(&c, Path::Decode(DEC_BLOCK));
     run_silu(&c, Path::Decode(DEC_BLOCK_WIDE));
+}
+
+/// Split-K decode (partials kernel + ordered reduce with the epilogue) vs f64: aligned
+/// (tensor-core) and misaligned (scalar) inputs, ragged last split, K not a multiple of
+/// 8, bias / in-place residual, bf16 and f32 out, both block sizes.
+#[test]
+fn decode_gemm_split_k() {
+    let mut rng = Rng::new("decode_gemm_split_k");
+    for it in 0..6 {
+        let m = rng.pick(&[1usize, 2, 5, 16, 19]);
+        let n = rng.range(1, 40);
+        let k = rng.pick(&[264usize, 520, 1000, 1304]);
+        let kchunk = rng.pick(&[64u32, 136, 256]);
+        let ldx = k + rng.pick(&[0usize, 8, 1]);
+        let c = case(&mut rng, m, n, k, ldx);
+        let x_off = if it % 3 == 2 { 1 } else { 0 };
+        let block = if it % 2 == 0 {
+            DEC_BLOCK
+        } else {
+            DEC_BLOCK_WIDE
+        };
+        run(&c, Path::SplitK(block, kchunk), x_off, it % 2 == 1);
+    }
+    // more than one tensor-core iteration per split, ragged tail
+    let c = case(&mut rng, 3, 21, 2312, 2312);
+    run(&c, Path::SplitK(DEC_BLOCK, 1024), 0, false);
+    run(&c, Path::SplitK(DEC_BLOCK, 1280), 0, true);
+}
+
+#[test]
+fn decode_split_plan() {
+    // decode shapes of issue 4 on 132 SMs
+    assert_eq!(dec_splitk(1024, 8192, 132), (7, 1280));
+    assert_eq!(dec_splitk(4096, 4096, 132), (2, 2048));
+    // enough column blocks, or too little K: no split
+    assert_eq!(dec_splitk(8192, 8192, 132), (1, 8192));
+    assert_eq!(dec_splitk(1024, 1024, 132), (1, 1024));
+    for n in [1u32, 16, 100, 1024, 3000, 4200] {
+        for k in [2048u32, 2056, 4096, 8192, 14336, 28672] {
+            for sms in [108u32, 132] {
+                let (s, kc) = dec_splitk(n, k, sms);
+                if s == 1 {
+                    assert_eq!(kc, k);
+                    continue;
+                }
+                assert!((2..=DEC_MAX_SPLITS).contains(&s), "{n} {k} {sms}");
+                assert_eq!(kc % 256, 0);
+                assert_eq!(k.div_ceil(kc), s, "every split non-empty");
+                let blocks = n.div_ceil(DEC_COLS) * s;
+                assert!(blocks <= 5 * sms, "{n} {k} {sms}: {blocks}");
+            }
+        }
+    }
 }
 
 #[test]

@@ -19,6 +19,37 @@ use remp::Result;
 use serde_json::{json, Value};
 
 const MIB: usize = 1 << 20;
+
+/// `remp_gpu_kernels::gemm::dec_block` (this binary does not link the kernel crate):
+/// 512 threads under 2 blocks per SM, else 256.
+fn dec_block(blocks: u32, sms: u32) -> u32 {
+    if blocks < 2 * sms {
+        512
+    } else {
+        256
+    }
+}
+
+/// `remp_gpu_kernels::gemm::dec_splitk` (same rule, pinned by its unit test there):
+/// `(splits, kchunk)` for a decode GEMM of N columns and depth K, `(1, K)` = no split.
+fn dec_splitk(n: u32, k: u32, sms: u32) -> (u32, u32) {
+    const MIN_K: u32 = 1024; // DEC_SPLIT_MIN_K
+    const MAX_SPLITS: u32 = 16; // DEC_MAX_SPLITS
+    let blocks = n.div_ceil(16);
+    if blocks == 0 || blocks >= 2 * sms || k < 2 * MIN_K {
+        return (1, k);
+    }
+    let want = (3 * sms).div_ceil(blocks);
+    let most = MAX_SPLITS.min(k / (MIN_K / 4));
+    let s = want.min(most);
+    let kchunk = k.div_ceil(s).div_ceil(256) * 256;
+    let splits = k.div_ceil(kchunk);
+    if splits < 2 {
+        (1, k)
+    } else {
+        (splits, kchunk)
+    }
+}
 const POOL: usize = 1024 * MIB;
 
 fn main() {
@@ -195,6 +226,8 @@ fn run() -> Result<()> {
 
     // ---- decode GEMM
     let y = dev.alloc(64 * MIB)?;
+    let ws = dev.alloc(16 * MIB)?; // split-K partials
+
     for &(label, k, n) in &[
         ("7B q/o (K=4096,N=4096)", 4096usize, 4096usize),
         ("8B up (K=4096,N=14336)", 4096, 14336),
@@ -207,7 +240,7 @@ fn run() -> Result<()> {
             // gemm::DEC_COLS = 16 columns per block; block per gemm::dec_block: 512
             // threads (DEC_BLOCK_WIDE) under 2 blocks per SM, else 256 (DEC_BLOCK)
             let grid = [n.div_ceil(16) as u32, 1, 1];
-            let block = if grid[0] < 2 * sms { 512 } else { 256 };
+            let block = dec_block(grid[0], sms);
             let t = b.time(21, 8, |i| {
                 let w = rot(i, wbytes);
                 let x = rot(i + 7, m * k * 2);
@@ -233,8 +266,56 @@ fn run() -> Result<()> {
             );
             b.rows.push(
                 json!({"bench": "gemm_decode_bf16", "case": label, "m": m, "n": n, "k": k,
-                "block": block, "ms": t, "weight_gb_s": g, "pct_of_hbm": 100.0 * g / hbm}),
+                "block": block, "splits": 1, "ms": t, "weight_gb_s": g, "pct_of_hbm": 100.0 * g / hbm}),
             );
+            // split-K (what the host launches when dec_splitk says so): partials
+            // `gemm_decode_splitk_bf16` grid (ceil(N/16), splits) into an f32 workspace
+            // [splits, M, N], then `gemm_splitk_reduce_bf16` block 256, grid ceil(M·N/256);
+            // both launches timed together
+            let (splits, kchunk) = dec_splitk(n as u32, k as u32, sms);
+            if splits > 1 {
+                assert!(splits as usize * m * n * 4 <= ws.len());
+                let pgrid = [grid[0], splits, 1];
+                let pblock = dec_block(grid[0] * splits, sms);
+                let rgrid = [((m * n) as u32).div_ceil(256), 1, 1];
+                let t = b.time(21, 8, |i| {
+                    let w = rot(i, wbytes);
+                    let x = rot(i + 7, m * k * 2);
+                    let pargs = [
+                        Arg::Ptr(ws.ptr()),
+                        Arg::Ptr(x),
+                        Arg::Ptr(w),
+                        Arg::U32(m as u32),
+                        Arg::U32(n as u32),
+                        Arg::U32(k as u32),
+                        Arg::U32(k as u32),
+                        Arg::U32(kchunk),
+                    ];
+                    unsafe { dev.launch("gemm_decode_splitk_bf16", pgrid, pblock, &pargs) }?;
+                    let rargs = [
+                        Arg::Ptr(y.ptr()),
+                        Arg::Ptr(ws.ptr()),
+                        Arg::Ptr(0),
+                        Arg::Ptr(0),
+                        Arg::U32(m as u32),
+                        Arg::U32(n as u32),
+                        Arg::U32(n as u32),
+                        Arg::U32(splits),
+                    ];
+                    unsafe { dev.launch("gemm_splitk_reduce_bf16", rgrid, 256, &rargs) }
+                })?;
+                let g = gbs(wbytes as f64, t);
+                println!(
+                    "gemm_decode M={m:2} {label} split-K {splits} x {kchunk} block {pblock}: {:.1} us, {g:.0} GB/s weights = {:.1}% of HBM",
+                    t * 1e3,
+                    100.0 * g / hbm
+                );
+                b.rows.push(
+                    json!({"bench": "gemm_decode_bf16", "case": format!("{label} split-K"), "m": m, "n": n, "k": k,
+                    "block": pblock, "splits": splits, "kchunk": kchunk, "ms": t, "weight_gb_s": g,
+                    "pct_of_hbm": 100.0 * g / hbm}),
+                );
+            }
         }
     }
 
@@ -385,7 +466,17 @@ fn run() -> Result<()> {
                 format!("{:.1}% DtoD", r["pct_of_dtod"].as_f64().unwrap()),
             ),
             "gemm_decode_bf16" => (
-                format!("gemm_decode M={} K={} N={}", r["m"], r["k"], r["n"]),
+                format!(
+                    "gemm_decode M={} K={} N={}{}",
+                    r["m"],
+                    r["k"],
+                    r["n"],
+                    if r["splits"].as_u64() > Some(1) {
+                        format!(" split-K {}", r["splits"])
+                    } else {
+                        String::new()
+                    }
+                ),
                 format!("{:.0} GB/s", r["weight_gb_s"].as_f64().unwrap()),
                 format!("{:.1}% HBM", r["pct_of_hbm"].as_f64().unwrap()),
             ),
