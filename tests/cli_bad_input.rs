@@ -8,10 +8,11 @@
 //! names the culprit, and never mention a panic. Every run is guarded by a 60 s timeout.
 
 mod common;
+use common::TempDir;
 
 use serde_json::Value;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -88,34 +89,9 @@ fn expect_bad(args: &[&str], names: &[&str]) {
     }
 }
 
-/// A temp dir removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let d = std::env::temp_dir().join(format!("remp-cli-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A writable copy of remp-tiny (config, weights, tokenizer).
 fn tiny_copy(tag: &str) -> TempDir {
-    let d = TempDir::new(tag);
+    let d = TempDir::new(&format!("cli-{}", tag));
     for f in [
         "config.json",
         "generation_config.json",
@@ -313,7 +289,7 @@ fn json_contract_matches_oracle_on_remp_tiny() {
 
 #[test]
 fn missing_model_dir() {
-    let d = TempDir::new("nodir");
+    let d = TempDir::new("cli-nodir");
     let missing = d.0.join("no-such-model");
     let m = missing.to_str().unwrap();
     expect_bad(
