@@ -1,65 +1,68 @@
 //! CPU emulator of the primitive layer, so the same kernel source runs on the host.
 //!
-//! A launch runs the grid's blocks one after the other; a block's threads are real OS
-//! threads (one per GPU thread, spawned once per launch and reused for every block), so
-//! `sync_threads` has true barrier semantics and a missing barrier shows up as a data
-//! race rather than being papered over by sequential execution. Shared memory is one
-//! arena per launch, handed out by a per-thread bump allocator (every thread declares
-//! the same arrays in the same order, so all get the same addresses), poisoned with
-//! 0xFF bytes (NaN as f32/bf16) at launch. Warp operations (shuffles, `ldmatrix`,
-//! `mma.sync`) exchange values through a per-warp mailbox between two warp barriers and
-//! reproduce the PTX fragment layouts exactly. `cp.async` is a synchronous copy.
-//! A panic in one thread poisons the barriers so the launch fails instead of hanging.
+//! A launch runs the grid's blocks one after the other on the calling OS thread; a
+//! block's GPU threads are stackful coroutines (`corosensei`), switched only where a GPU
+//! thread waits for others: `sync_threads` and the warp barriers of shuffles,
+//! `ldmatrix` and `mma.sync`. So barriers have true semantics (a thread past a barrier
+//! sees everything the others wrote before it) at the cost of a context switch (a few
+//! nanoseconds, not an OS thread wake-up), and one launch never needs more than one core.
+//! The scheduler resumes the waiting threads in tid order and in reverse order on
+//! alternate rounds, so a missing barrier shows up whichever thread the data flows
+//! from; a barrier that some threads never reach is reported as a deadlock (a panic)
+//! instead of hanging. Shared memory is one arena per launch, handed out by a
+//! per-thread bump allocator (every thread declares the same arrays in the same order,
+//! so all get the same addresses), poisoned with 0xFF bytes (NaN as f32/bf16) at launch.
+//! Warp operations exchange values through a per-warp mailbox between two warp barriers
+//! and reproduce the PTX fragment layouts exactly. `cp.async` is a synchronous copy.
+//! A panic in a kernel thread (a `trap`, a failed assertion) ends the launch and
+//! propagates to the caller.
 extern crate std;
 
+use corosensei::stack::DefaultStack;
+use corosensei::{Coroutine, CoroutineResult, Yielder};
 use std::boxed::Box;
-use std::cell::{Cell, UnsafeCell};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::cell::{Cell, RefCell, UnsafeCell};
 use std::vec::Vec;
 
 /// Shared memory available to one emulated block (bytes).
 pub const SHARED_BYTES: usize = 100 * 1024;
 const MAILBOX_WORDS: usize = 8;
+/// Stack of one emulated GPU thread (kernels keep big register arrays on it).
+const STACK_BYTES: usize = 256 * 1024;
 
+/// A barrier of `n` coroutines of one launch (all on one OS thread).
 struct Barrier {
-    state: Mutex<(usize, u64)>,
-    cv: Condvar,
     n: usize,
-    poisoned: AtomicBool,
+    count: Cell<usize>,
+    gen: Cell<u64>,
 }
 
 impl Barrier {
     fn new(n: usize) -> Self {
         Barrier {
-            state: Mutex::new((0, 0)),
-            cv: Condvar::new(),
             n,
-            poisoned: AtomicBool::new(false),
+            count: Cell::new(0),
+            gen: Cell::new(0),
         }
     }
     fn wait(&self) {
-        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let gen = g.1;
-        g.0 += 1;
-        if g.0 == self.n {
-            g.0 = 0;
-            g.1 = g.1.wrapping_add(1);
-            self.cv.notify_all();
+        let c = ctx();
+        let l = launch_of(c);
+        l.progress.set(l.progress.get() + 1);
+        let gen = self.gen.get();
+        let arrived = self.count.get() + 1;
+        if arrived == self.n {
+            self.count.set(0);
+            self.gen.set(gen.wrapping_add(1));
             return;
         }
-        while g.1 == gen {
-            if self.poisoned.load(Ordering::Relaxed) {
-                drop(g);
-                panic!("emulator: another thread of the block panicked");
-            }
-            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        self.count.set(arrived);
+        while self.gen.get() == gen {
+            let y = c.yielder.get();
+            // SAFETY: set by the coroutine body before the kernel runs; the coroutine
+            // (and so its yielder) is alive while it executes this.
+            unsafe { (*y).suspend(()) };
         }
-    }
-    fn poison(&self) {
-        self.poisoned.store(true, Ordering::Relaxed);
-        let _g = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        self.cv.notify_all();
     }
 }
 
@@ -70,18 +73,23 @@ struct Launch {
     warp_bars: Vec<Barrier>,
     smem: Box<[UnsafeCell<u128>]>,
     mailbox: Box<[UnsafeCell<[u64; MAILBOX_WORDS]>]>,
+    /// Barrier arrivals and finished threads: a scheduling round without any is a
+    /// deadlock.
+    progress: Cell<u64>,
 }
-unsafe impl Sync for Launch {}
 
 struct Ctx {
     launch: *const Launch,
     tid: u32,
     bidx: Cell<[u32; 3]>,
     smem_off: Cell<usize>,
+    yielder: Cell<*const Yielder<(), ()>>,
 }
 
 std::thread_local! {
     static CTX: Cell<*const Ctx> = const { Cell::new(core::ptr::null()) };
+    /// Coroutine stacks kept for the next launch on this OS thread.
+    static STACKS: RefCell<Vec<DefaultStack>> = const { RefCell::new(Vec::new()) };
 }
 
 #[inline]
@@ -98,20 +106,24 @@ fn launch_of(c: &Ctx) -> &Launch {
     unsafe { &*c.launch }
 }
 
-struct SyncRef<'a, F>(&'a F);
-unsafe impl<F> Sync for SyncRef<'_, F> {}
-unsafe impl<F> Send for SyncRef<'_, F> {}
+/// A pointer moved into a `'static` coroutine body; the launch outlives its coroutines.
+struct Raw<T: ?Sized>(*const T);
+
+type Thread = Coroutine<(), (), (), DefaultStack>;
 
 /// Run `f` as a kernel over `grid` blocks of `block` threads (`block` a multiple of 32).
 ///
 /// # Safety
-/// `f` runs concurrently on `block` threads; the pointers it captures must be valid for
-/// what the kernel does with them, exactly as for a GPU launch.
+/// `f` runs as `block` GPU threads; the pointers it captures must be valid for what the
+/// kernel does with them, exactly as for a GPU launch.
 pub unsafe fn launch<F: Fn()>(grid: [u32; 3], block: u32, f: F) {
     assert!(
         block > 0 && block.is_multiple_of(32) && block <= 1024,
         "block size {block}"
     );
+    if grid.contains(&0) {
+        return;
+    }
     let nwarps = (block / 32) as usize;
     let l = Launch {
         grid,
@@ -124,66 +136,85 @@ pub unsafe fn launch<F: Fn()>(grid: [u32; 3], block: u32, f: F) {
         mailbox: (0..block)
             .map(|_| UnsafeCell::new([0; MAILBOX_WORDS]))
             .collect(),
+        progress: Cell::new(0),
     };
-    if grid.contains(&0) {
-        return;
+    let ctxs: Vec<Ctx> = (0..block)
+        .map(|tid| Ctx {
+            launch: &l,
+            tid,
+            bidx: Cell::new([0; 3]),
+            smem_off: Cell::new(0),
+            yielder: Cell::new(core::ptr::null()),
+        })
+        .collect();
+    let body: &dyn Fn() = &f;
+    // SAFETY: every coroutine finishes (or is dropped, unwinding it) before `launch`
+    // returns, so the kernel closure outlives them.
+    let body: *const (dyn Fn() + 'static) = core::mem::transmute(body as *const dyn Fn());
+    let mut reverse = false;
+    for z in 0..grid[2] {
+        for y in 0..grid[1] {
+            for x in 0..grid[0] {
+                let mut threads: Vec<Option<Thread>> = Vec::with_capacity(block as usize);
+                for c in &ctxs {
+                    c.bidx.set([x, y, z]);
+                    c.smem_off.set(0);
+                    let stack = STACKS
+                        .with(|s| s.borrow_mut().pop())
+                        .unwrap_or_else(|| DefaultStack::new(STACK_BYTES).expect("emulator stack"));
+                    let (cp, fp) = (Raw(c as *const Ctx), Raw(body));
+                    threads.push(Some(Coroutine::with_stack(
+                        stack,
+                        move |yl: &Yielder<(), ()>, ()| {
+                            let (cp, fp) = (cp, fp);
+                            // SAFETY: see above; the Ctx lives in `ctxs` for the whole launch.
+                            unsafe {
+                                (*cp.0).yielder.set(yl as *const _);
+                                (*fp.0)();
+                            }
+                        },
+                    )));
+                }
+                run_block(&l, &ctxs, &mut threads, &mut reverse, [x, y, z]);
+            }
+        }
     }
-    let fr = SyncRef(&f);
-    let lr = &l;
-    let first_panic = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..block)
-            .map(|tid| {
-                let fr = &fr;
-                std::thread::Builder::new()
-                    .stack_size(256 * 1024)
-                    .spawn_scoped(s, move || {
-                        let c = Ctx {
-                            launch: lr,
-                            tid,
-                            bidx: Cell::new([0; 3]),
-                            smem_off: Cell::new(0),
-                        };
-                        CTX.with(|x| x.set(&c as *const Ctx));
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            for z in 0..lr.grid[2] {
-                                for y in 0..lr.grid[1] {
-                                    for x in 0..lr.grid[0] {
-                                        lr.bar.wait();
-                                        c.bidx.set([x, y, z]);
-                                        c.smem_off.set(0);
-                                        (fr.0)();
-                                    }
-                                }
-                            }
-                        }));
-                        CTX.with(|x| x.set(core::ptr::null()));
-                        if r.is_err() {
-                            lr.bar.poison();
-                            for b in lr.warp_bars.iter() {
-                                b.poison();
-                            }
-                        }
-                        r
-                    })
-                    .expect("spawn emulator thread")
-            })
-            .collect();
-        let mut first = None;
-        for h in handles {
-            if let Err(e) = h.join().expect("emulator thread") {
-                let is_peer = e
-                    .downcast_ref::<&str>()
-                    .is_some_and(|m| m.starts_with("emulator: another"));
-                if first.is_none() || (!is_peer && first.as_ref().is_some_and(|p: &(bool, _)| p.0))
-                {
-                    first = Some((is_peer, e));
+}
+
+/// Resumes the block's threads round by round until all have finished.
+fn run_block(
+    l: &Launch,
+    ctxs: &[Ctx],
+    threads: &mut [Option<Thread>],
+    reverse: &mut bool,
+    bidx: [u32; 3],
+) {
+    let n = threads.len();
+    let mut live = n;
+    while live > 0 {
+        let before = l.progress.get();
+        for k in 0..n {
+            let tid = if *reverse { n - 1 - k } else { k };
+            let Some(t) = threads[tid].as_mut() else {
+                continue;
+            };
+            CTX.with(|c| c.set(&ctxs[tid] as *const Ctx));
+            let r = t.resume(());
+            CTX.with(|c| c.set(core::ptr::null()));
+            if let CoroutineResult::Return(()) = r {
+                l.progress.set(l.progress.get() + 1);
+                live -= 1;
+                if let Some(done) = threads[tid].take() {
+                    STACKS.with(|s| s.borrow_mut().push(done.into_stack()));
                 }
             }
         }
-        first
-    });
-    if let Some((_, e)) = first_panic {
-        std::panic::resume_unwind(e);
+        *reverse = !*reverse;
+        if live > 0 && l.progress.get() == before {
+            panic!(
+                "emulator: deadlock in block {bidx:?}: {live} of {n} threads wait at a barrier the others never reach"
+            );
+        }
     }
 }
 
