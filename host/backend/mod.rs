@@ -1,6 +1,8 @@
 //! Backends: the communication layer every inter-worker byte goes through, and the
-//! compute kernels of each device kind (`cpu` now).
+//! compute of each device kind: `cpu` (f32 reference ops), and `device` (the Rust GPU
+//! kernels, on a CUDA GPU through `cuda` or on the host emulator).
 
 pub mod comm;
 pub mod cpu;
 pub mod cuda;
+pub mod device;

@@ -14,6 +14,10 @@
 //! queue, and one that could never fit is refused at `add_request`.
 
 use crate::backend::comm::{fabric, Comm, CommStats, Lane, Tag};
+use crate::backend::cuda::CudaDevice;
+use crate::backend::device::emu::EmuDevice;
+use crate::backend::device::llama::DeviceCompute;
+use crate::backend::device::Device;
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelConfig, TensorSource, Tokenizer};
 use crate::parallel::{Placement, Segment, Topology, WorkerId};
@@ -46,6 +50,55 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// How long a worker waits for a peer before reporting a communication error.
     pub comm_timeout: Duration,
+    /// Where the workers compute.
+    pub device: DeviceKind,
+}
+
+/// Where the workers compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceKind {
+    /// f32 reference ops on worker threads (the default).
+    #[default]
+    Cpu,
+    /// The GPU kernels (bf16) on the host emulator: the CUDA code path without a GPU.
+    /// Slow; for tests and small demos.
+    Emulated,
+    /// The GPU kernels on CUDA device 0 (every worker on it, each with its own stream).
+    Cuda,
+}
+
+impl DeviceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Emulated => "emu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+
+    /// The kernel path of one worker (`None` on the CPU).
+    fn open(self, cfg: &Arc<ModelConfig>) -> Result<Option<DeviceCompute>> {
+        let dev: Box<dyn Device> = match self {
+            DeviceKind::Cpu => return Ok(None),
+            DeviceKind::Emulated => Box::new(EmuDevice),
+            DeviceKind::Cuda => Box::new(CudaDevice::open(0)?),
+        };
+        Ok(Some(DeviceCompute::new(dev, cfg.clone())?))
+    }
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(DeviceKind::Cpu),
+            "emu" => Ok(DeviceKind::Emulated),
+            "cuda" => Ok(DeviceKind::Cuda),
+            other => Err(Error::Request(format!(
+                "unknown device `{other}` (supported: cpu, cuda, emu)"
+            ))),
+        }
+    }
 }
 
 impl EngineConfig {
@@ -58,6 +111,7 @@ impl EngineConfig {
             max_prefill_tokens: 4096,
             max_running: 64,
             comm_timeout: Duration::from_secs(60),
+            device: DeviceKind::Cpu,
         }
     }
 }
@@ -161,6 +215,7 @@ impl Pool {
         geom: KvGeometry,
         timeout: Duration,
         placement: &Placement,
+        device: DeviceKind,
     ) -> Result<Self> {
         let (compute, copy, stats) = fabric(n_workers, timeout);
         let mut compute: Vec<Option<Comm>> = compute.into_iter().map(Some).collect();
@@ -202,7 +257,7 @@ impl Pool {
             let comm = compute[w]
                 .take()
                 .ok_or_else(|| Error::Comm("endpoint taken".into()))?;
-            let worker = Worker::new(
+            let mut worker = Worker::new(
                 WorkerId(w),
                 cfg.clone(),
                 source.clone(),
@@ -210,6 +265,9 @@ impl Pool {
                 comm,
                 geom,
             );
+            if let Some(dc) = device.open(cfg)? {
+                worker = worker.with_device(dc);
+            }
             let (tx, crx) = unbounded();
             let rtx = reply_tx.clone();
             threads.push(
@@ -344,6 +402,7 @@ impl Engine {
             geom,
             econf.comm_timeout,
             &placement,
+            econf.device,
         )?;
         Ok(Engine {
             cfg,
@@ -699,6 +758,7 @@ impl Engine {
     }
 
     pub fn reconfigure_with(&mut self, target: Topology, opts: &ReconfigOptions) -> Result<()> {
+        self.online_switch_supported()?;
         if self.pool.ctrl.is_active() {
             return Err(Error::Reconfig(
                 "a switch is already in progress; wait for it to finish".into(),
@@ -713,6 +773,7 @@ impl Engine {
     /// Stop-the-world baseline: pauses decoding, moves every segment's data (all
     /// segments at once, same executor), flips everything, then returns.
     pub fn reconfigure_stop_the_world(&mut self, target: Topology) -> Result<()> {
+        self.online_switch_supported()?;
         if self.pool.ctrl.is_active() {
             return Err(Error::Reconfig("a switch is already in progress".into()));
         }
@@ -737,6 +798,17 @@ impl Engine {
         Ok(())
     }
 
+    /// The reshard executor moves host shards; device workers are not wired to it yet.
+    fn online_switch_supported(&self) -> Result<()> {
+        match self.econf.device {
+            DeviceKind::Cpu => Ok(()),
+            d => Err(Error::Reconfig(format!(
+                "online reconfiguration runs on the CPU backend only so far (device `{}`); `restart` works on every device",
+                d.name()
+            ))),
+        }
+    }
+
     /// Restart baseline: tears the workers down, loads the checkpoint in `target`'s
     /// layout, and re-prefills every live request from its prompt and the tokens
     /// generated so far (its KV cache is lost with the old workers).
@@ -755,6 +827,7 @@ impl Engine {
             self.geom,
             self.econf.comm_timeout,
             &placement,
+            self.econf.device,
         )?;
         self.n_workers = n_workers;
         for s in &mut self.sched.running {

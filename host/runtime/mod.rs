@@ -9,7 +9,9 @@ pub mod sampling;
 pub mod scheduler;
 pub mod worker;
 
-pub use engine::{Engine, EngineConfig, Event, FinishReason, Request, RequestId, RequestOutput};
+pub use engine::{
+    DeviceKind, Engine, EngineConfig, Event, FinishReason, Request, RequestId, RequestOutput,
+};
 pub use sampling::Sampling;
 
 /// Tunes glibc's allocator for resharding: freed weight buffers stay in one heap (no

@@ -10,6 +10,8 @@
 
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::cpu::ops;
+use crate::backend::device::llama::{check_heads, DevKv, DevShards, DeviceCompute, StepInputs};
+use crate::backend::device::Buf;
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, TensorSource};
 use crate::parallel::shard::HeadShard;
@@ -131,6 +133,9 @@ pub struct WorkerMem {
     pub kv: RwLock<HashMap<LayerId, Arc<Mutex<LayerKv>>>>,
     pub staged: Mutex<HashMap<Segment, Staged>>,
     pub meter: Arc<MemMeter>,
+    /// Shards and KV in device memory (device workers only; `shards`/`kv` stay empty).
+    pub dev_shards: RwLock<HashMap<Segment, Arc<DevShards>>>,
+    pub dev_kv: RwLock<HashMap<LayerId, Arc<DevKv>>>,
 }
 
 impl WorkerMem {
@@ -158,8 +163,25 @@ impl WorkerMem {
                     .sum()
             })
             .unwrap_or(0);
-        w + kv
+        let dev: usize = self
+            .dev_shards
+            .read()
+            .map(|m| m.values().map(|s| s.bytes()).sum())
+            .unwrap_or(0);
+        let dev_kv: usize = self
+            .dev_kv
+            .read()
+            .map(|m| m.values().map(|k| k.bytes()).sum())
+            .unwrap_or(0);
+        w + kv + dev + dev_kv
     }
+}
+
+/// The hidden state between segments: host memory on the CPU backend, device memory
+/// (bf16) on a device worker.
+enum Hidden {
+    Host(Vec<f32>),
+    Dev(Buf),
 }
 
 /// One sequence's share of a step.
@@ -225,6 +247,8 @@ pub struct Worker {
     pub comm: Comm,
     pub geom: KvGeometry,
     inv_freq: Vec<f32>,
+    /// The kernel path, when this worker runs on a device (CPU ops otherwise).
+    device: Option<DeviceCompute>,
 }
 
 impl Worker {
@@ -245,7 +269,14 @@ impl Worker {
             comm,
             geom,
             inv_freq,
+            device: None,
         }
+    }
+
+    /// Runs this worker's segments on a device through the GPU kernels.
+    pub fn with_device(mut self, device: DeviceCompute) -> Self {
+        self.device = Some(device);
+        self
     }
 
     /// The worker thread's loop.
@@ -296,6 +327,9 @@ impl Worker {
     }
 
     fn load(&self, p: &Placement) -> Result<()> {
+        if let Some(dc) = &self.device {
+            return self.load_device(dc, p);
+        }
         let mut shards = HashMap::new();
         let mut kv = HashMap::new();
         let meter = &self.mem.meter;
@@ -319,16 +353,48 @@ impl Worker {
         Ok(())
     }
 
+    fn load_device(&self, dc: &DeviceCompute, p: &Placement) -> Result<()> {
+        let mut shards = HashMap::new();
+        let mut kv = HashMap::new();
+        let meter = &self.mem.meter;
+        let dev = dc.dev.as_ref();
+        for seg in p.segments() {
+            let g = p.group(seg);
+            let Some(idx) = g.position(self.id) else {
+                continue;
+            };
+            if let Segment::Layer(l) = seg {
+                check_heads(&self.cfg, g.len(), idx)?;
+                let heads = HeadShard::new(&self.cfg, g.len(), idx);
+                let layer_kv = DevKv::new(dev, heads.kv_heads, self.geom)?;
+                meter.alloc(layer_kv.bytes());
+                kv.insert(l, Arc::new(layer_kv));
+            }
+            let set = DevShards::load(dev, &self.cfg, self.source.as_ref(), seg, g.len(), idx)?;
+            meter.alloc(set.bytes());
+            shards.insert(seg, Arc::new(set));
+        }
+        *self
+            .mem
+            .dev_shards
+            .write()
+            .map_err(|_| self.err("poisoned"))? = shards;
+        *self.mem.dev_kv.write().map_err(|_| self.err("poisoned"))? = kv;
+        Ok(())
+    }
+
     /// Hands the hidden state from `prev` to `next`: a member of `next` that was not in
     /// `prev` receives it from `prev[j % prev.len()]` (j = its index in `next`).
-    fn handoff(&self, prev: &Group, next: &Group, h: &mut Option<Vec<f32>>) -> Result<()> {
+    fn handoff(&self, prev: &Group, next: &Group, h: &mut Option<Hidden>, n: usize) -> Result<()> {
         if prev == next {
             return Ok(());
         }
         if let Some(i) = prev.position(self.id) {
-            let state = h
-                .as_ref()
-                .ok_or_else(|| self.err("no hidden state to hand off"))?;
+            let state = match h {
+                Some(Hidden::Host(v)) => v.clone(),
+                Some(Hidden::Dev(b)) => self.dc()?.hidden_to_host(b, n)?,
+                None => return Err(self.err("no hidden state to hand off")),
+            };
             for (j, w) in next.workers().iter().enumerate() {
                 if !prev.contains(*w) && j % prev.len() == i {
                     self.comm.send(w.0, Tag::Handoff, state.clone())?;
@@ -337,7 +403,11 @@ impl Worker {
         }
         match next.position(self.id) {
             Some(j) if !prev.contains(self.id) => {
-                *h = Some(self.comm.recv(prev.0[j % prev.len()].0, Tag::Handoff)?);
+                let v = self.comm.recv(prev.0[j % prev.len()].0, Tag::Handoff)?;
+                *h = Some(match &self.device {
+                    Some(dc) => Hidden::Dev(dc.hidden_from_host(&v)?),
+                    None => Hidden::Host(v),
+                });
             }
             Some(_) => {}
             None => *h = None,
@@ -349,8 +419,11 @@ impl Worker {
         let segments = std::iter::once(Segment::Embed)
             .chain((0..self.cfg.num_layers).map(|l| Segment::Layer(LayerId(l))))
             .chain(std::iter::once(Segment::Head));
-        let mut h: Option<Vec<f32>> = None;
+        let mut h: Option<Hidden> = None;
         let mut prev: Option<Arc<Decision>> = None;
+        let hidden_len = plan.num_tokens() * self.cfg.hidden_size;
+        // Device workers upload the step's ids, positions and KV metadata once.
+        let mut inputs: Option<StepInputs> = None;
         for seg in segments {
             // The lead of the group that just ran the previous segment decides this one
             // (the driver decides the embedding before the step starts).
@@ -359,13 +432,24 @@ impl Worker {
                 .is_some_and(|d| d.group.0.first() == Some(&self.id));
             let d = plan.live.group_for(plan.step, seg, decider)?;
             if let Some(f) = &d.flip {
+                if self.device.is_some() {
+                    return Err(
+                        self.err("online reconfiguration is not built for device workers yet")
+                    );
+                }
                 self.flip(plan, seg, f)?;
             }
             if let Some(p) = &prev {
-                self.handoff(&p.group, &d.group, &mut h)?;
+                self.handoff(&p.group, &d.group, &mut h, hidden_len)?;
             }
             let g = &d.group;
-            if g.contains(self.id) {
+            if let (Some(dc), true) = (&self.device, g.contains(self.id)) {
+                if inputs.is_none() {
+                    inputs = Some(StepInputs::new(dc.dev.as_ref(), plan, self.geom)?);
+                }
+                let inp = inputs.as_ref().ok_or_else(|| self.err("no step inputs"))?;
+                self.device_segment(dc, seg, g, inp, &mut h)?;
+            } else if g.contains(self.id) {
                 let shards = self
                     .mem
                     .shard(seg)
@@ -379,19 +463,67 @@ impl Worker {
                         g.len()
                     )));
                 }
-                match seg {
-                    Segment::Embed => h = Some(self.embed(plan, g, &shards)?),
-                    Segment::Layer(l) => {
-                        let x = h.as_mut().ok_or_else(|| self.err("no hidden state"))?;
+                match (seg, &mut h) {
+                    (Segment::Embed, _) => h = Some(Hidden::Host(self.embed(plan, g, &shards)?)),
+                    (Segment::Layer(l), Some(Hidden::Host(x))) => {
                         self.layer(plan, l, g, &shards, x)?;
                     }
-                    Segment::Head => {
-                        let x = h.as_ref().ok_or_else(|| self.err("no hidden state"))?;
-                        self.head(plan, &shards, x)?;
-                    }
+                    (Segment::Head, Some(Hidden::Host(x))) => self.head(plan, &shards, x)?,
+                    _ => return Err(self.err("no hidden state")),
                 }
             }
             prev = Some(d);
+        }
+        Ok(())
+    }
+
+    fn dc(&self) -> Result<&DeviceCompute> {
+        self.device
+            .as_ref()
+            .ok_or_else(|| self.err("not a device worker"))
+    }
+
+    /// One segment on the device (this worker is in its group `g`).
+    fn device_segment(
+        &self,
+        dc: &DeviceCompute,
+        seg: Segment,
+        g: &Group,
+        inp: &StepInputs,
+        h: &mut Option<Hidden>,
+    ) -> Result<()> {
+        let shards = self
+            .mem
+            .dev_shards
+            .read()
+            .map_err(|_| self.err("poisoned"))?
+            .get(&seg)
+            .cloned()
+            .ok_or_else(|| self.err(format!("{seg} not resident on the device")))?;
+        if shards.group_size != g.len() || g.position(self.id) != Some(shards.index) {
+            return Err(self.err(format!(
+                "{seg}: resident shard is {}/{} but placement says {}/{}",
+                shards.index,
+                shards.group_size,
+                g.position(self.id).unwrap_or(usize::MAX),
+                g.len()
+            )));
+        }
+        match (seg, &*h) {
+            (Segment::Embed, _) => *h = Some(Hidden::Dev(dc.embed(&self.comm, g, &shards, inp)?)),
+            (Segment::Layer(l), Some(Hidden::Dev(x))) => {
+                let kv = self
+                    .mem
+                    .dev_kv
+                    .read()
+                    .map_err(|_| self.err("poisoned"))?
+                    .get(&l)
+                    .cloned()
+                    .ok_or_else(|| self.err(format!("KV of layer {} not resident", l.0)))?;
+                dc.layer(&self.comm, g, l, &shards, &kv, self.geom, inp, x)?;
+            }
+            (Segment::Head, Some(Hidden::Dev(x))) => dc.head(&self.comm, &shards, inp, x)?,
+            _ => return Err(self.err("no hidden state on the device")),
         }
         Ok(())
     }

@@ -31,15 +31,7 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
-/// One kernel argument, passed by value as the kernel's parameter type.
-#[derive(Clone, Copy, Debug)]
-pub enum Arg {
-    /// A device pointer (`*const T` / `*mut T` parameters); `Ptr(0)` is null.
-    Ptr(u64),
-    U32(u32),
-    U64(u64),
-    F32(f32),
-}
+pub use crate::backend::device::Arg;
 
 impl From<&DevBuf> for Arg {
     fn from(b: &DevBuf) -> Arg {
@@ -496,5 +488,53 @@ mod tests {
         }
         // an absurd ordinal is always an error
         assert!(matches!(CudaDevice::open(1 << 20), Err(Error::Device(_))));
+    }
+}
+
+impl crate::backend::device::Device for CudaDevice {
+    fn describe(&self) -> String {
+        format!("{} ({})", self.name(), self.arch().name())
+    }
+    fn alloc(&self, bytes: usize) -> Result<crate::backend::device::Buf> {
+        Ok(crate::backend::device::Buf::cuda(CudaDevice::alloc(
+            self,
+            bytes.max(1),
+        )?))
+    }
+    fn upload(&self, dst: &crate::backend::device::Buf, off: usize, src: &[u8]) -> Result<()> {
+        crate::backend::device::check_range(dst, off, src.len(), "upload")?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: inside dst's allocation (checked); `src` outlives the synchronous copy.
+        unsafe { result::memcpy_htod_async(dst.ptr() + off as u64, src, self.cu_stream()) }
+            .map_err(|e| derr("cuMemcpyHtoDAsync", e))?;
+        self.synchronize()
+    }
+    fn download(
+        &self,
+        src: &crate::backend::device::Buf,
+        off: usize,
+        dst: &mut [u8],
+    ) -> Result<()> {
+        crate::backend::device::check_range(src, off, dst.len(), "download")?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: inside src's allocation (checked); `dst` outlives the synchronous copy.
+        unsafe { result::memcpy_dtoh_async(dst, src.ptr() + off as u64, self.cu_stream()) }
+            .map_err(|e| derr("cuMemcpyDtoHAsync", e))?;
+        self.synchronize()
+    }
+    unsafe fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
+        CudaDevice::launch(self, name, grid, block, args)
+    }
+    fn synchronize(&self) -> Result<()> {
+        CudaDevice::synchronize(self)
+    }
+    fn sm_count(&self) -> u32 {
+        CudaDevice::sm_count(self).unwrap_or(1)
     }
 }

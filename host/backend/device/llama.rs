@@ -1,0 +1,746 @@
+//! A worker's Llama segments as kernel launches on a [`Device`]: the GPU path of the
+//! engine, run on a CUDA GPU or on the emulator.
+//!
+//! Data layout (all bf16 unless noted, row-major, 16-byte aligned buffers):
+//! - weights: one buffer per tensor of the worker's shard, exactly the region
+//!   `TensorKind::region` gives (HF `nn.Linear` layout `[out, in]`; ColumnParallel shards
+//!   are row blocks, RowParallel shards column blocks), norms and biases as vectors;
+//!   `inv_freq` f32 (rounded to the checkpoint dtype like transformers does);
+//! - KV cache per layer: K and V `[num_blocks, block_size, kv_heads_local, head_dim]`,
+//!   the same paging as the CPU backend (block ids from the driver's allocator);
+//! - the hidden state `[tokens, hidden]` on the device between segments.
+//!
+//! Numerics follow Hugging Face's bf16 forward op for op (the kernels round where
+//! PyTorch does); the LM head writes f32 logits. Partial sums of a tensor-parallel group
+//! (o_proj, down_proj, the vocab-parallel embedding) are produced in f32, summed in group
+//! order through the counted [`Comm`] layer (staged through the host: this transport is
+//! the portable one; NCCL and the same-device reduce kernel replace it on GPUs), then
+//! rounded to bf16 once, as a single-device bf16 forward would round the full sum.
+//!
+//! Attention kernels map local query head `i` to local KV head `i / (q/kv)`, so a
+//! shard must hold whole GQA groups (or one KV head): [`check_heads`] refuses the rest.
+
+use super::{download_vec, upload_new, Arg, Buf, Device};
+use crate::backend::comm::{Comm, Tag};
+use crate::model::{ModelConfig, TensorSource};
+use crate::parallel::shard::HeadShard;
+use crate::parallel::{Group, LayerId, Segment, TensorKind};
+use crate::runtime::kv_cache::KvGeometry;
+use crate::runtime::worker::{segment_tensors, StepPlan};
+use crate::{Error, Result};
+use half::bf16;
+use remp_gpu_kernels::gemm::{dec_block, DEC_COLS};
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// GEMMs with at most this many rows take the weight-streaming decode kernel.
+const DECODE_MAX_M: usize = 64;
+/// Threads per block of the small ops, attention and reshard kernels.
+const BLOCK: u32 = 128;
+
+fn dev_err(msg: impl Into<String>) -> Error {
+    Error::Device(msg.into())
+}
+
+/// One worker's shard of one segment, on the device.
+pub struct DevShards {
+    pub group_size: usize,
+    pub index: usize,
+    pub tensors: HashMap<TensorKind, Buf>,
+}
+
+impl DevShards {
+    /// Reads this worker's regions from `source` (only its own rows / columns) and
+    /// uploads them as bf16.
+    pub fn load(
+        dev: &dyn Device,
+        cfg: &ModelConfig,
+        source: &dyn TensorSource,
+        seg: Segment,
+        tp: usize,
+        idx: usize,
+    ) -> Result<DevShards> {
+        let mut tensors = HashMap::new();
+        for k in segment_tensors(cfg, seg) {
+            let host = source.read(k, &k.region(cfg, tp, idx))?;
+            let b: Vec<bf16> = host.iter().map(|&x| bf16::from_f32(x)).collect();
+            tensors.insert(k, upload_new(dev, &b)?);
+        }
+        Ok(DevShards {
+            group_size: tp,
+            index: idx,
+            tensors,
+        })
+    }
+
+    pub fn get(&self, k: TensorKind) -> Result<&Buf> {
+        self.tensors
+            .get(&k)
+            .ok_or_else(|| dev_err(format!("shard {k:?} not resident on the device")))
+    }
+
+    fn ptr(&self, k: TensorKind) -> u64 {
+        self.tensors.get(&k).map_or(0, Buf::ptr)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.tensors.values().map(Buf::len).sum()
+    }
+}
+
+/// One layer's paged KV cache on the device (this worker's KV heads).
+pub struct DevKv {
+    pub kv_heads: Range<usize>,
+    pub k: Buf,
+    pub v: Buf,
+}
+
+impl DevKv {
+    pub fn new(dev: &dyn Device, kv_heads: Range<usize>, geom: KvGeometry) -> Result<DevKv> {
+        let bytes = geom.num_blocks * geom.block_size * kv_heads.len() * geom.head_dim * 2;
+        Ok(DevKv {
+            kv_heads,
+            k: dev.alloc(bytes)?,
+            v: dev.alloc(bytes)?,
+        })
+    }
+    pub fn bytes(&self) -> usize {
+        self.k.len() + self.v.len()
+    }
+}
+
+/// Refuses head shards the attention kernels cannot address (a GQA group split across
+/// ranks, e.g. tp3 of 8 query / 4 KV heads).
+pub fn check_heads(cfg: &ModelConfig, tp: usize, idx: usize) -> Result<()> {
+    let h = HeadShard::new(cfg, tp, idx);
+    let (nq, nkv) = (h.q_heads.len(), h.kv_heads.len());
+    let g = cfg.gqa_group();
+    let ok = nkv > 0
+        && nq % nkv == 0
+        && (0..nq).all(|i| (h.q_heads.start + i) / g - h.kv_heads.start == i / (nq / nkv));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Unsupported(format!(
+            "the device backend needs whole GQA groups per rank: tp{tp} gives rank {idx} query heads {:?} over KV heads {:?} ({} query heads per KV head); choose tp dividing {} or a multiple of {}",
+            h.q_heads, h.kv_heads, g, cfg.num_kv_heads, cfg.num_kv_heads
+        )))
+    }
+}
+
+/// Per-step inputs on the device: token ids, positions, KV slots and the paged
+/// attention metadata, uploaded once per step by each worker that runs a segment.
+pub struct StepInputs {
+    pub tokens: usize,
+    pub seqs: usize,
+    /// All sequences have exactly one new token (the decode kernel applies).
+    pub decode_only: bool,
+    pub max_ctx: usize,
+    /// Most new tokens of any sequence.
+    pub max_q: usize,
+    pub max_blocks: usize,
+    ids: Buf,
+    pos: Buf,
+    slots: Buf,
+    tables: Buf,
+    ctx_lens: Buf,
+    q_starts: Buf,
+    q_lens: Buf,
+    logit_rows: Buf,
+    pub num_logit_rows: usize,
+}
+
+impl StepInputs {
+    pub fn new(dev: &dyn Device, plan: &StepPlan, geom: KvGeometry) -> Result<StepInputs> {
+        let bs = geom.block_size;
+        let mut ids = Vec::new();
+        let mut pos = Vec::new();
+        let mut slots = Vec::new();
+        let (mut ctx_lens, mut q_starts, mut q_lens) = (Vec::new(), Vec::new(), Vec::new());
+        let max_blocks = plan
+            .seqs
+            .iter()
+            .map(|s| s.block_table.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut tables = vec![0u32; plan.seqs.len().max(1) * max_blocks];
+        for (si, s) in plan.seqs.iter().enumerate() {
+            q_starts.push(ids.len() as u32);
+            q_lens.push(s.tokens.len() as u32);
+            ctx_lens.push((s.start_pos + s.tokens.len()) as u32);
+            tables[si * max_blocks..si * max_blocks + s.block_table.len()]
+                .copy_from_slice(&s.block_table);
+            for (i, &t) in s.tokens.iter().enumerate() {
+                let p = s.start_pos + i;
+                let blk = *s.block_table.get(p / bs).ok_or_else(|| {
+                    dev_err(format!(
+                        "position {p} beyond the block table of request {}",
+                        s.id
+                    ))
+                })?;
+                ids.push(t);
+                pos.push(p as u32);
+                slots.push(blk * bs as u32 + (p % bs) as u32);
+            }
+        }
+        let rows: Vec<u32> = plan.logit_rows().iter().map(|&r| r as u32).collect();
+        let up = |v: &[u32]| -> Result<Buf> {
+            if v.is_empty() {
+                dev.alloc(16)
+            } else {
+                upload_new(dev, v)
+            }
+        };
+        Ok(StepInputs {
+            tokens: ids.len(),
+            seqs: plan.seqs.len(),
+            decode_only: plan.seqs.iter().all(|s| s.tokens.len() == 1),
+            max_ctx: ctx_lens.iter().copied().max().unwrap_or(0) as usize,
+            max_q: q_lens.iter().copied().max().unwrap_or(0) as usize,
+            max_blocks,
+            ids: up(&ids)?,
+            pos: up(&pos)?,
+            slots: up(&slots)?,
+            tables: up(&tables)?,
+            ctx_lens: up(&ctx_lens)?,
+            q_starts: up(&q_starts)?,
+            q_lens: up(&q_lens)?,
+            logit_rows: up(&rows)?,
+            num_logit_rows: rows.len(),
+        })
+    }
+}
+
+/// The kernel path of one worker: its device, the model and the rotary table.
+pub struct DeviceCompute {
+    pub dev: Box<dyn Device>,
+    cfg: std::sync::Arc<ModelConfig>,
+    inv_freq: Buf,
+}
+
+fn u(x: usize) -> Arg {
+    Arg::U32(x as u32)
+}
+
+impl DeviceCompute {
+    pub fn new(dev: Box<dyn Device>, cfg: std::sync::Arc<ModelConfig>) -> Result<Self> {
+        if let Some(w) = cfg.sliding_window {
+            return Err(Error::Unsupported(format!(
+                "sliding-window attention (window {w}) is not in the device kernels yet; use --device cpu"
+            )));
+        }
+        if cfg.head_dim % 8 != 0 || cfg.head_dim > 256 {
+            return Err(Error::Unsupported(format!(
+                "head_dim {}: the device attention kernels need a multiple of 8, at most 256",
+                cfg.head_dim
+            )));
+        }
+        let inv = crate::backend::cpu::ops::rope_inv_freq(&cfg);
+        let inv_freq = upload_new(dev.as_ref(), &inv)?;
+        Ok(DeviceCompute { dev, cfg, inv_freq })
+    }
+
+    fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
+        // SAFETY: every call site below passes the kernel's documented parameter list
+        // with pointers into live buffers sized for the launch.
+        unsafe { self.dev.launch(name, grid, block, args) }
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<Buf> {
+        self.dev.alloc(bytes.max(16))
+    }
+
+    /// `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias) (+ residual)`, bf16 or f32 out.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        y: u64,
+        x: u64,
+        w: &Buf,
+        bias: u64,
+        residual: u64,
+        (m, n, k): (usize, usize, usize),
+        f32out: bool,
+    ) -> Result<()> {
+        if w.len() != n * k * 2 {
+            return Err(dev_err(format!(
+                "weight of {} B for a {n}x{k} GEMM",
+                w.len()
+            )));
+        }
+        let args = [
+            Arg::Ptr(y),
+            Arg::Ptr(x),
+            Arg::from(w),
+            Arg::Ptr(bias),
+            Arg::Ptr(residual),
+            u(m),
+            u(n),
+            u(k),
+            u(k),
+            u(n),
+        ];
+        let out = if f32out { "_f32out" } else { "" };
+        if m <= DECODE_MAX_M || k % 8 != 0 {
+            let gx = (n as u32).div_ceil(DEC_COLS);
+            let block = dec_block(gx, self.dev.sm_count());
+            self.launch(&format!("gemm_decode_bf16{out}"), [gx, 1, 1], block, &args)
+        } else {
+            let grid = [(n as u32).div_ceil(128), (m as u32).div_ceil(128), 1];
+            self.launch(&format!("gemm_mma_bf16{out}"), grid, 128, &args)
+        }
+    }
+
+    /// Sums a tensor-parallel group's f32 partials `[rows, cols]` through `comm`, adds
+    /// `bias` and rounds to bf16; returns the device buffer of the result.
+    fn reduce_partials(
+        &self,
+        comm: &Comm,
+        g: &Group,
+        part: &Buf,
+        rows: usize,
+        cols: usize,
+        bias: Option<&Buf>,
+    ) -> Result<Buf> {
+        let mut sum: Vec<f32> = download_vec(self.dev.as_ref(), part, rows * cols)?;
+        comm.all_reduce_sum(g.workers(), &mut sum)?;
+        let b: Option<Vec<bf16>> = match bias {
+            Some(b) => Some(download_vec(self.dev.as_ref(), b, cols)?),
+            None => None,
+        };
+        let out: Vec<bf16> = sum
+            .chunks_exact(cols.max(1))
+            .flat_map(|r| {
+                r.iter().enumerate().map(|(c, &v)| match &b {
+                    Some(b) => bf16::from_f32(v + b[c].to_f32()),
+                    None => bf16::from_f32(v),
+                })
+            })
+            .collect();
+        upload_new(self.dev.as_ref(), &out)
+    }
+
+    /// The embedding segment: this worker's vocabulary rows, summed over the group.
+    pub fn embed(&self, comm: &Comm, g: &Group, s: &DevShards, inp: &StepInputs) -> Result<Buf> {
+        let h = self.cfg.hidden_size;
+        let vocab = TensorKind::Embed
+            .region(&self.cfg, s.group_size, s.index)
+            .rows;
+        let x = self.alloc(inp.tokens * h * 2)?;
+        self.launch(
+            "embedding_bf16",
+            [inp.tokens as u32, 1, 1],
+            BLOCK,
+            &[
+                Arg::from(&x),
+                Arg::from(s.get(TensorKind::Embed)?),
+                Arg::from(&inp.ids),
+                u(h),
+                u(vocab.start),
+                u(vocab.end),
+            ],
+        )?;
+        if g.len() == 1 {
+            return Ok(x);
+        }
+        // Exactly one member holds each token's row, so the f32 sum is exact.
+        let rows: Vec<bf16> = download_vec(self.dev.as_ref(), &x, inp.tokens * h)?;
+        let mut sum: Vec<f32> = rows.iter().map(|v| v.to_f32()).collect();
+        comm.all_reduce_sum(g.workers(), &mut sum)?;
+        let b: Vec<bf16> = sum.iter().map(|&v| bf16::from_f32(v)).collect();
+        upload_new(self.dev.as_ref(), &b)
+    }
+
+    /// One decoder layer on this worker's shard; updates the hidden state `x` in place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layer(
+        &self,
+        comm: &Comm,
+        g: &Group,
+        l: LayerId,
+        s: &DevShards,
+        kv: &DevKv,
+        geom: KvGeometry,
+        inp: &StepInputs,
+        x: &Buf,
+    ) -> Result<()> {
+        let cfg = &*self.cfg;
+        let (h, hd, t) = (cfg.hidden_size, cfg.head_dim, inp.tokens);
+        let heads = HeadShard::new(cfg, s.group_size, s.index);
+        if kv.kv_heads != heads.kv_heads {
+            return Err(dev_err(format!(
+                "layer {}: resident KV heads {:?}, placement needs {:?}",
+                l.0, kv.kv_heads, heads.kv_heads
+            )));
+        }
+        let (nq, nkv) = (heads.q_heads.len(), heads.kv_heads.len());
+        let eps = cfg.rms_norm_eps;
+        let rows = [t as u32, 1, 1];
+
+        // Attention block.
+        let xn = self.alloc(t * h * 2)?;
+        self.launch(
+            "rmsnorm_bf16",
+            rows,
+            BLOCK,
+            &[
+                Arg::from(&xn),
+                Arg::from(x),
+                Arg::from(s.get(TensorKind::InputNorm(l))?),
+                u(h),
+                Arg::F32(eps),
+            ],
+        )?;
+        let q = self.alloc(t * nq * hd * 2)?;
+        let k = self.alloc(t * nkv * hd * 2)?;
+        let v = self.alloc(t * nkv * hd * 2)?;
+        for (out, w, b, n) in [
+            (&q, TensorKind::Q(l), TensorKind::QBias(l), nq * hd),
+            (&k, TensorKind::K(l), TensorKind::KBias(l), nkv * hd),
+            (&v, TensorKind::V(l), TensorKind::VBias(l), nkv * hd),
+        ] {
+            self.gemm(
+                out.ptr(),
+                xn.ptr(),
+                s.get(w)?,
+                s.ptr(b),
+                0,
+                (t, n, h),
+                false,
+            )?;
+        }
+        self.launch(
+            "rope_bf16",
+            rows,
+            BLOCK,
+            &[
+                Arg::from(&q),
+                Arg::from(&k),
+                Arg::from(&inp.pos),
+                Arg::from(&self.inv_freq),
+                u(nq),
+                u(nkv),
+                u(hd),
+                u(nq * hd),
+                u(nkv * hd),
+            ],
+        )?;
+        self.launch(
+            "kv_cache_write_bf16",
+            rows,
+            BLOCK,
+            &[
+                Arg::from(&kv.k),
+                Arg::from(&kv.v),
+                Arg::from(&k),
+                Arg::from(&v),
+                Arg::from(&inp.slots),
+                u(nkv),
+                u(hd),
+                u(nkv * hd),
+                u(nkv * hd),
+            ],
+        )?;
+        let attn = self.alloc(t * nq * hd * 2)?;
+        self.attention(&attn, &q, kv, nq, nkv, geom, inp)?;
+        self.project_residual(
+            comm,
+            g,
+            s,
+            &attn,
+            TensorKind::O(l),
+            TensorKind::OBias(l),
+            nq * hd,
+            inp,
+            x,
+        )?;
+
+        // MLP block.
+        self.launch(
+            "rmsnorm_bf16",
+            rows,
+            BLOCK,
+            &[
+                Arg::from(&xn),
+                Arg::from(x),
+                Arg::from(s.get(TensorKind::PostNorm(l))?),
+                u(h),
+                Arg::F32(eps),
+            ],
+        )?;
+        let inter = TensorKind::Gate(l)
+            .region(cfg, s.group_size, s.index)
+            .rows
+            .len();
+        let act = self.alloc(t * inter * 2)?;
+        let (wg, wu) = (s.get(TensorKind::Gate(l))?, s.get(TensorKind::Up(l))?);
+        let biased = s.tensors.contains_key(&TensorKind::GateBias(l))
+            || s.tensors.contains_key(&TensorKind::UpBias(l));
+        if biased {
+            // No fused kernel with biases: two GEMMs, then SiLU·mul.
+            let up = self.alloc(t * inter * 2)?;
+            self.gemm(
+                act.ptr(),
+                xn.ptr(),
+                wg,
+                s.ptr(TensorKind::GateBias(l)),
+                0,
+                (t, inter, h),
+                false,
+            )?;
+            self.gemm(
+                up.ptr(),
+                xn.ptr(),
+                wu,
+                s.ptr(TensorKind::UpBias(l)),
+                0,
+                (t, inter, h),
+                false,
+            )?;
+            self.launch(
+                "silu_mul_bf16",
+                [(t * inter).div_ceil(BLOCK as usize).min(1024) as u32, 1, 1],
+                BLOCK,
+                &[
+                    Arg::from(&act),
+                    Arg::from(&act),
+                    Arg::from(&up),
+                    u(t),
+                    u(inter),
+                    u(inter),
+                    u(inter),
+                ],
+            )?;
+        } else {
+            let args = [
+                Arg::from(&act),
+                Arg::from(&xn),
+                Arg::from(wg),
+                Arg::from(wu),
+                u(t),
+                u(inter),
+                u(h),
+                u(h),
+                u(inter),
+            ];
+            if t <= DECODE_MAX_M || h % 8 != 0 {
+                let gx = (inter as u32).div_ceil(8);
+                let block = dec_block(gx, self.dev.sm_count());
+                self.launch("gemm_decode_silu_bf16", [gx, 1, 1], block, &args)?;
+            } else {
+                let grid = [(inter as u32).div_ceil(64), (t as u32).div_ceil(128), 1];
+                self.launch("gemm_mma_silu_bf16", grid, 128, &args)?;
+            }
+        }
+        self.project_residual(
+            comm,
+            g,
+            s,
+            &act,
+            TensorKind::Down(l),
+            TensorKind::DownBias(l),
+            inter,
+            inp,
+            x,
+        )
+    }
+
+    /// `x += in · Wᵀ (+ bias)` for a RowParallel weight: fused into the GEMM's epilogue
+    /// on one rank; across a group, f32 partials summed through the Comm layer.
+    #[allow(clippy::too_many_arguments)]
+    fn project_residual(
+        &self,
+        comm: &Comm,
+        g: &Group,
+        s: &DevShards,
+        input: &Buf,
+        w: TensorKind,
+        bias: TensorKind,
+        k: usize,
+        inp: &StepInputs,
+        x: &Buf,
+    ) -> Result<()> {
+        let (h, t) = (self.cfg.hidden_size, inp.tokens);
+        let w = s.get(w)?;
+        if g.len() == 1 {
+            return self.gemm(
+                x.ptr(),
+                input.ptr(),
+                w,
+                s.ptr(bias),
+                x.ptr(),
+                (t, h, k),
+                false,
+            );
+        }
+        let part = self.alloc(t * h * 4)?;
+        self.gemm(part.ptr(), input.ptr(), w, 0, 0, (t, h, k), true)?;
+        let o = self.reduce_partials(comm, g, &part, t, h, s.tensors.get(&bias))?;
+        self.launch(
+            "residual_add_bf16",
+            [(t * h).div_ceil(BLOCK as usize).min(1024) as u32, 1, 1],
+            BLOCK,
+            &[Arg::from(x), Arg::from(x), Arg::from(&o), u(t * h)],
+        )
+    }
+
+    /// Paged attention of the step's queries: the decode kernel (split-K over long
+    /// contexts) when every sequence has one new token, the causal prefill kernel else.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        out: &Buf,
+        q: &Buf,
+        kv: &DevKv,
+        nq: usize,
+        nkv: usize,
+        geom: KvGeometry,
+        inp: &StepInputs,
+    ) -> Result<()> {
+        let hd = self.cfg.head_dim;
+        let scale = Arg::F32(1.0 / (hd as f32).sqrt());
+        let gx = (nkv * (nq / nkv).div_ceil(4)) as u32;
+        let common = [
+            u(nq),
+            u(nkv),
+            u(hd),
+            u(geom.block_size),
+            u(inp.max_blocks),
+            u(nq * hd),
+        ];
+        if !inp.decode_only {
+            let mut args = vec![
+                Arg::from(out),
+                Arg::from(q),
+                Arg::from(&kv.k),
+                Arg::from(&kv.v),
+                Arg::from(&inp.tables),
+                Arg::from(&inp.ctx_lens),
+                Arg::from(&inp.q_starts),
+                Arg::from(&inp.q_lens),
+            ];
+            args.extend_from_slice(&common);
+            args.push(scale);
+            return self.launch(
+                "attn_prefill_bf16",
+                [gx, (inp.max_q as u32).div_ceil(4), inp.seqs as u32],
+                BLOCK,
+                &args,
+            );
+        }
+        // Split long contexts so that about two blocks per SM are busy.
+        let blocks = gx as usize * inp.seqs;
+        let want = (2 * self.dev.sm_count() as usize).div_ceil(blocks.max(1));
+        let split_tokens = inp.max_ctx.div_ceil(want.max(1)).div_ceil(256).max(1) * 256;
+        let splits = inp.max_ctx.div_ceil(split_tokens).max(1);
+        let (o_part, ml_part) = if splits > 1 {
+            (
+                Some(self.alloc(inp.seqs * nq * splits * hd * 4)?),
+                Some(self.alloc(inp.seqs * nq * splits * 2 * 4)?),
+            )
+        } else {
+            (None, None)
+        };
+        let p = |b: &Option<Buf>| Arg::Ptr(b.as_ref().map_or(0, Buf::ptr));
+        let mut args = vec![
+            Arg::from(out),
+            p(&o_part),
+            p(&ml_part),
+            Arg::from(q),
+            Arg::from(&kv.k),
+            Arg::from(&kv.v),
+            Arg::from(&inp.tables),
+            Arg::from(&inp.ctx_lens),
+        ];
+        args.extend_from_slice(&common);
+        args.push(u(split_tokens));
+        args.push(scale);
+        self.launch(
+            "attn_decode_bf16",
+            [gx, inp.seqs as u32, splits as u32],
+            BLOCK,
+            &args,
+        )?;
+        if splits > 1 {
+            self.launch(
+                "attn_decode_combine_bf16",
+                [nq as u32, inp.seqs as u32, 1],
+                BLOCK,
+                &[
+                    Arg::from(out),
+                    p(&o_part),
+                    p(&ml_part),
+                    Arg::from(&inp.ctx_lens),
+                    u(nq),
+                    u(hd),
+                    u(splits),
+                    u(split_tokens),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The LM head on this worker's vocabulary slice: f32 logits of the wanted rows,
+    /// sent to the driver (which gathers the slices) through the Comm layer.
+    pub fn head(&self, comm: &Comm, s: &DevShards, inp: &StepInputs, x: &Buf) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        let r = inp.num_logit_rows;
+        let v_local = s.get(TensorKind::LmHead)?.len() / (2 * h);
+        let mut logits = vec![0.0f32; r * v_local];
+        if r > 0 {
+            // The embedding kernel is a row gather: rows `logit_rows` of x.
+            let sel = self.alloc(r * h * 2)?;
+            self.launch(
+                "embedding_bf16",
+                [r as u32, 1, 1],
+                BLOCK,
+                &[
+                    Arg::from(&sel),
+                    Arg::from(x),
+                    Arg::from(&inp.logit_rows),
+                    u(h),
+                    u(0),
+                    u(inp.tokens),
+                ],
+            )?;
+            self.launch(
+                "rmsnorm_bf16",
+                [r as u32, 1, 1],
+                BLOCK,
+                &[
+                    Arg::from(&sel),
+                    Arg::from(&sel),
+                    Arg::from(s.get(TensorKind::FinalNorm)?),
+                    u(h),
+                    Arg::F32(self.cfg.rms_norm_eps),
+                ],
+            )?;
+            let out = self.alloc(r * v_local * 4)?;
+            self.gemm(
+                out.ptr(),
+                sel.ptr(),
+                s.get(TensorKind::LmHead)?,
+                0,
+                0,
+                (r, v_local, h),
+                true,
+            )?;
+            logits = download_vec(self.dev.as_ref(), &out, r * v_local)?;
+        }
+        comm.send(comm.driver(), Tag::Logits, logits)
+    }
+
+    /// The hidden state for a hand-off: downloaded as f32 (bf16 values, exact).
+    pub fn hidden_to_host(&self, x: &Buf, n: usize) -> Result<Vec<f32>> {
+        let b: Vec<bf16> = download_vec(self.dev.as_ref(), x, n)?;
+        Ok(b.iter().map(|v| v.to_f32()).collect())
+    }
+
+    /// A received hidden state, back on this device.
+    pub fn hidden_from_host(&self, v: &[f32]) -> Result<Buf> {
+        let b: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+        upload_new(self.dev.as_ref(), &b)
+    }
+}

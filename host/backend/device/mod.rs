@@ -1,0 +1,173 @@
+//! What the kernel path of a worker needs from a device: memory addressed by `u64`
+//! pointers (what the kernels take), host↔device copies, and kernel launches by name
+//! with plain argument lists. Two devices implement it:
+//! - [`crate::backend::cuda::CudaDevice`]: a GPU through the CUDA driver (PTX embedded by
+//!   `build.rs`, see [`crate::kernels`]);
+//! - [`emu::EmuDevice`]: the same kernel source compiled for the host and run by the
+//!   `remp-gpu-kernels` emulator (real barriers, shared memory, warp shuffles, the mma
+//!   fragment layout), so the whole GPU code path — buffer layouts, launch shapes,
+//!   argument lists, the order of kernels in a step — runs in CI without a GPU.
+//!
+//! A [`Buf`] owns its memory (freed on drop) and is 16-byte aligned (the kernels use
+//! 128-bit accesses). Copies are synchronous: the worker's step is a sequence of
+//! launches on one stream followed by a download, so ordering needs nothing more yet.
+
+pub mod emu;
+pub mod llama;
+
+use crate::backend::cuda::DevBuf;
+use crate::{Error, Result};
+
+/// One kernel argument, passed by value as the kernel's parameter type.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    /// A device pointer (`*const T` / `*mut T` parameters); `Ptr(0)` is null.
+    Ptr(u64),
+    U32(u32),
+    U64(u64),
+    F32(f32),
+}
+
+impl From<&Buf> for Arg {
+    fn from(b: &Buf) -> Arg {
+        Arg::Ptr(b.ptr())
+    }
+}
+
+/// Device memory of one allocation.
+pub struct Buf {
+    ptr: u64,
+    len: usize,
+    _mem: Mem,
+}
+
+enum Mem {
+    /// Emulator memory: host bytes, 16-byte aligned.
+    Host(#[allow(dead_code)] Box<[u128]>),
+    Cuda(#[allow(dead_code)] DevBuf),
+}
+
+impl Buf {
+    pub(crate) fn host(bytes: usize) -> Buf {
+        let mem: Box<[u128]> = vec![0u128; bytes.div_ceil(16).max(1)].into_boxed_slice();
+        Buf {
+            ptr: mem.as_ptr() as u64,
+            len: bytes,
+            _mem: Mem::Host(mem),
+        }
+    }
+    pub(crate) fn cuda(b: DevBuf) -> Buf {
+        Buf {
+            ptr: b.ptr(),
+            len: b.len(),
+            _mem: Mem::Cuda(b),
+        }
+    }
+    /// Device address of the first byte.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+    /// Device address of byte `off` (checked against the length).
+    pub fn at(&self, off: usize) -> Result<u64> {
+        if off > self.len {
+            return Err(Error::Device(format!(
+                "offset {off} beyond a {}-byte buffer",
+                self.len
+            )));
+        }
+        Ok(self.ptr + off as u64)
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A device the worker's kernel path runs on.
+pub trait Device: Send + Sync {
+    /// What it is, for logs and JSON (e.g. "NVIDIA H200 (sm_90)", "emulated GPU").
+    fn describe(&self) -> String;
+    /// `bytes` bytes of device memory (contents undefined).
+    fn alloc(&self, bytes: usize) -> Result<Buf>;
+    /// Host → device, `src` to byte `off` of `dst` (synchronous).
+    fn upload(&self, dst: &Buf, off: usize, src: &[u8]) -> Result<()>;
+    /// Device → host, from byte `off` of `src` (synchronous, after queued work).
+    fn download(&self, src: &Buf, off: usize, dst: &mut [u8]) -> Result<()>;
+    /// Launch kernel `name` over `grid` blocks of `block` threads.
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in number and type and every pointer
+    /// must be valid for the accesses the kernel makes.
+    unsafe fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()>;
+    /// Wait for queued work; reports asynchronous faults.
+    fn synchronize(&self) -> Result<()>;
+    /// Multiprocessors, for launch shapes that size the grid to the device.
+    fn sm_count(&self) -> u32;
+}
+
+/// Checks that `off + len` bytes fit in `b` (for the copies' implementations).
+pub(crate) fn check_range(b: &Buf, off: usize, len: usize, what: &str) -> Result<()> {
+    if off.checked_add(len).is_none_or(|e| e > b.len()) {
+        return Err(Error::Device(format!(
+            "{what} of {len} B at {off} beyond a {}-byte buffer",
+            b.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Allocates a buffer and uploads `data`.
+pub fn upload_new<T: pod::Pod>(dev: &dyn Device, data: &[T]) -> Result<Buf> {
+    let bytes = pod::bytes_of(data);
+    let b = dev.alloc(bytes.len())?;
+    dev.upload(&b, 0, bytes)?;
+    Ok(b)
+}
+
+/// Downloads `n` elements of `T` from the start of `b`.
+pub fn download_vec<T: pod::Pod>(dev: &dyn Device, b: &Buf, n: usize) -> Result<Vec<T>> {
+    let mut v = vec![T::ZERO; n];
+    dev.download(b, 0, pod::bytes_of_mut(&mut v))?;
+    Ok(v)
+}
+
+/// Plain-old-data views without a dependency: the element types the kernel path moves.
+pub mod pod {
+    /// Types whose every bit pattern is valid and which have no padding.
+    ///
+    /// # Safety
+    /// Implement only for such types.
+    pub unsafe trait Pod: Copy + 'static {
+        const ZERO: Self;
+    }
+    unsafe impl Pod for u8 {
+        const ZERO: Self = 0;
+    }
+    unsafe impl Pod for u16 {
+        const ZERO: Self = 0;
+    }
+    unsafe impl Pod for u32 {
+        const ZERO: Self = 0;
+    }
+    unsafe impl Pod for u64 {
+        const ZERO: Self = 0;
+    }
+    unsafe impl Pod for f32 {
+        const ZERO: Self = 0.0;
+    }
+    unsafe impl Pod for half::bf16 {
+        const ZERO: Self = half::bf16::ZERO;
+    }
+    pub fn bytes_of<T: Pod>(v: &[T]) -> &[u8] {
+        // SAFETY: Pod has no padding; the length is the slice's size in bytes.
+        unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+    }
+    pub fn bytes_of_mut<T: Pod>(v: &mut [T]) -> &mut [u8] {
+        // SAFETY: every bit pattern is a valid T.
+        unsafe {
+            std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v))
+        }
+    }
+}
