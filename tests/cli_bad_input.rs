@@ -596,6 +596,55 @@ fn bad_prompts() {
 }
 
 #[test]
+fn emulated_device_generates_the_oracle_tokens() {
+    // The device code path (bf16 GPU kernels) on the emulator: remp-tiny's prompt 0,
+    // whose first greedy tokens have clear margins (tests/device_emulated.rs).
+    let case = &common::oracle()[0];
+    let ids: Vec<String> = case.prompt.iter().map(|t| t.to_string()).collect();
+    let ids = ids.join(",");
+    let m = tiny();
+    let args = [
+        "generate",
+        "--model",
+        &m,
+        "--prompt-ids",
+        &ids,
+        "--device",
+        "emu",
+        "--tp",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--ignore-eos",
+        "--json",
+    ];
+    let r = remp(&args);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let v = parse_one_object(&r.stdout);
+    assert_eq!(v["device"], "emu");
+    let plen = case.prompt.len();
+    let got: Vec<u64> = v["requests"][0]["output_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no output_ids in {v}"))
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    let want: Vec<u64> = case.tokens[plen..plen + 3]
+        .iter()
+        .map(|&t| t as u64)
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn unknown_device() {
+    expect_bad(
+        &["generate", "--prompt-ids", "1,2", "--device", "tpu"],
+        &["tpu", "cpu", "cuda", "emu"],
+    );
+}
+
+#[test]
 fn unavailable_device() {
     expect_bad(
         &["generate", "--prompt-ids", "1,2", "--device", "cuda"],

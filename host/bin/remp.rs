@@ -7,7 +7,7 @@ use remp::parallel::{Placement, Topology};
 use remp::reshard::bench::{copy_bandwidth, plot_svg, run_mode, BenchConfig, Mode, SwitchMetrics};
 use remp::reshard::executor::ReconfigEvent;
 use remp::reshard::planner::plan_topology;
-use remp::runtime::{Engine, EngineConfig, Request, Sampling};
+use remp::runtime::{DeviceKind, Engine, EngineConfig, Request, Sampling};
 use remp::{Error, Result};
 use serde_json::json;
 use std::path::PathBuf;
@@ -76,6 +76,10 @@ struct BenchArgs {
     /// median, which damps noise from other work on the machine.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// Device: cpu (default), cuda (GPU 0; the default model is then a random 1.1B),
+    /// or emu (the GPU kernels on the host emulator: slow, for checks only).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(clap::Args)]
@@ -113,7 +117,8 @@ struct GenerateArgs {
     /// KV-cache blocks (of 16 tokens) per layer.
     #[arg(long, default_value_t = 512)]
     kv_blocks: usize,
-    /// Device: cpu.
+    /// Device: cpu (default, f32), cuda (the GPU kernels on GPU 0, bf16), or emu (the
+    /// GPU kernels on the host emulator: the CUDA code path without a GPU, slow).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Switch topology when decode step STEP begins, e.g. `8:tp4pp1` (repeatable).
@@ -161,21 +166,14 @@ fn load_model(dir: &Option<PathBuf>, quiet: bool) -> Result<Model> {
     }
 }
 
-fn check_device(device: &str) -> Result<()> {
-    match device {
-        "cpu" => Ok(()),
-        "cuda" => {
-            // Opening the device gives the clear error on a machine without driver or GPU.
-            let dev = remp::backend::cuda::CudaDevice::open(0)?;
-            Err(Error::Device(format!(
-                "found {} but the engine's CUDA backend is not built yet (its kernels are checked by tools/gpu-check); use --device cpu",
-                dev.name()
-            )))
-        }
-        other => Err(Error::Device(format!(
-            "unknown device `{other}` (supported: cpu, cuda)"
-        ))),
+/// The device named on the command line; CUDA is opened here so that a machine without
+/// driver or GPU gets the one clear error before any model is loaded.
+fn check_device(device: &str) -> Result<DeviceKind> {
+    let kind: DeviceKind = device.parse()?;
+    if kind == DeviceKind::Cuda {
+        remp::backend::cuda::CudaDevice::open(0)?;
     }
+    Ok(kind)
 }
 
 enum Prompt {
@@ -226,7 +224,7 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 }
 
 fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
-    check_device(&a.device)?;
+    let device = check_device(&a.device)?;
     let prompts = ordered_prompts(&a, m)?;
     if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
         return Err(Error::Request(format!(
@@ -255,6 +253,7 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
     switches.sort_by_key(|s| s.0);
     let mut econf = EngineConfig::new(topo);
     econf.kv_blocks = a.kv_blocks;
+    econf.device = device;
     econf.workers = Some(
         switches
             .iter()
@@ -454,8 +453,10 @@ fn plan(a: PlanArgs) -> Result<()> {
 }
 
 fn bench_reconfig(a: BenchArgs) -> Result<()> {
+    let device = check_device(&a.device)?;
     let model = match &a.model {
         Some(d) => load_model(&Some(d.clone()), a.json)?,
+        None if device == DeviceKind::Cuda => Model::random_gpu_bench(),
         None => Model::random_bench(),
     };
     let from: Topology = a.from.parse()?;
@@ -468,6 +469,7 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
     let mut bc = BenchConfig::new(from, to);
     bc.requests = a.requests;
     bc.window = a.window.max(1);
+    bc.device = device;
     let bw = copy_bandwidth();
     if !a.json {
         eprintln!(

@@ -59,4 +59,9 @@ impl Model {
     pub fn random_bench() -> Self {
         Self::random("builtin:random-111m", random::bench_config(), 0x5eed)
     }
+
+    /// The GPU bench's default (about 1.1B parameters).
+    pub fn random_gpu_bench() -> Self {
+        Self::random("builtin:random-1.1b", random::gpu_bench_config(), 0x5eed)
+    }
 }

@@ -51,6 +51,23 @@ pub fn bench_config() -> ModelConfig {
     }
 }
 
+/// About 1.1B parameters (TinyLlama's shape: 22 layers, hidden 2048, 32 query / 4 KV
+/// heads, vocab 32000): the GPU bench's model, large enough that a switch moves
+/// gigabytes.
+pub fn gpu_bench_config() -> ModelConfig {
+    ModelConfig {
+        vocab_size: 32000,
+        hidden_size: 2048,
+        intermediate_size: 5632,
+        num_layers: 22,
+        num_heads: 32,
+        num_kv_heads: 4,
+        head_dim: 64,
+        max_position_embeddings: 4096,
+        ..tiny_config()
+    }
+}
+
 pub struct RandomSource {
     cfg: ModelConfig,
     seed: u64,

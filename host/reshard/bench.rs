@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::parallel::Topology;
 use crate::reshard::executor::ReconfigEvent;
-use crate::runtime::{Engine, EngineConfig, Request};
+use crate::runtime::{DeviceKind, Engine, EngineConfig, Request};
 use serde_json::{json, Value};
 use std::time::Instant;
 
@@ -81,6 +81,8 @@ pub struct BenchConfig {
     pub after_steps: usize,
     /// Layers in flight for the online switch.
     pub window: usize,
+    /// Where the workers compute.
+    pub device: DeviceKind,
 }
 
 impl BenchConfig {
@@ -93,6 +95,7 @@ impl BenchConfig {
             warmup_steps: 12,
             after_steps: 6,
             window: 2,
+            device: DeviceKind::Cpu,
         }
     }
 }
@@ -133,6 +136,7 @@ pub fn run_mode(
     let mut econf = EngineConfig::new(bc.from);
     econf.workers = Some(bc.from.world_size().max(bc.to.world_size()));
     econf.kv_blocks = per_seq * bc.requests;
+    econf.device = bc.device;
     let mut engine = Engine::new(model, econf)?;
     for r in 0..bc.requests {
         let prompt: Vec<u32> = (0..bc.prompt_len)
