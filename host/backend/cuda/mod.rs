@@ -20,6 +20,8 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
 use crate::kernels::{self, Arch};
 use crate::{Error, Result};
 
+pub mod nvtx;
+
 fn derr(what: &str, e: DriverError) -> Error {
     Error::Device(format!("{what}: {e:?}"))
 }
@@ -471,26 +473,6 @@ impl Drop for EventTimer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// On a machine without a GPU (CI), opening a device is an error, not a panic; on a
-    /// GPU machine it opens and picks a PTX arch.
-    #[test]
-    fn open_without_gpu_is_an_error_not_a_panic() {
-        match CudaDevice::open(0) {
-            Ok(d) => assert!(matches!(d.arch(), Arch::Sm80 | Arch::Sm90)),
-            Err(e) => {
-                assert!(matches!(e, Error::Device(_)), "{e}");
-                assert!(e.to_string().starts_with("device: "), "{e}");
-            }
-        }
-        // an absurd ordinal is always an error
-        assert!(matches!(CudaDevice::open(1 << 20), Err(Error::Device(_))));
-    }
-}
-
 impl crate::backend::device::Device for CudaDevice {
     fn describe(&self) -> String {
         format!("{} ({})", self.name(), self.arch().name())
@@ -536,5 +518,25 @@ impl crate::backend::device::Device for CudaDevice {
     }
     fn sm_count(&self) -> u32 {
         CudaDevice::sm_count(self).unwrap_or(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a machine without a GPU (CI), opening a device is an error, not a panic; on a
+    /// GPU machine it opens and picks a PTX arch.
+    #[test]
+    fn open_without_gpu_is_an_error_not_a_panic() {
+        match CudaDevice::open(0) {
+            Ok(d) => assert!(matches!(d.arch(), Arch::Sm80 | Arch::Sm90)),
+            Err(e) => {
+                assert!(matches!(e, Error::Device(_)), "{e}");
+                assert!(e.to_string().starts_with("device: "), "{e}");
+            }
+        }
+        // an absurd ordinal is always an error
+        assert!(matches!(CudaDevice::open(1 << 20), Err(Error::Device(_))));
     }
 }

@@ -104,7 +104,7 @@ macro_rules! emulated {
 
 /// One emulated launch; a kernel panic (a trap) becomes an error.
 unsafe fn run(name: &str, grid: [u32; 3], block: u32, f: impl Fn()) -> Result<()> {
-    if block == 0 || block % 32 != 0 || block > 1024 {
+    if block == 0 || !block.is_multiple_of(32) || block > 1024 {
         return Err(Error::Device(format!("{name}: block of {block} threads")));
     }
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -22,6 +22,7 @@
 
 use super::{download_vec, upload_new, Arg, Buf, Device};
 use crate::backend::comm::{Comm, Tag};
+use crate::backend::cuda::nvtx;
 use crate::model::{ModelConfig, TensorSource};
 use crate::parallel::shard::HeadShard;
 use crate::parallel::{Group, LayerId, Segment, TensorKind};
@@ -40,6 +41,16 @@ const BLOCK: u32 = 128;
 
 fn dev_err(msg: impl Into<String>) -> Error {
     Error::Device(msg.into())
+}
+
+/// NVTX name of a row-parallel projection's all-reduce: `layer 3 all-reduce o_proj`.
+fn all_reduce_name(w: TensorKind) -> String {
+    let proj = match w {
+        TensorKind::O(_) => "o_proj",
+        TensorKind::Down(_) => "down_proj",
+        _ => "?",
+    };
+    format!("layer {} all-reduce {proj}", w.layer().map_or(0, |l| l.0))
 }
 
 /// One worker's shard of one segment, on the device.
@@ -230,7 +241,7 @@ impl DeviceCompute {
                 "sliding-window attention (window {w}) is not in the device kernels yet; use --device cpu"
             )));
         }
-        if cfg.head_dim % 8 != 0 || cfg.head_dim > 256 {
+        if !cfg.head_dim.is_multiple_of(8) || cfg.head_dim > 256 {
             return Err(Error::Unsupported(format!(
                 "head_dim {}: the device attention kernels need a multiple of 8, at most 256",
                 cfg.head_dim
@@ -323,6 +334,7 @@ impl DeviceCompute {
 
     /// The embedding segment: this worker's vocabulary rows, summed over the group.
     pub fn embed(&self, comm: &Comm, g: &Group, s: &DevShards, inp: &StepInputs) -> Result<Buf> {
+        let _nvtx = nvtx::range("embed");
         let h = self.cfg.hidden_size;
         let vocab = TensorKind::Embed
             .region(&self.cfg, s.group_size, s.index)
@@ -345,6 +357,7 @@ impl DeviceCompute {
             return Ok(x);
         }
         // Exactly one member holds each token's row, so the f32 sum is exact.
+        let _ar = nvtx::range("embed all-reduce");
         let rows: Vec<bf16> = download_vec(self.dev.as_ref(), &x, inp.tokens * h)?;
         let mut sum: Vec<f32> = rows.iter().map(|v| v.to_f32()).collect();
         comm.all_reduce_sum(g.workers(), &mut sum)?;
@@ -365,6 +378,7 @@ impl DeviceCompute {
         inp: &StepInputs,
         x: &Buf,
     ) -> Result<()> {
+        let _nvtx = nvtx::range_with(|| l.to_string());
         let cfg = &*self.cfg;
         let (h, hd, t) = (cfg.hidden_size, cfg.head_dim, inp.tokens);
         let heads = HeadShard::new(cfg, s.group_size, s.index);
@@ -379,6 +393,7 @@ impl DeviceCompute {
         let rows = [t as u32, 1, 1];
 
         // Attention block.
+        let half = nvtx::range_with(|| format!("{l} attention"));
         let xn = self.alloc(t * h * 2)?;
         self.launch(
             "rmsnorm_bf16",
@@ -457,6 +472,8 @@ impl DeviceCompute {
         )?;
 
         // MLP block.
+        drop(half);
+        let _half = nvtx::range_with(|| format!("{l} mlp"));
         self.launch(
             "rmsnorm_bf16",
             rows,
@@ -562,6 +579,7 @@ impl DeviceCompute {
         x: &Buf,
     ) -> Result<()> {
         let (h, t) = (self.cfg.hidden_size, inp.tokens);
+        let kind = w;
         let w = s.get(w)?;
         if g.len() == 1 {
             return self.gemm(
@@ -576,7 +594,9 @@ impl DeviceCompute {
         }
         let part = self.alloc(t * h * 4)?;
         self.gemm(part.ptr(), input.ptr(), w, 0, 0, (t, h, k), true)?;
+        let ar = nvtx::range_with(|| all_reduce_name(kind));
         let o = self.reduce_partials(comm, g, &part, t, h, s.tensors.get(&bias))?;
+        drop(ar);
         self.launch(
             "residual_add_bf16",
             [(t * h).div_ceil(BLOCK as usize).min(1024) as u32, 1, 1],
@@ -685,6 +705,7 @@ impl DeviceCompute {
     /// The LM head on this worker's vocabulary slice: f32 logits of the wanted rows,
     /// sent to the driver (which gathers the slices) through the Comm layer.
     pub fn head(&self, comm: &Comm, s: &DevShards, inp: &StepInputs, x: &Buf) -> Result<()> {
+        let _nvtx = nvtx::range("lm head");
         let h = self.cfg.hidden_size;
         let r = inp.num_logit_rows;
         let v_local = s.get(TensorKind::LmHead)?.len() / (2 * h);
