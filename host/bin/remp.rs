@@ -33,6 +33,33 @@ enum Cmd {
     Plan(PlanArgs),
     /// Compare online, stop-the-world and restart switches on the same workload.
     BenchReconfig(BenchArgs),
+    /// Time decode steps against the weights-read-once floor (bytes ÷ bandwidth
+    /// measured in the same run on the same device).
+    BenchDecode(BenchDecodeArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchDecodeArgs {
+    /// Checkpoint directory (default: a built-in random model: 111M parameters on the
+    /// CPU, 1.1B with --device cuda, remp-tiny's shape with --device emu).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
+    /// Sequences decoding together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Decode steps timed.
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+    /// Device: cpu (default), cuda, or emu.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -141,6 +168,7 @@ fn main() -> ExitCode {
         Cmd::Generate(a) => generate(a, sub.as_ref()),
         Cmd::Plan(a) => plan(a),
         Cmd::BenchReconfig(a) => bench_reconfig(a),
+        Cmd::BenchDecode(a) => bench_decode(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -448,6 +476,53 @@ fn plan(a: PlanArgs) -> Result<()> {
         println!("{}", p.to_json());
     } else {
         print!("{p}");
+    }
+    Ok(())
+}
+
+fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
+    use remp::runtime::decode_bench::{run, DecodeBenchConfig};
+    let device = check_device(&a.device)?;
+    let model = match &a.model {
+        Some(d) => load_model(&Some(d.clone()), a.json)?,
+        None => match device {
+            DeviceKind::Cuda => Model::random_gpu_bench(),
+            DeviceKind::Emulated => Model::random_tiny(),
+            DeviceKind::Cpu => Model::random_bench(),
+        },
+    };
+    let topo = Topology::new(a.tp, a.pp);
+    topo.validate(&model.config)?;
+    let mut bc = DecodeBenchConfig::new(topo, device);
+    bc.batch = a.batch;
+    bc.steps = a.steps;
+    if !a.json {
+        eprintln!(
+            "{} ({:.0}M parameters) on {}, {topo}, batch {}: {} decode steps ...",
+            model.name,
+            model.config.num_params() as f64 / 1e6,
+            device.name(),
+            bc.batch,
+            bc.steps
+        );
+    }
+    let r = run(&model, &bc)?;
+    if a.json {
+        let mut v = r.to_json();
+        v["model"] = serde_json::json!(model.name);
+        v["topology"] = serde_json::json!(topo.to_string());
+        v["batch"] = serde_json::json!(bc.batch);
+        println!("{v}");
+    } else {
+        println!(
+            "median step {:.3} ms (p90 {:.3}); floor {:.3} ms = {:.1} MB of weights / {:.1} GB/s; median / floor = {:.2}",
+            r.median_step_ms,
+            r.p90_step_ms,
+            r.floor_ms,
+            r.weight_bytes as f64 / 1e6,
+            r.bandwidth / 1e9,
+            r.ratio()
+        );
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! its [`scheduler`] (continuous batching), the paged KV cache, sampling and
 //! the workers that hold the model.
 
+pub mod decode_bench;
 pub mod engine;
 pub mod kv_cache;
 pub mod live_placement;

@@ -4,8 +4,13 @@
 use remp::model::Model;
 use std::path::PathBuf;
 
+/// remp-tiny and its oracle: `REMP_TINY_DIR` if set (the GPU check's bundle carries a
+/// copy), else `../shared/models/remp-tiny` beside the repository.
 pub fn tiny_dir() -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models/remp-tiny");
+    let d = match std::env::var_os("REMP_TINY_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models/remp-tiny"),
+    };
     assert!(
         d.join("reference.safetensors").exists(),
         "oracle missing at {} (tests need ../shared beside the repo)",

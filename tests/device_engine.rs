@@ -1,7 +1,8 @@
 //! The engine on the device backend — the GPU kernels, the device buffers and launch
-//! sequence of `backend/device/llama.rs` — run on the emulated GPU, against the
-//! transformers oracle on remp-tiny. The same code path runs on a CUDA GPU
-//! (`tools/gpu-check` runs `remp generate --device cuda` against the same tokens).
+//! sequence of `backend/device/llama.rs` — against the transformers oracle on
+//! remp-tiny. Every test body runs twice (candle's `test_device!` idea): on the
+//! emulated GPU (`…::emu`, in CI) and on CUDA GPU 0 (`…::cuda`, ignored without a GPU;
+//! `tools/gpu-check` runs them with `--include-ignored`, the model from `REMP_TINY_DIR`).
 //!
 //! Tolerance: the device path keeps activations in bf16 (as a bf16 serving engine
 //! does) while the oracle ran an f32 forward on the bf16 weights. Every op rounds to
@@ -34,11 +35,31 @@ fn max_abs_err(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn engine(tp: usize, pp: usize) -> (Engine, usize) {
+/// `mod $name { emu, cuda }`: the body run on each device.
+macro_rules! on_devices {
+    ($(#[$doc:meta])* fn $name:ident($dev:ident) $body:block) => {
+        $(#[$doc])*
+        mod $name {
+            use super::*;
+            fn body($dev: DeviceKind) $body
+            #[test]
+            fn emu() {
+                body(DeviceKind::Emulated)
+            }
+            #[test]
+            #[ignore = "needs a CUDA device"]
+            fn cuda() {
+                body(DeviceKind::Cuda)
+            }
+        }
+    };
+}
+
+fn engine(dev: DeviceKind, tp: usize, pp: usize) -> (Engine, usize) {
     let model = tiny_model();
     let vocab = model.config.vocab_size;
     let mut ec = EngineConfig::new(Topology::new(tp, pp));
-    ec.device = DeviceKind::Emulated;
+    ec.device = dev;
     ec.kv_blocks = 32;
     (Engine::new(&model, ec).unwrap(), vocab)
 }
@@ -52,8 +73,8 @@ fn margin(row: &[f32]) -> (f32, f32) {
 
 /// Greedy decode of oracle prompt `p` for `n` tokens: tokens equal while the oracle's
 /// margin allows, and the logits of every processed position within tolerance.
-fn greedy(tp: usize, pp: usize, p: usize, n: usize) {
-    let (mut engine, vocab) = engine(tp, pp);
+fn greedy(dev: DeviceKind, tp: usize, pp: usize, p: usize, n: usize) {
+    let (mut engine, vocab) = engine(dev, tp, pp);
     let case = &oracle()[p];
     let mut req = Request::greedy(case.prompt.clone(), n);
     req.ignore_eos = true;
@@ -107,27 +128,30 @@ fn greedy(tp: usize, pp: usize, p: usize, n: usize) {
     );
 }
 
-#[test]
-fn greedy_tp1pp1() {
-    greedy(1, 1, 0, 12);
+on_devices! {
+    fn greedy_tp1pp1(dev) {
+        greedy(dev, 1, 1, 0, 12);
+    }
 }
 
-#[test]
-fn greedy_tp2pp2() {
-    greedy(2, 2, 0, 10);
+on_devices! {
+    fn greedy_tp2pp2(dev) {
+        greedy(dev, 2, 2, 0, 10);
+    }
 }
 
-#[test]
-fn greedy_tp4pp1() {
-    greedy(4, 1, 4, 10);
+on_devices! {
+    fn greedy_tp4pp1(dev) {
+        greedy(dev, 4, 1, 4, 10);
+    }
 }
 
+on_devices! {
 /// One prefill of a 107-token sequence (the oracle's prompt 3 and its completion): the
 /// tensor-core GEMM (M > 64) and the prefill attention kernel over several KV blocks,
 /// every position's logits against the oracle.
-#[test]
-fn teacher_forced_long_prefill_tp2pp1() {
-    let (mut engine, vocab) = engine(2, 1);
+fn teacher_forced_long_prefill_tp2pp1(dev) {
+    let (mut engine, vocab) = engine(dev, 2, 1);
     let case = &oracle()[3];
     let rows = case.tokens.len() - 1;
     let mut req = Request::greedy(case.tokens[..rows].to_vec(), 1);
@@ -145,28 +169,19 @@ fn teacher_forced_long_prefill_tp2pp1() {
     }
     assert_eq!(logits.len(), rows * vocab);
     let err = max_abs_err(&logits, &case.logits[..rows * vocab]);
-    for r in 0..rows {
-        let e = max_abs_err(
-            &logits[r * vocab..(r + 1) * vocab],
-            &case.logits[r * vocab..(r + 1) * vocab],
-        );
-        let top = case.logits[r * vocab..(r + 1) * vocab]
-            .iter()
-            .fold(0.0f32, |a, &b| a.max(b.abs()));
-        eprintln!("row {r} err {e:.3} top {top:.2}");
-    }
     assert!(err < TOL, "logits error {err}");
 }
+}
 
+on_devices! {
 /// Continuous batching on the device: a second request joins while the first decodes,
 /// so one step mixes a prefill with a decode (the prefill attention kernel serving
 /// both); a third is cancelled. Tokens equal those of each request run alone.
-#[test]
-fn batched_requests_match_single_runs_tp1pp2() {
+fn batched_requests_match_single_runs_tp1pp2(dev) {
     let cases = oracle();
     let n = 6;
     let run = |prompts: &[usize], join_at: usize| -> Vec<Vec<u32>> {
-        let (mut engine, _) = engine(1, 2);
+        let (mut engine, _) = engine(dev, 1, 2);
         let mut ids = Vec::new();
         let req = |p: usize| {
             let mut r = Request::greedy(cases[p].prompt.clone(), n);
@@ -194,4 +209,5 @@ fn batched_requests_match_single_runs_tp1pp2() {
         assert_eq!(together[k], alone[0], "prompt {p}");
         assert_eq!(together[k].len(), n);
     }
+}
 }

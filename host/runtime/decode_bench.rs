@@ -1,0 +1,143 @@
+//! Decode-step bench (`remp bench-decode`): the median time of a decode step against the
+//! floor no decode step can beat — reading every weight once — measured on the same
+//! device in the same run:
+//! - CUDA: weight bytes (bf16) ÷ HBM bandwidth of `cuMemcpyDtoD` (bytes read plus
+//!   written, as `../shared/GPU.md` counts them; a decode step only reads weights);
+//! - CPU: weight bytes (f32, as the CPU backend holds them) ÷ single-thread `memcpy`
+//!   bandwidth, also counted as bytes read plus written. Only indicative: a read-only
+//!   stream (what a decode step does) runs somewhat faster than a copy on most CPUs,
+//!   so a step can come in under this "floor";
+//! - emulator: the CPU's figure (the emulator is for checking, not for speed).
+//!
+//! All ranks of a topology share one device here (several workers on one GPU, or the
+//! host's cores), so the floor is the whole model's bytes over one device's bandwidth.
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::parallel::Topology;
+use crate::runtime::{DeviceKind, Engine, EngineConfig, Request};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct DecodeBenchConfig {
+    pub topology: Topology,
+    pub device: DeviceKind,
+    /// Sequences decoding together.
+    pub batch: usize,
+    pub prompt_len: usize,
+    /// Decode steps timed (after `warmup` untimed ones).
+    pub steps: usize,
+    pub warmup: usize,
+}
+
+impl DecodeBenchConfig {
+    pub fn new(topology: Topology, device: DeviceKind) -> Self {
+        DecodeBenchConfig {
+            topology,
+            device,
+            batch: 1,
+            prompt_len: 32,
+            steps: 32,
+            warmup: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DecodeBenchResult {
+    pub device: String,
+    pub median_step_ms: f64,
+    pub p90_step_ms: f64,
+    pub weight_bytes: u64,
+    /// Bandwidth the floor uses, bytes per second (see the module comment).
+    pub bandwidth: f64,
+    pub floor_ms: f64,
+}
+
+impl DecodeBenchResult {
+    /// Median step over the floor (1.0 = at the bandwidth limit).
+    pub fn ratio(&self) -> f64 {
+        self.median_step_ms / self.floor_ms
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "device": self.device,
+            "median_step_ms": self.median_step_ms,
+            "p90_step_ms": self.p90_step_ms,
+            "weight_bytes": self.weight_bytes,
+            "bandwidth_gbs": self.bandwidth / 1e9,
+            "floor_ms": self.floor_ms,
+            "ratio_to_floor": self.ratio(),
+        })
+    }
+}
+
+/// Device-to-device copy bandwidth of GPU 0 (bytes read plus written per second): the
+/// median of 7 timed copies of 512 MiB, after a warm-up copy.
+pub fn cuda_copy_bandwidth() -> Result<f64> {
+    use crate::backend::cuda::{CudaDevice, EventTimer};
+    let dev = CudaDevice::open(0)?;
+    let bytes = 512usize << 20;
+    let (a, b) = (dev.alloc(bytes)?, dev.alloc(bytes)?);
+    a.fill(0x3c)?;
+    let timer = EventTimer::new(&dev)?;
+    dev.copy_dtod(b.ptr(), a.ptr(), bytes)?;
+    let mut ms = Vec::new();
+    for _ in 0..7 {
+        timer.start()?;
+        dev.copy_dtod(b.ptr(), a.ptr(), bytes)?;
+        ms.push(timer.stop_ms()? as f64);
+    }
+    ms.sort_by(|x, y| x.total_cmp(y));
+    Ok(2.0 * bytes as f64 / (ms[3] * 1e-3))
+}
+
+/// Runs the bench on a fresh engine.
+pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
+    if bc.batch == 0 || bc.steps == 0 {
+        return Err(Error::Request(
+            "bench-decode needs --batch and --steps of at least 1".into(),
+        ));
+    }
+    let cfg = &model.config;
+    let (bandwidth, elem_bytes) = match bc.device {
+        DeviceKind::Cuda => (cuda_copy_bandwidth()?, 2),
+        DeviceKind::Emulated => (2.0 * crate::reshard::bench::copy_bandwidth(), 2),
+        DeviceKind::Cpu => (2.0 * crate::reshard::bench::copy_bandwidth(), 4),
+    };
+    let max_new = bc.warmup + bc.steps + 1;
+    let per_seq = (bc.prompt_len + max_new).div_ceil(16);
+    let mut econf = EngineConfig::new(bc.topology);
+    econf.device = bc.device;
+    econf.kv_blocks = per_seq * bc.batch;
+    let mut engine = Engine::new(model, econf)?;
+    for r in 0..bc.batch {
+        let prompt: Vec<u32> = (0..bc.prompt_len)
+            .map(|i| ((r * 131 + i * 17 + 3) % cfg.vocab_size) as u32)
+            .collect();
+        let mut req = Request::greedy(prompt, max_new);
+        req.ignore_eos = true;
+        engine.add_request(req)?;
+    }
+    engine.step()?; // prefill
+    for _ in 0..bc.warmup {
+        engine.step()?;
+    }
+    let mut ms = Vec::with_capacity(bc.steps);
+    for _ in 0..bc.steps {
+        let t = Instant::now();
+        engine.step()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    let weight_bytes = (cfg.num_params() * elem_bytes) as u64;
+    Ok(DecodeBenchResult {
+        device: bc.device.name().into(),
+        median_step_ms: ms[ms.len() / 2],
+        p90_step_ms: ms[(ms.len() * 9 / 10).min(ms.len() - 1)],
+        weight_bytes,
+        bandwidth,
+        floor_ms: weight_bytes as f64 / bandwidth * 1e3,
+    })
+}
