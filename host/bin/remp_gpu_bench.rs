@@ -16,40 +16,11 @@
 
 use remp::backend::cuda::{Arg, CudaDevice, DevBuf, EventTimer};
 use remp::Result;
+use remp_gpu_kernels::gemm::{dec_block, dec_splitk};
 use serde_json::{json, Value};
 
 const MIB: usize = 1 << 20;
 
-/// `remp_gpu_kernels::gemm::dec_block` (this binary does not link the kernel crate):
-/// 512 threads under 2 blocks per SM, else 256.
-fn dec_block(blocks: u32, sms: u32) -> u32 {
-    if blocks < 2 * sms {
-        512
-    } else {
-        256
-    }
-}
-
-/// `remp_gpu_kernels::gemm::dec_splitk` (same rule, pinned by its unit test there):
-/// `(splits, kchunk)` for a decode GEMM of N columns and depth K, `(1, K)` = no split.
-fn dec_splitk(n: u32, k: u32, sms: u32) -> (u32, u32) {
-    const MIN_K: u32 = 1024; // DEC_SPLIT_MIN_K
-    const MAX_SPLITS: u32 = 16; // DEC_MAX_SPLITS
-    let blocks = n.div_ceil(16);
-    if blocks == 0 || blocks >= 2 * sms || k < 2 * MIN_K {
-        return (1, k);
-    }
-    let want = (3 * sms).div_ceil(blocks);
-    let most = MAX_SPLITS.min(k / (MIN_K / 4));
-    let s = want.min(most);
-    let kchunk = k.div_ceil(s).div_ceil(256) * 256;
-    let splits = k.div_ceil(kchunk);
-    if splits < 2 {
-        (1, k)
-    } else {
-        (splits, kchunk)
-    }
-}
 const POOL: usize = 1024 * MIB;
 
 fn main() {
