@@ -2,5 +2,6 @@
 //! where) and the executor (background copies, per-layer flips).
 
 pub mod bench;
+pub mod device;
 pub mod executor;
 pub mod planner;

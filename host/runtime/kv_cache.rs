@@ -5,6 +5,10 @@
 //! worker and every layer. Each worker keeps, per layer it runs, a [`LayerKv`] holding
 //! only its KV heads: `k`/`v` are `[num_blocks, block_size, kv_heads_local, head_dim]`.
 //! When tp exceeds the model's KV heads, several workers hold the same head (replicated).
+//!
+//! [`kv_pack`] / [`kv_unpack`] define the wire layout of KV moved by a reconfiguration;
+//! device workers (bf16 `DevKv`, same paging) pack and unpack the same layout with the
+//! reshard kernels in `reshard::device`, over the runs of [`block_runs`].
 
 use std::ops::Range;
 
@@ -96,6 +100,28 @@ impl LayerKv {
     }
 }
 
+/// The slots of `positions` of a sequence with `table`, as runs inside one block:
+/// `(first slot, count)`, a slot being `block id * block_size + offset in the block`.
+/// `None` when a position is beyond the table.
+pub fn block_runs(
+    table: &[u32],
+    positions: Range<usize>,
+    block_size: usize,
+) -> Option<Vec<(usize, usize)>> {
+    let mut runs = Vec::new();
+    let mut p = positions.start;
+    while p < positions.end {
+        let b = p / block_size;
+        let end = ((b + 1) * block_size).min(positions.end);
+        runs.push((
+            *table.get(b)? as usize * block_size + p % block_size,
+            end - p,
+        ));
+        p = end;
+    }
+    Some(runs)
+}
+
 /// Packs K and V of `heads` (global KV-head ids, held by `kv`) at `positions` of the
 /// sequence with `table`: per position, per head, `head_dim` K values then V values.
 pub fn kv_pack(
@@ -154,5 +180,16 @@ mod tests {
         let mut all = a.alloc(4).unwrap();
         all.sort();
         assert_eq!(all, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn block_runs_split_at_block_boundaries() {
+        let table = [7, 2, 5];
+        assert_eq!(
+            block_runs(&table, 3..37, 16),
+            Some(vec![(7 * 16 + 3, 13), (2 * 16, 16), (5 * 16, 5)])
+        );
+        assert_eq!(block_runs(&table, 4..4, 16), Some(vec![]));
+        assert_eq!(block_runs(&table, 40..49, 16), None);
     }
 }
