@@ -14,20 +14,32 @@
 //! the controller starts the next segment. Extra memory is therefore bounded by the
 //! window, not by the model.
 //!
+//! On device workers (bf16 shards and KV in device memory) the copy thread owns its own
+//! device handle — on CUDA a second stream, the copy stream — and runs the same
+//! transfers through `reshard::device`: pieces are packed by the reshard kernels,
+//! downloaded and sent as f32 (exact for bf16, and the bytes the plan counts), then
+//! uploaded and unpacked by the receiver. Data that stays on a worker is copied
+//! device-to-device into the new buffer during the job rather than cut in place at the
+//! flip, so it counts as extra memory while the segment is in flight. The KV delta at
+//! the flip is packed and unpacked on the compute stream.
+//!
 //! A failed copy (injected in tests) aborts the switch: pending segments are withdrawn,
 //! staged buffers dropped; segments already flipped stay on their new groups. Every slot
 //! still names a complete group, so the engine keeps serving on that (mixed) placement.
 
 use crate::backend::comm::{Comm, Tag};
+use crate::backend::device::llama::{check_heads, DevKv, DevShards};
+use crate::backend::device::{Buf, Device};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
 use crate::parallel::shard::HeadShard;
 use crate::parallel::{Region, Segment, TensorKind, WorkerId};
+use crate::reshard::device;
 use crate::reshard::planner::{Item, ReshardPlan, SegmentPlan, Transfer};
 use crate::runtime::kv_cache::{kv_pack, kv_unpack, KvGeometry, LayerKv};
 use crate::runtime::live_placement::{FlipInfo, LivePlacement};
 use crate::runtime::worker::{
-    segment_tensors, MemMeter, ShardSet, Staged, StagedShards, StepPlan, WorkerMem,
+    segment_tensors, MemMeter, ShardSet, Staged, StagedDevShards, StagedShards, StepPlan, WorkerMem,
 };
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeSet, HashMap};
@@ -521,6 +533,9 @@ pub struct CopyWorker {
     pub comm: Comm,
     pub geom: KvGeometry,
     pub ctrl: Arc<Controller>,
+    /// The copy thread's own handle on a device worker's device (on CUDA its own
+    /// stream: the copy stream beside the compute stream); `None` on the CPU backend.
+    pub dev: Option<Box<dyn Device>>,
 }
 
 impl CopyWorker {
@@ -554,6 +569,15 @@ impl CopyWorker {
         if let Some(StagedShards::New { set, .. }) = staged.shards {
             self.mem.meter.free(set.bytes());
         }
+        if let Some(s) = &staged.dev_shards {
+            self.mem.meter.free(s.new_bytes());
+        }
+        if let (Segment::Layer(l), Some(kv)) = (seg, &staged.dev_kv) {
+            let cur = self.mem.dev_kv.read().ok().and_then(|m| m.get(&l).cloned());
+            if !cur.is_some_and(|c| Arc::ptr_eq(&c, kv)) {
+                self.mem.meter.free(kv.bytes());
+            }
+        }
         if let (Segment::Layer(l), Some(kv)) = (seg, staged.kv) {
             let cur = self.mem.kv(l);
             if !cur.is_some_and(|c| Arc::ptr_eq(&c, &kv)) {
@@ -569,6 +593,21 @@ impl CopyWorker {
         let me = self.id;
         let p = &job.plan;
         let seg = p.segment;
+        if job.fail_on == Some(me) {
+            let dsts: BTreeSet<WorkerId> = p
+                .transfers
+                .iter()
+                .filter(|t| t.src == me && t.dst != me)
+                .map(|t| t.dst)
+                .collect();
+            for d in dsts {
+                let _ = self.comm.send(d.0, Tag::ReshardAbort(job.job), Vec::new());
+            }
+            return Err(self.err(format!("injected failure while moving {seg}")));
+        }
+        if let Some(dev) = &self.dev {
+            return self.run_job_device(job, dev.as_ref());
+        }
         let cfg = &*self.cfg;
         let tag = Tag::Reshard(job.job);
         let old_idx = p.old_group.position(me);
@@ -586,18 +625,6 @@ impl CopyWorker {
             Segment::Layer(l) if old_idx.is_some() => self.mem.kv(l),
             _ => None,
         };
-        if job.fail_on == Some(me) {
-            let dsts: BTreeSet<WorkerId> = p
-                .transfers
-                .iter()
-                .filter(|t| t.src == me && t.dst != me)
-                .map(|t| t.dst)
-                .collect();
-            for d in dsts {
-                let _ = self.comm.send(d.0, Tag::ReshardAbort(job.job), Vec::new());
-            }
-            return Err(self.err(format!("injected failure while moving {seg}")));
-        }
 
         let old_region = |k: TensorKind| -> Result<Region> {
             let i = old_idx.ok_or_else(|| self.err("not an old member"))?;
@@ -764,9 +791,213 @@ impl CopyWorker {
                     Staged {
                         shards: Some(shards),
                         kv,
+                        ..Default::default()
                     },
                 );
         }
         Ok(())
+    }
+
+    /// [`CopyWorker::run_job`] on a device worker: the same transfers, packed out of and
+    /// unpacked into bf16 device buffers by the reshard kernels on this thread's own
+    /// device handle, f32 on the wire. Data that stays on this worker is copied
+    /// device-to-device into the new buffers now (nothing is cut in place at the flip),
+    /// so the new buffers are whole when staged.
+    fn run_job_device(&self, job: &SegmentJob, dev: &dyn Device) -> Result<()> {
+        let me = self.id;
+        let p = &job.plan;
+        let seg = p.segment;
+        let cfg = &*self.cfg;
+        let old_idx = p.old_group.position(me);
+        let new_idx = p.new_group.position(me);
+        let cur = match old_idx {
+            Some(_) => Some(
+                self.mem
+                    .dev_shards
+                    .read()
+                    .map_err(|_| self.err("poisoned"))?
+                    .get(&seg)
+                    .cloned()
+                    .ok_or_else(|| self.err(format!("{seg} not resident on the device")))?,
+            ),
+            None => None,
+        };
+        let cur_kv = match seg {
+            Segment::Layer(l) if old_idx.is_some() => self
+                .mem
+                .dev_kv
+                .read()
+                .map_err(|_| self.err("poisoned"))?
+                .get(&l)
+                .cloned(),
+            _ => None,
+        };
+        let keep = new_idx.is_some() && p.unchanged_members().contains(&me);
+        let mut fresh: HashMap<TensorKind, Buf> = HashMap::new();
+        let mut fresh_kv: Option<DevKv> = None;
+        let mut kept_kv: Option<Arc<DevKv>> = None;
+        if let Some(j) = new_idx {
+            if let Segment::Layer(_) = seg {
+                // The attention kernels need whole GQA groups per rank.
+                check_heads(cfg, p.new_group.len(), j)?;
+            }
+            if !keep {
+                // A tensor arriving from another worker as one piece becomes that
+                // piece's upload; the others get a buffer filled piece by piece.
+                for k in segment_tensors(cfg, seg) {
+                    let region = k.region(cfg, p.new_group.len(), j);
+                    match whole_piece(p, me, k, &region) {
+                        Some(src) if src != me => {}
+                        _ => {
+                            fresh.insert(k, dev.alloc(region.len() * 2)?);
+                        }
+                    }
+                }
+            }
+            if let Segment::Layer(_) = seg {
+                let heads = HeadShard::new(cfg, p.new_group.len(), j).kv_heads;
+                match &cur_kv {
+                    Some(kv) if kv.kv_heads == heads => kept_kv = Some(kv.clone()),
+                    _ => {
+                        let kv = DevKv::new(dev, heads, self.geom)?;
+                        self.mem.meter.alloc(kv.bytes());
+                        fresh_kv = Some(kv);
+                    }
+                }
+            }
+        }
+        let moved = self.device_transfers(
+            job,
+            dev,
+            cur.as_deref(),
+            cur_kv.as_deref(),
+            keep,
+            &mut fresh,
+            fresh_kv.as_ref(),
+        );
+        if let Err(e) = moved {
+            if let Some(kv) = &fresh_kv {
+                self.mem.meter.free(kv.bytes());
+            }
+            return Err(e);
+        }
+
+        // Stage for the flip.
+        if let Some(j) = new_idx {
+            let shards = if keep {
+                StagedDevShards::Kept(cur.ok_or_else(|| self.err("kept shard missing"))?)
+            } else {
+                let set = DevShards {
+                    group_size: p.new_group.len(),
+                    index: j,
+                    tensors: fresh,
+                };
+                self.mem.meter.alloc(set.bytes());
+                StagedDevShards::New(set)
+            };
+            let staged = Staged {
+                dev_shards: Some(shards),
+                dev_kv: fresh_kv.map(Arc::new).or(kept_kv),
+                ..Default::default()
+            };
+            self.mem
+                .staged
+                .lock()
+                .map_err(|_| self.err("staged poisoned"))?
+                .insert(seg, staged);
+        }
+        Ok(())
+    }
+
+    /// The sends, local copies and receives of a device job (sends first: channels
+    /// never block), into `fresh` / `fresh_kv`; returns once the device is done.
+    #[allow(clippy::too_many_arguments)]
+    fn device_transfers(
+        &self,
+        job: &SegmentJob,
+        dev: &dyn Device,
+        cur: Option<&DevShards>,
+        cur_kv: Option<&DevKv>,
+        keep: bool,
+        fresh: &mut HashMap<TensorKind, Buf>,
+        fresh_kv: Option<&DevKv>,
+    ) -> Result<()> {
+        let me = self.id;
+        let p = &job.plan;
+        let cfg = &*self.cfg;
+        let tag = Tag::Reshard(job.job);
+        let geom = self.geom;
+        let held = |g: &crate::parallel::Group, k: TensorKind| -> Result<Region> {
+            let i = g
+                .position(me)
+                .ok_or_else(|| self.err(format!("not a member of {g:?}")))?;
+            Ok(k.region(cfg, g.len(), i))
+        };
+        let cur = || cur.ok_or_else(|| self.err("no shard to send"));
+        let cur_kv = || cur_kv.ok_or_else(|| self.err("no KV to send"));
+        // Pre-copy: every live sequence's positions cached when the job started.
+        let spans: Vec<device::KvSpan> = job
+            .snapshot
+            .iter()
+            .map(|s| (s.table.as_slice(), 0..s.len))
+            .collect();
+        for t in p.transfers.iter().filter(|t| t.src == me && t.dst != me) {
+            let data = match t.item {
+                Item::Weight(k) => {
+                    device::pack_region(dev, cur()?.get(k)?, &held(&p.old_group, k)?, &t.region)?
+                }
+                Item::Kv(_) => device::kv_pack(dev, cur_kv()?, geom, &spans, &t.region.rows)?,
+            };
+            self.comm.send(t.dst.0, tag, data)?;
+        }
+        for t in p.transfers.iter().filter(|t| t.src == me && t.dst == me) {
+            match t.item {
+                Item::Weight(_) if keep => {}
+                Item::Weight(k) => {
+                    let dst = fresh
+                        .get(&k)
+                        .ok_or_else(|| self.err(format!("no new buffer for {k:?}")))?;
+                    let (src, src_held) = (cur()?.get(k)?, held(&p.old_group, k)?);
+                    device::copy_region(
+                        dev,
+                        dst,
+                        &held(&p.new_group, k)?,
+                        src,
+                        &src_held,
+                        &t.region,
+                    )?;
+                }
+                Item::Kv(_) => {
+                    // (No fresh cache: the resident one is kept as it is.)
+                    if let Some(new) = fresh_kv {
+                        device::kv_copy(dev, new, cur_kv()?, geom, &spans, &t.region.rows)?;
+                    }
+                }
+            }
+        }
+        for t in p.transfers.iter().filter(|t| t.dst == me && t.src != me) {
+            let data = self.comm.recv(t.src.0, tag)?;
+            match t.item {
+                Item::Weight(_) if keep => {}
+                Item::Weight(k) => match fresh.get(&k) {
+                    Some(buf) => {
+                        device::unpack_region(dev, buf, &held(&p.new_group, k)?, &t.region, &data)?
+                    }
+                    None => {
+                        if data.len() != t.region.len() {
+                            return Err(self.err("piece size mismatch"));
+                        }
+                        fresh.insert(k, device::upload_piece(dev, &data)?);
+                    }
+                },
+                Item::Kv(_) => {
+                    if let Some(new) = fresh_kv {
+                        device::kv_unpack(dev, new, geom, &spans, &t.region.rows, &data)?;
+                    }
+                }
+            }
+        }
+        // The compute stream reads these buffers after the flip: the copies must be done.
+        dev.synchronize()
     }
 }

@@ -16,7 +16,7 @@
 use crate::backend::comm::{fabric, Comm, CommStats, Lane, Tag};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::device::emu::EmuDevice;
-use crate::backend::device::llama::DeviceCompute;
+use crate::backend::device::llama::{check_heads, DeviceCompute};
 use crate::backend::device::Device;
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelConfig, TensorSource, Tokenizer};
@@ -84,6 +84,16 @@ impl DeviceKind {
             DeviceKind::Cuda => Box::new(CudaDevice::open(0)?),
         };
         Ok(Some(DeviceCompute::new(dev, cfg.clone())?))
+    }
+
+    /// The copy thread's own handle on the device (`None` on the CPU): on CUDA a second
+    /// stream, so reshard copies overlap the compute stream's steps.
+    fn open_copy(self) -> Result<Option<Box<dyn Device>>> {
+        Ok(match self {
+            DeviceKind::Cpu => None,
+            DeviceKind::Emulated => Some(Box::new(EmuDevice)),
+            DeviceKind::Cuda => Some(Box::new(CudaDevice::open(0)?)),
+        })
     }
 }
 
@@ -286,6 +296,7 @@ impl Pool {
                     .ok_or_else(|| Error::Comm("endpoint taken".into()))?,
                 geom,
                 ctrl: ctrl.clone(),
+                dev: device.open_copy()?,
             };
             threads.push(
                 std::thread::Builder::new()
@@ -758,13 +769,16 @@ impl Engine {
     }
 
     pub fn reconfigure_with(&mut self, target: Topology, opts: &ReconfigOptions) -> Result<()> {
-        self.online_switch_supported()?;
         if self.pool.ctrl.is_active() {
             return Err(Error::Reconfig(
                 "a switch is already in progress; wait for it to finish".into(),
             ));
         }
         let (_, plan) = self.plan_reconfigure(target)?;
+        self.device_supports(target)?;
+        // Pre-copies started now cover every cached position of the running requests
+        // (not the last step's plan, which may list finished ones).
+        self.publish_cached_lengths();
         self.pool.ctrl.start(plan, opts, self.step_no)?;
         self.collect_reconfig_events();
         Ok(())
@@ -773,11 +787,11 @@ impl Engine {
     /// Stop-the-world baseline: pauses decoding, moves every segment's data (all
     /// segments at once, same executor), flips everything, then returns.
     pub fn reconfigure_stop_the_world(&mut self, target: Topology) -> Result<()> {
-        self.online_switch_supported()?;
         if self.pool.ctrl.is_active() {
             return Err(Error::Reconfig("a switch is already in progress".into()));
         }
         let (_, plan) = self.plan_reconfigure(target)?;
+        self.device_supports(target)?;
         let n = plan.segments.len();
         // Pre-copy the KV of every cached position: nothing is appended until we resume.
         self.publish_cached_lengths();
@@ -798,15 +812,15 @@ impl Engine {
         Ok(())
     }
 
-    /// The reshard executor moves host shards; device workers are not wired to it yet.
-    fn online_switch_supported(&self) -> Result<()> {
-        match self.econf.device {
-            DeviceKind::Cpu => Ok(()),
-            d => Err(Error::Reconfig(format!(
-                "online reconfiguration runs on the CPU backend only so far (device `{}`); `restart` works on every device",
-                d.name()
-            ))),
+    /// Device workers' attention kernels need whole GQA groups per rank: a target that
+    /// splits one is refused before anything moves.
+    fn device_supports(&self, target: Topology) -> Result<()> {
+        if self.econf.device != DeviceKind::Cpu {
+            for r in 0..target.tp {
+                check_heads(&self.cfg, target.tp, r)?;
+            }
         }
+        Ok(())
     }
 
     /// Restart baseline: tears the workers down, loads the checkpoint in `target`'s

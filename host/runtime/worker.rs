@@ -6,7 +6,9 @@
 //!
 //! Memory is behind locks only so that a copy thread of the *same* worker (the reshard
 //! executor) can read and install buffers while the compute thread runs steps; no buffer
-//! is ever shared between two workers.
+//! is ever shared between two workers. A device worker keeps its shards and KV in device
+//! memory (`dev_shards`, `dev_kv`) and runs segments as kernel launches; its flips install
+//! what its copy thread staged in device memory ([`StagedDevShards`]).
 
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::cpu::ops;
@@ -16,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::model::{ModelConfig, TensorSource};
 use crate::parallel::shard::HeadShard;
 use crate::parallel::{Group, LayerId, Placement, Region, Segment, TensorKind, WorkerId};
+use crate::reshard::device;
 use crate::reshard::planner::{Item, Transfer};
 use crate::runtime::kv_cache::{kv_pack, kv_unpack, KvGeometry, LayerKv};
 use crate::runtime::live_placement::{Decision, FlipInfo, LivePlacement};
@@ -103,11 +106,32 @@ pub enum StagedShards {
     },
 }
 
-/// Buffers prepared by the copy thread for a pending switch of one segment.
+/// A segment's device shards prepared for its flip. Nothing is cut in place on the
+/// device: the part of the old shard that stays was copied device-to-device into the new
+/// buffers during the copy job (one kernel, counted by the meter while both exist).
+pub enum StagedDevShards {
+    Kept(Arc<DevShards>),
+    New(DevShards),
+}
+
+impl StagedDevShards {
+    /// Bytes allocated for the switch (0 when kept).
+    pub fn new_bytes(&self) -> usize {
+        match self {
+            StagedDevShards::Kept(_) => 0,
+            StagedDevShards::New(s) => s.bytes(),
+        }
+    }
+}
+
+/// Buffers prepared by the copy thread for a pending switch of one segment (host
+/// fields on CPU workers, `dev_` fields on device workers).
 #[derive(Default)]
 pub struct Staged {
     pub shards: Option<StagedShards>,
     pub kv: Option<Arc<Mutex<LayerKv>>>,
+    pub dev_shards: Option<StagedDevShards>,
+    pub dev_kv: Option<Arc<DevKv>>,
 }
 
 /// Keeps `to` (inside `from`) of a row-major buffer holding `from`, in place: rows move
@@ -405,8 +429,9 @@ impl Worker {
             Some(j) if !prev.contains(self.id) => {
                 let v = self.comm.recv(prev.0[j % prev.len()].0, Tag::Handoff)?;
                 *h = Some(match &self.device {
-                    Some(dc) => Hidden::Dev(dc.hidden_from_host(&v)?),
-                    None => Hidden::Host(v),
+                    // (An empty step's empty state stays on the host: nothing to upload.)
+                    Some(dc) if !v.is_empty() => Hidden::Dev(dc.hidden_from_host(&v)?),
+                    _ => Hidden::Host(v),
                 });
             }
             Some(_) => {}
@@ -432,18 +457,27 @@ impl Worker {
                 .is_some_and(|d| d.group.0.first() == Some(&self.id));
             let d = plan.live.group_for(plan.step, seg, decider)?;
             if let Some(f) = &d.flip {
-                if self.device.is_some() {
-                    return Err(
-                        self.err("online reconfiguration is not built for device workers yet")
-                    );
+                match &self.device {
+                    Some(dc) => self.flip_device(dc, plan, seg, f)?,
+                    None => self.flip(plan, seg, f)?,
                 }
-                self.flip(plan, seg, f)?;
             }
             if let Some(p) = &prev {
                 self.handoff(&p.group, &d.group, &mut h, hidden_len)?;
             }
             let g = &d.group;
-            if let (Some(dc), true) = (&self.device, g.contains(self.id)) {
+            if let (Some(_), true, 0) = (&self.device, g.contains(self.id), hidden_len) {
+                // A step without tokens only lets segments flip: no kernels to launch
+                // (a grid of 0 blocks is an error on CUDA); the head still answers the
+                // driver, with no rows.
+                match seg {
+                    Segment::Embed => h = Some(Hidden::Host(Vec::new())),
+                    Segment::Layer(_) => {}
+                    Segment::Head => self
+                        .comm
+                        .send(self.comm.driver(), Tag::Logits, Vec::new())?,
+                }
+            } else if let (Some(dc), true) = (&self.device, g.contains(self.id)) {
                 if inputs.is_none() {
                     inputs = Some(StepInputs::new(dc.dev.as_ref(), plan, self.geom)?);
                 }
@@ -650,6 +684,124 @@ impl Worker {
                     kvs.insert(l, n);
                 }
                 (Some(o), None) => meter.free(old_bytes(&o)),
+                (None, None) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Worker::flip`] on a device worker: the KV delta is packed and unpacked by the
+    /// reshard kernels on this worker's (compute) stream, a local delta is copied
+    /// device-to-device, then the staged device buffers replace the old ones.
+    fn flip_device(
+        &self,
+        dc: &DeviceCompute,
+        plan: &StepPlan,
+        seg: Segment,
+        f: &FlipInfo,
+    ) -> Result<()> {
+        let me = self.id;
+        let dev = dc.dev.as_ref();
+        let staged = self
+            .mem
+            .staged
+            .lock()
+            .map_err(|_| self.err("staged poisoned"))?
+            .remove(&seg)
+            .unwrap_or_default();
+        if f.new.contains(me) && staged.dev_shards.is_none() {
+            return Err(self.err(format!("{seg} flipped before its shards were staged")));
+        }
+        let old_kv = match seg {
+            Segment::Layer(l) => self
+                .mem
+                .dev_kv
+                .read()
+                .map_err(|_| self.err("poisoned"))?
+                .get(&l)
+                .cloned(),
+            _ => None,
+        };
+        if let Segment::Layer(l) = seg {
+            // Every sequence's positions appended since the pre-copy, in plan order.
+            let spans: Vec<device::KvSpan> = plan
+                .seqs
+                .iter()
+                .map(|s| {
+                    let from = f.precopied.get(&s.id).copied().unwrap_or(0);
+                    (s.block_table.as_slice(), from..s.start_pos.max(from))
+                })
+                .collect();
+            let tag = Tag::Reshard(f.job);
+            let new_kv = || {
+                staged
+                    .dev_kv
+                    .as_ref()
+                    .ok_or_else(|| self.err("no staged KV"))
+            };
+            for t in &f.kv_transfers {
+                if t.src != me || t.item != Item::Kv(l) {
+                    continue;
+                }
+                let old = old_kv.as_ref().ok_or_else(|| self.err("no KV to send"))?;
+                if t.dst == me {
+                    let new = new_kv()?;
+                    if !Arc::ptr_eq(old, new) {
+                        device::kv_copy(dev, new, old, self.geom, &spans, &t.region.rows)?;
+                    }
+                } else {
+                    let buf = device::kv_pack(dev, old, self.geom, &spans, &t.region.rows)?;
+                    self.comm.send(t.dst.0, tag, buf)?;
+                }
+            }
+            for t in &f.kv_transfers {
+                if t.dst != me || t.src == me || t.item != Item::Kv(l) {
+                    continue;
+                }
+                let buf = self.comm.recv(t.src.0, tag)?;
+                device::kv_unpack(dev, new_kv()?, self.geom, &spans, &t.region.rows, &buf)?;
+            }
+            // The old cache is freed below: its last reads must have run.
+            dev.synchronize()?;
+        }
+        // Swap: the old buffers go unless kept (freed when the last reference drops).
+        let meter = &self.mem.meter;
+        {
+            let mut shards = self
+                .mem
+                .dev_shards
+                .write()
+                .map_err(|_| self.err("poisoned"))?;
+            let old = shards.remove(&seg);
+            let old_bytes = old.as_ref().map_or(0, |o| o.bytes());
+            match staged.dev_shards {
+                Some(StagedDevShards::Kept(new)) => {
+                    if !old.as_ref().is_some_and(|o| Arc::ptr_eq(o, &new)) {
+                        meter.free(old_bytes);
+                    }
+                    shards.insert(seg, new);
+                }
+                Some(StagedDevShards::New(set)) => {
+                    meter.free(old_bytes);
+                    shards.insert(seg, Arc::new(set));
+                }
+                None => meter.free(old_bytes),
+            }
+        }
+        if let Segment::Layer(l) = seg {
+            let mut kvs = self.mem.dev_kv.write().map_err(|_| self.err("poisoned"))?;
+            kvs.remove(&l);
+            match (old_kv, staged.dev_kv) {
+                (Some(o), Some(n)) => {
+                    if !Arc::ptr_eq(&o, &n) {
+                        meter.free(o.bytes());
+                    }
+                    kvs.insert(l, n);
+                }
+                (None, Some(n)) => {
+                    kvs.insert(l, n);
+                }
+                (Some(o), None) => meter.free(o.bytes()),
                 (None, None) => {}
             }
         }
