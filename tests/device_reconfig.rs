@@ -1,0 +1,193 @@
+//! Online reconfiguration on device workers (the GPU kernel path, run on the emulated
+//! GPU): weights and KV move between bf16 device buffers through the reshard kernels
+//! and the counted copy lane while requests keep decoding, and the tokens stay those of
+//! the transformers oracle.
+//!
+//! On remp-tiny the device path's first 16 greedy tokens of oracle prompt 0 equal the
+//! oracle's on every topology tried (bf16 activations; see `device_emulated.rs` for the
+//! tolerance argument), so tokens are compared exactly. The emulator takes about half a
+//! second per step here: the tests keep to a few dozen steps.
+
+mod common;
+
+use common::*;
+use remp::backend::comm::Lane;
+use remp::parallel::Topology;
+use remp::reshard::executor::ReconfigEvent;
+use remp::runtime::{DeviceKind, Engine, EngineConfig, Request, RequestId};
+
+fn engine(start: Topology, workers: usize) -> Engine {
+    let mut ec = EngineConfig::new(start);
+    ec.device = DeviceKind::Emulated;
+    ec.kv_blocks = 64;
+    ec.workers = Some(workers);
+    Engine::new(&tiny_model(), ec).unwrap()
+}
+
+fn request(c: &OracleCase, n: usize) -> Request {
+    let mut r = Request::greedy(c.prompt.clone(), n);
+    r.ignore_eos = true;
+    r
+}
+
+fn assert_oracle(engine: &Engine, id: RequestId, c: &OracleCase, n: usize, what: &str) {
+    let out = &engine.output(id).unwrap().output;
+    assert_eq!(out.len(), n, "{what}");
+    assert_eq!(
+        out[..],
+        c.tokens[c.prompt.len()..c.prompt.len() + n],
+        "{what}"
+    );
+}
+
+/// The meter (allocations and frees of shards and KV on every worker) agrees with what
+/// the workers hold once nothing is staged.
+fn assert_meter_matches_memory(engine: &Engine) {
+    let held: usize = engine.worker_bytes().iter().sum();
+    assert_eq!(engine.resident_bytes(), held as i64);
+}
+
+fn finished(engine: &mut Engine) -> Vec<(u64, u64)> {
+    engine
+        .reconfig_events()
+        .iter()
+        .filter_map(|e| match e {
+            ReconfigEvent::Finished {
+                bytes_moved,
+                peak_extra_bytes,
+                ..
+            } => Some((*bytes_moved, *peak_extra_bytes)),
+            ReconfigEvent::Aborted { error, .. } => panic!("switch aborted: {error}"),
+            _ => None,
+        })
+        .collect()
+}
+
+/// tp2pp1 → tp1pp2 → tp4pp1 while oracle prompt 0 decodes (the first switch two steps
+/// in) and prompt 1 joins in the middle of the first switch: KV pre-copy, the delta at
+/// each flip, head re-slicing (2 → 4 → 1 KV heads per rank) and pipeline hand-offs
+/// across a mixed placement all happen on the device path. Then an online switch of
+/// the idle engine back to tp2pp1 moves exactly its planned bytes.
+#[test]
+fn online_switches_keep_oracle_tokens() {
+    let cases = oracle();
+    let mut e = engine(Topology::new(2, 1), 4);
+    let (n0, n1) = (16, 8);
+    let a = e.add_request(request(&cases[0], n0)).unwrap();
+    for _ in 0..2 {
+        e.step().unwrap();
+    }
+    e.reconfigure(Topology::new(1, 2)).unwrap();
+    assert!(e.reconfig_in_progress());
+    // Prefilled in the switch's first step: the segments that flip in the next one
+    // receive its whole prompt's KV as their flip delta.
+    let b = e.add_request(request(&cases[1], n1)).unwrap();
+    while e.reconfig_in_progress() {
+        e.step().unwrap();
+    }
+    assert_eq!(e.topology_name(), "tp1pp2");
+    assert_meter_matches_memory(&e);
+    e.step().unwrap();
+    e.reconfigure(Topology::new(4, 1)).unwrap();
+    e.run_to_completion().unwrap();
+    assert_eq!(e.topology_name(), "tp4pp1");
+    assert_oracle(&e, a, &cases[0], n0, "prompt 0");
+    assert_oracle(&e, b, &cases[1], n1, "prompt 1");
+    assert_meter_matches_memory(&e);
+    let done = finished(&mut e);
+    assert_eq!(done.len(), 2);
+    for (moved, peak) in &done {
+        assert!(*moved > 0 && *peak > 0, "{done:?}");
+    }
+
+    // Idle: no KV to move, weights only; every byte on the copy lane, as planned.
+    let (_, plan) = e.plan_reconfigure(Topology::new(2, 1)).unwrap();
+    let (reshard0, copy0) = (
+        e.comm_stats().reshard_bytes(),
+        e.comm_stats().total(Lane::Copy),
+    );
+    e.reconfigure(Topology::new(2, 1)).unwrap();
+    e.run_to_completion().unwrap();
+    assert_eq!(e.topology_name(), "tp2pp1");
+    assert!(plan.bytes_moved > 0);
+    assert_eq!(e.comm_stats().reshard_bytes() - reshard0, plan.bytes_moved);
+    assert_eq!(e.comm_stats().total(Lane::Copy) - copy0, plan.bytes_moved);
+    assert_eq!(finished(&mut e)[2].0, plan.bytes_moved);
+    assert_meter_matches_memory(&e);
+}
+
+/// The stop-the-world baseline on the same executor, tp4pp1 → tp2pp1 with a request
+/// mid-decode (each new rank's 2 KV heads come from two old ranks): the switch moves
+/// exactly its planned bytes — weights and the KV of every cached position, all on the
+/// copy lane — and decoding continues with the oracle's tokens.
+#[test]
+fn stop_the_world_moves_exactly_the_planned_bytes() {
+    let cases = oracle();
+    let mut e = engine(Topology::new(4, 1), 4);
+    let n = 8;
+    let a = e.add_request(request(&cases[0], n)).unwrap();
+    for _ in 0..3 {
+        e.step().unwrap();
+    }
+    let (_, plan) = e.plan_reconfigure(Topology::new(2, 1)).unwrap();
+    let kv_planned: u64 = plan
+        .segments
+        .iter()
+        .flat_map(|s| &s.transfers)
+        .filter(|t| t.src != t.dst && matches!(t.item, remp::reshard::planner::Item::Kv(_)))
+        .map(|t| t.bytes)
+        .sum();
+    assert!(kv_planned > 0, "no KV in the plan");
+    let (reshard0, copy0) = (
+        e.comm_stats().reshard_bytes(),
+        e.comm_stats().total(Lane::Copy),
+    );
+    e.reconfigure_stop_the_world(Topology::new(2, 1)).unwrap();
+    assert_eq!(e.topology_name(), "tp2pp1");
+    assert!(!e.reconfig_in_progress());
+    assert_eq!(e.comm_stats().reshard_bytes() - reshard0, plan.bytes_moved);
+    assert_eq!(e.comm_stats().total(Lane::Copy) - copy0, plan.bytes_moved);
+    assert_meter_matches_memory(&e);
+    e.run_to_completion().unwrap();
+    assert_oracle(&e, a, &cases[0], n, "prompt 0");
+    let done = finished(&mut e);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].0, plan.bytes_moved);
+}
+
+/// A copy that fails on a device worker aborts the switch: staged device buffers are
+/// dropped (the meter is back to what the workers hold), the flipped layers stay, and
+/// the engine keeps decoding the oracle's tokens on the mixed placement.
+#[test]
+fn failed_device_copy_aborts_and_keeps_serving() {
+    use remp::parallel::{LayerId, Segment, WorkerId};
+    use remp::reshard::executor::ReconfigOptions;
+    let cases = oracle();
+    let mut e = engine(Topology::new(2, 1), 2);
+    let n = 6;
+    let a = e.add_request(request(&cases[0], n)).unwrap();
+    for _ in 0..2 {
+        e.step().unwrap();
+    }
+    let opts = ReconfigOptions {
+        window: 1,
+        fail_at: Some((Segment::Layer(LayerId(3)), WorkerId(1))),
+        lookahead: 0,
+    };
+    e.reconfigure_with(Topology::new(1, 2), &opts).unwrap();
+    e.run_to_completion().unwrap();
+    let evs = e.reconfig_events().to_vec();
+    assert!(
+        evs.iter().any(
+            |ev| matches!(ev, ReconfigEvent::Aborted { error, .. } if error.contains("injected"))
+        ),
+        "{evs:?}"
+    );
+    assert_eq!(
+        e.placement().layers[3].len(),
+        2,
+        "layer 3 must not have moved"
+    );
+    assert_meter_matches_memory(&e);
+    assert_oracle(&e, a, &cases[0], n, "prompt 0");
+}
