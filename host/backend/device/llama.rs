@@ -20,7 +20,7 @@
 //! Attention kernels map local query head `i` to local KV head `i / (q/kv)`, so a
 //! shard must hold whole GQA groups (or one KV head): [`check_heads`] refuses the rest.
 
-use super::{download_vec, upload_new, Arg, Buf, Device};
+use super::{download_vec, pod, pod::Pod, upload_new, Arg, Buf, Device};
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::cuda::nvtx;
 use crate::model::{ModelConfig, TensorSource};
@@ -33,6 +33,7 @@ use half::bf16;
 use remp_gpu_kernels::gemm::{dec_block, DEC_COLS};
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 /// GEMMs with at most this many rows take the weight-streaming decode kernel.
 const DECODE_MAX_M: usize = 64;
@@ -228,6 +229,12 @@ pub struct DeviceCompute {
     pub dev: Box<dyn Device>,
     cfg: std::sync::Arc<ModelConfig>,
     inv_freq: Buf,
+    /// Temporaries by purpose, reused by every layer and step: allocating on a GPU is a
+    /// synchronous driver call, so per-layer allocations would dominate a decode step.
+    /// Work on the device is ordered on one stream, so a buffer is free for the next
+    /// layer once this one's launches are queued. Not counted in the memory meter
+    /// (which tracks weights and KV); a few activations' worth.
+    scratch: Mutex<HashMap<&'static str, Arc<Buf>>>,
 }
 
 fn u(x: usize) -> Arg {
@@ -249,7 +256,12 @@ impl DeviceCompute {
         }
         let inv = crate::backend::cpu::ops::rope_inv_freq(&cfg);
         let inv_freq = upload_new(dev.as_ref(), &inv)?;
-        Ok(DeviceCompute { dev, cfg, inv_freq })
+        Ok(DeviceCompute {
+            dev,
+            cfg,
+            inv_freq,
+            scratch: Mutex::new(HashMap::new()),
+        })
     }
 
     fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
@@ -260,6 +272,28 @@ impl DeviceCompute {
 
     fn alloc(&self, bytes: usize) -> Result<Buf> {
         self.dev.alloc(bytes.max(16))
+    }
+
+    /// The scratch buffer `key`, at least `bytes` long (grown to the next power of two).
+    fn scratch(&self, key: &'static str, bytes: usize) -> Result<Arc<Buf>> {
+        let mut m = self
+            .scratch
+            .lock()
+            .map_err(|_| dev_err("scratch table poisoned"))?;
+        if let Some(b) = m.get(key).filter(|b| b.len() >= bytes) {
+            return Ok(b.clone());
+        }
+        let b = Arc::new(self.alloc(bytes.next_power_of_two())?);
+        m.insert(key, b.clone());
+        Ok(b)
+    }
+
+    /// Uploads `data` into scratch buffer `key`.
+    fn scratch_upload<T: Pod>(&self, key: &'static str, data: &[T]) -> Result<Arc<Buf>> {
+        let bytes = pod::bytes_of(data);
+        let b = self.scratch(key, bytes.len())?;
+        self.dev.upload(&b, 0, bytes)?;
+        Ok(b)
     }
 
     /// `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias) (+ residual)`, bf16 or f32 out.
@@ -313,7 +347,7 @@ impl DeviceCompute {
         rows: usize,
         cols: usize,
         bias: Option<&Buf>,
-    ) -> Result<Buf> {
+    ) -> Result<Arc<Buf>> {
         let mut sum: Vec<f32> = download_vec(self.dev.as_ref(), part, rows * cols)?;
         comm.all_reduce_sum(g.workers(), &mut sum)?;
         let b: Option<Vec<bf16>> = match bias {
@@ -329,7 +363,7 @@ impl DeviceCompute {
                 })
             })
             .collect();
-        upload_new(self.dev.as_ref(), &out)
+        self.scratch_upload("reduced", &out)
     }
 
     /// The embedding segment: this worker's vocabulary rows, summed over the group.
@@ -394,7 +428,7 @@ impl DeviceCompute {
 
         // Attention block.
         let half = nvtx::range_with(|| format!("{l} attention"));
-        let xn = self.alloc(t * h * 2)?;
+        let xn = self.scratch("xn", t * h * 2)?;
         self.launch(
             "rmsnorm_bf16",
             rows,
@@ -407,9 +441,9 @@ impl DeviceCompute {
                 Arg::F32(eps),
             ],
         )?;
-        let q = self.alloc(t * nq * hd * 2)?;
-        let k = self.alloc(t * nkv * hd * 2)?;
-        let v = self.alloc(t * nkv * hd * 2)?;
+        let q = self.scratch("q", t * nq * hd * 2)?;
+        let k = self.scratch("k", t * nkv * hd * 2)?;
+        let v = self.scratch("v", t * nkv * hd * 2)?;
         for (out, w, b, n) in [
             (&q, TensorKind::Q(l), TensorKind::QBias(l), nq * hd),
             (&k, TensorKind::K(l), TensorKind::KBias(l), nkv * hd),
@@ -457,7 +491,7 @@ impl DeviceCompute {
                 u(nkv * hd),
             ],
         )?;
-        let attn = self.alloc(t * nq * hd * 2)?;
+        let attn = self.scratch("attn", t * nq * hd * 2)?;
         self.attention(&attn, &q, kv, nq, nkv, geom, inp)?;
         self.project_residual(
             comm,
@@ -490,13 +524,13 @@ impl DeviceCompute {
             .region(cfg, s.group_size, s.index)
             .rows
             .len();
-        let act = self.alloc(t * inter * 2)?;
+        let act = self.scratch("act", t * inter * 2)?;
         let (wg, wu) = (s.get(TensorKind::Gate(l))?, s.get(TensorKind::Up(l))?);
         let biased = s.tensors.contains_key(&TensorKind::GateBias(l))
             || s.tensors.contains_key(&TensorKind::UpBias(l));
         if biased {
             // No fused kernel with biases: two GEMMs, then SiLU·mul.
-            let up = self.alloc(t * inter * 2)?;
+            let up = self.scratch("up", t * inter * 2)?;
             self.gemm(
                 act.ptr(),
                 xn.ptr(),
@@ -592,7 +626,7 @@ impl DeviceCompute {
                 false,
             );
         }
-        let part = self.alloc(t * h * 4)?;
+        let part = self.scratch("part", t * h * 4)?;
         self.gemm(part.ptr(), input.ptr(), w, 0, 0, (t, h, k), true)?;
         let ar = nvtx::range_with(|| all_reduce_name(kind));
         let o = self.reduce_partials(comm, g, &part, t, h, s.tensors.get(&bias))?;
@@ -656,13 +690,13 @@ impl DeviceCompute {
         let splits = inp.max_ctx.div_ceil(split_tokens).max(1);
         let (o_part, ml_part) = if splits > 1 {
             (
-                Some(self.alloc(inp.seqs * nq * splits * hd * 4)?),
-                Some(self.alloc(inp.seqs * nq * splits * 2 * 4)?),
+                Some(self.scratch("o_part", inp.seqs * nq * splits * hd * 4)?),
+                Some(self.scratch("ml_part", inp.seqs * nq * splits * 2 * 4)?),
             )
         } else {
             (None, None)
         };
-        let p = |b: &Option<Buf>| Arg::Ptr(b.as_ref().map_or(0, Buf::ptr));
+        let p = |b: &Option<Arc<Buf>>| Arg::Ptr(b.as_ref().map_or(0, |b| b.ptr()));
         let mut args = vec![
             Arg::from(out),
             p(&o_part),
@@ -712,7 +746,7 @@ impl DeviceCompute {
         let mut logits = vec![0.0f32; r * v_local];
         if r > 0 {
             // The embedding kernel is a row gather: rows `logit_rows` of x.
-            let sel = self.alloc(r * h * 2)?;
+            let sel = self.scratch("sel", r * h * 2)?;
             self.launch(
                 "embedding_bf16",
                 [r as u32, 1, 1],
@@ -738,7 +772,7 @@ impl DeviceCompute {
                     Arg::F32(self.cfg.rms_norm_eps),
                 ],
             )?;
-            let out = self.alloc(r * v_local * 4)?;
+            let out = self.scratch("logits", r * v_local * 4)?;
             self.gemm(
                 out.ptr(),
                 sel.ptr(),

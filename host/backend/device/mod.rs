@@ -34,6 +34,12 @@ impl From<&Buf> for Arg {
     }
 }
 
+impl From<&std::sync::Arc<Buf>> for Arg {
+    fn from(b: &std::sync::Arc<Buf>) -> Arg {
+        Arg::Ptr(b.ptr())
+    }
+}
+
 /// Device memory of one allocation.
 pub struct Buf {
     ptr: u64,
