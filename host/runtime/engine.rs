@@ -14,7 +14,7 @@
 //! queue, and one that could never fit is refused at `add_request`.
 
 use crate::backend::comm::{fabric, Comm, CommStats, Lane, Tag};
-use crate::backend::cuda::CudaDevice;
+use crate::backend::cuda::{nvtx, CudaDevice};
 use crate::backend::device::emu::EmuDevice;
 use crate::backend::device::llama::{check_heads, DeviceCompute};
 use crate::backend::device::Device;
@@ -283,7 +283,10 @@ impl Pool {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("remp-worker-{w}"))
-                    .spawn(move || worker.run(crx, rtx))
+                    .spawn(move || {
+                        nvtx::name_current_thread();
+                        worker.run(crx, rtx)
+                    })
                     .map_err(|e| spawn_err(w, e))?,
             );
             cmd.push(tx);
@@ -301,7 +304,10 @@ impl Pool {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("remp-copy-{w}"))
-                    .spawn(move || copier.run(rx))
+                    .spawn(move || {
+                        nvtx::name_current_thread();
+                        copier.run(rx)
+                    })
                     .map_err(|e| spawn_err(w, e))?,
             );
         }
@@ -622,6 +628,10 @@ impl Engine {
             live: self.pool.live.clone(),
             seqs,
         });
+        let _nvtx = nvtx::range_with(|| {
+            let (n, t) = (plan.seqs.len(), plan.num_tokens());
+            format!("step {}: batch {n}, {t} tokens", plan.step)
+        });
         // A failed step still consumes its number: the placement's per-step decisions
         // (flips included) are never replayed under the same number.
         let logits = self.run_plan(&plan).inspect_err(|_| self.step_no += 1)?;
@@ -882,6 +892,7 @@ impl Engine {
     /// A step with no tokens: lets ready segments flip without decoding.
     fn flip_step(&mut self) -> Result<()> {
         let plan = self.empty_plan();
+        let _nvtx = nvtx::range_with(|| format!("step {}: flips only", plan.step));
         let r = self.run_plan(&plan);
         self.step_no += 1;
         r?;
