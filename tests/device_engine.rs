@@ -18,6 +18,7 @@
 //! pick the other token; the comparison stops at such a divergence, and the test
 //! requires that enough positions were compared.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -33,26 +34,6 @@ fn max_abs_err(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
-}
-
-/// `mod $name { emu, cuda }`: the body run on each device.
-macro_rules! on_devices {
-    ($(#[$doc:meta])* fn $name:ident($dev:ident) $body:block) => {
-        $(#[$doc])*
-        mod $name {
-            use super::*;
-            fn body($dev: DeviceKind) $body
-            #[test]
-            fn emu() {
-                body(DeviceKind::Emulated)
-            }
-            #[test]
-            #[ignore = "needs a CUDA device"]
-            fn cuda() {
-                body(DeviceKind::Cuda)
-            }
-        }
-    };
 }
 
 fn engine(dev: DeviceKind, tp: usize, pp: usize) -> (Engine, usize) {

@@ -1,13 +1,14 @@
-//! Online reconfiguration on device workers (the GPU kernel path, run on the emulated
-//! GPU): weights and KV move between bf16 device buffers through the reshard kernels
+//! Online reconfiguration on device workers (the GPU kernel path; each test runs on the
+//! emulated GPU and, ignored without one, on CUDA GPU 0): weights and KV move between bf16 device buffers through the reshard kernels
 //! and the counted copy lane while requests keep decoding, and the tokens stay those of
 //! the transformers oracle.
 //!
 //! On remp-tiny the device path's first 16 greedy tokens of oracle prompt 0 equal the
-//! oracle's on every topology tried (bf16 activations; see `device_emulated.rs` for the
+//! oracle's on every topology tried (bf16 activations; see `device_engine.rs` for the
 //! tolerance argument), so tokens are compared exactly. The emulator takes about half a
 //! second per step here: the tests keep to a few dozen steps.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -16,9 +17,9 @@ use remp::parallel::Topology;
 use remp::reshard::executor::ReconfigEvent;
 use remp::runtime::{DeviceKind, Engine, EngineConfig, Request, RequestId};
 
-fn engine(start: Topology, workers: usize) -> Engine {
+fn engine(dev: DeviceKind, start: Topology, workers: usize) -> Engine {
     let mut ec = EngineConfig::new(start);
-    ec.device = DeviceKind::Emulated;
+    ec.device = dev;
     ec.kv_blocks = 64;
     ec.workers = Some(workers);
     Engine::new(&tiny_model(), ec).unwrap()
@@ -63,15 +64,15 @@ fn finished(engine: &mut Engine) -> Vec<(u64, u64)> {
         .collect()
 }
 
+on_devices! {
 /// tp2pp1 → tp1pp2 → tp4pp1 while oracle prompt 0 decodes (the first switch two steps
 /// in) and prompt 1 joins in the middle of the first switch: KV pre-copy, the delta at
 /// each flip, head re-slicing (2 → 4 → 1 KV heads per rank) and pipeline hand-offs
 /// across a mixed placement all happen on the device path. Then an online switch of
 /// the idle engine back to tp2pp1 moves exactly its planned bytes.
-#[test]
-fn online_switches_keep_oracle_tokens() {
+fn online_switches_keep_oracle_tokens(dev) {
     let cases = oracle();
-    let mut e = engine(Topology::new(2, 1), 4);
+    let mut e = engine(dev, Topology::new(2, 1), 4);
     let (n0, n1) = (16, 8);
     let a = e.add_request(request(&cases[0], n0)).unwrap();
     for _ in 0..2 {
@@ -115,15 +116,16 @@ fn online_switches_keep_oracle_tokens() {
     assert_eq!(finished(&mut e)[2].0, plan.bytes_moved);
     assert_meter_matches_memory(&e);
 }
+}
 
+on_devices! {
 /// The stop-the-world baseline on the same executor, tp4pp1 → tp2pp1 with a request
 /// mid-decode (each new rank's 2 KV heads come from two old ranks): the switch moves
 /// exactly its planned bytes — weights and the KV of every cached position, all on the
 /// copy lane — and decoding continues with the oracle's tokens.
-#[test]
-fn stop_the_world_moves_exactly_the_planned_bytes() {
+fn stop_the_world_moves_exactly_the_planned_bytes(dev) {
     let cases = oracle();
-    let mut e = engine(Topology::new(4, 1), 4);
+    let mut e = engine(dev, Topology::new(4, 1), 4);
     let n = 8;
     let a = e.add_request(request(&cases[0], n)).unwrap();
     for _ in 0..3 {
@@ -154,16 +156,17 @@ fn stop_the_world_moves_exactly_the_planned_bytes() {
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].0, plan.bytes_moved);
 }
+}
 
+on_devices! {
 /// A copy that fails on a device worker aborts the switch: staged device buffers are
 /// dropped (the meter is back to what the workers hold), the flipped layers stay, and
 /// the engine keeps decoding the oracle's tokens on the mixed placement.
-#[test]
-fn failed_device_copy_aborts_and_keeps_serving() {
+fn failed_device_copy_aborts_and_keeps_serving(dev) {
     use remp::parallel::{LayerId, Segment, WorkerId};
     use remp::reshard::executor::ReconfigOptions;
     let cases = oracle();
-    let mut e = engine(Topology::new(2, 1), 2);
+    let mut e = engine(dev, Topology::new(2, 1), 2);
     let n = 6;
     let a = e.add_request(request(&cases[0], n)).unwrap();
     for _ in 0..2 {
@@ -190,4 +193,5 @@ fn failed_device_copy_aborts_and_keeps_serving() {
     );
     assert_meter_matches_memory(&e);
     assert_oracle(&e, a, &cases[0], n, "prompt 0");
+}
 }

@@ -96,3 +96,26 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// `mod $name { emu, cuda }`: one test body run on the emulated GPU (in CI) and on CUDA
+/// GPU 0 (ignored without a GPU; `tools/gpu-check` runs it with `--include-ignored`).
+/// Callers import `remp::runtime::DeviceKind`.
+#[allow(unused_macros)]
+macro_rules! on_devices {
+    ($(#[$doc:meta])* fn $name:ident($dev:ident) $body:block) => {
+        $(#[$doc])*
+        mod $name {
+            use super::*;
+            fn body($dev: DeviceKind) $body
+            #[test]
+            fn emu() {
+                body(DeviceKind::Emulated)
+            }
+            #[test]
+            #[ignore = "needs a CUDA device"]
+            fn cuda() {
+                body(DeviceKind::Cuda)
+            }
+        }
+    };
+}
