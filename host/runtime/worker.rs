@@ -171,33 +171,15 @@ impl WorkerMem {
         self.kv.read().ok()?.get(&l).cloned()
     }
 
-    /// Bytes of weights and KV resident on this worker.
+    /// Bytes of weights and KV resident on this worker (host and device memory).
     pub fn bytes(&self) -> usize {
-        let w: usize = self
-            .shards
-            .read()
-            .map(|m| m.values().map(|s| s.bytes()).sum())
-            .unwrap_or(0);
-        let kv: usize = self
-            .kv
-            .read()
-            .map(|m| {
-                m.values()
-                    .map(|k| k.lock().map(|k| k.bytes()).unwrap_or(0))
-                    .sum()
-            })
-            .unwrap_or(0);
-        let dev: usize = self
-            .dev_shards
-            .read()
-            .map(|m| m.values().map(|s| s.bytes()).sum())
-            .unwrap_or(0);
-        let dev_kv: usize = self
-            .dev_kv
-            .read()
-            .map(|m| m.values().map(|k| k.bytes()).sum())
-            .unwrap_or(0);
-        w + kv + dev + dev_kv
+        fn sum<K, V>(m: &RwLock<HashMap<K, V>>, f: impl Fn(&V) -> usize) -> usize {
+            m.read().map(|m| m.values().map(f).sum()).unwrap_or(0)
+        }
+        sum(&self.shards, |s| s.bytes())
+            + sum(&self.kv, |k| k.lock().map(|k| k.bytes()).unwrap_or(0))
+            + sum(&self.dev_shards, |s| s.bytes())
+            + sum(&self.dev_kv, |k| k.bytes())
     }
 }
 

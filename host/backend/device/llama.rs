@@ -296,6 +296,19 @@ impl DeviceCompute {
         Ok(b)
     }
 
+    /// `out[r] = RMSNorm(x[r]) * w` for `rows` rows of the hidden size (may be in place).
+    fn rmsnorm(&self, out: &Buf, x: &Buf, w: &Buf, rows: usize) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        let args = [
+            Arg::from(out),
+            Arg::from(x),
+            Arg::from(w),
+            u(h),
+            Arg::F32(self.cfg.rms_norm_eps),
+        ];
+        self.launch("rmsnorm_bf16", [rows as u32, 1, 1], BLOCK, &args)
+    }
+
     /// `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias) (+ residual)`, bf16 or f32 out.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
@@ -423,24 +436,12 @@ impl DeviceCompute {
             )));
         }
         let (nq, nkv) = (heads.q_heads.len(), heads.kv_heads.len());
-        let eps = cfg.rms_norm_eps;
         let rows = [t as u32, 1, 1];
 
         // Attention block.
         let half = nvtx::range_with(|| format!("{l} attention"));
         let xn = self.scratch("xn", t * h * 2)?;
-        self.launch(
-            "rmsnorm_bf16",
-            rows,
-            BLOCK,
-            &[
-                Arg::from(&xn),
-                Arg::from(x),
-                Arg::from(s.get(TensorKind::InputNorm(l))?),
-                u(h),
-                Arg::F32(eps),
-            ],
-        )?;
+        self.rmsnorm(&xn, x, s.get(TensorKind::InputNorm(l))?, t)?;
         let q = self.scratch("q", t * nq * hd * 2)?;
         let k = self.scratch("k", t * nkv * hd * 2)?;
         let v = self.scratch("v", t * nkv * hd * 2)?;
@@ -508,18 +509,7 @@ impl DeviceCompute {
         // MLP block.
         drop(half);
         let _half = nvtx::range_with(|| format!("{l} mlp"));
-        self.launch(
-            "rmsnorm_bf16",
-            rows,
-            BLOCK,
-            &[
-                Arg::from(&xn),
-                Arg::from(x),
-                Arg::from(s.get(TensorKind::PostNorm(l))?),
-                u(h),
-                Arg::F32(eps),
-            ],
-        )?;
+        self.rmsnorm(&xn, x, s.get(TensorKind::PostNorm(l))?, t)?;
         let inter = TensorKind::Gate(l)
             .region(cfg, s.group_size, s.index)
             .rows
@@ -760,18 +750,7 @@ impl DeviceCompute {
                     u(inp.tokens),
                 ],
             )?;
-            self.launch(
-                "rmsnorm_bf16",
-                [r as u32, 1, 1],
-                BLOCK,
-                &[
-                    Arg::from(&sel),
-                    Arg::from(&sel),
-                    Arg::from(s.get(TensorKind::FinalNorm)?),
-                    u(h),
-                    Arg::F32(self.cfg.rms_norm_eps),
-                ],
-            )?;
+            self.rmsnorm(&sel, &sel, s.get(TensorKind::FinalNorm)?, r)?;
             let out = self.scratch("logits", r * v_local * 4)?;
             self.gemm(
                 out.ptr(),
