@@ -23,28 +23,54 @@ fn barriers_order_shared_memory() {
     }
 }
 
+/// Stale (poisoned) values read when thread `writer(t)`'s slot is read by thread `t`
+/// without a barrier, in a one-block launch (the case a fixed resume order would miss
+/// in one direction).
+fn stale_reads(source: fn(u32) -> u32) -> usize {
+    let out = Mutex::new(vec![0u32; 64]);
+    unsafe {
+        launch([1, 1, 1], 64, || {
+            let s = shared_alloc(256) as *mut u32;
+            let t = thread_idx();
+            *s.add(t as usize) = t;
+            // no barrier here: a read may see the 0xFF poison of a slot not yet written
+            let v = *s.add(source(t) as usize);
+            out.lock().unwrap()[t as usize] = v;
+        });
+    }
+    let v = out.into_inner().unwrap();
+    v.iter().filter(|&&x| x == u32::MAX).count()
+}
+
 #[test]
 fn a_missing_barrier_is_caught_in_both_directions() {
-    for shift in [1u32, 63] {
-        let out = Mutex::new(vec![0u32; 64]);
-        unsafe {
-            launch([1, 1, 1], 64, || {
-                let s = shared_alloc(256) as *mut u32;
-                let t = thread_idx();
-                *s.add(t as usize) = t;
-                // no barrier: the read may see the 0xFF poison of a slot not yet written
-                let v = *s.add(((t + shift) % 64) as usize);
-                out.lock().unwrap()[t as usize] = v;
-            });
-        }
-        let stale = out
-            .into_inner()
-            .unwrap()
-            .iter()
-            .filter(|&&v| v == u32::MAX)
-            .count();
-        assert!(stale > 0, "shift {shift}: the race went unnoticed");
+    // from lower to higher threads, from higher to lower, and broadcasts from either end
+    let cases: [(&str, fn(u32) -> u32); 4] = [
+        ("t reads t-1", |t| t.saturating_sub(1)),
+        ("t reads t+1", |t| (t + 1).min(63)),
+        ("all read thread 0", |_| 0),
+        ("all read thread 63", |_| 63),
+    ];
+    for (what, f) in cases {
+        assert!(stale_reads(f) > 0, "{what}: the race went unnoticed");
     }
+}
+
+#[test]
+fn each_block_starts_with_poisoned_shared_memory() {
+    let seen = Mutex::new(Vec::new());
+    unsafe {
+        launch([3, 1, 1], 32, || {
+            let s = shared_alloc(64) as *mut u32;
+            let t = thread_idx();
+            if t == 0 {
+                seen.lock().unwrap().push(*s);
+            }
+            sync_threads();
+            *s.add(t as usize) = 7;
+        });
+    }
+    assert_eq!(seen.into_inner().unwrap(), vec![u32::MAX; 3]);
 }
 
 #[test]

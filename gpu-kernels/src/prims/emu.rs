@@ -6,12 +6,14 @@
 //! `ldmatrix` and `mma.sync`. So barriers have true semantics (a thread past a barrier
 //! sees everything the others wrote before it) at the cost of a context switch (a few
 //! nanoseconds, not an OS thread wake-up), and one launch never needs more than one core.
-//! The scheduler resumes the waiting threads in tid order and in reverse order on
-//! alternate rounds, so a missing barrier shows up whichever thread the data flows
-//! from; a barrier that some threads never reach is reported as a deadlock (a panic)
-//! instead of hanging. Shared memory is one arena per launch, handed out by a
-//! per-thread bump allocator (every thread declares the same arrays in the same order,
-//! so all get the same addresses), poisoned with 0xFF bytes (NaN as f32/bf16) at launch.
+//! Each scheduling round resumes the waiting threads in a fresh pseudo-random order
+//! (seeded per launch, block and round), so a missing barrier shows up whichever thread
+//! the data flows from, in one-block launches too; a barrier that some threads never
+//! reach is reported as a deadlock (a panic) instead of hanging. Shared memory is one
+//! arena per launch, handed out by a per-thread bump allocator (every thread declares
+//! the same arrays in the same order, so all get the same addresses), poisoned with
+//! 0xFF bytes (NaN as f32/bf16) at launch and again at each block's start, so a block
+//! never sees its predecessor's data.
 //! Warp operations exchange values through a per-warp mailbox between two warp barriers
 //! and reproduce the PTX fragment layouts exactly. `cp.async` is a synchronous copy.
 //! A panic in a kernel thread (a `trap`, a failed assertion) ends the launch and
@@ -76,6 +78,8 @@ struct Launch {
     /// Barrier arrivals and finished threads: a scheduling round without any is a
     /// deadlock.
     progress: Cell<u64>,
+    /// Seeds the resume orders.
+    seed: u64,
 }
 
 struct Ctx {
@@ -90,6 +94,30 @@ std::thread_local! {
     static CTX: Cell<*const Ctx> = const { Cell::new(core::ptr::null()) };
     /// Coroutine stacks kept for the next launch on this OS thread.
     static STACKS: RefCell<Vec<DefaultStack>> = const { RefCell::new(Vec::new()) };
+    /// Launches so far on this OS thread (seeds the resume orders).
+    static LAUNCHES: Cell<u64> = const { Cell::new(0) };
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Sets the current GPU thread for the duration of one resume, and clears it even when
+/// the resumed thread panics (so no stale pointer outlives the launch).
+struct Current;
+impl Current {
+    fn set(c: &Ctx) -> Current {
+        CTX.with(|x| x.set(c as *const Ctx));
+        Current
+    }
+}
+impl Drop for Current {
+    fn drop(&mut self) {
+        CTX.with(|x| x.set(core::ptr::null()));
+    }
 }
 
 #[inline]
@@ -137,6 +165,11 @@ pub unsafe fn launch<F: Fn()>(grid: [u32; 3], block: u32, f: F) {
             .map(|_| UnsafeCell::new([0; MAILBOX_WORDS]))
             .collect(),
         progress: Cell::new(0),
+        seed: LAUNCHES.with(|n| {
+            let v = n.get();
+            n.set(v + 1);
+            mix(v)
+        }),
     };
     let ctxs: Vec<Ctx> = (0..block)
         .map(|tid| Ctx {
@@ -151,10 +184,14 @@ pub unsafe fn launch<F: Fn()>(grid: [u32; 3], block: u32, f: F) {
     // SAFETY: every coroutine finishes (or is dropped, unwinding it) before `launch`
     // returns, so the kernel closure outlives them.
     let body: *const (dyn Fn() + 'static) = core::mem::transmute(body as *const dyn Fn());
-    let mut reverse = false;
     for z in 0..grid[2] {
         for y in 0..grid[1] {
             for x in 0..grid[0] {
+                // Re-poison what the previous block used of shared memory.
+                let used = ctxs.iter().map(|c| c.smem_off.get()).max().unwrap_or(0);
+                for cell in &l.smem[..used / 16] {
+                    *cell.get() = u128::MAX;
+                }
                 let mut threads: Vec<Option<Thread>> = Vec::with_capacity(block as usize);
                 for c in &ctxs {
                     c.bidx.set([x, y, z]);
@@ -175,32 +212,32 @@ pub unsafe fn launch<F: Fn()>(grid: [u32; 3], block: u32, f: F) {
                         },
                     )));
                 }
-                run_block(&l, &ctxs, &mut threads, &mut reverse, [x, y, z]);
+                run_block(&l, &ctxs, &mut threads, [x, y, z]);
             }
         }
     }
 }
 
 /// Resumes the block's threads round by round until all have finished.
-fn run_block(
-    l: &Launch,
-    ctxs: &[Ctx],
-    threads: &mut [Option<Thread>],
-    reverse: &mut bool,
-    bidx: [u32; 3],
-) {
+fn run_block(l: &Launch, ctxs: &[Ctx], threads: &mut [Option<Thread>], bidx: [u32; 3]) {
     let n = threads.len();
     let mut live = n;
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = mix(l.seed ^ ((bidx[0] as u64) << 32 | (bidx[1] as u64) << 16 | bidx[2] as u64));
     while live > 0 {
         let before = l.progress.get();
-        for k in 0..n {
-            let tid = if *reverse { n - 1 - k } else { k };
+        // Fisher-Yates with a splitmix stream: a new order every round.
+        for i in (1..n).rev() {
+            rng = mix(rng);
+            order.swap(i, (rng % (i as u64 + 1)) as usize);
+        }
+        for &tid in &order {
             let Some(t) = threads[tid].as_mut() else {
                 continue;
             };
-            CTX.with(|c| c.set(&ctxs[tid] as *const Ctx));
+            let cur = Current::set(&ctxs[tid]);
             let r = t.resume(());
-            CTX.with(|c| c.set(core::ptr::null()));
+            drop(cur);
             if let CoroutineResult::Return(()) = r {
                 l.progress.set(l.progress.get() + 1);
                 live -= 1;
@@ -209,7 +246,6 @@ fn run_block(
                 }
             }
         }
-        *reverse = !*reverse;
         if live > 0 && l.progress.get() == before {
             panic!(
                 "emulator: deadlock in block {bidx:?}: {live} of {n} threads wait at a barrier the others never reach"
