@@ -596,6 +596,53 @@ fn bad_prompts() {
 }
 
 #[test]
+fn kv_blocks_flag() {
+    // An explicit size is used as given: 2 blocks of 16 tokens hold a 3 + 5 token request.
+    let r = remp(&[
+        "generate",
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "5",
+        "--ignore-eos",
+        "--kv-blocks",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let v = parse_one_object(&r.stdout);
+    assert_eq!(ids(&v["requests"][0]["output_ids"]).len(), 5, "{v}");
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    // Zero is refused by name, and too few for the request says how many it needs.
+    expect_bad(
+        &["generate", "--prompt-ids", "1,2", "--kv-blocks", "0"],
+        &["--kv-blocks 0", "at least 1"],
+    );
+    expect_bad(
+        &[
+            "generate",
+            "--prompt-ids",
+            "1,2",
+            "--max-new-tokens",
+            "40",
+            "--kv-blocks",
+            "1",
+        ],
+        &["3 KV blocks", "1 in all"],
+    );
+    // Not a count: clap's usage error (exit 2, the first line names the value).
+    let r = remp(&["generate", "--prompt-ids", "1,2", "--kv-blocks=-1"]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    let first = r.stderr.lines().next().unwrap_or("");
+    assert!(
+        first.contains("'-1'") && first.contains("--kv-blocks"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
 fn emulated_device_generates_the_oracle_tokens() {
     // The device code path (bf16 GPU kernels) on the emulator: remp-tiny's prompt 0,
     // whose first greedy tokens have clear margins (tests/device_emulated.rs).

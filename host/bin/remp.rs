@@ -2,7 +2,11 @@
 //! chosen topology. Every error is one line on stderr and exit status 2.
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
-use remp::model::Model;
+use remp::model::{Model, ModelConfig};
+use remp::parallel::devices::{
+    kv_blocks_cap, kv_blocks_from_free_memory, kv_bytes_per_block, kv_reserve_bytes,
+    weight_bytes_bf16,
+};
 use remp::parallel::{Placement, Topology};
 use remp::reshard::bench::{copy_bandwidth, plot_svg, run_mode, BenchConfig, Mode, SwitchMetrics};
 use remp::reshard::executor::ReconfigEvent;
@@ -141,9 +145,11 @@ struct GenerateArgs {
     /// Seed of the sampler (request i uses seed + i).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// KV-cache blocks (of 16 tokens) per layer.
-    #[arg(long, default_value_t = 512)]
-    kv_blocks: usize,
+    /// KV-cache blocks (of 16 tokens) per layer. Default: 512 on cpu and emu; on cuda,
+    /// what GPU 0's free memory holds after the weights of all ranks and a reserve of
+    /// max(10% of total, 1 GiB), capped at 64 sequences of the full context.
+    #[arg(long)]
+    kv_blocks: Option<usize>,
     /// Device: cpu (default, f32), cuda (the GPU kernels on GPU 0, bf16), or emu (the
     /// GPU kernels on the host emulator: the CUDA code path without a GPU, slow).
     #[arg(long, default_value = "cpu")]
@@ -204,6 +210,62 @@ fn check_device(device: &str) -> Result<DeviceKind> {
     Ok(kind)
 }
 
+/// `generate --device cuda` without `--kv-blocks`: KV blocks per layer from GPU 0's free
+/// memory, and the one line that says why. Every rank of the run shares GPU 0, and the
+/// cache is sized before the model is loaded, so the weights of all ranks are subtracted
+/// from what is free now, then a reserve of max(10% of total, 1 GiB) for activations,
+/// scratch buffers and the reshard window. With `--reconfigure` the most demanding
+/// topology of the run sets the size. At most [`kv_blocks_cap`] blocks (`max_running`
+/// sequences of the full context); fewer than `need` (the longest request's) is an error.
+fn cuda_kv_blocks(
+    cfg: &ModelConfig,
+    topos: &[Topology],
+    block_size: usize,
+    max_running: usize,
+    need: usize,
+) -> Result<(usize, String)> {
+    let (free, total) = remp::backend::cuda::CudaDevice::open(0)?.mem_info()?;
+    let reserve = kv_reserve_bytes(total);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut fit = usize::MAX;
+    let mut worst = topos[0];
+    for &t in topos {
+        let n = kv_blocks_from_free_memory(cfg, t, block_size, free, reserve)?;
+        if n < fit {
+            (fit, worst) = (n, t);
+        }
+    }
+    let weights = weight_bytes_bf16(cfg, worst)?;
+    let per_block = kv_bytes_per_block(cfg, worst, block_size)?;
+    if fit < need {
+        return Err(Error::Device(format!(
+            "GPU 0: {:.2} GiB free holds {fit} KV blocks after the {worst} weights ({:.2} GiB) and the reserve ({:.2} GiB); the longest request needs {need} blocks of {block_size} tokens (free GPU memory, shorten the request, or set --kv-blocks)",
+            gib(free),
+            gib(weights),
+            gib(reserve)
+        )));
+    }
+    let cap = kv_blocks_cap(cfg, block_size, max_running);
+    let blocks = fit.min(cap);
+    let capped = if cap < fit {
+        format!(
+            ", capped at {cap} ({max_running} sequences of {} tokens)",
+            cfg.max_position_embeddings
+        )
+    } else {
+        String::new()
+    };
+    let note = format!(
+        "kv cache: {blocks} blocks of {block_size} tokens ({:.2} GiB, all layers and ranks) from GPU 0's free memory: {:.2} GiB free of {:.2} GiB, less {worst} weights {:.2} GiB (bf16, all ranks) and reserve {:.2} GiB (max(10% of total, 1 GiB)) fits {fit}{capped}; --kv-blocks N overrides",
+        gib(blocks as u64 * per_block),
+        gib(free),
+        gib(total),
+        gib(weights),
+        gib(reserve)
+    );
+    Ok((blocks, note))
+}
+
 enum Prompt {
     Text(String),
     Ids(Vec<u32>),
@@ -254,6 +316,12 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
 fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
     let device = check_device(&a.device)?;
     let prompts = ordered_prompts(&a, m)?;
+    if a.kv_blocks == Some(0) {
+        return Err(Error::Request(
+            "--kv-blocks 0: the KV cache needs at least 1 block (leave the flag out for the default)"
+                .into(),
+        ));
+    }
     if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
         return Err(Error::Request(format!(
             "--temperature {} must be >= 0",
@@ -279,9 +347,47 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
         switches.push((step, t));
     }
     switches.sort_by_key(|s| s.0);
+    let prompts: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| match p {
+            Prompt::Text(t) => model.tokenizer.encode(t),
+            Prompt::Ids(ids) => Ok(ids.clone()),
+        })
+        .collect::<Result<_>>()?;
     let mut econf = EngineConfig::new(topo);
-    econf.kv_blocks = a.kv_blocks;
     econf.device = device;
+    // Today's default (EngineConfig's 512) on cpu and emu; from free memory on cuda.
+    let mut kv_note = None;
+    match a.kv_blocks {
+        Some(n) => econf.kv_blocks = n,
+        None if device == DeviceKind::Cuda => {
+            let ctx = model.config.max_position_embeddings;
+            // The longest valid request's whole budget (too long a prompt, or no new
+            // token, is refused below with its own error).
+            let need = prompts
+                .iter()
+                .filter(|p| p.len() < ctx && a.max_new_tokens > 0)
+                .map(|p| {
+                    (p.len() + a.max_new_tokens)
+                        .min(ctx)
+                        .div_ceil(econf.block_size)
+                })
+                .max()
+                .unwrap_or(1);
+            let mut topos = vec![topo];
+            topos.extend(switches.iter().map(|s| s.1));
+            let (n, note) = cuda_kv_blocks(
+                &model.config,
+                &topos,
+                econf.block_size,
+                econf.max_running,
+                need,
+            )?;
+            econf.kv_blocks = n;
+            kv_note = Some(note);
+        }
+        None => {}
+    }
     econf.workers = Some(
         switches
             .iter()
@@ -291,11 +397,7 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
     let mut engine = Engine::new(&model, econf)?;
 
     let mut ids = Vec::new();
-    for (i, p) in prompts.iter().enumerate() {
-        let prompt = match p {
-            Prompt::Text(t) => model.tokenizer.encode(t)?,
-            Prompt::Ids(ids) => ids.clone(),
-        };
+    for (i, prompt) in prompts.into_iter().enumerate() {
         let sampling = if a.temperature > 0.0 {
             Sampling::Random {
                 temperature: a.temperature,
@@ -318,6 +420,10 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
             e => e,
         })?;
         ids.push(id);
+    }
+    // Only now, after every input check: a refused run's stderr stays its one error line.
+    if let (Some(note), false) = (&kv_note, a.json) {
+        eprintln!("{note}");
     }
 
     let t0 = Instant::now();

@@ -11,10 +11,13 @@
 //!   group) or `NCCL_SPLIT_NOCOLOR` otherwise. A reconfiguration only adds splits for
 //!   its new groups; nothing is re-initialised.
 //! - The KV cache is sized from the device's free memory after the weights, keeping a
-//!   stated reserve for activations and the reshard window.
+//!   stated reserve for activations and the reshard window
+//!   ([`kv_blocks_from_free_memory`], [`kv_reserve_bytes`], [`kv_blocks_cap`]).
 
-use super::{Group, Placement, WorkerId};
+use super::shard::HeadShard;
+use super::{Group, Placement, Segment, Topology, WorkerId};
 use crate::error::{Error, Result};
+use crate::model::ModelConfig;
 
 /// A GPU ordinal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -156,6 +159,105 @@ pub fn kv_blocks_for(
     Ok(blocks)
 }
 
+/// Bytes of one element on the device: weights and KV cache are bf16 there.
+pub const DEVICE_ELEM_BYTES: u64 = 2;
+
+/// The least memory kept out of the KV cache by [`kv_reserve_bytes`].
+pub const KV_RESERVE_MIN_BYTES: u64 = 1 << 30;
+
+/// Device memory kept out of the KV cache for activations and scratch buffers, the CUDA
+/// context and kernel module, the reshard window of an online switch and fragmentation:
+/// 10% of the device's total memory or 1 GiB, whichever is larger.
+pub fn kv_reserve_bytes(total_bytes: u64) -> u64 {
+    (total_bytes / 10).max(KV_RESERVE_MIN_BYTES)
+}
+
+/// Bytes of the bf16 weights every rank of `topo` holds, summed over the ranks (all ranks
+/// share one GPU here). Counts what the workers upload: each segment's tensors in the
+/// member's region ([`crate::parallel::TensorKind::region`]), so replicated norms, KV
+/// projections replicated when `tp > kv_heads`, and a tied LM head (uploaded beside the
+/// embedding) are all counted as often as they are resident.
+pub fn weight_bytes_bf16(cfg: &ModelConfig, topo: Topology) -> Result<u64> {
+    let p = Placement::static_topology(topo, cfg)?;
+    let mut elems = 0u64;
+    for seg in p.segments() {
+        let tp = p.group(seg).len();
+        for k in crate::runtime::worker::segment_tensors(cfg, seg) {
+            for r in 0..tp {
+                elems += k.region(cfg, tp, r).len() as u64;
+            }
+        }
+    }
+    Ok(elems * DEVICE_ELEM_BYTES)
+}
+
+/// Device bytes one KV block (of `block_size` tokens, in every layer's pool) costs over
+/// all ranks of `topo`: K and V, bf16, `head_dim` per head, for each rank the KV heads
+/// its query heads read ([`HeadShard`]): split when `tp <= kv_heads`, replicated when
+/// `tp > kv_heads` (tp8 of 4 KV heads holds 8 KV-head copies per layer, not 4).
+pub fn kv_bytes_per_block(cfg: &ModelConfig, topo: Topology, block_size: usize) -> Result<u64> {
+    let p = Placement::static_topology(topo, cfg)?;
+    let mut heads = 0u64;
+    for seg in p.segments() {
+        if let Segment::Layer(_) = seg {
+            let tp = p.group(seg).len();
+            for r in 0..tp {
+                heads += HeadShard::new(cfg, tp, r).kv_heads.len() as u64;
+            }
+        }
+    }
+    Ok(2 * block_size as u64 * heads * cfg.head_dim as u64 * DEVICE_ELEM_BYTES)
+}
+
+/// KV blocks (per layer, as `EngineConfig::kv_blocks`) that fit on a device with
+/// `free_bytes` free, for `topo` with every rank on that one device.
+///
+/// Sizing happens before the model is loaded, so the weights of all ranks
+/// ([`weight_bytes_bf16`]) are subtracted from `free_bytes`, and so is `reserve_bytes`
+/// (see [`kv_reserve_bytes`]); what is left is divided by [`kv_bytes_per_block`]. The
+/// result is what fits, uncapped (see [`kv_blocks_cap`]). Fails with
+/// [`Error::Device`] when the weights and the reserve leave no room for one block.
+pub fn kv_blocks_from_free_memory(
+    cfg: &ModelConfig,
+    topo: Topology,
+    block_size: usize,
+    free_bytes: u64,
+    reserve_bytes: u64,
+) -> Result<usize> {
+    if block_size == 0 {
+        return Err(Error::Device("bad KV sizing: block_size 0".into()));
+    }
+    let weights = weight_bytes_bf16(cfg, topo)?;
+    let per_block = kv_bytes_per_block(cfg, topo, block_size)?;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let left = free_bytes
+        .checked_sub(weights)
+        .and_then(|x| x.checked_sub(reserve_bytes))
+        .unwrap_or(0);
+    let blocks = left / per_block;
+    if blocks == 0 {
+        return Err(Error::Device(format!(
+            "{:.2} GiB free cannot hold the {topo} weights ({:.2} GiB, bf16, all ranks) plus the reserve ({:.2} GiB) and one KV block ({per_block} bytes)",
+            gib(free_bytes),
+            gib(weights),
+            gib(reserve_bytes)
+        )));
+    }
+    Ok(usize::try_from(blocks).unwrap_or(usize::MAX))
+}
+
+/// The most KV blocks worth allocating: `max_running` sequences at the model's full
+/// context, and never more than the `u32` slot ids of the attention kernels address
+/// (`u32::MAX` is their "skip" marker).
+pub fn kv_blocks_cap(cfg: &ModelConfig, block_size: usize, max_running: usize) -> usize {
+    let bs = block_size.max(1);
+    let per_seq = cfg.max_position_embeddings.div_ceil(bs);
+    max_running
+        .saturating_mul(per_seq)
+        .min(u32::MAX as usize / bs)
+        .max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,5 +322,130 @@ mod tests {
         );
         assert!(kv_blocks_for(10 * gib, 14 * gib, 0.1, 1 << 20).is_err());
         assert!(kv_blocks_for(10 * gib, 1, 1.0, 1).is_err());
+    }
+
+    #[test]
+    fn weight_bytes_count_every_rank_in_bf16() {
+        let cfg = tiny_config();
+        let p = cfg.num_params() as u64;
+        assert_eq!(weight_bytes_bf16(&cfg, Topology::new(1, 1)).unwrap(), 2 * p);
+        // Pipeline stages hold disjoint layers: no extra bytes.
+        assert_eq!(weight_bytes_bf16(&cfg, Topology::new(1, 3)).unwrap(), 2 * p);
+        // tp2: split tensors add up to the whole; the norms (two per layer and the final
+        // one) are replicated on both ranks.
+        let h = cfg.hidden_size as u64;
+        let norms = (2 * cfg.num_layers as u64 + 1) * h;
+        assert_eq!(
+            weight_bytes_bf16(&cfg, Topology::new(2, 2)).unwrap(),
+            2 * (p + norms)
+        );
+        // tp8 of 4 KV heads: every K and V projection is held twice over.
+        let kv_proj = 2 * cfg.num_layers as u64 * cfg.kv_dim() as u64 * h;
+        assert_eq!(
+            weight_bytes_bf16(&cfg, Topology::new(8, 1)).unwrap(),
+            2 * (p + 7 * norms + kv_proj)
+        );
+        assert!(weight_bytes_bf16(&cfg, Topology::new(3, 1)).is_err());
+    }
+
+    #[test]
+    fn kv_block_bytes_count_replicated_kv_heads() {
+        let cfg = tiny_config();
+        // K and V x 16 tokens x 4 KV heads x 32 dims x bf16 x 6 layers.
+        let one = 2 * 16 * 4 * 32 * 2 * 6;
+        assert_eq!(
+            kv_bytes_per_block(&cfg, Topology::new(1, 1), 16).unwrap(),
+            one
+        );
+        // Split heads (tp <= kv_heads) and stages add up to the same.
+        for (tp, pp) in [(2, 1), (4, 1), (2, 2), (1, 6)] {
+            assert_eq!(
+                kv_bytes_per_block(&cfg, Topology::new(tp, pp), 16).unwrap(),
+                one,
+                "tp{tp}pp{pp}"
+            );
+        }
+        // tp8 > 4 KV heads: each rank holds a copy of its query heads' KV head.
+        assert_eq!(
+            kv_bytes_per_block(&cfg, Topology::new(8, 1), 16).unwrap(),
+            2 * one
+        );
+        assert_eq!(
+            kv_bytes_per_block(&cfg, Topology::new(1, 1), 32).unwrap(),
+            2 * one
+        );
+    }
+
+    #[test]
+    fn kv_blocks_from_free_memory_subtracts_weights_and_keeps_the_reserve() {
+        let cfg = tiny_config();
+        let t = Topology::new(2, 1);
+        let w = weight_bytes_bf16(&cfg, t).unwrap();
+        let pb = kv_bytes_per_block(&cfg, t, 16).unwrap();
+        let reserve = 1u64 << 30;
+        let free = w + reserve + 10 * pb + pb - 1;
+        assert_eq!(
+            kv_blocks_from_free_memory(&cfg, t, 16, free, reserve).unwrap(),
+            10
+        );
+        // The reserve is kept whole: one byte more of it (or less free) costs a block.
+        assert_eq!(
+            kv_blocks_from_free_memory(&cfg, t, 16, free, reserve + pb).unwrap(),
+            9
+        );
+        assert_eq!(
+            kv_blocks_from_free_memory(&cfg, t, 16, free - pb, reserve).unwrap(),
+            9
+        );
+        assert_eq!(
+            kv_blocks_from_free_memory(&cfg, t, 16, free, 0).unwrap() as u64,
+            (reserve + 11 * pb - 1) / pb
+        );
+        // Replicated KV heads make blocks dearer.
+        let t8 = Topology::new(8, 1);
+        let (w8, pb8) = (
+            weight_bytes_bf16(&cfg, t8).unwrap(),
+            kv_bytes_per_block(&cfg, t8, 16).unwrap(),
+        );
+        assert_eq!(
+            kv_blocks_from_free_memory(&cfg, t8, 16, w8 + reserve + 10 * pb8, reserve).unwrap(),
+            10
+        );
+    }
+
+    #[test]
+    fn too_little_memory_is_an_error_naming_the_sizes() {
+        let cfg = tiny_config();
+        let t = Topology::new(1, 1);
+        let w = weight_bytes_bf16(&cfg, t).unwrap();
+        let pb = kv_bytes_per_block(&cfg, t, 16).unwrap();
+        let reserve = 1u64 << 30;
+        for free in [0, w, w + reserve - 1, w + reserve, w + reserve + pb - 1] {
+            let e = kv_blocks_from_free_memory(&cfg, t, 16, free, reserve)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("device: "), "{e}");
+            assert!(e.contains("weights") && e.contains("reserve"), "{e}");
+        }
+        assert_eq!(
+            kv_blocks_from_free_memory(&cfg, t, 16, w + reserve + pb, reserve).unwrap(),
+            1
+        );
+        assert!(kv_blocks_from_free_memory(&cfg, t, 0, u64::MAX, 0).is_err());
+        assert!(kv_blocks_from_free_memory(&cfg, Topology::new(3, 1), 16, u64::MAX, 0).is_err());
+    }
+
+    #[test]
+    fn reserve_and_cap() {
+        let gib = 1u64 << 30;
+        assert_eq!(kv_reserve_bytes(80 * gib), 8 * gib);
+        assert_eq!(kv_reserve_bytes(4 * gib), gib);
+        assert_eq!(kv_reserve_bytes(0), gib);
+        let mut cfg = tiny_config();
+        // 64 sequences of 1024 tokens in blocks of 16.
+        assert_eq!(kv_blocks_cap(&cfg, 16, 64), 64 * 64);
+        assert_eq!(kv_blocks_cap(&cfg, 1000, 1), 2);
+        cfg.max_position_embeddings = usize::MAX / 2;
+        assert_eq!(kv_blocks_cap(&cfg, 16, 64), u32::MAX as usize / 16);
     }
 }

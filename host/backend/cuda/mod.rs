@@ -219,6 +219,14 @@ impl CudaDevice {
                 as u32,
         )
     }
+    /// `(free, total)` bytes of the device's memory now (`cuMemGetInfo`, with this
+    /// device's context current: other processes' and this one's allocations are out of
+    /// `free`).
+    pub fn mem_info(&self) -> Result<(u64, u64)> {
+        self.bind()?;
+        let (free, total) = result::mem_get_info().map_err(|e| derr("cuMemGetInfo", e))?;
+        Ok((free as u64, total as u64))
+    }
     /// After every launch also synchronize and check the kernel ran to completion
     /// (tests: a trap or fault is reported at the launch that caused it).
     pub fn set_sync_check(&self, on: bool) {
