@@ -645,7 +645,7 @@ fn kv_blocks_flag() {
 #[test]
 fn emulated_device_generates_the_oracle_tokens() {
     // The device code path (bf16 GPU kernels) on the emulator: remp-tiny's prompt 0,
-    // whose first greedy tokens have clear margins (tests/device_emulated.rs).
+    // whose first greedy tokens have clear margins (tests/device_engine.rs).
     let case = &common::oracle()[0];
     let ids: Vec<String> = case.prompt.iter().map(|t| t.to_string()).collect();
     let ids = ids.join(",");

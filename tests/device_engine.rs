@@ -22,6 +22,7 @@
 mod common;
 
 use common::*;
+use remp::backend::device::Exchange;
 use remp::parallel::Topology;
 use remp::runtime::{DeviceKind, Engine, EngineConfig, Event, Request};
 
@@ -191,4 +192,94 @@ fn batched_requests_match_single_runs_tp1pp2(dev) {
         assert_eq!(together[k].len(), n);
     }
 }
+}
+
+on_devices! {
+    /// The two exchanges of a device group — partials and hand-offs as device buffers
+    /// summed by the reduce kernel, or staged through the host — sum in the same order
+    /// and round at the same points, so their logits are identical to the bit; both move
+    /// the same partial-sum bytes through the Comm layer (the hand-off: bf16 buffers
+    /// vs f32 host floats).
+    fn exchanges_agree_bit_for_bit_tp2pp2(dev) {
+        let model = tiny_model();
+        let case = &oracle()[0];
+        let run = |exchange: Exchange| {
+            let mut ec = EngineConfig::new(Topology::new(2, 2));
+            ec.device = dev;
+            ec.exchange = exchange;
+            ec.kv_blocks = 32;
+            let mut engine = Engine::new(&model, ec).unwrap();
+            let mut req = Request::greedy(case.prompt.clone(), 4);
+            req.ignore_eos = true;
+            req.return_logits = true;
+            engine.add_request(req).unwrap();
+            let mut logits = Vec::new();
+            for ev in engine.run_to_completion().unwrap() {
+                if let Event::Token {
+                    logits: Some(l), ..
+                } = ev
+                {
+                    logits.extend(l);
+                }
+            }
+            (logits, engine.compute_bytes())
+        };
+        let (same, same_bytes) = run(Exchange::SameDevice);
+        let (host, host_bytes) = run(Exchange::HostStaged);
+        assert!(!same.is_empty());
+        assert!(
+            same.iter().zip(&host).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "logits differ between exchanges"
+        );
+        assert!(same_bytes > 0 && same_bytes < host_bytes, "{same_bytes} vs {host_bytes}");
+    }
+}
+
+on_devices! {
+    /// Decode steps at a context of about 300 tokens: the decode attention splits the
+    /// context (split-K) and the combine kernel merges the splits. No oracle covers this
+    /// length, so the reference is the CPU backend (f32) on the same prompt, with the
+    /// bf16 tolerance of this file.
+    fn split_k_decode_at_300_tokens_matches_the_cpu_backend(dev) {
+        let model = tiny_model();
+        let vocab = model.config.vocab_size;
+        let case = &oracle()[3];
+        let prompt: Vec<u32> = case.tokens.iter().cycle().take(296).copied().collect();
+        let run = |d: DeviceKind| {
+            let mut ec = EngineConfig::new(Topology::new(2, 1));
+            ec.device = d;
+            ec.kv_blocks = 32;
+            let mut engine = Engine::new(&model, ec).unwrap();
+            let mut req = Request::greedy(prompt.clone(), 4);
+            req.ignore_eos = true;
+            req.return_logits = true;
+            let id = engine.add_request(req).unwrap();
+            let mut rows = Vec::new();
+            for ev in engine.run_to_completion().unwrap() {
+                if let Event::Token {
+                    logits: Some(l), ..
+                } = ev
+                {
+                    rows.push(l);
+                }
+            }
+            (rows, engine.output(id).unwrap().output.clone())
+        };
+        let (dev_rows, dev_tokens) = run(dev);
+        let (cpu_rows, cpu_tokens) = run(DeviceKind::Cpu);
+        assert_eq!(dev_rows.len(), 4);
+        // Row i's logits choose token i; rows after the prefill's are decode steps at
+        // positions 296.. . Compared while the tokens agree (as in `greedy`).
+        for (i, (d, c)) in dev_rows.iter().zip(&cpu_rows).enumerate() {
+            let (d, c) = (&d[d.len() - vocab..], &c[c.len() - vocab..]);
+            let err = max_abs_err(d, c);
+            assert!(err < TOL, "row {i}: logits error {err}");
+            if dev_tokens[i] != cpu_tokens[i] {
+                let (m, _) = margin(c);
+                assert!(m <= 2.0 * TOL, "token {i} differs by a margin of {m}");
+                assert!(i >= 2, "only {i} decode steps compared");
+                break;
+            }
+        }
+    }
 }

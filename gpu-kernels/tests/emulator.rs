@@ -45,7 +45,8 @@ fn stale_reads(source: fn(u32) -> u32) -> usize {
 #[test]
 fn a_missing_barrier_is_caught_in_both_directions() {
     // from lower to higher threads, from higher to lower, and broadcasts from either end
-    let cases: [(&str, fn(u32) -> u32); 4] = [
+    type Case = (&'static str, fn(u32) -> u32);
+    let cases: [Case; 4] = [
         ("t reads t-1", |t| t.saturating_sub(1)),
         ("t reads t+1", |t| (t + 1).min(63)),
         ("all read thread 0", |_| 0),

@@ -7,7 +7,13 @@
 //! compute stream and a copy stream). Endpoints `0..n` are workers; endpoint `n` is the
 //! driver (the engine's thread, which samples from the gathered logits). Messages carry a
 //! [`Tag`] so a protocol slip is an error, not silent garbage.
+//!
+//! A message holds host floats, or — between device workers on one device (the same-
+//! device transport) — a device buffer whose ownership moves with the message: the
+//! sender copies into a fresh buffer and hands it over, so no two workers ever use the
+//! same memory, and its bytes are counted like any other message's.
 
+use crate::backend::device::Buf;
 use crate::error::{Error, Result};
 use crate::parallel::WorkerId;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
@@ -34,9 +40,14 @@ pub enum Lane {
     Copy,
 }
 
+enum Payload {
+    Host(Vec<f32>),
+    Device(Buf),
+}
+
 struct Msg {
     tag: Tag,
-    data: Vec<f32>,
+    data: Payload,
 }
 
 /// Bytes moved, per ordered pair of endpoints and per lane.
@@ -143,6 +154,17 @@ impl Comm {
 
     pub fn send(&self, to: usize, tag: Tag, data: Vec<f32>) -> Result<()> {
         let bytes = (data.len() * std::mem::size_of::<f32>()) as u64;
+        self.post(to, tag, Payload::Host(data), bytes)
+    }
+
+    /// Hands device buffer `buf` to endpoint `to` (same-device transport); counts its
+    /// length. The sender must not use it after this (it no longer can: it is moved).
+    pub fn send_buf(&self, to: usize, tag: Tag, buf: Buf) -> Result<()> {
+        let bytes = buf.len() as u64;
+        self.post(to, tag, Payload::Device(buf), bytes)
+    }
+
+    fn post(&self, to: usize, tag: Tag, data: Payload, bytes: u64) -> Result<()> {
         self.to[to].send(Msg { tag, data }).map_err(|_| {
             Error::Comm(format!(
                 "endpoint {to} is gone ({:?} from {})",
@@ -159,6 +181,27 @@ impl Comm {
     }
 
     pub fn recv(&self, from: usize, tag: Tag) -> Result<Vec<f32>> {
+        match self.take(from, tag)? {
+            Payload::Host(v) => Ok(v),
+            Payload::Device(_) => Err(Error::Comm(format!(
+                "endpoint {} expected host data ({tag:?}) from {from}, got a device buffer",
+                self.me
+            ))),
+        }
+    }
+
+    /// Receives a device buffer sent with [`Comm::send_buf`].
+    pub fn recv_buf(&self, from: usize, tag: Tag) -> Result<Buf> {
+        match self.take(from, tag)? {
+            Payload::Device(b) => Ok(b),
+            Payload::Host(_) => Err(Error::Comm(format!(
+                "endpoint {} expected a device buffer ({tag:?}) from {from}, got host data",
+                self.me
+            ))),
+        }
+    }
+
+    fn take(&self, from: usize, tag: Tag) -> Result<Payload> {
         match self.from[from].recv_timeout(self.timeout) {
             Ok(m) if m.tag == tag => Ok(m.data),
             Ok(m) => Err(Error::Comm(format!(
@@ -256,5 +299,28 @@ mod tests {
         c.send(1, Tag::Handoff, vec![1.0]).unwrap();
         assert!(compute[1].recv(0, Tag::Logits).is_err());
         assert!(compute[1].recv(0, Tag::Logits).is_err(), "times out");
+    }
+
+    #[test]
+    fn device_buffers_move_counted_and_typed() {
+        use crate::backend::device::{emu::EmuDevice, Device};
+        let (compute, _, stats) = fabric(2, Duration::from_millis(50));
+        let b = EmuDevice.alloc(96).unwrap();
+        let p = b.ptr();
+        compute[0].send_buf(1, Tag::Handoff, b).unwrap();
+        let got = compute[1].recv_buf(0, Tag::Handoff).unwrap();
+        assert_eq!(
+            (got.ptr(), got.len()),
+            (p, 96),
+            "the same allocation, moved"
+        );
+        assert_eq!(stats.between(Lane::Compute, 0, 1), 96);
+        // a host message where a buffer is expected (and the reverse) is an error
+        compute[0].send(1, Tag::Handoff, vec![1.0]).unwrap();
+        assert!(compute[1].recv_buf(0, Tag::Handoff).is_err());
+        compute[0]
+            .send_buf(1, Tag::Handoff, EmuDevice.alloc(4).unwrap())
+            .unwrap();
+        assert!(compute[1].recv(0, Tag::Handoff).is_err());
     }
 }

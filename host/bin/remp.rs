@@ -2,6 +2,7 @@
 //! chosen topology. Every error is one line on stderr and exit status 2.
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use remp::backend::device::Exchange;
 use remp::model::{Model, ModelConfig};
 use remp::parallel::devices::{
     kv_blocks_cap, kv_blocks_from_free_memory, kv_bytes_per_block, kv_reserve_bytes,
@@ -61,6 +62,10 @@ struct BenchDecodeArgs {
     /// Device: cpu (default), cuda, or emu.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// How device ranks exchange partial sums and hand-offs: same-device (device
+    /// buffers + a reduce kernel, the default) or host (staged through host memory).
+    #[arg(long, default_value = "same-device")]
+    exchange: String,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -602,6 +607,15 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let mut bc = DecodeBenchConfig::new(topo, device);
     bc.batch = a.batch;
     bc.steps = a.steps;
+    bc.exchange = match a.exchange.as_str() {
+        "same-device" => Exchange::SameDevice,
+        "host" => Exchange::HostStaged,
+        other => {
+            return Err(Error::Request(format!(
+                "unknown --exchange `{other}` (same-device, host)"
+            )))
+        }
+    };
     if !a.json {
         eprintln!(
             "{} ({:.0}M parameters) on {}, {topo}, batch {}: {} decode steps ...",
@@ -618,6 +632,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         v["model"] = serde_json::json!(model.name);
         v["topology"] = serde_json::json!(topo.to_string());
         v["batch"] = serde_json::json!(bc.batch);
+        v["exchange"] = serde_json::json!(a.exchange);
         println!("{v}");
     } else {
         println!(

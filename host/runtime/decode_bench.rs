@@ -10,12 +10,15 @@
 //! - emulator: the CPU's figure (the emulator is for checking, not for speed).
 //!
 //! All ranks of a topology share one device here (several workers on one GPU, or the
-//! host's cores), so the floor is the whole model's bytes over one device's bandwidth.
+//! host's cores), so the floor is the bytes a decode step must read — every layer, the
+//! final norm and the LM head; not the embedding table, of which a step reads only its
+//! tokens' rows (unless it is tied to the LM head) — over one device's bandwidth.
 
+use crate::backend::device::Exchange;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::parallel::Topology;
-use crate::runtime::{DeviceKind, Engine, EngineConfig, Request};
+use crate::runtime::{DeviceKind, Engine, EngineConfig, Event, Request};
 use std::time::Instant;
 
 #[derive(Debug, Clone)]
@@ -28,6 +31,8 @@ pub struct DecodeBenchConfig {
     /// Decode steps timed (after `warmup` untimed ones).
     pub steps: usize,
     pub warmup: usize,
+    /// How device ranks exchange partials and hand-offs.
+    pub exchange: Exchange,
 }
 
 impl DecodeBenchConfig {
@@ -39,6 +44,7 @@ impl DecodeBenchConfig {
             prompt_len: 32,
             steps: 32,
             warmup: 4,
+            exchange: Exchange::default(),
         }
     }
 }
@@ -110,7 +116,11 @@ pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
     let per_seq = (bc.prompt_len + max_new).div_ceil(16);
     let mut econf = EngineConfig::new(bc.topology);
     econf.device = bc.device;
+    econf.exchange = bc.exchange;
     econf.kv_blocks = per_seq * bc.batch;
+    // every sequence admitted in the one prefill step, all decoding together after it
+    econf.max_running = bc.batch;
+    econf.max_prefill_tokens = bc.batch * bc.prompt_len;
     let mut engine = Engine::new(model, econf)?;
     for r in 0..bc.batch {
         let prompt: Vec<u32> = (0..bc.prompt_len)
@@ -125,13 +135,28 @@ pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
         engine.step()?;
     }
     let mut ms = Vec::with_capacity(bc.steps);
-    for _ in 0..bc.steps {
+    for i in 0..bc.steps {
         let t = Instant::now();
-        engine.step()?;
+        let events = engine.step()?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let tokens = events
+            .iter()
+            .filter(|e| matches!(e, Event::Token { .. }))
+            .count();
+        if tokens != bc.batch {
+            return Err(Error::Request(format!(
+                "bench-decode: timed step {i} decoded {tokens} tokens, not {} (the model's context too short for the run?)",
+                bc.batch
+            )));
+        }
     }
     ms.sort_by(|a, b| a.total_cmp(b));
-    let weight_bytes = (cfg.num_params() * elem_bytes) as u64;
+    let table = if cfg.tie_word_embeddings {
+        0
+    } else {
+        cfg.vocab_size * cfg.hidden_size
+    };
+    let weight_bytes = ((cfg.num_params() - table) * elem_bytes) as u64;
     Ok(DecodeBenchResult {
         device: bc.device.name().into(),
         median_step_ms: ms[ms.len() / 2],

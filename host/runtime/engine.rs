@@ -17,7 +17,7 @@ use crate::backend::comm::{fabric, Comm, CommStats, Lane, Tag};
 use crate::backend::cuda::{nvtx, CudaDevice};
 use crate::backend::device::emu::EmuDevice;
 use crate::backend::device::llama::{check_heads, DeviceCompute};
-use crate::backend::device::Device;
+use crate::backend::device::{Device, Exchange};
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelConfig, TensorSource, Tokenizer};
 use crate::parallel::{Placement, Segment, Topology, WorkerId};
@@ -52,6 +52,8 @@ pub struct EngineConfig {
     pub comm_timeout: Duration,
     /// Where the workers compute.
     pub device: DeviceKind,
+    /// How device workers exchange partial sums and hidden states (ignored on the CPU).
+    pub exchange: Exchange,
 }
 
 /// Where the workers compute.
@@ -77,13 +79,15 @@ impl DeviceKind {
     }
 
     /// The kernel path of one worker (`None` on the CPU).
-    fn open(self, cfg: &Arc<ModelConfig>) -> Result<Option<DeviceCompute>> {
+    fn open(self, cfg: &Arc<ModelConfig>, exchange: Exchange) -> Result<Option<DeviceCompute>> {
         let dev: Box<dyn Device> = match self {
             DeviceKind::Cpu => return Ok(None),
             DeviceKind::Emulated => Box::new(EmuDevice),
             DeviceKind::Cuda => Box::new(CudaDevice::open(0)?),
         };
-        Ok(Some(DeviceCompute::new(dev, cfg.clone())?))
+        Ok(Some(
+            DeviceCompute::new(dev, cfg.clone())?.with_exchange(exchange),
+        ))
     }
 
     /// The copy thread's own handle on the device (`None` on the CPU): on CUDA a second
@@ -122,6 +126,7 @@ impl EngineConfig {
             max_running: 64,
             comm_timeout: Duration::from_secs(60),
             device: DeviceKind::Cpu,
+            exchange: Exchange::default(),
         }
     }
 }
@@ -225,7 +230,7 @@ impl Pool {
         geom: KvGeometry,
         timeout: Duration,
         placement: &Placement,
-        device: DeviceKind,
+        (device, exchange): (DeviceKind, Exchange),
     ) -> Result<Self> {
         let (compute, copy, stats) = fabric(n_workers, timeout);
         let mut compute: Vec<Option<Comm>> = compute.into_iter().map(Some).collect();
@@ -275,7 +280,7 @@ impl Pool {
                 comm,
                 geom,
             );
-            if let Some(dc) = device.open(cfg)? {
+            if let Some(dc) = device.open(cfg, exchange)? {
                 worker = worker.with_device(dc);
             }
             let (tx, crx) = unbounded();
@@ -419,7 +424,7 @@ impl Engine {
             geom,
             econf.comm_timeout,
             &placement,
-            econf.device,
+            (econf.device, econf.exchange),
         )?;
         Ok(Engine {
             cfg,
@@ -851,7 +856,7 @@ impl Engine {
             self.geom,
             self.econf.comm_timeout,
             &placement,
-            self.econf.device,
+            (self.econf.device, self.econf.exchange),
         )?;
         self.n_workers = n_workers;
         for s in &mut self.sched.running {

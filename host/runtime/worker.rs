@@ -13,7 +13,7 @@
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::cpu::ops;
 use crate::backend::device::llama::{check_heads, DevKv, DevShards, DeviceCompute, StepInputs};
-use crate::backend::device::Buf;
+use crate::backend::device::{Buf, Exchange};
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, TensorSource};
 use crate::parallel::shard::HeadShard;
@@ -187,7 +187,7 @@ impl WorkerMem {
 /// (bf16) on a device worker.
 enum Hidden {
     Host(Vec<f32>),
-    Dev(Buf),
+    Dev(Arc<Buf>),
 }
 
 /// One sequence's share of a step.
@@ -395,25 +395,51 @@ impl Worker {
         if prev == next {
             return Ok(());
         }
+        // Ranks on one device hand device buffers over (same-device exchange); otherwise
+        // the state goes through host memory.
+        let same_device = self
+            .device
+            .as_ref()
+            .is_some_and(|dc| dc.exchange() == Exchange::SameDevice);
         if let Some(i) = prev.position(self.id) {
-            let state = match h {
-                Some(Hidden::Host(v)) => v.clone(),
-                Some(Hidden::Dev(b)) => self.dc()?.hidden_to_host(b, n)?,
-                None => return Err(self.err("no hidden state to hand off")),
-            };
             for (j, w) in next.workers().iter().enumerate() {
-                if !prev.contains(*w) && j % prev.len() == i {
-                    self.comm.send(w.0, Tag::Handoff, state.clone())?;
+                if prev.contains(*w) || j % prev.len() != i {
+                    continue;
+                }
+                match h {
+                    Some(Hidden::Dev(b)) if same_device => {
+                        let copy = self.dc()?.hidden_for_peer(b, n)?;
+                        self.comm.send_buf(w.0, Tag::Handoff, copy)?;
+                    }
+                    Some(Hidden::Dev(b)) => {
+                        let v = self.dc()?.hidden_to_host(b, n)?;
+                        self.comm.send(w.0, Tag::Handoff, v)?;
+                    }
+                    Some(Hidden::Host(v)) => self.comm.send(w.0, Tag::Handoff, v.clone())?,
+                    None => return Err(self.err("no hidden state to hand off")),
                 }
             }
         }
         match next.position(self.id) {
             Some(j) if !prev.contains(self.id) => {
-                let v = self.comm.recv(prev.0[j % prev.len()].0, Tag::Handoff)?;
+                let from = prev.0[j % prev.len()].0;
                 *h = Some(match &self.device {
-                    // (An empty step's empty state stays on the host: nothing to upload.)
-                    Some(dc) if !v.is_empty() => Hidden::Dev(dc.hidden_from_host(&v)?),
-                    _ => Hidden::Host(v),
+                    // (An empty step's empty state stays on the host: nothing to move.)
+                    Some(_) if same_device && n > 0 => {
+                        let b = self.comm.recv_buf(from, Tag::Handoff)?;
+                        if b.len() < n * 2 {
+                            return Err(self.err(format!(
+                                "hand-off of {} B, expected at least {} B",
+                                b.len(),
+                                n * 2
+                            )));
+                        }
+                        Hidden::Dev(Arc::new(b))
+                    }
+                    Some(dc) if n > 0 => {
+                        Hidden::Dev(dc.hidden_from_host(&self.comm.recv(from, Tag::Handoff)?)?)
+                    }
+                    _ => Hidden::Host(self.comm.recv(from, Tag::Handoff)?),
                 });
             }
             Some(_) => {}
@@ -461,7 +487,7 @@ impl Worker {
                 }
             } else if let (Some(dc), true) = (&self.device, g.contains(self.id)) {
                 if inputs.is_none() {
-                    inputs = Some(StepInputs::new(dc.dev.as_ref(), plan, self.geom)?);
+                    inputs = Some(StepInputs::new(dc, plan, self.geom)?);
                 }
                 let inp = inputs.as_ref().ok_or_else(|| self.err("no step inputs"))?;
                 self.device_segment(dc, seg, g, inp, &mut h)?;

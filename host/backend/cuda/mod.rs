@@ -7,7 +7,10 @@
 //! embedded PTX module of [`crate::kernels`] (sm_90 for compute capability 9.x and up,
 //! sm_80 for 8.x) once, on first use, and launches kernels by name with plain argument
 //! lists ([`Arg`]). Every driver call is checked; after each launch the launch error and
-//! (with [`CudaDevice::set_sync_check`]) the kernel's completion are checked too.
+//! (with [`CudaDevice::set_sync_check`] or `REMP_CUDA_SYNC_CHECK=1`) the kernel's
+//! completion are checked too. A kernel fault (a trap, an illegal address) poisons the
+//! device's primary context, which every worker on the GPU shares: after one, every
+//! later call fails and the engine must be restarted.
 //! [`DevBuf`] is a raw device allocation (freed on drop) addressed by its `u64` pointer,
 //! which is what the kernels take.
 
@@ -121,8 +124,10 @@ impl DevBuf {
 impl Drop for DevBuf {
     fn drop(&mut self) {
         if self.len > 0 && self.ctx.bind_to_thread().is_ok() {
-            // work queued on the stream may still use the buffer
-            let _ = self.stream.synchronize();
+            // Work queued on any stream of the context may still use the buffer (the
+            // copy thread allocates what the compute stream later reads): wait for all.
+            // Frees are rare: steady-state temporaries are reused scratch buffers.
+            let _ = self.ctx.synchronize();
             // SAFETY: allocated by malloc_sync and freed once.
             let _ = unsafe { result::free_sync(self.ptr) };
         }
@@ -184,7 +189,11 @@ impl CudaDevice {
             name,
             cc,
             module: OnceLock::new(),
-            sync_check: std::sync::atomic::AtomicBool::new(false),
+            // REMP_CUDA_SYNC_CHECK=1: wait for every kernel, so a fault is reported by
+            // the launch that caused it (slow; the GPU check's device tests use it).
+            sync_check: std::sync::atomic::AtomicBool::new(
+                std::env::var("REMP_CUDA_SYNC_CHECK").is_ok_and(|v| v == "1"),
+            ),
         })
     }
 
@@ -517,6 +526,25 @@ impl crate::backend::device::Device for CudaDevice {
         unsafe { result::memcpy_dtoh_async(dst, src.ptr() + off as u64, self.cu_stream()) }
             .map_err(|e| derr("cuMemcpyDtoHAsync", e))?;
         self.synchronize()
+    }
+    fn copy(
+        &self,
+        dst: &crate::backend::device::Buf,
+        dst_off: usize,
+        src: &crate::backend::device::Buf,
+        src_off: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        crate::backend::device::check_range(dst, dst_off, bytes, "copy destination")?;
+        crate::backend::device::check_range(src, src_off, bytes, "copy source")?;
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.copy_dtod(
+            dst.ptr() + dst_off as u64,
+            src.ptr() + src_off as u64,
+            bytes,
+        )
     }
     unsafe fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
         CudaDevice::launch(self, name, grid, block, args)

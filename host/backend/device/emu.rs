@@ -8,7 +8,10 @@
 //! error, and a kernel that traps (a panic on the host) fails its launch with
 //! [`Error::Device`] instead of taking the worker down.
 //!
-//! It is slow (every GPU thread is an OS thread): meant for tests and small demos.
+//! It runs GPU threads as coroutines on the calling thread, one block after another:
+//! fine for tests and small demos, far from GPU speed. Launches CUDA would refuse (an
+//! empty grid, grid.y or grid.z over 65535) are refused here too, so the emulator does
+//! not accept what the GPU rejects.
 
 use super::{check_range, Arg, Buf, Device};
 use crate::{Error, Result};
@@ -107,6 +110,11 @@ unsafe fn run(name: &str, grid: [u32; 3], block: u32, f: impl Fn()) -> Result<()
     if block == 0 || !block.is_multiple_of(32) || block > 1024 {
         return Err(Error::Device(format!("{name}: block of {block} threads")));
     }
+    if grid.contains(&0) || grid[0] >= 1 << 31 || grid[1] > 65535 || grid[2] > 65535 {
+        return Err(Error::Device(format!(
+            "{name}: grid {grid:?} (CUDA needs 1 <= x < 2^31, 1 <= y, z <= 65535)"
+        )));
+    }
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         k::prims::emu::launch(grid, block, f)
     }))
@@ -196,6 +204,27 @@ impl Device for EmuDevice {
         };
         Ok(())
     }
+    fn copy(
+        &self,
+        dst: &Buf,
+        dst_off: usize,
+        src: &Buf,
+        src_off: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        check_range(dst, dst_off, bytes, "copy destination")?;
+        check_range(src, src_off, bytes, "copy source")?;
+        // SAFETY: both ranges are inside their allocations (checked); `copy` allows
+        // overlap.
+        unsafe {
+            std::ptr::copy(
+                (src.ptr() as usize + src_off) as *const u8,
+                (dst.ptr() as usize + dst_off) as *mut u8,
+                bytes,
+            )
+        };
+        Ok(())
+    }
     unsafe fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
         if dispatch(name, grid, block, args)? {
             Ok(())
@@ -255,6 +284,11 @@ mod tests {
         let e = unsafe { dev.launch("residual_add_f32", [1, 1, 1], 32, &bad) };
         assert!(e.unwrap_err().to_string().contains("wrong kind"));
         assert!(unsafe { dev.launch("nope", [1, 1, 1], 32, &[]) }.is_err());
+        // grids CUDA refuses are refused here too
+        for grid in [[0, 1, 1], [1, 65536, 1], [1, 1, 70000]] {
+            let e = unsafe { dev.launch("residual_add_f32", grid, 32, &args) };
+            assert!(e.unwrap_err().to_string().contains("grid"), "{grid:?}");
+        }
         // the tensor-core GEMM traps on K % 8 != 0
         let z = dev.alloc(4096).unwrap();
         let p = Arg::from(&z);

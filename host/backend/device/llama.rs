@@ -12,15 +12,20 @@
 //!
 //! Numerics follow Hugging Face's bf16 forward op for op (the kernels round where
 //! PyTorch does); the LM head writes f32 logits. Partial sums of a tensor-parallel group
-//! (o_proj, down_proj, the vocab-parallel embedding) are produced in f32, summed in group
-//! order through the counted [`Comm`] layer (staged through the host: this transport is
-//! the portable one; NCCL and the same-device reduce kernel replace it on GPUs), then
-//! rounded to bf16 once, as a single-device bf16 forward would round the full sum.
+//! (o_proj, down_proj) are produced in f32 and summed in group order, then rounded to
+//! bf16 once, as a single-device bf16 forward would round the full sum. Two exchanges
+//! ([`Exchange`]), bit-identical by construction: *same-device* (default) — each
+//! member's partial goes to its peers as a device buffer through the counted [`Comm`]
+//! layer, lands in slot `i` of a `[group, tokens, hidden]` f32 buffer, and the split-K
+//! reduce kernel sums the slots in order with the bias and residual add fused; and
+//! *host-staged* — download, host all-reduce, upload. The embedding's all-reduce (one
+//! member holds each row, so the sum is exact) is host-staged in both; NCCL for ranks
+//! on different GPUs is not built yet.
 //!
 //! Attention kernels map local query head `i` to local KV head `i / (q/kv)`, so a
 //! shard must hold whole GQA groups (or one KV head): [`check_heads`] refuses the rest.
 
-use super::{download_vec, pod, pod::Pod, upload_new, Arg, Buf, Device};
+use super::{download_vec, pod, pod::Pod, upload_new, Arg, Buf, Device, Exchange};
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::cuda::nvtx;
 use crate::model::{ModelConfig, TensorSource};
@@ -122,7 +127,8 @@ impl DevKv {
 }
 
 /// Refuses head shards the attention kernels cannot address (a GQA group split across
-/// ranks, e.g. tp3 of 8 query / 4 KV heads).
+/// ranks). A backstop: `Topology::validate` (tp divides the query heads, and tp and the
+/// KV heads divide one another) already rules these out for every model it accepts.
 pub fn check_heads(cfg: &ModelConfig, tp: usize, idx: usize) -> Result<()> {
     let h = HeadShard::new(cfg, tp, idx);
     let (nq, nkv) = (h.q_heads.len(), h.kv_heads.len());
@@ -134,14 +140,15 @@ pub fn check_heads(cfg: &ModelConfig, tp: usize, idx: usize) -> Result<()> {
         Ok(())
     } else {
         Err(Error::Unsupported(format!(
-            "the device backend needs whole GQA groups per rank: tp{tp} gives rank {idx} query heads {:?} over KV heads {:?} ({} query heads per KV head); choose tp dividing {} or a multiple of {}",
-            h.q_heads, h.kv_heads, g, cfg.num_kv_heads, cfg.num_kv_heads
+            "the device backend needs whole GQA groups per rank: tp{tp} gives rank {idx} query heads {:?} over KV heads {:?} ({} query heads per KV head)",
+            h.q_heads, h.kv_heads, g
         )))
     }
 }
 
 /// Per-step inputs on the device: token ids, positions, KV slots and the paged
-/// attention metadata, uploaded once per step by each worker that runs a segment.
+/// attention metadata, uploaded once per step by each worker that runs a segment (into
+/// its scratch buffers: an upload is ordered after the previous step's kernels).
 pub struct StepInputs {
     pub tokens: usize,
     pub seqs: usize,
@@ -151,19 +158,19 @@ pub struct StepInputs {
     /// Most new tokens of any sequence.
     pub max_q: usize,
     pub max_blocks: usize,
-    ids: Buf,
-    pos: Buf,
-    slots: Buf,
-    tables: Buf,
-    ctx_lens: Buf,
-    q_starts: Buf,
-    q_lens: Buf,
-    logit_rows: Buf,
+    ids: Arc<Buf>,
+    pos: Arc<Buf>,
+    slots: Arc<Buf>,
+    tables: Arc<Buf>,
+    ctx_lens: Arc<Buf>,
+    q_starts: Arc<Buf>,
+    q_lens: Arc<Buf>,
+    logit_rows: Arc<Buf>,
     pub num_logit_rows: usize,
 }
 
 impl StepInputs {
-    pub fn new(dev: &dyn Device, plan: &StepPlan, geom: KvGeometry) -> Result<StepInputs> {
+    pub fn new(dc: &DeviceCompute, plan: &StepPlan, geom: KvGeometry) -> Result<StepInputs> {
         let bs = geom.block_size;
         let mut ids = Vec::new();
         let mut pos = Vec::new();
@@ -197,13 +204,7 @@ impl StepInputs {
             }
         }
         let rows: Vec<u32> = plan.logit_rows().iter().map(|&r| r as u32).collect();
-        let up = |v: &[u32]| -> Result<Buf> {
-            if v.is_empty() {
-                dev.alloc(16)
-            } else {
-                upload_new(dev, v)
-            }
-        };
+
         Ok(StepInputs {
             tokens: ids.len(),
             seqs: plan.seqs.len(),
@@ -211,14 +212,14 @@ impl StepInputs {
             max_ctx: ctx_lens.iter().copied().max().unwrap_or(0) as usize,
             max_q: q_lens.iter().copied().max().unwrap_or(0) as usize,
             max_blocks,
-            ids: up(&ids)?,
-            pos: up(&pos)?,
-            slots: up(&slots)?,
-            tables: up(&tables)?,
-            ctx_lens: up(&ctx_lens)?,
-            q_starts: up(&q_starts)?,
-            q_lens: up(&q_lens)?,
-            logit_rows: up(&rows)?,
+            ids: dc.scratch_upload("in_ids", &ids)?,
+            pos: dc.scratch_upload("in_pos", &pos)?,
+            slots: dc.scratch_upload("in_slots", &slots)?,
+            tables: dc.scratch_upload("in_tables", &tables)?,
+            ctx_lens: dc.scratch_upload("in_ctx_lens", &ctx_lens)?,
+            q_starts: dc.scratch_upload("in_q_starts", &q_starts)?,
+            q_lens: dc.scratch_upload("in_q_lens", &q_lens)?,
+            logit_rows: dc.scratch_upload("in_logit_rows", &rows)?,
             num_logit_rows: rows.len(),
         })
     }
@@ -235,6 +236,7 @@ pub struct DeviceCompute {
     /// layer once this one's launches are queued. Not counted in the memory meter
     /// (which tracks weights and KV); a few activations' worth.
     scratch: Mutex<HashMap<&'static str, Arc<Buf>>>,
+    exchange: Exchange,
 }
 
 fn u(x: usize) -> Arg {
@@ -261,7 +263,14 @@ impl DeviceCompute {
             cfg,
             inv_freq,
             scratch: Mutex::new(HashMap::new()),
+            exchange: Exchange::default(),
         })
+    }
+
+    /// How this worker exchanges partials and hidden states with its group.
+    pub fn with_exchange(mut self, exchange: Exchange) -> Self {
+        self.exchange = exchange;
+        self
     }
 
     fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
@@ -289,7 +298,7 @@ impl DeviceCompute {
     }
 
     /// Uploads `data` into scratch buffer `key`.
-    fn scratch_upload<T: Pod>(&self, key: &'static str, data: &[T]) -> Result<Arc<Buf>> {
+    pub fn scratch_upload<T: Pod>(&self, key: &'static str, data: &[T]) -> Result<Arc<Buf>> {
         let bytes = pod::bytes_of(data);
         let b = self.scratch(key, bytes.len())?;
         self.dev.upload(&b, 0, bytes)?;
@@ -380,13 +389,20 @@ impl DeviceCompute {
     }
 
     /// The embedding segment: this worker's vocabulary rows, summed over the group.
-    pub fn embed(&self, comm: &Comm, g: &Group, s: &DevShards, inp: &StepInputs) -> Result<Buf> {
+    pub fn embed(
+        &self,
+        comm: &Comm,
+        g: &Group,
+        s: &DevShards,
+        inp: &StepInputs,
+    ) -> Result<Arc<Buf>> {
         let _nvtx = nvtx::range("embed");
         let h = self.cfg.hidden_size;
         let vocab = TensorKind::Embed
             .region(&self.cfg, s.group_size, s.index)
             .rows;
-        let x = self.alloc(inp.tokens * h * 2)?;
+        // The hidden state lives in a scratch buffer too: one per worker per step.
+        let x = self.scratch("hidden", inp.tokens * h * 2)?;
         self.launch(
             "embedding_bf16",
             [inp.tokens as u32, 1, 1],
@@ -409,7 +425,7 @@ impl DeviceCompute {
         let mut sum: Vec<f32> = rows.iter().map(|v| v.to_f32()).collect();
         comm.all_reduce_sum(g.workers(), &mut sum)?;
         let b: Vec<bf16> = sum.iter().map(|&v| bf16::from_f32(v)).collect();
-        upload_new(self.dev.as_ref(), &b)
+        self.scratch_upload("hidden", &b)
     }
 
     /// One decoder layer on this worker's shard; updates the hidden state `x` in place.
@@ -616,6 +632,12 @@ impl DeviceCompute {
                 false,
             );
         }
+        if self.exchange == Exchange::SameDevice {
+            let ar = nvtx::range_with(|| all_reduce_name(kind));
+            let r = self.reduce_on_device(comm, g, input, w, s.ptr(bias), (t, h, k), x);
+            drop(ar);
+            return r;
+        }
         let part = self.scratch("part", t * h * 4)?;
         self.gemm(part.ptr(), input.ptr(), w, 0, 0, (t, h, k), true)?;
         let ar = nvtx::range_with(|| all_reduce_name(kind));
@@ -627,6 +649,99 @@ impl DeviceCompute {
             BLOCK,
             &[Arg::from(x), Arg::from(x), Arg::from(&o), u(t * h)],
         )
+    }
+
+    /// `x += Σ_group (input · Wᵀ) (+ bias)` across a group of ranks on one device: this
+    /// member's f32 partial goes into its slot of `[group, t, h]`, a copy of it to every
+    /// peer (a fresh buffer each, handed over through the Comm layer), the peers'
+    /// partials into their slots, then one split-K reduce launch sums the slots in group
+    /// order and applies the bias, bf16 rounding and residual add of the one-rank GEMM.
+    #[allow(clippy::too_many_arguments)]
+    fn reduce_on_device(
+        &self,
+        comm: &Comm,
+        g: &Group,
+        input: &Buf,
+        w: &Buf,
+        bias: u64,
+        (t, h, k): (usize, usize, usize),
+        x: &Buf,
+    ) -> Result<()> {
+        let me = crate::parallel::WorkerId(comm.me());
+        let idx = g
+            .position(me)
+            .ok_or_else(|| dev_err(format!("{me} is not in group {g}")))?;
+        let part_bytes = t * h * 4;
+        let red = self.scratch("reduce", g.len() * part_bytes)?;
+        self.gemm(
+            red.at(idx * part_bytes)?,
+            input.ptr(),
+            w,
+            0,
+            0,
+            (t, h, k),
+            true,
+        )?;
+        let mut outgoing = Vec::new();
+        for (j, peer) in g.workers().iter().enumerate() {
+            if j != idx {
+                let b = self.alloc(part_bytes)?;
+                self.dev.copy(&b, 0, &red, idx * part_bytes, part_bytes)?;
+                outgoing.push((*peer, b));
+            }
+        }
+        // The copies must be complete before a peer's stream reads them.
+        self.dev.synchronize()?;
+        for (peer, b) in outgoing {
+            comm.send_buf(peer.0, Tag::AllReduce, b)?;
+        }
+        let mut incoming = Vec::new();
+        for (j, peer) in g.workers().iter().enumerate() {
+            if j != idx {
+                let b = comm.recv_buf(peer.0, Tag::AllReduce)?;
+                if b.len() != part_bytes {
+                    return Err(dev_err(format!(
+                        "all-reduce from {peer}: {} B, expected {part_bytes}",
+                        b.len()
+                    )));
+                }
+                self.dev.copy(&red, j * part_bytes, &b, 0, part_bytes)?;
+                incoming.push(b);
+            }
+        }
+        let n = (t * h) as u32;
+        self.launch(
+            "gemm_splitk_reduce_bf16",
+            [n.div_ceil(256).max(1), 1, 1],
+            256,
+            &[
+                Arg::from(x),
+                Arg::from(&red),
+                Arg::Ptr(bias),
+                Arg::from(x),
+                u(t),
+                u(h),
+                u(h),
+                u(g.len()),
+            ],
+        )?;
+        // The received buffers are freed only after this stream has read them.
+        self.dev.synchronize()?;
+        drop(incoming);
+        Ok(())
+    }
+
+    /// A hidden state of `n` bf16 values handed to the next pipeline stage on the same
+    /// device: a copy in a fresh buffer whose ownership moves with the message.
+    pub fn hidden_for_peer(&self, x: &Buf, n: usize) -> Result<Buf> {
+        let b = self.alloc(n * 2)?;
+        self.dev.copy(&b, 0, x, 0, n * 2)?;
+        self.dev.synchronize()?;
+        Ok(b)
+    }
+
+    pub fn exchange(&self) -> Exchange {
+        self.exchange
     }
 
     /// Paged attention of the step's queries: the decode kernel (split-K over long
@@ -773,8 +888,8 @@ impl DeviceCompute {
     }
 
     /// A received hidden state, back on this device.
-    pub fn hidden_from_host(&self, v: &[f32]) -> Result<Buf> {
+    pub fn hidden_from_host(&self, v: &[f32]) -> Result<Arc<Buf>> {
         let b: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-        upload_new(self.dev.as_ref(), &b)
+        self.scratch_upload("hidden", &b)
     }
 }

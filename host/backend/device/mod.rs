@@ -9,8 +9,11 @@
 //!   argument lists, the order of kernels in a step — runs in CI without a GPU.
 //!
 //! A [`Buf`] owns its memory (freed on drop) and is 16-byte aligned (the kernels use
-//! 128-bit accesses). Copies are synchronous: the worker's step is a sequence of
-//! launches on one stream followed by a download, so ordering needs nothing more yet.
+//! 128-bit accesses). Uploads and downloads are synchronous; launches and
+//! device-to-device copies are queued on the device handle's stream. A worker's compute
+//! thread and its copy thread hold separate handles (separate streams on CUDA): a buffer
+//! one of them hands to the other is synchronized first, and freeing a CUDA buffer waits
+//! for the whole context, so no stream can still be reading it.
 
 pub mod emu;
 pub mod llama;
@@ -54,8 +57,11 @@ enum Mem {
 }
 
 impl Buf {
+    /// Emulator memory, every byte 0xFF (NaN as f32/bf16): like `cuMemAlloc`, whose
+    /// memory holds whatever was there, a buffer read before it is written is garbage,
+    /// not a convenient zero.
     pub(crate) fn host(bytes: usize) -> Buf {
-        let mem: Box<[u128]> = vec![0u128; bytes.div_ceil(16).max(1)].into_boxed_slice();
+        let mem: Box<[u128]> = vec![u128::MAX; bytes.div_ceil(16).max(1)].into_boxed_slice();
         Buf {
             ptr: mem.as_ptr() as u64,
             len: bytes,
@@ -101,6 +107,15 @@ pub trait Device: Send + Sync {
     fn upload(&self, dst: &Buf, off: usize, src: &[u8]) -> Result<()>;
     /// Device → host, from byte `off` of `src` (synchronous, after queued work).
     fn download(&self, src: &Buf, off: usize, dst: &mut [u8]) -> Result<()>;
+    /// Device → device, `bytes` bytes, queued after the work already queued.
+    fn copy(
+        &self,
+        dst: &Buf,
+        dst_off: usize,
+        src: &Buf,
+        src_off: usize,
+        bytes: usize,
+    ) -> Result<()>;
     /// Launch kernel `name` over `grid` blocks of `block` threads.
     ///
     /// # Safety
@@ -111,6 +126,20 @@ pub trait Device: Send + Sync {
     fn synchronize(&self) -> Result<()>;
     /// Multiprocessors, for launch shapes that size the grid to the device.
     fn sm_count(&self) -> u32;
+}
+
+/// How device workers exchange partial sums and hidden states with their group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Exchange {
+    /// Device-to-device: partials and hidden states move as device buffers through the
+    /// Comm layer and the group's partials are summed on the device by the split-K
+    /// reduce kernel (with the bias and residual add fused). For ranks that share one
+    /// device: the emulator, or several workers on GPU 0.
+    #[default]
+    SameDevice,
+    /// Through host memory: download, host messages, upload. Portable; the reference
+    /// the same-device path must match bit for bit.
+    HostStaged,
 }
 
 /// Checks that `off + len` bytes fit in `b` (for the copies' implementations).
