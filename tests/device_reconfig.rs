@@ -1,7 +1,10 @@
 //! Online reconfiguration on device workers (the GPU kernel path; each test runs on the
-//! emulated GPU and, ignored without one, on CUDA GPU 0): weights and KV move between bf16 device buffers through the reshard kernels
-//! and the counted copy lane while requests keep decoding, and the tokens stay those of
-//! the transformers oracle.
+//! emulated GPU and, ignored without one, on CUDA GPU 0): weights and KV move between
+//! bf16 device buffers through the reshard kernels and the counted copy lane while
+//! requests keep decoding, and the tokens stay those of the transformers oracle. In the
+//! same-device exchange (the default) pieces travel as bf16 device buffers, 2 bytes per
+//! element; in the host-staged one as f32 host floats, 4 bytes: either way exactly the
+//! bytes the plan counts.
 //!
 //! On remp-tiny the device path's first 16 greedy tokens of oracle prompt 0 equal the
 //! oracle's on every topology tried (bf16 activations; see `device_engine.rs` for the
@@ -13,13 +16,15 @@ mod common;
 
 use common::*;
 use remp::backend::comm::Lane;
+use remp::backend::device::Exchange;
 use remp::parallel::Topology;
 use remp::reshard::executor::ReconfigEvent;
 use remp::runtime::{DeviceKind, Engine, EngineConfig, Request, RequestId};
 
-fn engine(dev: DeviceKind, start: Topology, workers: usize) -> Engine {
+fn engine(dev: DeviceKind, exchange: Exchange, start: Topology, workers: usize) -> Engine {
     let mut ec = EngineConfig::new(start);
     ec.device = dev;
+    ec.exchange = exchange;
     ec.kv_blocks = 64;
     ec.workers = Some(workers);
     Engine::new(&tiny_model(), ec).unwrap()
@@ -72,7 +77,8 @@ on_devices! {
 /// the idle engine back to tp2pp1 moves exactly its planned bytes.
 fn online_switches_keep_oracle_tokens(dev) {
     let cases = oracle();
-    let mut e = engine(dev, Topology::new(2, 1), 4);
+    let mut e = engine(dev, Exchange::SameDevice, Topology::new(2, 1), 4);
+    assert_eq!(e.reshard_elem_bytes(), 2, "bf16 device buffers on the wire");
     let (n0, n1) = (16, 8);
     let a = e.add_request(request(&cases[0], n0)).unwrap();
     for _ in 0..2 {
@@ -118,14 +124,14 @@ fn online_switches_keep_oracle_tokens(dev) {
 }
 }
 
-on_devices! {
 /// The stop-the-world baseline on the same executor, tp4pp1 → tp2pp1 with a request
 /// mid-decode (each new rank's 2 KV heads come from two old ranks): the switch moves
 /// exactly its planned bytes — weights and the KV of every cached position, all on the
-/// copy lane — and decoding continues with the oracle's tokens.
-fn stop_the_world_moves_exactly_the_planned_bytes(dev) {
+/// copy lane, `elem_bytes` per element — and decoding continues with the oracle's tokens.
+fn stop_the_world_case(dev: DeviceKind, exchange: Exchange, elem_bytes: u64) {
     let cases = oracle();
-    let mut e = engine(dev, Topology::new(4, 1), 4);
+    let mut e = engine(dev, exchange, Topology::new(4, 1), 4);
+    assert_eq!(e.reshard_elem_bytes(), elem_bytes);
     let n = 8;
     let a = e.add_request(request(&cases[0], n)).unwrap();
     for _ in 0..3 {
@@ -140,6 +146,12 @@ fn stop_the_world_moves_exactly_the_planned_bytes(dev) {
         .map(|t| t.bytes)
         .sum();
     assert!(kv_planned > 0, "no KV in the plan");
+    // Every weight piece counts its elements at the wire's element size.
+    for t in plan.segments.iter().flat_map(|s| &s.transfers) {
+        if matches!(t.item, remp::reshard::planner::Item::Weight(_)) {
+            assert_eq!(t.bytes, t.region.len() as u64 * elem_bytes);
+        }
+    }
     let (reshard0, copy0) = (
         e.comm_stats().reshard_bytes(),
         e.comm_stats().total(Lane::Copy),
@@ -156,6 +168,19 @@ fn stop_the_world_moves_exactly_the_planned_bytes(dev) {
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].0, plan.bytes_moved);
 }
+
+on_devices! {
+/// [`stop_the_world_case`] with pieces as bf16 device buffers (same-device exchange).
+fn stop_the_world_moves_exactly_the_planned_bytes(dev) {
+    stop_the_world_case(dev, Exchange::SameDevice, 2);
+}
+}
+
+on_devices! {
+/// [`stop_the_world_case`] with pieces staged through host memory as f32.
+fn host_staged_stop_the_world_moves_exactly_the_planned_bytes(dev) {
+    stop_the_world_case(dev, Exchange::HostStaged, 4);
+}
 }
 
 on_devices! {
@@ -166,7 +191,7 @@ fn failed_device_copy_aborts_and_keeps_serving(dev) {
     use remp::parallel::{LayerId, Segment, WorkerId};
     use remp::reshard::executor::ReconfigOptions;
     let cases = oracle();
-    let mut e = engine(dev, Topology::new(2, 1), 2);
+    let mut e = engine(dev, Exchange::SameDevice, Topology::new(2, 1), 2);
     let n = 6;
     let a = e.add_request(request(&cases[0], n)).unwrap();
     for _ in 0..2 {

@@ -129,9 +129,12 @@ fn old_group(p: &Placement, seg: Segment) -> &Group {
     p.group(seg)
 }
 
+/// Bytes of one weight element on the wire in these tests (f32, the CPU backend's).
+const W: u64 = 4;
+
 fn elem_bytes(item: Item, kv: &[u64]) -> u64 {
     match item {
-        Item::Weight(_) => 4,
+        Item::Weight(_) => W,
         Item::Kv(l) => kv.get(l.0).copied().unwrap_or(0),
     }
 }
@@ -368,21 +371,21 @@ fn applying_a_plan_yields_the_new_shards() {
         let kv = random_kv(&mut rng, &cfg);
         let cur = random_placement(&mut rng, &cfg, a, n);
         // The planner's own assignment, a random one, and a mid-switch current placement.
-        let (tgt, p) = plan_topology(&cfg, &cur, b, n, &kv).unwrap();
+        let (tgt, p) = plan_topology(&cfg, &cur, b, n, W, &kv).unwrap();
         check_plan(&cfg, &cur, &tgt, &kv, &p);
         assert_eq!(p.assignment.len(), b.world_size());
         let rnd = random_placement(&mut rng, &cfg, b, n);
-        let p2 = plan(&cfg, &cur, &rnd, &kv);
+        let p2 = plan(&cfg, &cur, &rnd, W, &kv);
         check_plan(&cfg, &cur, &rnd, &kv, &p2);
         assert!(
             p.bytes_kept >= p2.bytes_kept,
             "chosen assignment keeps less than a random one"
         );
         let mixed = mixed_placement(&mut rng, &cur, &rnd);
-        check_plan(&cfg, &mixed, &tgt, &kv, &plan(&cfg, &mixed, &tgt, &kv));
-        check_plan(&cfg, &cur, &mixed, &kv, &plan(&cfg, &cur, &mixed, &kv));
+        check_plan(&cfg, &mixed, &tgt, &kv, &plan(&cfg, &mixed, &tgt, W, &kv));
+        check_plan(&cfg, &cur, &mixed, &kv, &plan(&cfg, &cur, &mixed, W, &kv));
         // Determinism.
-        assert_eq!(plan_topology(&cfg, &cur, b, n, &kv).unwrap().1, p);
+        assert_eq!(plan_topology(&cfg, &cur, b, n, W, &kv).unwrap().1, p);
         cases += 1;
     }
 }
@@ -431,7 +434,7 @@ fn chosen_assignment_is_optimal_exhaustively() {
         }
         let kv = random_kv(&mut rng, &cfg);
         let cur = random_placement(&mut rng, &cfg, a, n);
-        let chosen = choose_assignment(&cfg, &cur, b, n, &kv).unwrap();
+        let chosen = choose_assignment(&cfg, &cur, b, n, W, &kv).unwrap();
         // Valid: one distinct worker per rank, all existing.
         let mut ids: Vec<usize> = chosen.iter().map(|w| w.0).collect();
         ids.sort_unstable();
@@ -463,7 +466,7 @@ fn chosen_assignment_is_optimal_exhaustively() {
         let got: u64 = chosen.iter().enumerate().map(|(r, w)| aff[r][w.0]).sum();
         assert_eq!(got, best, "{a} -> {b} on {n} workers: {cfg:?}");
         let tgt = Placement::from_topology(b, &cfg, &chosen).unwrap();
-        let p = plan(&cfg, &cur, &tgt, &kv);
+        let p = plan(&cfg, &cur, &tgt, W, &kv);
         assert_eq!(p.bytes_kept, best);
         cases += 1;
     }
@@ -494,7 +497,7 @@ fn tp4pp2_to_tp8pp1_keeps_half_of_every_worker() {
     let cfg = tiny_config();
     let kv = tiny_kv();
     let cur = Placement::static_topology(Topology::new(4, 2), &cfg).unwrap();
-    let (tgt, p) = plan_topology(&cfg, &cur, Topology::new(8, 1), 8, &kv).unwrap();
+    let (tgt, p) = plan_topology(&cfg, &cur, Topology::new(8, 1), 8, W, &kv).unwrap();
     check_plan(&cfg, &cur, &tgt, &kv, &p);
     let text = p.to_string();
     let summary: Vec<&str> = text
@@ -516,7 +519,7 @@ fn tp4pp2_to_tp8pp1_keeps_half_of_every_worker() {
     }
     // The identity assignment keeps much less.
     let ident = Placement::static_topology(Topology::new(8, 1), &cfg).unwrap();
-    let pi = plan(&cfg, &cur, &ident, &kv);
+    let pi = plan(&cfg, &cur, &ident, W, &kv);
     assert!(pi.bytes_kept < p.bytes_kept);
     // Traffic is spread: nobody handles more than its share plus the receivers' own.
     assert!(
@@ -530,7 +533,7 @@ fn tp2pp2_to_tp4pp1_is_sensible() {
     let cfg = tiny_config();
     let kv = tiny_kv();
     let cur = Placement::static_topology(Topology::new(2, 2), &cfg).unwrap();
-    let (tgt, p) = plan_topology(&cfg, &cur, Topology::new(4, 1), 4, &kv).unwrap();
+    let (tgt, p) = plan_topology(&cfg, &cur, Topology::new(4, 1), 4, W, &kv).unwrap();
     check_plan(&cfg, &cur, &tgt, &kv, &p);
     println!("{p}");
     // Each new rank r holds heads/rows r/4 of every layer; old stage-s rank k holds half
@@ -549,7 +552,7 @@ fn tp2pp2_to_tp4pp1_is_sensible() {
     assert!(p.bytes_kept * 10 >= p.bytes_moved * 9, "{p}");
     // And back: about half stays again (replicated norms make the two directions differ
     // slightly).
-    let (back_tgt, back) = plan_topology(&cfg, &tgt, Topology::new(2, 2), 4, &kv).unwrap();
+    let (back_tgt, back) = plan_topology(&cfg, &tgt, Topology::new(2, 2), 4, W, &kv).unwrap();
     check_plan(&cfg, &tgt, &back_tgt, &kv, &back);
     assert!(back.bytes_kept * 10 >= back.bytes_moved * 9, "{back}");
 }
@@ -558,12 +561,45 @@ fn tp2pp2_to_tp4pp1_is_sensible() {
 fn growing_and_shrinking_use_the_right_workers() {
     let cfg = tiny_config();
     let cur = Placement::static_topology(Topology::new(2, 1), &cfg).unwrap();
-    let (tgt, p) = plan_topology(&cfg, &cur, Topology::new(8, 1), 8, &[]).unwrap();
+    let (tgt, p) = plan_topology(&cfg, &cur, Topology::new(8, 1), 8, W, &[]).unwrap();
     check_plan(&cfg, &cur, &tgt, &[], &p);
     // Shrinking to one rank keeps it on a worker that held data.
-    let (tgt1, p1) = plan_topology(&cfg, &tgt, Topology::new(1, 1), 8, &[]).unwrap();
+    let (tgt1, p1) = plan_topology(&cfg, &tgt, Topology::new(1, 1), 8, W, &[]).unwrap();
     check_plan(&cfg, &tgt, &tgt1, &[], &p1);
     assert!(p1.bytes_kept > 0);
     // Too few workers is an error, not a panic.
-    assert!(plan_topology(&cfg, &cur, Topology::new(8, 1), 4, &[]).is_err());
+    assert!(plan_topology(&cfg, &cur, Topology::new(8, 1), 4, W, &[]).is_err());
+}
+
+#[test]
+fn weight_element_size_scales_the_bytes_not_the_plan() {
+    // bf16 on the wire (device workers, same-device exchange): weights and KV (whose
+    // per-head bytes the engine halves too) count half; the same pieces move.
+    let cfg = tiny_config();
+    let kv = tiny_kv();
+    let half: Vec<u64> = kv.iter().map(|b| b / 2).collect();
+    assert!(kv.iter().all(|b| b % 2 == 0));
+    let cur = Placement::static_topology(Topology::new(2, 2), &cfg).unwrap();
+    for (to, n) in [(Topology::new(4, 1), 4), (Topology::new(1, 2), 4)] {
+        let (t4, p4) = plan_topology(&cfg, &cur, to, n, W, &kv).unwrap();
+        let (t2, p2) = plan_topology(&cfg, &cur, to, n, 2, &half).unwrap();
+        assert_eq!(t4, t2);
+        assert_eq!(p2.bytes_moved * 2, p4.bytes_moved);
+        assert_eq!(p2.bytes_kept * 2, p4.bytes_kept);
+        let pieces = |p: &ReshardPlan| -> Vec<(Item, WorkerId, WorkerId, Region, u64)> {
+            p.segments
+                .iter()
+                .flat_map(|s| &s.transfers)
+                .map(|t| (t.item, t.src, t.dst, t.region.clone(), t.bytes))
+                .collect()
+        };
+        let (a, b) = (pieces(&p4), pieces(&p2));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!((x.0, x.1, x.2, &x.3), (y.0, y.1, y.2, &y.3));
+            assert_eq!(x.4, y.4 * 2);
+        }
+    }
+    // A zero element size is refused.
+    assert!(plan_topology(&cfg, &cur, Topology::new(4, 1), 4, 0, &kv).is_err());
 }

@@ -83,6 +83,10 @@ struct PlanArgs {
     /// Workers available (default: the larger world size).
     #[arg(long)]
     workers: Option<usize>,
+    /// Bytes of one weight element on the wire: 4 (f32: the CPU backend, host-staged
+    /// device transfers) or 2 (bf16: device workers with the same-device exchange).
+    #[arg(long, default_value_t = 4)]
+    elem_bytes: u64,
     #[arg(long)]
     json: bool,
 }
@@ -582,7 +586,14 @@ fn plan(a: PlanArgs) -> Result<()> {
     to.validate(cfg)?;
     let workers = a.workers.unwrap_or(from.world_size().max(to.world_size()));
     let current = Placement::static_topology(from, cfg)?;
-    let (_, p) = plan_topology(cfg, &current, to, workers, &vec![0; cfg.num_layers])?;
+    let (_, p) = plan_topology(
+        cfg,
+        &current,
+        to,
+        workers,
+        a.elem_bytes,
+        &vec![0; cfg.num_layers],
+    )?;
     if a.json {
         println!("{}", p.to_json());
     } else {

@@ -4,11 +4,21 @@
 //! owns (the copy thread's own device — its own stream on CUDA — during a copy job, the
 //! compute thread's at a flip).
 //!
-//! Device buffers hold bf16; the wire carries f32, in exactly the layouts of the CPU
-//! path (`extract` row-major regions, [`crate::runtime::kv_cache::kv_pack`]'s per
-//! position, per head K then V), so the bytes counted on the copy lane are the bytes the
-//! planner planned. bf16 → f32 is exact and f32 → bf16 gives the value back, so a round
-//! trip is lossless.
+//! A piece on the wire has exactly the layout of the CPU path (`extract`'s row-major
+//! regions, [`crate::runtime::kv_cache::kv_pack`]'s per position, per head K then V), in
+//! one of two forms, after the engine's [`crate::backend::device::Exchange`]:
+//! - same-device: a fresh bf16 device buffer of exactly the piece's elements × 2 bytes
+//!   ([`pack_region_buf`], [`kv_pack_buf`]), handed over with `Comm::send_buf` and
+//!   unpacked device-to-device by the receiver ([`unpack_region_buf`], [`kv_unpack_buf`])
+//!   or, when it is a whole new shard, kept as that shard;
+//! - host-staged: f32 host floats ([`pack_region`], [`kv_pack`] download the packed
+//!   buffer; [`unpack_region`], [`kv_unpack`], [`upload_piece`] upload it). bf16 → f32
+//!   is exact and f32 → bf16 gives the value back, so the round trip is lossless.
+//!
+//! Either way the bytes counted on the copy lane are the elements times the element size
+//! the planner was given (2 or 4). The `_buf` functions only queue work: the caller
+//! synchronizes its stream before handing a packed buffer over, and before dropping a
+//! received one its kernels read.
 //!
 //! Every pointer handed to a kernel is checked against its buffer first: the kernels
 //! write through raw addresses.
@@ -105,6 +115,17 @@ pub fn copy_region(
     unsafe { dev.launch("reshard_copy2d", [grid, 1, 1], BLOCK, &args) }
 }
 
+/// `region` of a bf16 buffer holding `held`, packed on the device into a fresh buffer
+/// of exactly `region.len() * 2` bytes (the same-device wire form; queued on `dev`).
+pub fn pack_region_buf(dev: &dyn Device, src: &Buf, held: &Region, region: &Region) -> Result<Buf> {
+    if !contains(held, region) {
+        return Err(err(format!("region {region:?} not inside {held:?}")));
+    }
+    let out = dev.alloc(region.len() * ELEM)?;
+    copy_region(dev, &out, region, src, held, region)?;
+    Ok(out)
+}
+
 /// `region` of a bf16 buffer holding `held`, as f32 for the wire (packed on the device,
 /// then downloaded).
 pub fn pack_region(
@@ -117,11 +138,28 @@ pub fn pack_region(
     let b: Vec<bf16> = if region == held {
         download_vec(dev, src, n)?
     } else {
-        let tmp = dev.alloc((n * ELEM).max(16))?;
-        copy_region(dev, &tmp, region, src, held, region)?;
-        download_vec(dev, &tmp, n)?
+        download_vec(dev, &pack_region_buf(dev, src, held, region)?, n)?
     };
     Ok(b.iter().map(|v| v.to_f32()).collect())
+}
+
+/// Writes `piece` (a bf16 buffer holding exactly `region`, from the wire) into `dst`, a
+/// bf16 buffer holding `held` (queued on `dev`: synchronize before dropping `piece`).
+pub fn unpack_region_buf(
+    dev: &dyn Device,
+    dst: &Buf,
+    held: &Region,
+    region: &Region,
+    piece: &Buf,
+) -> Result<()> {
+    if piece.len() != region.len() * ELEM {
+        return Err(err(format!(
+            "piece of {} B for a region of {} elements",
+            piece.len(),
+            region.len()
+        )));
+    }
+    copy_region(dev, dst, held, piece, region, region)
 }
 
 /// Writes `data` (the contents of `region`, from the wire) into a bf16 buffer holding
@@ -148,7 +186,7 @@ pub fn unpack_region(
         return dev.upload(dst, 0, crate::backend::device::pod::bytes_of(&b));
     }
     let tmp = upload_new(dev, &b)?;
-    copy_region(dev, dst, held, &tmp, region, region)?;
+    unpack_region_buf(dev, dst, held, region, &tmp)?;
     // The kernel reads `tmp`: done before it is freed.
     dev.synchronize()
 }
@@ -253,10 +291,10 @@ fn check_heads(kv: &DevKv, heads: &Range<usize>) -> Result<()> {
     Ok(())
 }
 
-/// Floats on the wire for `spans` of `heads`.
-fn kv_floats(spans: &[KvSpan], heads: &Range<usize>, hd: usize) -> usize {
+/// Elements of a packed KV piece of `heads` at the spans' positions (K and V).
+pub fn kv_piece_elems(spans: &[KvSpan], heads: &Range<usize>, geom: KvGeometry) -> usize {
     let pos: usize = spans.iter().map(|(_, p)| p.len()).sum();
-    pos * heads.len() * 2 * hd
+    pos * heads.len() * 2 * geom.head_dim
 }
 
 /// Descriptors between a DevKv and a packed buffer in `kv_pack`'s layout; `to_packed`
@@ -296,6 +334,26 @@ fn kv_batch(
     Ok(b)
 }
 
+/// K and V of `heads` at every span's positions, concatenated in span order in
+/// [`crate::runtime::kv_cache::kv_pack`]'s layout, packed into a fresh bf16 buffer of
+/// exactly [`kv_piece_elems`] × 2 bytes (the same-device wire form). Errors on an empty
+/// piece (the callers send none).
+pub fn kv_pack_buf(
+    dev: &dyn Device,
+    kv: &DevKv,
+    geom: KvGeometry,
+    spans: &[KvSpan],
+    heads: &Range<usize>,
+) -> Result<Buf> {
+    let n = kv_piece_elems(spans, heads, geom);
+    if n == 0 {
+        return Err(err("an empty KV piece has no buffer"));
+    }
+    let packed = dev.alloc(n * ELEM)?;
+    kv_batch(kv, geom, spans, heads, &packed, true)?.launch(dev)?;
+    Ok(packed)
+}
+
 /// The device twin of [`crate::runtime::kv_cache::kv_pack`]: K and V of `heads` at every
 /// span's positions, concatenated in span order, as f32.
 pub fn kv_pack(
@@ -305,14 +363,35 @@ pub fn kv_pack(
     spans: &[KvSpan],
     heads: &Range<usize>,
 ) -> Result<Vec<f32>> {
-    let n = kv_floats(spans, heads, geom.head_dim);
+    let n = kv_piece_elems(spans, heads, geom);
     if n == 0 {
         return Ok(Vec::new());
     }
-    let packed = dev.alloc(n * ELEM)?;
-    kv_batch(kv, geom, spans, heads, &packed, true)?.launch(dev)?;
+    let packed = kv_pack_buf(dev, kv, geom, spans, heads)?;
     let b: Vec<bf16> = download_vec(dev, &packed, n)?;
     Ok(b.iter().map(|v| v.to_f32()).collect())
+}
+
+/// Unpacks `piece` (a bf16 buffer from [`kv_pack_buf`]) into `kv`, for all spans at once.
+pub fn kv_unpack_buf(
+    dev: &dyn Device,
+    kv: &DevKv,
+    geom: KvGeometry,
+    spans: &[KvSpan],
+    heads: &Range<usize>,
+    piece: &Buf,
+) -> Result<()> {
+    let n = kv_piece_elems(spans, heads, geom);
+    if piece.len() != n * ELEM {
+        return Err(err(format!(
+            "KV piece of {} B for {n} elements (heads {heads:?})",
+            piece.len()
+        )));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    kv_batch(kv, geom, spans, heads, piece, false)?.launch(dev)
 }
 
 /// The device twin of [`crate::runtime::kv_cache::kv_unpack`] for all spans at once.
@@ -324,7 +403,7 @@ pub fn kv_unpack(
     heads: &Range<usize>,
     data: &[f32],
 ) -> Result<()> {
-    let n = kv_floats(spans, heads, geom.head_dim);
+    let n = kv_piece_elems(spans, heads, geom);
     if data.len() != n {
         return Err(err(format!(
             "KV piece of {} floats for {n} (heads {heads:?})",
@@ -336,7 +415,7 @@ pub fn kv_unpack(
     }
     let b: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
     let packed = upload_new(dev, &b)?;
-    kv_batch(kv, geom, spans, heads, &packed, false)?.launch(dev)
+    kv_unpack_buf(dev, kv, geom, spans, heads, &packed)
 }
 
 /// Copies K and V of `heads` at the spans' positions from one DevKv into another on the
@@ -449,8 +528,29 @@ mod tests {
                 host_extract(&r)
             );
         }
+        // The same-device form: exact-size bf16 buffers, unpacked device-to-device.
+        for r in [
+            Region::new(5..9, 9..14),
+            held.clone(),
+            Region::new(6..8, 8..20),
+        ] {
+            let piece = pack_region_buf(&dev, &src, &held, &r).unwrap();
+            assert_eq!(piece.len(), r.len() * ELEM, "{r:?}");
+            assert_eq!(from_dev(&dev, &piece, r.len()), host_extract(&r), "{r:?}");
+            let other = Region::new(3..13, 7..21);
+            let dst = dev.alloc(other.len() * ELEM).unwrap();
+            unpack_region_buf(&dev, &dst, &other, &r, &piece).unwrap();
+            assert_eq!(
+                pack_region(&dev, &dst, &other, &r).unwrap(),
+                host_extract(&r)
+            );
+            // A piece of another size is refused.
+            let short = dev.alloc(piece.len() - ELEM).unwrap();
+            assert!(unpack_region_buf(&dev, &dst, &other, &r, &short).is_err());
+        }
         // Outside the held region: refused, nothing launched.
         assert!(pack_region(&dev, &src, &held, &Region::new(3..5, 8..9)).is_err());
+        assert!(pack_region_buf(&dev, &src, &held, &Region::new(3..5, 8..9)).is_err());
         assert!(unpack_region(&dev, &src, &held, &Region::new(4..5, 8..9), &[1.0, 2.0]).is_err());
     }
 
@@ -489,6 +589,15 @@ mod tests {
             let third = DevKv::new(&dev, heads.clone(), geom).unwrap();
             kv_copy(&dev, &third, &other, geom, &spans, &heads).unwrap();
             assert_eq!(kv_pack(&dev, &third, geom, &spans, &heads).unwrap(), want);
+            // The same-device form: the packed bf16 buffer itself, exactly sized.
+            let piece = kv_pack_buf(&dev, &dkv, geom, &spans, &heads).unwrap();
+            assert_eq!(piece.len(), want.len() * ELEM);
+            assert_eq!(from_dev(&dev, &piece, want.len()), want);
+            let fourth = DevKv::new(&dev, 0..4, geom).unwrap();
+            kv_unpack_buf(&dev, &fourth, geom, &spans, &heads, &piece).unwrap();
+            assert_eq!(kv_pack(&dev, &fourth, geom, &spans, &heads).unwrap(), want);
+            let short = dev.alloc(piece.len() - ELEM).unwrap();
+            assert!(kv_unpack_buf(&dev, &fourth, geom, &spans, &heads, &short).is_err());
         }
         let n = geom.num_blocks * geom.block_size * 3 * geom.head_dim;
         assert_eq!(from_dev(&dev, &dkv.k, n), host.k);
@@ -496,6 +605,10 @@ mod tests {
         assert!(kv_pack(&dev, &dkv, geom, &[(&t2, 0..9)], &(1..2)).is_err());
         assert!(kv_pack(&dev, &dkv, geom, &[(&t2, 0..1)], &(0..2)).is_err());
         assert!(kv_unpack(&dev, &dkv, geom, &[(&t2, 0..1)], &(1..2), &[0.0; 3]).is_err());
+        assert!(
+            kv_pack_buf(&dev, &dkv, geom, &[(&t2, 0..0)], &(1..2)).is_err(),
+            "empty"
+        );
         // A block id beyond the cache is caught before any kernel writes.
         let bad = vec![9u32];
         assert!(kv_pack(&dev, &dkv, geom, &[(&bad, 0..1)], &(1..2)).is_err());

@@ -16,12 +16,23 @@
 //!
 //! On device workers (bf16 shards and KV in device memory) the copy thread owns its own
 //! device handle — on CUDA a second stream, the copy stream — and runs the same
-//! transfers through `reshard::device`: pieces are packed by the reshard kernels,
-//! downloaded and sent as f32 (exact for bf16, and the bytes the plan counts), then
-//! uploaded and unpacked by the receiver. Data that stays on a worker is copied
-//! device-to-device into the new buffer during the job rather than cut in place at the
-//! flip, so it counts as extra memory while the segment is in flight. The KV delta at
-//! the flip is packed and unpacked on the compute stream.
+//! transfers through `reshard::device`: pieces are packed by the reshard kernels into a
+//! fresh bf16 buffer. With the same-device exchange (the default) that buffer is the
+//! message: the sender synchronizes its stream and hands it over with `Comm::send_buf`
+//! (2 bytes per element on the lane, as planned), the receiver unpacks it
+//! device-to-device and synchronizes before dropping it, or keeps it as the new shard
+//! when it is one whole (its size is exactly the shard's). With the host-staged exchange
+//! the packed buffer is downloaded and sent as f32 (exact for bf16; 4 bytes per element,
+//! as planned), then uploaded and unpacked by the receiver. Data that stays on a worker
+//! is copied device-to-device into the new buffer during the job rather than cut in
+//! place at the flip, so it counts as extra memory while the segment is in flight. The
+//! KV delta at the flip moves the same way, packed and unpacked on the compute stream.
+//!
+//! Memory on devices is counted when allocated: a new buffer by the worker that
+//! allocates it, a same-device piece by its sender (a receiver that keeps it as a shard
+//! counts nothing more; one that unpacks it frees the count when it drops the buffer).
+//! Pieces an abort leaves undelivered are tracked per receiver and uncounted when its
+//! copy thread drains them.
 //!
 //! A failed copy (injected in tests) aborts the switch: pending segments are withdrawn,
 //! staged buffers dropped; segments already flipped stay on their new groups. Every slot
@@ -29,7 +40,7 @@
 
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::device::llama::{check_heads, DevKv, DevShards};
-use crate::backend::device::{Buf, Device};
+use crate::backend::device::{Buf, Device, Exchange};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
 use crate::parallel::shard::HeadShard;
@@ -43,7 +54,7 @@ use crate::runtime::worker::{
 };
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -178,6 +189,9 @@ pub struct Controller {
     next_job: AtomicU64,
     /// Recent step time in ms (f64 bits).
     step_ms: AtomicU64,
+    /// Per receiving worker: bytes of same-device pieces sent to it and not received yet
+    /// (counted in the meter by their senders; uncounted if an abort drains them).
+    wire_to: Vec<AtomicI64>,
 }
 
 impl Controller {
@@ -190,13 +204,14 @@ impl Controller {
         Controller {
             st: Mutex::new(None),
             live,
-            copy_tx,
             meter,
             stats,
             current_plan: Mutex::new(None),
             events: Mutex::new(Vec::new()),
             next_job: AtomicU64::new(1),
             step_ms: AtomicU64::new(0),
+            wire_to: (0..copy_tx.len()).map(|_| AtomicI64::new(0)).collect(),
+            copy_tx,
         }
     }
 
@@ -283,6 +298,21 @@ impl Controller {
             }
             _ => 3.min(n),
         }
+    }
+
+    /// A same-device piece of `bytes` is on its way to `to` (`-bytes`: it arrived).
+    fn wire(&self, to: WorkerId, bytes: i64) {
+        if let Some(w) = self.wire_to.get(to.0) {
+            w.fetch_add(bytes, Ordering::SeqCst);
+        }
+    }
+
+    /// Bytes of same-device pieces sent to `me` that never arrived (after its copy lane
+    /// was drained); resets the count.
+    fn wire_lost(&self, me: WorkerId) -> i64 {
+        self.wire_to
+            .get(me.0)
+            .map_or(0, |w| w.swap(0, Ordering::SeqCst))
     }
 
     /// The engine reports its recent step time (used by the adaptive look-ahead).
@@ -536,6 +566,9 @@ pub struct CopyWorker {
     /// The copy thread's own handle on a device worker's device (on CUDA its own
     /// stream: the copy stream beside the compute stream); `None` on the CPU backend.
     pub dev: Option<Box<dyn Device>>,
+    /// How pieces travel between device workers: as device buffers (same-device) or as
+    /// host f32 (host-staged). Ignored on the CPU backend.
+    pub exchange: Exchange,
 }
 
 impl CopyWorker {
@@ -587,6 +620,40 @@ impl CopyWorker {
             }
         }
         self.comm.drain();
+        // Same-device pieces the drain dropped were counted by their senders.
+        let lost = self.ctrl.wire_lost(self.id);
+        if lost > 0 {
+            self.mem.meter.free(lost as usize);
+        }
+    }
+
+    /// Hands a packed same-device piece to `to` (its producer's stream synchronized by
+    /// the caller), counted in the meter until its receiver frees or keeps it.
+    fn send_piece(&self, to: WorkerId, tag: Tag, piece: Buf) -> Result<()> {
+        let n = piece.len();
+        self.mem.meter.alloc(n);
+        self.ctrl.wire(to, n as i64);
+        self.comm.send_buf(to.0, tag, piece).inspect_err(|_| {
+            // Dropped with the failed message.
+            self.ctrl.wire(to, -(n as i64));
+            self.mem.meter.free(n);
+        })
+    }
+
+    /// Receives a same-device piece from `from`; it is this worker's (counted) from now.
+    fn recv_piece(&self, from: WorkerId, tag: Tag) -> Result<Buf> {
+        let piece = self.comm.recv_buf(from.0, tag)?;
+        self.ctrl.wire(self.id, -(piece.len() as i64));
+        Ok(piece)
+    }
+
+    /// Drops a received piece once `dev` has finished reading it, and its count.
+    fn done_with_piece(&self, dev: &dyn Device, piece: Buf) -> Result<()> {
+        let synced = dev.synchronize();
+        let n = piece.len();
+        drop(piece);
+        self.mem.meter.free(n);
+        synced
     }
 
     fn run_job(&self, job: &SegmentJob) -> Result<()> {
@@ -800,9 +867,11 @@ impl CopyWorker {
 
     /// [`CopyWorker::run_job`] on a device worker: the same transfers, packed out of and
     /// unpacked into bf16 device buffers by the reshard kernels on this thread's own
-    /// device handle, f32 on the wire. Data that stays on this worker is copied
-    /// device-to-device into the new buffers now (nothing is cut in place at the flip),
-    /// so the new buffers are whole when staged.
+    /// device handle; bf16 device buffers on the wire (same-device exchange) or f32 host
+    /// floats (host-staged). Data that stays on this worker is copied device-to-device
+    /// into the new buffers now (nothing is cut in place at the flip), so the new buffers
+    /// are whole when staged. Every new buffer is counted in the meter when allocated
+    /// (a received piece kept as a shard by its sender).
     fn run_job_device(&self, job: &SegmentJob, dev: &dyn Device) -> Result<()> {
         let me = self.id;
         let p = &job.plan;
@@ -842,15 +911,23 @@ impl CopyWorker {
                 check_heads(cfg, p.new_group.len(), j)?;
             }
             if !keep {
-                // A tensor arriving from another worker as one piece becomes that
-                // piece's upload; the others get a buffer filled piece by piece.
+                // A tensor arriving from another worker as one piece becomes that piece
+                // (the received buffer, or its upload); the others get a buffer filled
+                // piece by piece.
                 for k in segment_tensors(cfg, seg) {
                     let region = k.region(cfg, p.new_group.len(), j);
                     match whole_piece(p, me, k, &region) {
                         Some(src) if src != me => {}
-                        _ => {
-                            fresh.insert(k, dev.alloc(region.len() * 2)?);
-                        }
+                        _ => match dev.alloc(region.len() * 2) {
+                            Ok(b) => {
+                                self.mem.meter.alloc(b.len());
+                                fresh.insert(k, b);
+                            }
+                            Err(e) => {
+                                self.mem.meter.free(fresh.values().map(Buf::len).sum());
+                                return Err(e);
+                            }
+                        },
                     }
                 }
             }
@@ -858,11 +935,16 @@ impl CopyWorker {
                 let heads = HeadShard::new(cfg, p.new_group.len(), j).kv_heads;
                 match &cur_kv {
                     Some(kv) if kv.kv_heads == heads => kept_kv = Some(kv.clone()),
-                    _ => {
-                        let kv = DevKv::new(dev, heads, self.geom)?;
-                        self.mem.meter.alloc(kv.bytes());
-                        fresh_kv = Some(kv);
-                    }
+                    _ => match DevKv::new(dev, heads, self.geom) {
+                        Ok(kv) => {
+                            self.mem.meter.alloc(kv.bytes());
+                            fresh_kv = Some(kv);
+                        }
+                        Err(e) => {
+                            self.mem.meter.free(fresh.values().map(Buf::len).sum());
+                            return Err(e);
+                        }
+                    },
                 }
             }
         }
@@ -879,6 +961,7 @@ impl CopyWorker {
             if let Some(kv) = &fresh_kv {
                 self.mem.meter.free(kv.bytes());
             }
+            self.mem.meter.free(fresh.values().map(Buf::len).sum());
             return Err(e);
         }
 
@@ -887,13 +970,12 @@ impl CopyWorker {
             let shards = if keep {
                 StagedDevShards::Kept(cur.ok_or_else(|| self.err("kept shard missing"))?)
             } else {
-                let set = DevShards {
+                // (Counted already, buffer by buffer.)
+                StagedDevShards::New(DevShards {
                     group_size: p.new_group.len(),
                     index: j,
                     tensors: fresh,
-                };
-                self.mem.meter.alloc(set.bytes());
-                StagedDevShards::New(set)
+                })
             };
             let staged = Staged {
                 dev_shards: Some(shards),
@@ -927,6 +1009,7 @@ impl CopyWorker {
         let cfg = &*self.cfg;
         let tag = Tag::Reshard(job.job);
         let geom = self.geom;
+        let same_device = self.exchange == Exchange::SameDevice;
         let held = |g: &crate::parallel::Group, k: TensorKind| -> Result<Region> {
             let i = g
                 .position(me)
@@ -941,7 +1024,27 @@ impl CopyWorker {
             .iter()
             .map(|s| (s.table.as_slice(), 0..s.len))
             .collect();
+        // Same-device KV pieces with nothing in them are not sent (both sides know).
+        let kv_empty = |t: &Transfer| device::kv_piece_elems(&spans, &t.region.rows, geom) == 0;
         for t in p.transfers.iter().filter(|t| t.src == me && t.dst != me) {
+            if same_device {
+                let piece = match t.item {
+                    Item::Weight(k) => device::pack_region_buf(
+                        dev,
+                        cur()?.get(k)?,
+                        &held(&p.old_group, k)?,
+                        &t.region,
+                    )?,
+                    Item::Kv(_) if kv_empty(t) => continue,
+                    Item::Kv(_) => {
+                        device::kv_pack_buf(dev, cur_kv()?, geom, &spans, &t.region.rows)?
+                    }
+                };
+                // Complete before the receiver's stream reads it.
+                dev.synchronize()?;
+                self.send_piece(t.dst, tag, piece)?;
+                continue;
+            }
             let data = match t.item {
                 Item::Weight(k) => {
                     device::pack_region(dev, cur()?.get(k)?, &held(&p.old_group, k)?, &t.region)?
@@ -976,6 +1079,39 @@ impl CopyWorker {
             }
         }
         for t in p.transfers.iter().filter(|t| t.dst == me && t.src != me) {
+            if same_device {
+                if matches!(t.item, Item::Kv(_)) && kv_empty(t) {
+                    continue;
+                }
+                let piece = self.recv_piece(t.src, tag)?;
+                let used = match t.item {
+                    Item::Weight(_) if keep => Ok(()),
+                    Item::Weight(k) => match fresh.get(&k) {
+                        Some(buf) => held(&p.new_group, k).and_then(|h| {
+                            device::unpack_region_buf(dev, buf, &h, &t.region, &piece)
+                        }),
+                        // A whole new shard: the received buffer is it (counted by its
+                        // sender), when its size is exactly the shard's.
+                        None if piece.len() == t.region.len() * 2 => {
+                            fresh.insert(k, piece);
+                            continue;
+                        }
+                        None => Err(self.err(format!(
+                            "piece of {} B for a shard of {} elements",
+                            piece.len(),
+                            t.region.len()
+                        ))),
+                    },
+                    Item::Kv(_) => match fresh_kv {
+                        Some(new) => {
+                            device::kv_unpack_buf(dev, new, geom, &spans, &t.region.rows, &piece)
+                        }
+                        None => Ok(()),
+                    },
+                };
+                self.done_with_piece(dev, piece).and(used)?;
+                continue;
+            }
             let data = self.comm.recv(t.src.0, tag)?;
             match t.item {
                 Item::Weight(_) if keep => {}
@@ -987,7 +1123,9 @@ impl CopyWorker {
                         if data.len() != t.region.len() {
                             return Err(self.err("piece size mismatch"));
                         }
-                        fresh.insert(k, device::upload_piece(dev, &data)?);
+                        let b = device::upload_piece(dev, &data)?;
+                        self.mem.meter.alloc(b.len());
+                        fresh.insert(k, b);
                     }
                 },
                 Item::Kv(_) => {

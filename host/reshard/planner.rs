@@ -12,8 +12,10 @@
 //! rectangles, so it is exact for any split the shard module defines (including uneven
 //! splits and KV heads replicated when `tp > kv heads`). An [`Item`] names one such
 //! piece of state: a weight tensor, or a layer's KV cache whose "region" is a range of KV
-//! heads (rows) times `0..1` (cols). Weights count 4 bytes per element (f32); a KV head
-//! of layer `l` counts `kv_bytes_per_head[l]` bytes (K and V of every cached token).
+//! heads (rows) times `0..1` (cols). A weight element counts `weight_elem_bytes` (what
+//! it takes on the wire: 4 for the CPU's f32 and host-staged device transfers, 2 for
+//! bf16 device buffers moved as they are); a KV head of layer `l` counts
+//! `kv_bytes_per_head[l]` bytes (K and V of every cached token, same element size).
 //! KV transfers are planned even when that is 0 (an empty cache), so the executor always
 //! learns where each new member's KV heads come from; the byte counts are a snapshot.
 //!
@@ -85,9 +87,6 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-/// Bytes of one weight element (weights are held as f32).
-pub const WEIGHT_ELEM_BYTES: u64 = 4;
-
 /// One piece of per-segment state that a reshard moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Item {
@@ -106,11 +105,12 @@ impl Item {
         }
     }
 
-    /// Bytes per element of the region: 4 for weights, the bytes of one KV head for KV
-    /// (0 when `kv_bytes_per_head` has no entry for the layer).
-    pub fn elem_bytes(self, kv_bytes_per_head: &[u64]) -> u64 {
+    /// Bytes per element of the region: `weight_elem_bytes` for weights (what one weight
+    /// element takes on the wire), the bytes of one KV head for KV (0 when
+    /// `kv_bytes_per_head` has no entry for the layer).
+    pub fn elem_bytes(self, weight_elem_bytes: u64, kv_bytes_per_head: &[u64]) -> u64 {
         match self {
-            Item::Weight(_) => WEIGHT_ELEM_BYTES,
+            Item::Weight(_) => weight_elem_bytes,
             Item::Kv(l) => kv_bytes_per_head.get(l.0).copied().unwrap_or(0),
         }
     }
@@ -490,7 +490,10 @@ pub fn validate_placement(cfg: &ModelConfig, p: &Placement, what: &str) -> Resul
     Ok(())
 }
 
-fn validate_kv(cfg: &ModelConfig, kv_bytes_per_head: &[u64]) -> Result<()> {
+fn validate_kv(cfg: &ModelConfig, weight_elem_bytes: u64, kv_bytes_per_head: &[u64]) -> Result<()> {
+    if weight_elem_bytes == 0 {
+        return Err(Error::Reconfig("weight elements of 0 bytes".into()));
+    }
     if !kv_bytes_per_head.is_empty() && kv_bytes_per_head.len() != cfg.num_layers {
         return Err(Error::Reconfig(format!(
             "kv_bytes_per_head has {} entries, expected one per layer ({}) or none",
@@ -516,6 +519,7 @@ fn segment_overlap_bytes(
     items: &[Item],
     (new_size, new_idx): (usize, usize),
     (old_size, old_idx): (usize, usize),
+    weight_elem_bytes: u64,
     kv_bytes_per_head: &[u64],
 ) -> u64 {
     items
@@ -523,7 +527,7 @@ fn segment_overlap_bytes(
         .map(|&it| {
             let n = it.region(cfg, new_size, new_idx);
             let o = it.region(cfg, old_size, old_idx);
-            overlap_elems(&n, &o) * it.elem_bytes(kv_bytes_per_head)
+            overlap_elems(&n, &o) * it.elem_bytes(weight_elem_bytes, kv_bytes_per_head)
         })
         .sum()
 }
@@ -536,6 +540,7 @@ pub fn affinity(
     current: &Placement,
     target: Topology,
     num_workers: usize,
+    weight_elem_bytes: u64,
     kv_bytes_per_head: &[u64],
 ) -> Result<Vec<Vec<u64>>> {
     target.validate(cfg)?;
@@ -546,7 +551,7 @@ pub fn affinity(
         )));
     }
     validate_placement(cfg, current, "current")?;
-    validate_kv(cfg, kv_bytes_per_head)?;
+    validate_kv(cfg, weight_elem_bytes, kv_bytes_per_head)?;
     if let Some(w) = current.workers().into_iter().find(|w| w.0 >= num_workers) {
         return Err(Error::Reconfig(format!(
             "current placement uses {w}, but only {num_workers} workers exist"
@@ -565,6 +570,7 @@ pub fn affinity(
                     &items,
                     (ng.len(), i),
                     (og.len(), j),
+                    weight_elem_bytes,
                     kv_bytes_per_head,
                 );
             }
@@ -576,19 +582,29 @@ pub fn affinity(
 /// Which worker plays each rank of `target` (index = new rank): the assignment that keeps
 /// the most bytes (weights and KV) where they already are, by maximum-weight matching on
 /// the [`affinity`] matrix (Hungarian algorithm, O(n³)). Deterministic; on ties it prefers
-/// rank `r` on worker `r`, then lower worker ids. `kv_bytes_per_head[l]` is the bytes of
-/// one KV head (K and V) currently cached in layer `l`; pass `&[]` to ignore the KV cache.
+/// rank `r` on worker `r`, then lower worker ids. `weight_elem_bytes` is the bytes of one
+/// weight element on the wire; `kv_bytes_per_head[l]` is the bytes of one KV head (K and
+/// V) currently cached in layer `l`; pass `&[]` to ignore the KV cache.
 ///
 /// Errors if `target` is invalid for the model, needs more than `num_workers` workers,
-/// or `current` / `kv_bytes_per_head` do not fit the model or the worker count.
+/// or `current` / `kv_bytes_per_head` do not fit the model or the worker count, or
+/// `weight_elem_bytes` is 0.
 pub fn choose_assignment(
     cfg: &ModelConfig,
     current: &Placement,
     target: Topology,
     num_workers: usize,
+    weight_elem_bytes: u64,
     kv_bytes_per_head: &[u64],
 ) -> Result<Vec<WorkerId>> {
-    let a = affinity(cfg, current, target, num_workers, kv_bytes_per_head)?;
+    let a = affinity(
+        cfg,
+        current,
+        target,
+        num_workers,
+        weight_elem_bytes,
+        kv_bytes_per_head,
+    )?;
     let world = target.world_size();
     let n = num_workers;
     // Lexicographic objective folded into one integer, each tier weighted above the
@@ -831,12 +847,14 @@ fn assignment_of(p: &Placement) -> Option<(Topology, Vec<WorkerId>)> {
 /// The transfers that turn the shards of `current` into those of `target` (see the module
 /// docs). Infallible by contract: both placements must satisfy [`validate_placement`]
 /// (as placements built by [`Placement::from_topology`] do); use [`plan_checked`] or
-/// [`plan_topology`] on untrusted input. `kv_bytes_per_head[l]`: bytes of one KV head
-/// (K+V) currently cached in layer `l` (missing entries count 0).
+/// [`plan_topology`] on untrusted input. `weight_elem_bytes`: bytes of one weight element
+/// on the wire; `kv_bytes_per_head[l]`: bytes of one KV head (K+V) currently cached in
+/// layer `l` (missing entries count 0).
 pub fn plan(
     cfg: &ModelConfig,
     current: &Placement,
     target: &Placement,
+    weight_elem_bytes: u64,
     kv_bytes_per_head: &[u64],
 ) -> ReshardPlan {
     let empty = Group(Vec::new());
@@ -862,7 +880,7 @@ pub fn plan(
                     .iter()
                     .map(|it| {
                         it.region(cfg, new_group.len(), i).len() as u64
-                            * it.elem_bytes(kv_bytes_per_head)
+                            * it.elem_bytes(weight_elem_bytes, kv_bytes_per_head)
                     })
                     .sum();
                 per_worker.entry(w).or_default().kept += b;
@@ -872,7 +890,7 @@ pub fn plan(
         }
         let seg_idx = changed.len();
         for (item_idx, &item) in items.iter().enumerate() {
-            let eb = item.elem_bytes(kv_bytes_per_head);
+            let eb = item.elem_bytes(weight_elem_bytes, kv_bytes_per_head);
             let holders: Vec<(WorkerId, Region)> = old_group
                 .workers()
                 .iter()
@@ -954,7 +972,7 @@ pub fn plan(
         let (_, _, new_group, items) = &changed[seg];
         let item = items[item_idx];
         let dst = new_group.workers()[dst_pos];
-        let eb = item.elem_bytes(kv_bytes_per_head);
+        let eb = item.elem_bytes(weight_elem_bytes, kv_bytes_per_head);
         for region in merge_regions(regions) {
             let bytes = region.len() as u64 * eb;
             seg_transfers[seg].push(Transfer {
@@ -1039,12 +1057,19 @@ pub fn plan_checked(
     cfg: &ModelConfig,
     current: &Placement,
     target: &Placement,
+    weight_elem_bytes: u64,
     kv_bytes_per_head: &[u64],
 ) -> Result<ReshardPlan> {
     validate_placement(cfg, current, "current")?;
     validate_placement(cfg, target, "target")?;
-    validate_kv(cfg, kv_bytes_per_head)?;
-    Ok(plan(cfg, current, target, kv_bytes_per_head))
+    validate_kv(cfg, weight_elem_bytes, kv_bytes_per_head)?;
+    Ok(plan(
+        cfg,
+        current,
+        target,
+        weight_elem_bytes,
+        kv_bytes_per_head,
+    ))
 }
 
 /// Both steps: the best assignment of `target`'s ranks to `num_workers` workers, the
@@ -1054,11 +1079,25 @@ pub fn plan_topology(
     current: &Placement,
     target: Topology,
     num_workers: usize,
+    weight_elem_bytes: u64,
     kv_bytes_per_head: &[u64],
 ) -> Result<(Placement, ReshardPlan)> {
-    let assignment = choose_assignment(cfg, current, target, num_workers, kv_bytes_per_head)?;
+    let assignment = choose_assignment(
+        cfg,
+        current,
+        target,
+        num_workers,
+        weight_elem_bytes,
+        kv_bytes_per_head,
+    )?;
     let placement = Placement::from_topology(target, cfg, &assignment)?;
-    let p = plan(cfg, current, &placement, kv_bytes_per_head);
+    let p = plan(
+        cfg,
+        current,
+        &placement,
+        weight_elem_bytes,
+        kv_bytes_per_head,
+    );
     Ok((placement, p))
 }
 
@@ -1135,7 +1174,7 @@ mod tests {
     fn same_placement_is_empty() {
         let cfg = tiny_config();
         let p = Placement::static_topology(Topology::new(2, 2), &cfg).unwrap();
-        let plan = plan(&cfg, &p, &p, &[64; 6]);
+        let plan = plan(&cfg, &p, &p, 4, &[64; 6]);
         assert!(plan.is_empty());
         assert_eq!(plan.bytes_moved, 0);
         assert_eq!(plan.unchanged.len(), 8);
@@ -1147,10 +1186,10 @@ mod tests {
     fn identity_is_preferred_on_ties() {
         let cfg = tiny_config();
         let p = Placement::static_topology(Topology::new(2, 2), &cfg).unwrap();
-        let a = choose_assignment(&cfg, &p, Topology::new(2, 2), 6, &[]).unwrap();
+        let a = choose_assignment(&cfg, &p, Topology::new(2, 2), 6, 4, &[]).unwrap();
         assert_eq!(a, (0..4).map(WorkerId).collect::<Vec<_>>());
         // Nothing held anywhere useful beyond identity: extra workers stay idle.
-        let a = choose_assignment(&cfg, &p, Topology::new(4, 1), 8, &[]).unwrap();
+        let a = choose_assignment(&cfg, &p, Topology::new(4, 1), 8, 4, &[]).unwrap();
         assert!(a.iter().all(|w| w.0 < 4), "{a:?}");
     }
 
@@ -1160,7 +1199,7 @@ mod tests {
         let t = Topology::new(1, 1);
         let cur = Placement::from_topology(t, &cfg, &[WorkerId(0)]).unwrap();
         let tgt = Placement::from_topology(t, &cfg, &[WorkerId(1)]).unwrap();
-        let plan = plan(&cfg, &cur, &tgt, &[]);
+        let plan = plan(&cfg, &cur, &tgt, 4, &[]);
         assert_eq!(plan.bytes_kept, 0);
         assert_eq!(plan.busiest_worker_bytes, plan.bytes_moved);
         assert!(plan
@@ -1179,7 +1218,7 @@ mod tests {
         let cfg = tiny_config();
         let cur = Placement::static_topology(Topology::new(8, 1), &cfg).unwrap();
         let tgt = Placement::from_topology(Topology::new(1, 1), &cfg, &[WorkerId(8)]).unwrap();
-        let plan = plan(&cfg, &cur, &tgt, &[1000; 6]);
+        let plan = plan(&cfg, &cur, &tgt, 4, &[1000; 6]);
         let sent: Vec<u64> = (0..8).map(|w| plan.per_worker[&WorkerId(w)].sent).collect();
         let (lo, hi) = (
             sent.iter().min().copied().unwrap(),
@@ -1192,14 +1231,14 @@ mod tests {
     fn errors() {
         let cfg = tiny_config();
         let p = Placement::static_topology(Topology::new(2, 2), &cfg).unwrap();
-        assert!(choose_assignment(&cfg, &p, Topology::new(4, 2), 4, &[]).is_err());
-        assert!(choose_assignment(&cfg, &p, Topology::new(3, 1), 4, &[]).is_err());
-        assert!(choose_assignment(&cfg, &p, Topology::new(1, 1), 3, &[]).is_err());
-        assert!(choose_assignment(&cfg, &p, Topology::new(1, 1), 4, &[1, 2]).is_err());
+        assert!(choose_assignment(&cfg, &p, Topology::new(4, 2), 4, 4, &[]).is_err());
+        assert!(choose_assignment(&cfg, &p, Topology::new(3, 1), 4, 4, &[]).is_err());
+        assert!(choose_assignment(&cfg, &p, Topology::new(1, 1), 3, 4, &[]).is_err());
+        assert!(choose_assignment(&cfg, &p, Topology::new(1, 1), 4, 4, &[1, 2]).is_err());
         let mut bad = p.clone();
         bad.layers[1] = Group(vec![WorkerId(0), WorkerId(0)]);
-        assert!(plan_checked(&cfg, &bad, &p, &[]).is_err());
-        assert!(plan_topology(&cfg, &p, Topology::new(4, 1), 4, &[]).is_ok());
+        assert!(plan_checked(&cfg, &bad, &p, 4, &[]).is_err());
+        assert!(plan_topology(&cfg, &p, Topology::new(4, 1), 4, 4, &[]).is_ok());
     }
 
     #[test]

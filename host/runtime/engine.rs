@@ -305,6 +305,7 @@ impl Pool {
                 geom,
                 ctrl: ctrl.clone(),
                 dev: device.open_copy()?,
+                exchange,
             };
             threads.push(
                 std::thread::Builder::new()
@@ -755,10 +756,20 @@ impl Engine {
 
     // ---- Reconfiguration -------------------------------------------------------------
 
+    /// Bytes one element (weight or KV) takes on the copy lane: 2 where device workers
+    /// hand bf16 device buffers over (same-device exchange), 4 where pieces travel as
+    /// host f32 (the CPU backend, host-staged device exchange).
+    pub fn reshard_elem_bytes(&self) -> u64 {
+        match (self.econf.device, self.econf.exchange) {
+            (DeviceKind::Cpu, _) | (_, Exchange::HostStaged) => std::mem::size_of::<f32>() as u64,
+            (_, Exchange::SameDevice) => std::mem::size_of::<half::bf16>() as u64,
+        }
+    }
+
     /// Bytes of one KV head (K and V) cached per layer now: what the planner weighs.
     fn kv_bytes_per_head(&self) -> Vec<u64> {
         let tokens: usize = self.sched.running.iter().map(|s| s.cached).sum();
-        let b = (tokens * self.cfg.head_dim * 2 * std::mem::size_of::<f32>()) as u64;
+        let b = (tokens * self.cfg.head_dim * 2) as u64 * self.reshard_elem_bytes();
         vec![b; self.cfg.num_layers]
     }
 
@@ -770,6 +781,7 @@ impl Engine {
             &self.placement(),
             target,
             self.n_workers,
+            self.reshard_elem_bytes(),
             &self.kv_bytes_per_head(),
         )
     }

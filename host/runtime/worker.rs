@@ -747,6 +747,11 @@ impl Worker {
                     .as_ref()
                     .ok_or_else(|| self.err("no staged KV"))
             };
+            // Same-device: the packed bf16 buffer is the message (none when empty: both
+            // sides know); host-staged: f32 host floats.
+            let same_device = dc.exchange() == Exchange::SameDevice;
+            let empty =
+                |t: &Transfer| device::kv_piece_elems(&spans, &t.region.rows, self.geom) == 0;
             for t in &f.kv_transfers {
                 if t.src != me || t.item != Item::Kv(l) {
                     continue;
@@ -757,6 +762,14 @@ impl Worker {
                     if !Arc::ptr_eq(old, new) {
                         device::kv_copy(dev, new, old, self.geom, &spans, &t.region.rows)?;
                     }
+                } else if same_device {
+                    if empty(t) {
+                        continue;
+                    }
+                    let piece = device::kv_pack_buf(dev, old, self.geom, &spans, &t.region.rows)?;
+                    // Complete before the receiver's stream reads it.
+                    dev.synchronize()?;
+                    self.comm.send_buf(t.dst.0, tag, piece)?;
                 } else {
                     let buf = device::kv_pack(dev, old, self.geom, &spans, &t.region.rows)?;
                     self.comm.send(t.dst.0, tag, buf)?;
@@ -764,6 +777,20 @@ impl Worker {
             }
             for t in &f.kv_transfers {
                 if t.dst != me || t.src == me || t.item != Item::Kv(l) {
+                    continue;
+                }
+                if same_device {
+                    if empty(t) {
+                        continue;
+                    }
+                    let piece = self.comm.recv_buf(t.src.0, tag)?;
+                    let unpacked = new_kv().and_then(|new| {
+                        device::kv_unpack_buf(dev, new, self.geom, &spans, &t.region.rows, &piece)
+                    });
+                    // Read by this stream: done before it is freed.
+                    let synced = dev.synchronize();
+                    drop(piece);
+                    unpacked.and(synced)?;
                     continue;
                 }
                 let buf = self.comm.recv(t.src.0, tag)?;
