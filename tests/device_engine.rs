@@ -61,16 +61,7 @@ fn greedy(dev: DeviceKind, tp: usize, pp: usize, p: usize, n: usize) {
     let mut req = Request::greedy(case.prompt.clone(), n);
     req.ignore_eos = true;
     req.return_logits = true;
-    let id = engine.add_request(req).unwrap();
-    let mut logits = Vec::new();
-    for ev in engine.run_to_completion().unwrap() {
-        if let Event::Token {
-            logits: Some(l), ..
-        } = ev
-        {
-            logits.extend(l);
-        }
-    }
+    let (id, logits) = run_with_logits(&mut engine, req);
     let out = engine.output(id).unwrap().output.clone();
     let plen = case.prompt.len();
     assert_eq!(out.len(), n);
@@ -139,16 +130,7 @@ fn teacher_forced_long_prefill_tp2pp1(dev) {
     let mut req = Request::greedy(case.tokens[..rows].to_vec(), 1);
     req.ignore_eos = true;
     req.return_logits = true;
-    engine.add_request(req).unwrap();
-    let mut logits = Vec::new();
-    for ev in engine.run_to_completion().unwrap() {
-        if let Event::Token {
-            logits: Some(l), ..
-        } = ev
-        {
-            logits.extend(l);
-        }
-    }
+    let (_, logits) = run_with_logits(&mut engine, req);
     assert_eq!(logits.len(), rows * vocab);
     let err = max_abs_err(&logits, &case.logits[..rows * vocab]);
     assert!(err < TOL, "logits error {err}");
@@ -212,16 +194,7 @@ on_devices! {
             let mut req = Request::greedy(case.prompt.clone(), 4);
             req.ignore_eos = true;
             req.return_logits = true;
-            engine.add_request(req).unwrap();
-            let mut logits = Vec::new();
-            for ev in engine.run_to_completion().unwrap() {
-                if let Event::Token {
-                    logits: Some(l), ..
-                } = ev
-                {
-                    logits.extend(l);
-                }
-            }
+            let (_, logits) = run_with_logits(&mut engine, req);
             (logits, engine.compute_bytes())
         };
         let (same, same_bytes) = run(Exchange::SameDevice);

@@ -24,16 +24,7 @@ fn check_topology(tp: usize, pp: usize) {
         let mut req = Request::greedy(case.prompt.clone(), n_new);
         req.ignore_eos = true;
         req.return_logits = true;
-        let id = engine.add_request(req).unwrap();
-        let mut logits = Vec::new();
-        for ev in engine.run_to_completion().unwrap() {
-            if let Event::Token {
-                logits: Some(l), ..
-            } = ev
-            {
-                logits.extend(l);
-            }
-        }
+        let (id, logits) = run_with_logits(&mut engine, req);
         let out = engine.output(id).unwrap();
         assert_eq!(
             out.output,

@@ -496,15 +496,7 @@ impl Worker {
                     .mem
                     .shard(seg)
                     .ok_or_else(|| self.err(format!("{seg} not resident")))?;
-                if shards.group_size != g.len() || g.position(self.id) != Some(shards.index) {
-                    return Err(self.err(format!(
-                        "{seg}: resident shard is {}/{} but placement says {}/{}",
-                        shards.index,
-                        shards.group_size,
-                        g.position(self.id).unwrap_or(usize::MAX),
-                        g.len()
-                    )));
-                }
+                self.check_shard(seg, g, shards.group_size, shards.index)?;
                 match (seg, &mut h) {
                     (Segment::Embed, _) => h = Some(Hidden::Host(self.embed(plan, g, &shards)?)),
                     (Segment::Layer(l), Some(Hidden::Host(x))) => {
@@ -515,6 +507,19 @@ impl Worker {
                 }
             }
             prev = Some(d);
+        }
+        Ok(())
+    }
+
+    /// The resident shard of `seg` (cut for member `index` of a group of `group_size`)
+    /// must be the one the placement's group `g` asks of this worker.
+    fn check_shard(&self, seg: Segment, g: &Group, group_size: usize, index: usize) -> Result<()> {
+        if group_size != g.len() || g.position(self.id) != Some(index) {
+            return Err(self.err(format!(
+                "{seg}: resident shard is {index}/{group_size} but placement says {}/{}",
+                g.position(self.id).unwrap_or(usize::MAX),
+                g.len()
+            )));
         }
         Ok(())
     }
@@ -542,15 +547,7 @@ impl Worker {
             .get(&seg)
             .cloned()
             .ok_or_else(|| self.err(format!("{seg} not resident on the device")))?;
-        if shards.group_size != g.len() || g.position(self.id) != Some(shards.index) {
-            return Err(self.err(format!(
-                "{seg}: resident shard is {}/{} but placement says {}/{}",
-                shards.index,
-                shards.group_size,
-                g.position(self.id).unwrap_or(usize::MAX),
-                g.len()
-            )));
-        }
+        self.check_shard(seg, g, shards.group_size, shards.index)?;
         match (seg, &*h) {
             (Segment::Embed, _) => *h = Some(Hidden::Dev(dc.embed(&self.comm, g, &shards, inp)?)),
             (Segment::Layer(l), Some(Hidden::Dev(x))) => {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use remp::model::Model;
+use remp::runtime::{Engine, Event, Request, RequestId};
 use std::path::PathBuf;
 
 /// remp-tiny and its oracle: `REMP_TINY_DIR` if set (the GPU check's bundle carries a
@@ -60,6 +61,27 @@ pub fn oracle() -> Vec<OracleCase> {
     }
     assert!(out.len() >= 5, "oracle has {} prompts", out.len());
     out
+}
+
+/// Adds `req` and runs the engine to completion; returns the request's id and the
+/// logits of every position it processed, in order (`req` must ask for them).
+pub fn run_with_logits(engine: &mut Engine, req: Request) -> (RequestId, Vec<f32>) {
+    assert!(req.return_logits);
+    let id = engine.add_request(req).unwrap();
+    let mut logits = Vec::new();
+    for ev in engine.run_to_completion().unwrap() {
+        if let Event::Token {
+            id: rid,
+            logits: Some(l),
+            ..
+        } = ev
+        {
+            if rid == id {
+                logits.extend(l);
+            }
+        }
+    }
+    (id, logits)
 }
 
 /// Largest |a - b| / (1 + |b|) over the slices: absolute for small logits, relative for
