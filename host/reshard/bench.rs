@@ -186,7 +186,9 @@ pub fn run_mode(
             engine.step()?;
             ends.push(ms(Instant::now()));
             total_ms = req_t.elapsed().as_secs_f64() * 1e3;
-            bytes_moved = (cfg.num_params() * 4) as u64;
+            // the checkpoint loaded again: f32 on the CPU backend, bf16 on a device
+            let elem = if bc.device == DeviceKind::Cpu { 4 } else { 2 };
+            bytes_moved = (cfg.num_params() * elem) as u64;
         }
     }
     let done_t = ms(Instant::now());

@@ -18,8 +18,9 @@
 //! member's partial goes to its peers as a device buffer through the counted [`Comm`]
 //! layer, lands in slot `i` of a `[group, tokens, hidden]` f32 buffer, and the split-K
 //! reduce kernel sums the slots in order with the bias and residual add fused; and
-//! *host-staged* — download, host all-reduce, upload. The embedding's all-reduce (one
-//! member holds each row, so the sum is exact) is host-staged in both; NCCL for ranks
+//! *host-staged* — download, host all-reduce, upload. The vocab-parallel embedding's
+//! all-reduce (one member holds each row, so the sum is exact) takes the same two
+//! routes, summing bf16 rows with the residual-add kernel on the device; NCCL for ranks
 //! on different GPUs is not built yet.
 //!
 //! Attention kernels map local query head `i` to local KV head `i / (q/kv)`, so a
@@ -419,8 +420,26 @@ impl DeviceCompute {
         if g.len() == 1 {
             return Ok(x);
         }
-        // Exactly one member holds each token's row, so the f32 sum is exact.
+        // Exactly one member holds each token's row (the others' are zero), so the sum is
+        // exact in any order and either exchange gives the same bits.
         let _ar = nvtx::range("embed all-reduce");
+        if self.exchange == Exchange::SameDevice {
+            let me = crate::parallel::WorkerId(comm.me());
+            let idx = g
+                .position(me)
+                .ok_or_else(|| dev_err(format!("{me} is not in group {g}")))?;
+            let n = inp.tokens * h;
+            let grid = [n.div_ceil(BLOCK as usize).min(1024) as u32, 1, 1];
+            self.share_with_group(comm, g, idx, &x, 0, n * 2, |_, b| {
+                self.launch(
+                    "residual_add_bf16",
+                    grid,
+                    BLOCK,
+                    &[Arg::from(&x), Arg::from(&x), Arg::from(b), u(n)],
+                )
+            })?;
+            return Ok(x);
+        }
         let rows: Vec<bf16> = download_vec(self.dev.as_ref(), &x, inp.tokens * h)?;
         let mut sum: Vec<f32> = rows.iter().map(|v| v.to_f32()).collect();
         comm.all_reduce_sum(g.workers(), &mut sum)?;
@@ -682,33 +701,9 @@ impl DeviceCompute {
             (t, h, k),
             true,
         )?;
-        let mut outgoing = Vec::new();
-        for (j, peer) in g.workers().iter().enumerate() {
-            if j != idx {
-                let b = self.alloc(part_bytes)?;
-                self.dev.copy(&b, 0, &red, idx * part_bytes, part_bytes)?;
-                outgoing.push((*peer, b));
-            }
-        }
-        // The copies must be complete before a peer's stream reads them.
-        self.dev.synchronize()?;
-        for (peer, b) in outgoing {
-            comm.send_buf(peer.0, Tag::AllReduce, b)?;
-        }
-        let mut incoming = Vec::new();
-        for (j, peer) in g.workers().iter().enumerate() {
-            if j != idx {
-                let b = comm.recv_buf(peer.0, Tag::AllReduce)?;
-                if b.len() != part_bytes {
-                    return Err(dev_err(format!(
-                        "all-reduce from {peer}: {} B, expected {part_bytes}",
-                        b.len()
-                    )));
-                }
-                self.dev.copy(&red, j * part_bytes, &b, 0, part_bytes)?;
-                incoming.push(b);
-            }
-        }
+        self.share_with_group(comm, g, idx, &red, idx * part_bytes, part_bytes, |j, b| {
+            self.dev.copy(&red, j * part_bytes, b, 0, part_bytes)
+        })?;
         let n = (t * h) as u32;
         self.launch(
             "gemm_splitk_reduce_bf16",
@@ -725,6 +720,52 @@ impl DeviceCompute {
                 u(g.len()),
             ],
         )?;
+        Ok(())
+    }
+
+    /// Same-device exchange within group `g` (this worker is member `idx`): a copy of
+    /// `bytes` bytes of `src` from `off` goes to every peer (a fresh buffer each, handed
+    /// over through the Comm layer), and `each(j, buf)` queues this worker's use of
+    /// member `j`'s buffer, in group order. Returns once the uses have run, so the
+    /// received buffers can be freed.
+    #[allow(clippy::too_many_arguments)]
+    fn share_with_group(
+        &self,
+        comm: &Comm,
+        g: &Group,
+        idx: usize,
+        src: &Buf,
+        off: usize,
+        bytes: usize,
+        mut each: impl FnMut(usize, &Buf) -> Result<()>,
+    ) -> Result<()> {
+        let mut outgoing = Vec::new();
+        for (j, peer) in g.workers().iter().enumerate() {
+            if j != idx {
+                let b = self.alloc(bytes)?;
+                self.dev.copy(&b, 0, src, off, bytes)?;
+                outgoing.push((*peer, b));
+            }
+        }
+        // The copies must be complete before a peer's stream reads them.
+        self.dev.synchronize()?;
+        for (peer, b) in outgoing {
+            comm.send_buf(peer.0, Tag::AllReduce, b)?;
+        }
+        let mut incoming = Vec::new();
+        for (j, peer) in g.workers().iter().enumerate() {
+            if j != idx {
+                let b = comm.recv_buf(peer.0, Tag::AllReduce)?;
+                if b.len() < bytes {
+                    return Err(dev_err(format!(
+                        "exchange from {peer}: {} B, expected {bytes}",
+                        b.len()
+                    )));
+                }
+                each(j, &b)?;
+                incoming.push(b);
+            }
+        }
         // The received buffers are freed only after this stream has read them.
         self.dev.synchronize()?;
         drop(incoming);
