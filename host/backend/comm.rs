@@ -305,7 +305,7 @@ mod tests {
     fn device_buffers_move_counted_and_typed() {
         use crate::backend::device::{emu::EmuDevice, Device};
         let (compute, _, stats) = fabric(2, Duration::from_millis(50));
-        let b = EmuDevice.alloc(96).unwrap();
+        let b = EmuDevice::new().alloc(96).unwrap();
         let p = b.ptr();
         compute[0].send_buf(1, Tag::Handoff, b).unwrap();
         let got = compute[1].recv_buf(0, Tag::Handoff).unwrap();
@@ -319,7 +319,7 @@ mod tests {
         compute[0].send(1, Tag::Handoff, vec![1.0]).unwrap();
         assert!(compute[1].recv_buf(0, Tag::Handoff).is_err());
         compute[0]
-            .send_buf(1, Tag::Handoff, EmuDevice.alloc(4).unwrap())
+            .send_buf(1, Tag::Handoff, EmuDevice::new().alloc(4).unwrap())
             .unwrap();
         assert!(compute[1].recv(0, Tag::Handoff).is_err());
     }

@@ -493,7 +493,7 @@ mod tests {
 
     #[test]
     fn regions_pack_unpack_and_copy_like_the_host() {
-        let dev = EmuDevice;
+        let dev = EmuDevice::new();
         let held = Region::new(4..12, 8..20);
         let data = vals(held.len(), 1);
         let src = to_dev(&dev, &data);
@@ -556,7 +556,7 @@ mod tests {
 
     #[test]
     fn kv_pack_unpack_copy_match_the_host_layout() {
-        let dev = EmuDevice;
+        let dev = EmuDevice::new();
         let geom = KvGeometry {
             num_blocks: 6,
             block_size: 4,

@@ -82,7 +82,7 @@ impl DeviceKind {
     fn open(self, cfg: &Arc<ModelConfig>, exchange: Exchange) -> Result<Option<DeviceCompute>> {
         let dev: Box<dyn Device> = match self {
             DeviceKind::Cpu => return Ok(None),
-            DeviceKind::Emulated => Box::new(EmuDevice),
+            DeviceKind::Emulated => Box::new(EmuDevice::new()),
             DeviceKind::Cuda => Box::new(CudaDevice::open(0)?),
         };
         Ok(Some(
@@ -95,7 +95,7 @@ impl DeviceKind {
     fn open_copy(self) -> Result<Option<Box<dyn Device>>> {
         Ok(match self {
             DeviceKind::Cpu => None,
-            DeviceKind::Emulated => Some(Box::new(EmuDevice)),
+            DeviceKind::Emulated => Some(Box::new(EmuDevice::new())),
             DeviceKind::Cuda => Some(Box::new(CudaDevice::open(0)?)),
         })
     }

@@ -16,10 +16,86 @@
 use super::{check_range, Arg, Buf, Device};
 use crate::{Error, Result};
 use remp_gpu_kernels as k;
+use std::sync::{Arc, Mutex, Weak};
 
-/// The emulated device.
-#[derive(Debug, Default)]
-pub struct EmuDevice;
+/// The emulated device: a stream of its own (launches and device-to-device copies are
+/// queued and run at the next synchronizing call, as on a GPU) over host memory.
+pub struct EmuDevice {
+    queue: Arc<Queue>,
+}
+
+/// Work queued on one emulated stream. Runs under the lock, so a flush by another
+/// thread (a buffer being freed) and the owner's own flush never interleave.
+#[derive(Default)]
+struct Queue(Mutex<Vec<Op>>);
+
+/// A queued launch or copy: captures device addresses (raw pointers) only.
+struct Op(Box<dyn FnOnce() -> Result<()>>);
+// SAFETY: an Op touches only emulated device memory through the addresses it captured;
+// which thread runs it does not matter, and runs are serialized by the queue's lock.
+unsafe impl Send for Op {}
+
+/// Every live emulated stream: freeing emulated memory first drains them all, as
+/// freeing on CUDA waits for the whole context (`DevBuf`'s drop).
+static STREAMS: Mutex<Vec<Weak<Queue>>> = Mutex::new(Vec::new());
+
+impl Queue {
+    fn flush(&self) -> Result<()> {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut first = Ok(());
+        for op in q.drain(..) {
+            // after a failure the rest is dropped, as a faulted CUDA stream runs nothing
+            if first.is_ok() {
+                first = (op.0)();
+            }
+        }
+        first
+    }
+}
+
+impl EmuDevice {
+    pub fn new() -> Self {
+        let queue = Arc::new(Queue::default());
+        let mut all = STREAMS.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&queue));
+        EmuDevice { queue }
+    }
+
+    fn enqueue(&self, op: impl FnOnce() -> Result<()> + 'static) {
+        self.queue
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Op(Box::new(op)));
+    }
+}
+
+impl Default for EmuDevice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for EmuDevice {
+    fn drop(&mut self) {
+        let _ = self.queue.flush();
+    }
+}
+
+/// Runs the queued work of every emulated stream (one stream at a time: no lock is
+/// held while taking another, so two threads draining at once cannot deadlock).
+pub(crate) fn drain_all_streams() {
+    let live: Vec<Arc<Queue>> = STREAMS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    for q in live {
+        let _ = q.flush();
+    }
+}
 
 /// Conversion of a launch argument to a kernel parameter type.
 trait FromArg: Sized {
@@ -84,8 +160,8 @@ macro_rules! emulated {
         /// Every kernel the emulator runs (the same set as the PTX module).
         pub const EMULATED: &[&str] = &[$(stringify!($name)),*];
 
-        /// Runs kernel `name`; `Ok(false)` when no such kernel exists.
-        unsafe fn dispatch(name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<bool> {
+        /// Kernel `name` with `args` converted, ready to run; `None` when no such kernel.
+        unsafe fn dispatch(name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<Option<Op>> {
             match name {
                 $(stringify!($name) => {
                     let params: &[&str] = &[$(stringify!($a)),*];
@@ -96,17 +172,19 @@ macro_rules! emulated {
                     }
                     let mut it = args.iter();
                     $( let $a = next_arg(name, &mut it, stringify!($a))?; )*
-                    run(name, grid, block, || unsafe { k::$m::$name($($a),*) })?;
-                    Ok(true)
+                    let name: &'static str = stringify!($name);
+                    Ok(Some(Op(Box::new(move || unsafe {
+                        run(name, grid, block, || k::$m::$name($($a),*))
+                    }))))
                 })*
-                _ => Ok(false),
+                _ => Ok(None),
             }
         }
     };
 }
 
-/// One emulated launch; a kernel panic (a trap) becomes an error.
-unsafe fn run(name: &str, grid: [u32; 3], block: u32, f: impl Fn()) -> Result<()> {
+/// The launch-shape checks `cuLaunchKernel` makes.
+fn check_shape(name: &str, grid: [u32; 3], block: u32) -> Result<()> {
     if block == 0 || !block.is_multiple_of(32) || block > 1024 {
         return Err(Error::Device(format!("{name}: block of {block} threads")));
     }
@@ -115,6 +193,11 @@ unsafe fn run(name: &str, grid: [u32; 3], block: u32, f: impl Fn()) -> Result<()
             "{name}: grid {grid:?} (CUDA needs 1 <= x < 2^31, 1 <= y, z <= 65535)"
         )));
     }
+    Ok(())
+}
+
+/// One emulated launch; a kernel panic (a trap) becomes an error.
+unsafe fn run(name: &str, grid: [u32; 3], block: u32, f: impl Fn()) -> Result<()> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         k::prims::emu::launch(grid, block, f)
     }))
@@ -181,8 +264,9 @@ impl Device for EmuDevice {
     }
     fn upload(&self, dst: &Buf, off: usize, src: &[u8]) -> Result<()> {
         check_range(dst, off, src.len(), "upload")?;
-        // SAFETY: inside dst's host allocation (checked); no kernel runs concurrently
-        // on this device's memory (launches are synchronous).
+        // ordered after this stream's queued work, like a synchronous cuMemcpyHtoD on it
+        self.queue.flush()?;
+        // SAFETY: inside dst's host allocation (checked); this stream's work is done.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 src.as_ptr(),
@@ -194,6 +278,7 @@ impl Device for EmuDevice {
     }
     fn download(&self, src: &Buf, off: usize, dst: &mut [u8]) -> Result<()> {
         check_range(src, off, dst.len(), "download")?;
+        self.queue.flush()?;
         // SAFETY: as for upload.
         unsafe {
             std::ptr::copy_nonoverlapping(
@@ -214,26 +299,31 @@ impl Device for EmuDevice {
     ) -> Result<()> {
         check_range(dst, dst_off, bytes, "copy destination")?;
         check_range(src, src_off, bytes, "copy source")?;
-        // SAFETY: both ranges are inside their allocations (checked); `copy` allows
-        // overlap.
-        unsafe {
-            std::ptr::copy(
-                (src.ptr() as usize + src_off) as *const u8,
-                (dst.ptr() as usize + dst_off) as *mut u8,
-                bytes,
-            )
-        };
+        let (d, s) = (dst.ptr() as usize + dst_off, src.ptr() as usize + src_off);
+        self.enqueue(move || {
+            // SAFETY: both ranges were inside their allocations, which stay alive until
+            // every stream has drained (freeing emulated memory drains them all).
+            unsafe { std::ptr::copy(s as *const u8, d as *mut u8, bytes) };
+            Ok(())
+        });
         Ok(())
     }
     unsafe fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
-        if dispatch(name, grid, block, args)? {
-            Ok(())
-        } else {
-            Err(Error::Device(format!("unknown kernel `{name}`")))
+        check_shape(name, grid, block)?;
+        match dispatch(name, grid, block, args)? {
+            Some(op) => {
+                self.queue
+                    .0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(op);
+                Ok(())
+            }
+            None => Err(Error::Device(format!("unknown kernel `{name}`"))),
         }
     }
     fn synchronize(&self) -> Result<()> {
-        Ok(())
+        self.queue.flush()
     }
     fn sm_count(&self) -> u32 {
         // Launch shapes sized to the device stay small, as the emulator runs blocks
@@ -261,7 +351,7 @@ mod tests {
 
     #[test]
     fn launches_check_arguments_and_report_traps() {
-        let dev = EmuDevice;
+        let dev = EmuDevice::new();
         let a: Vec<f32> = (0..100).map(|i| i as f32 * 0.5).collect();
         let b: Vec<f32> = (0..100).map(|i| 3.0 - i as f32).collect();
         let (ba, bb) = (upload_new(&dev, &a).unwrap(), upload_new(&dev, &b).unwrap());
@@ -311,6 +401,9 @@ mod tests {
                 ],
             )
         };
+        // queued like a GPU launch: the fault shows at the next synchronizing call
+        assert!(e.is_ok());
+        let e = dev.synchronize();
         assert!(
             e.unwrap_err().to_string().contains("kernel failed"),
             "trap not reported"

@@ -56,6 +56,16 @@ enum Mem {
     Cuda(#[allow(dead_code)] DevBuf),
 }
 
+impl Drop for Buf {
+    fn drop(&mut self) {
+        // Like freeing on CUDA (which waits for the whole context): no emulated stream
+        // may still have queued work touching this memory.
+        if matches!(self._mem, Mem::Host(_)) {
+            emu::drain_all_streams();
+        }
+    }
+}
+
 impl Buf {
     /// Emulator memory, every byte 0xFF (NaN as f32/bf16): like `cuMemAlloc`, whose
     /// memory holds whatever was there, a buffer read before it is written is garbage,
