@@ -578,6 +578,9 @@ impl CopyWorker {
                 CopyCmd::Run(job) => {
                     let t = thread_cpu_us();
                     let r = self.run_job(&job);
+                    if r.is_err() {
+                        self.notify_abort(&job);
+                    }
                     job.cpu_us.fetch_add(thread_cpu_us() - t, Ordering::SeqCst);
                     self.ctrl.on_copy_done(&job, r);
                 }
@@ -656,20 +659,29 @@ impl CopyWorker {
         synced
     }
 
+    /// After any failure of this worker's part of `job` (an allocation, a kernel, a
+    /// peer), tells every worker it owed pieces to give up at once rather than wait for
+    /// the communication timeout: the abort message is where their next piece would
+    /// be. Whatever it leaves unread is drained when the controller discards the switch.
+    fn notify_abort(&self, job: &SegmentJob) {
+        let me = self.id;
+        let dsts: BTreeSet<WorkerId> = job
+            .plan
+            .transfers
+            .iter()
+            .filter(|t| t.src == me && t.dst != me)
+            .map(|t| t.dst)
+            .collect();
+        for d in dsts {
+            let _ = self.comm.send(d.0, Tag::ReshardAbort(job.job), Vec::new());
+        }
+    }
+
     fn run_job(&self, job: &SegmentJob) -> Result<()> {
         let me = self.id;
         let p = &job.plan;
         let seg = p.segment;
         if job.fail_on == Some(me) {
-            let dsts: BTreeSet<WorkerId> = p
-                .transfers
-                .iter()
-                .filter(|t| t.src == me && t.dst != me)
-                .map(|t| t.dst)
-                .collect();
-            for d in dsts {
-                let _ = self.comm.send(d.0, Tag::ReshardAbort(job.job), Vec::new());
-            }
             return Err(self.err(format!("injected failure while moving {seg}")));
         }
         if let Some(dev) = &self.dev {

@@ -495,10 +495,8 @@ impl crate::backend::device::Device for CudaDevice {
         format!("{} ({})", self.name(), self.arch().name())
     }
     fn alloc(&self, bytes: usize) -> Result<crate::backend::device::Buf> {
-        Ok(crate::backend::device::Buf::cuda(CudaDevice::alloc(
-            self,
-            bytes.max(1),
-        )?))
+        let b = CudaDevice::alloc(self, bytes.max(1))?;
+        Ok(crate::backend::device::Buf::cuda(b, bytes))
     }
     fn upload(&self, dst: &crate::backend::device::Buf, off: usize, src: &[u8]) -> Result<()> {
         crate::backend::device::check_range(dst, off, src.len(), "upload")?;

@@ -78,10 +78,13 @@ impl Buf {
             _mem: Mem::Host(mem),
         }
     }
-    pub(crate) fn cuda(b: DevBuf) -> Buf {
+    /// A CUDA allocation seen as `len` bytes (a zero-byte request still allocates one
+    /// byte, but its length stays 0, as on the emulator).
+    pub(crate) fn cuda(b: DevBuf, len: usize) -> Buf {
+        debug_assert!(len <= b.len());
         Buf {
             ptr: b.ptr(),
-            len: b.len(),
+            len: len.min(b.len()),
             _mem: Mem::Cuda(b),
         }
     }
