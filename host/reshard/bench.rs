@@ -123,6 +123,26 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Adds `n` greedy requests of `prompt_len` deterministic tokens that decode
+/// `max_new` tokens each, EOS ignored: the benches' workload.
+pub fn add_synthetic_requests(
+    engine: &mut Engine,
+    vocab: usize,
+    n: usize,
+    prompt_len: usize,
+    max_new: usize,
+) -> Result<()> {
+    for r in 0..n {
+        let prompt: Vec<u32> = (0..prompt_len)
+            .map(|i| ((r * 131 + i * 17 + 3) % vocab) as u32)
+            .collect();
+        let mut req = Request::greedy(prompt, max_new);
+        req.ignore_eos = true;
+        engine.add_request(req)?;
+    }
+    Ok(())
+}
+
 /// Runs one mode on a fresh engine and measures it.
 pub fn run_mode(
     model: &Model,
@@ -138,14 +158,13 @@ pub fn run_mode(
     econf.kv_blocks = per_seq * bc.requests;
     econf.device = bc.device;
     let mut engine = Engine::new(model, econf)?;
-    for r in 0..bc.requests {
-        let prompt: Vec<u32> = (0..bc.prompt_len)
-            .map(|i| ((r * 131 + i * 17 + 3) % cfg.vocab_size) as u32)
-            .collect();
-        let mut req = Request::greedy(prompt, max_new);
-        req.ignore_eos = true;
-        engine.add_request(req)?;
-    }
+    add_synthetic_requests(
+        &mut engine,
+        cfg.vocab_size,
+        bc.requests,
+        bc.prompt_len,
+        max_new,
+    )?;
     let t0 = Instant::now();
     let ms = |t: Instant| t.duration_since(t0).as_secs_f64() * 1e3;
     let mut ends = vec![0.0f64];

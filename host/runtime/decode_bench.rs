@@ -18,7 +18,8 @@ use crate::backend::device::Exchange;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::parallel::Topology;
-use crate::runtime::{DeviceKind, Engine, EngineConfig, Event, Request};
+use crate::reshard::bench::add_synthetic_requests;
+use crate::runtime::{DeviceKind, Engine, EngineConfig, Event};
 use std::time::Instant;
 
 #[derive(Debug, Clone)]
@@ -122,14 +123,13 @@ pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
     econf.max_running = bc.batch;
     econf.max_prefill_tokens = bc.batch * bc.prompt_len;
     let mut engine = Engine::new(model, econf)?;
-    for r in 0..bc.batch {
-        let prompt: Vec<u32> = (0..bc.prompt_len)
-            .map(|i| ((r * 131 + i * 17 + 3) % cfg.vocab_size) as u32)
-            .collect();
-        let mut req = Request::greedy(prompt, max_new);
-        req.ignore_eos = true;
-        engine.add_request(req)?;
-    }
+    add_synthetic_requests(
+        &mut engine,
+        cfg.vocab_size,
+        bc.batch,
+        bc.prompt_len,
+        max_new,
+    )?;
     engine.step()?; // prefill
     for _ in 0..bc.warmup {
         engine.step()?;
