@@ -766,6 +766,8 @@ impl Worker {
                     let piece = device::kv_pack_buf(dev, old, self.geom, &spans, &t.region.rows)?;
                     // Complete before the receiver's stream reads it.
                     dev.synchronize()?;
+                    // Device memory until the receiver has unpacked it (it frees the count).
+                    self.mem.meter.alloc(piece.len());
                     self.comm.send_buf(t.dst.0, tag, piece)?;
                 } else {
                     let buf = device::kv_pack(dev, old, self.geom, &spans, &t.region.rows)?;
@@ -786,6 +788,7 @@ impl Worker {
                     });
                     // Read by this stream: done before it is freed.
                     let synced = dev.synchronize();
+                    self.mem.meter.free(piece.len());
                     drop(piece);
                     unpacked.and(synced)?;
                     continue;
