@@ -134,6 +134,21 @@ pub struct Staged {
     pub dev_kv: Option<Arc<DevKv>>,
 }
 
+/// At a flip: frees `old`'s bytes from the meter unless `new` is that very buffer (a
+/// shard or cache that stays as it is).
+fn release<T>(
+    meter: &MemMeter,
+    old: Option<&Arc<T>>,
+    new: Option<&Arc<T>>,
+    bytes: impl Fn(&T) -> usize,
+) {
+    if let Some(o) = old {
+        if !new.is_some_and(|n| Arc::ptr_eq(o, n)) {
+            meter.free(bytes(o));
+        }
+    }
+}
+
 /// Keeps `to` (inside `from`) of a row-major buffer holding `from`, in place: rows move
 /// forward only, so one pass suffices; a kept prefix costs nothing.
 pub fn compact_in_place(mut v: Vec<f32>, from: &Region, to: &Region) -> Vec<f32> {
@@ -645,9 +660,7 @@ impl Worker {
             let old_bytes = old.as_ref().map_or(0, |o| o.bytes());
             match staged.shards {
                 Some(StagedShards::Kept(new)) => {
-                    if !old.as_ref().is_some_and(|o| Arc::ptr_eq(o, &new)) {
-                        meter.free(old_bytes);
-                    }
+                    release(meter, old.as_ref(), Some(&new), ShardSet::bytes);
                     shards.insert(seg, new);
                 }
                 Some(StagedShards::New { mut set, in_place }) => {
@@ -677,19 +690,14 @@ impl Worker {
         if let Segment::Layer(l) = seg {
             let mut kvs = self.mem.kv.write().map_err(|_| self.err("poisoned"))?;
             let old = kvs.remove(&l);
-            let old_bytes = |o: &Arc<Mutex<LayerKv>>| o.lock().map(|k| k.bytes()).unwrap_or(0);
-            match (old, staged.kv) {
-                (Some(o), Some(n)) => {
-                    if !Arc::ptr_eq(&o, &n) {
-                        meter.free(old_bytes(&o));
-                    }
-                    kvs.insert(l, n);
-                }
-                (None, Some(n)) => {
-                    kvs.insert(l, n);
-                }
-                (Some(o), None) => meter.free(old_bytes(&o)),
-                (None, None) => {}
+            release(
+                meter,
+                old.as_ref(),
+                staged.kv.as_ref(),
+                |k: &Mutex<LayerKv>| k.lock().map(|k| k.bytes()).unwrap_or(0),
+            );
+            if let Some(n) = staged.kv {
+                kvs.insert(l, n);
             }
         }
         Ok(())
@@ -811,9 +819,7 @@ impl Worker {
             let old_bytes = old.as_ref().map_or(0, |o| o.bytes());
             match staged.dev_shards {
                 Some(StagedDevShards::Kept(new)) => {
-                    if !old.as_ref().is_some_and(|o| Arc::ptr_eq(o, &new)) {
-                        meter.free(old_bytes);
-                    }
+                    release(meter, old.as_ref(), Some(&new), DevShards::bytes);
                     shards.insert(seg, new);
                 }
                 Some(StagedDevShards::New(set)) => {
@@ -826,18 +832,9 @@ impl Worker {
         if let Segment::Layer(l) = seg {
             let mut kvs = self.mem.dev_kv.write().map_err(|_| self.err("poisoned"))?;
             kvs.remove(&l);
-            match (old_kv, staged.dev_kv) {
-                (Some(o), Some(n)) => {
-                    if !Arc::ptr_eq(&o, &n) {
-                        meter.free(o.bytes());
-                    }
-                    kvs.insert(l, n);
-                }
-                (None, Some(n)) => {
-                    kvs.insert(l, n);
-                }
-                (Some(o), None) => meter.free(o.bytes()),
-                (None, None) => {}
+            release(meter, old_kv.as_ref(), staged.dev_kv.as_ref(), DevKv::bytes);
+            if let Some(n) = staged.dev_kv {
+                kvs.insert(l, n);
             }
         }
         Ok(())
