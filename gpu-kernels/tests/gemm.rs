@@ -123,6 +123,38 @@ unsafe fn splitk<O: remp_gpu_kernels::prims::Elem>(
     });
 }
 
+/// A GEMM kernel with output type `O`, and the split-K reduce with the same epilogue.
+type Gemm<O> =
+    unsafe fn(*mut O, *const Bf16, *const Bf16, *const Bf16, *const Bf16, u32, u32, u32, u32, u32);
+type Reduce<O> = unsafe fn(*mut O, *const f32, *const Bf16, *const Bf16, u32, u32, u32, u32);
+/// (decode, split-K reduce, mma) kernels of one output type.
+type Kernels<O> = (Gemm<O>, Reduce<O>, Gemm<O>);
+
+/// Launches `path`'s kernels like the host does.
+#[allow(clippy::too_many_arguments)]
+unsafe fn launch_path<O: remp_gpu_kernels::prims::Elem>(
+    path: Path,
+    (decode, reduce, mma): Kernels<O>,
+    y: *mut O,
+    x: *const Bf16,
+    w: *const Bf16,
+    bias: *const Bf16,
+    res: *const Bf16,
+    (m, n, k, ldx, ldy): (u32, u32, u32, u32, u32),
+) {
+    match path {
+        Path::Decode(block) => launch([n.div_ceil(DEC_COLS), 1, 1], block, || {
+            decode(y, x, w, bias, res, m, n, k, ldx, ldy)
+        }),
+        Path::SplitK(block, kc) => {
+            splitk(block, kc, y, x, w, bias, res, (m, n, k, ldx, ldy), reduce)
+        }
+        Path::Mma => launch([n.div_ceil(128), m.div_ceil(128), 1], 128, || {
+            mma(y, x, w, bias, res, m, n, k, ldx, ldy)
+        }),
+    }
+}
+
 fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
     let xb = ABuf::new(&to_bf16(&[vec![0.0; x_off], c.x.clone()].concat()));
     let wb = ABuf::new(&to_bf16(&c.w));
@@ -156,27 +188,12 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
             .as_ref()
             .map_or(rp as *const Bf16, |r| r.ptr() as *const Bf16);
         let yp = yb.ptr();
-        unsafe {
-            match path {
-                Path::Decode(block) => launch([n.div_ceil(DEC_COLS), 1, 1], block, || {
-                    gemm_decode_bf16_f32out(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
-                }),
-                Path::SplitK(block, kc) => splitk(
-                    block,
-                    kc,
-                    yp,
-                    xp,
-                    wp,
-                    bp,
-                    rp,
-                    (m, n, k, ldx, ldy),
-                    gemm_splitk_reduce_bf16_f32out,
-                ),
-                Path::Mma => launch([n.div_ceil(128), m.div_ceil(128), 1], 128, || {
-                    gemm_mma_bf16_f32out(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
-                }),
-            }
-        }
+        let kernels: Kernels<f32> = (
+            gemm_decode_bf16_f32out,
+            gemm_splitk_reduce_bf16_f32out,
+            gemm_mma_bf16_f32out,
+        );
+        unsafe { launch_path(path, kernels, yp, xp, wp, bp, rp, (m, n, k, ldx, ldy)) };
         let want = reference(c, false);
         let tol = 2e-5 * (c.k as f32).sqrt();
         assert_close(&what, &valid(c, &yb.to_vec()), &valid(c, &want), tol, 1e-5);
@@ -188,27 +205,8 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
         } else {
             null()
         }; // in place: y += x·Wᵀ
-        unsafe {
-            match path {
-                Path::Decode(block) => launch([n.div_ceil(DEC_COLS), 1, 1], block, || {
-                    gemm_decode_bf16(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
-                }),
-                Path::SplitK(block, kc) => splitk(
-                    block,
-                    kc,
-                    yp,
-                    xp,
-                    wp,
-                    bp,
-                    rp,
-                    (m, n, k, ldx, ldy),
-                    gemm_splitk_reduce_bf16,
-                ),
-                Path::Mma => launch([n.div_ceil(128), m.div_ceil(128), 1], 128, || {
-                    gemm_mma_bf16(yp, xp, wp, bp, rp, m, n, k, ldx, ldy)
-                }),
-            }
-        }
+        let kernels: Kernels<Bf16> = (gemm_decode_bf16, gemm_splitk_reduce_bf16, gemm_mma_bf16);
+        unsafe { launch_path(path, kernels, yp, xp, wp, bp, rp, (m, n, k, ldx, ldy)) };
         let want = reference(c, true);
         assert_close(
             &what,
