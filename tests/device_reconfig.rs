@@ -201,6 +201,7 @@ fn failed_device_copy_aborts_and_keeps_serving(dev) {
         window: 1,
         fail_at: Some((Segment::Layer(LayerId(3)), WorkerId(1))),
         lookahead: 0,
+        late_discard: None,
     };
     e.reconfigure_with(Topology::new(1, 2), &opts).unwrap();
     e.run_to_completion().unwrap();
@@ -218,5 +219,75 @@ fn failed_device_copy_aborts_and_keeps_serving(dev) {
     );
     assert_meter_matches_memory(&e);
     assert_oracle(&e, a, &cases[0], n, "prompt 0");
+}
+}
+
+on_devices! {
+/// A switch started right after an abort, in the same step: the worker that receives
+/// layer-0 pieces discards the aborted job only after its peer, done discarding, sent
+/// it a piece of the new switch (test hook). That piece is kept and the aborted job's
+/// leftover device buffers are uncounted: the new (stop-the-world) switch moves exactly
+/// its planned bytes, the meter matches what the workers hold, and decoding goes on
+/// with the oracle's tokens.
+fn switch_started_right_after_an_abort_completes(dev) {
+    use remp::parallel::{LayerId, Segment};
+    use remp::reshard::executor::ReconfigOptions;
+    let cases = oracle();
+    let mut e = engine(dev, Exchange::SameDevice, Topology::new(2, 1), 2);
+    let n = 6;
+    let a = e.add_request(request(&cases[0], n)).unwrap();
+    for _ in 0..2 {
+        e.step().unwrap();
+    }
+    let target = Topology::new(1, 2);
+    let (_, plan) = e.plan_reconfigure(target).unwrap();
+    let layer0 = Segment::Layer(LayerId(0));
+    let (src, dst) = plan
+        .segments
+        .iter()
+        .filter(|s| s.segment == layer0)
+        .flat_map(|s| &s.transfers)
+        .find(|t| t.src != t.dst)
+        .map(|t| (t.src, t.dst))
+        .unwrap();
+    let opts = ReconfigOptions {
+        window: 1,
+        fail_at: Some((layer0, src)),
+        lookahead: 1,
+        late_discard: Some(dst),
+    };
+    e.reconfigure_with(target, &opts).unwrap();
+    // The failed copy needs no step to abort.
+    while e.reconfig_in_progress() {
+        std::thread::yield_now();
+    }
+    let aborted = e
+        .reconfig_events()
+        .iter()
+        .any(|ev| matches!(ev, ReconfigEvent::Aborted { error, .. } if error.contains("injected")));
+    assert!(aborted);
+    let (_, plan) = e.plan_reconfigure(target).unwrap();
+    let reshard0 = e.comm_stats().reshard_bytes();
+    e.reconfigure_stop_the_world(target).unwrap();
+    assert_eq!(e.topology_name(), "tp1pp2");
+    assert_eq!(e.comm_stats().reshard_bytes() - reshard0, plan.bytes_moved);
+    assert_meter_matches_memory(&e);
+    e.run_to_completion().unwrap();
+    assert_oracle(&e, a, &cases[0], n, "prompt 0");
+    assert_meter_matches_memory(&e);
+    // (`finished` panics on the abort: look at the new switch's events only.)
+    let evs = e.reconfig_events().to_vec();
+    let last = evs
+        .iter()
+        .rposition(|ev| matches!(ev, ReconfigEvent::Aborted { .. }))
+        .unwrap();
+    let moved: Vec<u64> = evs[last..]
+        .iter()
+        .filter_map(|ev| match ev {
+            ReconfigEvent::Finished { bytes_moved, .. } => Some(*bytes_moved),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(moved, vec![plan.bytes_moved]);
 }
 }

@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use remp::parallel::{LayerId, Segment, Topology, WorkerId};
 use remp::reshard::executor::{ReconfigEvent, ReconfigOptions};
+use remp::reshard::planner::ReshardPlan;
 use remp::runtime::sampling::Rng;
 use remp::runtime::{Engine, EngineConfig, Request, RequestId};
 
@@ -195,6 +196,7 @@ fn failed_transfer_aborts_and_keeps_serving() {
         window: 1,
         fail_at: Some((Segment::Layer(LayerId(4)), WorkerId(2))),
         lookahead: 0,
+        late_discard: None,
     };
     engine.reconfigure_with(Topology::new(4, 1), &opts).unwrap();
     engine.run_to_completion().unwrap();
@@ -215,6 +217,109 @@ fn failed_transfer_aborts_and_keeps_serving() {
         engine.step().unwrap();
     }
     assert_eq!(engine.topology_name(), "tp4pp1");
+}
+
+/// In `plan`, a piece of `seg` that moves between workers: (source, destination).
+fn remote_piece(plan: &ReshardPlan, seg: Segment) -> (WorkerId, WorkerId) {
+    plan.segments
+        .iter()
+        .filter(|s| s.segment == seg)
+        .flat_map(|s| &s.transfers)
+        .find(|t| t.src != t.dst)
+        .map(|t| (t.src, t.dst))
+        .unwrap()
+}
+
+/// Aborts a switch to `target` (the source of a layer-0 piece fails at once, before any
+/// step) and returns, still in the same step, once the abort is done. The destination
+/// of that piece discards the aborted job only after a message of the next job reached
+/// it (test hook): the interleaving where a peer, done discarding, already sent it a
+/// piece of the next switch. Returns that worker.
+fn abort_at_once(engine: &mut Engine, target: Topology) -> WorkerId {
+    let (_, plan) = engine.plan_reconfigure(target).unwrap();
+    let layer0 = Segment::Layer(LayerId(0));
+    let (src, dst) = remote_piece(&plan, layer0);
+    let opts = ReconfigOptions {
+        window: 1,
+        fail_at: Some((layer0, src)),
+        lookahead: 1,
+        late_discard: Some(dst),
+    };
+    let aborted = aborted_count(engine);
+    engine.reconfigure_with(target, &opts).unwrap();
+    // The failed copy needs no step to abort.
+    while engine.reconfig_in_progress() {
+        std::thread::yield_now();
+    }
+    assert_eq!(aborted_count(engine), aborted + 1);
+    dst
+}
+
+fn aborted_count(engine: &mut Engine) -> usize {
+    engine
+        .reconfig_events()
+        .iter()
+        .filter(|e| matches!(e, ReconfigEvent::Aborted { .. }))
+        .count()
+}
+
+/// A switch started right after an abort (same step): a peer's piece of the new job
+/// that reaches a worker before it discards the aborted one is not lost with the
+/// aborted job's leftovers. Both a stop-the-world switch (exactly the planned bytes) and
+/// an online one complete, and the requests keep the oracle's tokens.
+#[test]
+fn switch_started_right_after_an_abort_completes() {
+    let (cases, mut engine, ids) = tp2pp2_serving_oracle();
+    for _ in 0..4 {
+        engine.step().unwrap();
+    }
+    let tp4 = Topology::new(4, 1);
+    let late = abort_at_once(&mut engine, tp4);
+    let (_, plan) = engine.plan_reconfigure(tp4).unwrap();
+    assert!(
+        plan.segments
+            .iter()
+            .flat_map(|s| &s.transfers)
+            .any(|t| t.dst == late && t.src != late),
+        "the late worker receives pieces of the new switch"
+    );
+    let reshard0 = engine.comm_stats().reshard_bytes();
+    engine.reconfigure_stop_the_world(tp4).unwrap();
+    assert_eq!(engine.topology_name(), "tp4pp1");
+    assert_eq!(
+        engine.comm_stats().reshard_bytes() - reshard0,
+        plan.bytes_moved
+    );
+    for _ in 0..3 {
+        engine.step().unwrap();
+    }
+
+    // Online this time: the new switch's first segments (layers 2 and 3) also send the
+    // late worker pieces.
+    let tp2pp2 = Topology::new(2, 2);
+    let late = abort_at_once(&mut engine, tp2pp2);
+    let (_, plan) = engine.plan_reconfigure(tp2pp2).unwrap();
+    assert_eq!(remote_piece(&plan, Segment::Layer(LayerId(2))).1, late);
+    engine.reconfigure(tp2pp2).unwrap();
+    engine.run_to_completion().unwrap();
+    assert_eq!(engine.topology_name(), "tp2pp2");
+    assert_oracle_tokens(&engine, &cases, &ids);
+    let evs = engine.reconfig_events().to_vec();
+    let outcomes: Vec<_> = evs
+        .iter()
+        .filter_map(|e| match e {
+            ReconfigEvent::Finished { bytes_moved, .. } => Some(Ok(*bytes_moved)),
+            ReconfigEvent::Aborted { error, .. } => Some(Err(error.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(outcomes.len(), 4, "{outcomes:?}");
+    for (i, o) in outcomes.iter().enumerate() {
+        match o {
+            Err(e) => assert!(i % 2 == 0 && e.contains("injected"), "{outcomes:?}"),
+            Ok(moved) => assert!(i % 2 == 1 && *moved > 0, "{outcomes:?}"),
+        }
+    }
 }
 
 #[test]

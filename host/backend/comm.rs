@@ -17,9 +17,11 @@ use crate::backend::device::Buf;
 use crate::error::{Error, Result};
 use crate::parallel::WorkerId;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What a message is, checked by the receiver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +33,16 @@ pub enum Tag {
     Reshard(u64),
     /// A failed reshard sender tells its receivers to give up on job `n`.
     ReshardAbort(u64),
+}
+
+impl Tag {
+    /// The reconfiguration job a reshard message belongs to.
+    pub fn reshard_job(self) -> Option<u64> {
+        match self {
+            Tag::Reshard(n) | Tag::ReshardAbort(n) => Some(n),
+            _ => None,
+        }
+    }
 }
 
 /// Traffic classes, counted separately.
@@ -48,6 +60,24 @@ enum Payload {
 struct Msg {
     tag: Tag,
     data: Payload,
+}
+
+impl Msg {
+    /// Bytes of the device buffer it carries (0 for host data).
+    fn dev_bytes(&self) -> usize {
+        match &self.data {
+            Payload::Device(b) => b.len(),
+            Payload::Host(_) => 0,
+        }
+    }
+}
+
+/// What [`Comm::drain_where`] dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Drained {
+    pub msgs: usize,
+    /// Bytes of the device buffers among them (same-device transport).
+    pub dev_bytes: usize,
 }
 
 /// Bytes moved, per ordered pair of endpoints and per lane.
@@ -99,6 +129,13 @@ pub struct Comm {
     lane: Lane,
     to: Vec<Sender<Msg>>,
     from: Vec<Receiver<Msg>>,
+    /// Per source: messages already taken off the channel by a selective drain and kept,
+    /// in arrival order; read before the channel. (`RefCell`: one owning thread.)
+    stash: Vec<RefCell<VecDeque<Msg>>>,
+    /// Device bytes of reshard messages the receives dropped (stale or mismatched) since
+    /// the last [`Comm::take_dropped_bytes`]: their senders counted them in the memory
+    /// meter, so the owner frees them.
+    dropped: Cell<usize>,
     stats: Arc<CommStats>,
     timeout: Duration,
 }
@@ -127,7 +164,9 @@ pub fn fabric(n_workers: usize, timeout: Duration) -> (Vec<Comm>, Vec<Comm>, Arc
                 me,
                 lane,
                 to,
+                stash: from.iter().map(|_| RefCell::new(VecDeque::new())).collect(),
                 from,
+                dropped: Cell::new(0),
                 stats: stats.clone(),
                 timeout,
             })
@@ -183,10 +222,13 @@ impl Comm {
     pub fn recv(&self, from: usize, tag: Tag) -> Result<Vec<f32>> {
         match self.take(from, tag)? {
             Payload::Host(v) => Ok(v),
-            Payload::Device(_) => Err(Error::Comm(format!(
-                "endpoint {} expected host data ({tag:?}) from {from}, got a device buffer",
-                self.me
-            ))),
+            data @ Payload::Device(_) => {
+                self.drop_msg(Msg { tag, data });
+                Err(Error::Comm(format!(
+                    "endpoint {} expected host data ({tag:?}) from {from}, got a device buffer",
+                    self.me
+                )))
+            }
         }
     }
 
@@ -201,21 +243,63 @@ impl Comm {
         }
     }
 
+    /// The next message from `from`, which must be tagged `tag`. Waiting for reshard job
+    /// `n`, messages of older jobs (left by an aborted switch whose discard has not
+    /// reached them) are dropped rather than failing the new job; any other tag is a
+    /// protocol error. The timeout covers the whole wait.
     fn take(&self, from: usize, tag: Tag) -> Result<Payload> {
-        match self.from[from].recv_timeout(self.timeout) {
-            Ok(m) if m.tag == tag => Ok(m.data),
-            Ok(m) => Err(Error::Comm(format!(
-                "endpoint {} expected {:?} from {from}, got {:?}",
-                self.me, tag, m.tag
-            ))),
-            Err(RecvTimeoutError::Timeout) => Err(Error::Comm(format!(
-                "endpoint {} waited {:?} for {:?} from {from}",
-                self.me, self.timeout, tag
-            ))),
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(Error::Comm(format!("endpoint {from} is gone")))
+        let deadline = Instant::now() + self.timeout;
+        let stash = self
+            .stash
+            .get(from)
+            .ok_or_else(|| Error::Comm(format!("no endpoint {from}")))?;
+        loop {
+            let next = stash.borrow_mut().pop_front();
+            let m = match next {
+                Some(m) => m,
+                None => match self.from[from].recv_deadline(deadline) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => {
+                        return Err(Error::Comm(format!(
+                            "endpoint {} waited {:?} for {:?} from {from}",
+                            self.me, self.timeout, tag
+                        )))
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        return Err(Error::Comm(format!("endpoint {from} is gone")))
+                    }
+                },
+            };
+            if m.tag == tag {
+                return Ok(m.data);
+            }
+            let stale = matches!(
+                (tag, m.tag.reshard_job()),
+                (Tag::Reshard(n), Some(j)) if j < n
+            );
+            let got = m.tag;
+            self.drop_msg(m);
+            if !stale {
+                return Err(Error::Comm(format!(
+                    "endpoint {} expected {:?} from {from}, got {:?}",
+                    self.me, tag, got
+                )));
             }
         }
+    }
+
+    /// Drops a received message that will not be used, remembering the device bytes of a
+    /// reshard piece (counted by its sender) for [`Comm::take_dropped_bytes`].
+    fn drop_msg(&self, m: Msg) {
+        if m.tag.reshard_job().is_some() {
+            self.dropped.set(self.dropped.get() + m.dev_bytes());
+        }
+    }
+
+    /// Device bytes of reshard pieces that receives on this endpoint dropped (stale
+    /// messages of older jobs, mismatches) since the last call; resets the count.
+    pub fn take_dropped_bytes(&self) -> usize {
+        self.dropped.replace(0)
     }
 
     /// Sum of `buf` over `group` (which contains this endpoint), added in group order so
@@ -251,9 +335,53 @@ impl Comm {
 
     /// Drops any queued messages (after an aborted step) so the next step starts clean.
     pub fn drain(&self) {
-        for r in &self.from {
+        for (r, stash) in self.from.iter().zip(&self.stash) {
+            stash.borrow_mut().clear();
             while r.try_recv().is_ok() {}
         }
+    }
+
+    /// Waits, up to the timeout, until a message whose tag matches `pred` is queued from
+    /// any endpoint (kept for the receives, in order); false if none came. (Test hooks
+    /// use it to force an interleaving.)
+    pub fn wait_queued(&self, pred: impl Fn(Tag) -> bool) -> bool {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            for (r, stash) in self.from.iter().zip(&self.stash) {
+                stash.borrow_mut().extend(r.try_iter());
+            }
+            if self
+                .stash
+                .iter()
+                .any(|s| s.borrow().iter().any(|m| pred(m.tag)))
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Drops the queued messages whose tag matches `pred` (those of an aborted reshard
+    /// job, say) and keeps every other one, in order, for the next receives: unlike
+    /// [`Comm::drain`] it cannot lose what a peer already sent for the next job.
+    pub fn drain_where(&self, pred: impl Fn(Tag) -> bool) -> Drained {
+        let mut out = Drained::default();
+        for (r, stash) in self.from.iter().zip(&self.stash) {
+            let mut stash = stash.borrow_mut();
+            let queued: Vec<Msg> = stash.drain(..).chain(r.try_iter()).collect();
+            for m in queued {
+                if pred(m.tag) {
+                    out.msgs += 1;
+                    out.dev_bytes += m.dev_bytes();
+                } else {
+                    stash.push_back(m);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -322,5 +450,78 @@ mod tests {
             .send_buf(1, Tag::Handoff, EmuDevice::new().alloc(4).unwrap())
             .unwrap();
         assert!(compute[1].recv(0, Tag::Handoff).is_err());
+    }
+
+    #[test]
+    fn selective_drain_keeps_other_messages_in_order() {
+        use crate::backend::device::{emu::EmuDevice, Device};
+        let (_, copy, _) = fabric(3, Duration::from_millis(50));
+        let emu = EmuDevice::new();
+        let (a, b, w) = (&copy[0], &copy[2], &copy[1]);
+        a.send(1, Tag::Reshard(1), vec![1.0]).unwrap();
+        a.send(1, Tag::Reshard(2), vec![2.0]).unwrap();
+        a.send(1, Tag::ReshardAbort(1), Vec::new()).unwrap();
+        a.send_buf(1, Tag::Reshard(2), emu.alloc(32).unwrap())
+            .unwrap();
+        a.send_buf(1, Tag::Reshard(1), emu.alloc(64).unwrap())
+            .unwrap();
+        b.send(1, Tag::Reshard(1), vec![9.0]).unwrap();
+        b.send(1, Tag::Reshard(2), vec![3.0]).unwrap();
+        let d = w.drain_where(|t| t.reshard_job() == Some(1));
+        assert_eq!(
+            d,
+            Drained {
+                msgs: 4,
+                dev_bytes: 64
+            }
+        );
+        // Sent after the drain: queued behind what it kept.
+        a.send(1, Tag::Reshard(2), vec![4.0]).unwrap();
+        assert_eq!(w.recv(0, Tag::Reshard(2)).unwrap(), vec![2.0]);
+        assert_eq!(w.recv_buf(0, Tag::Reshard(2)).unwrap().len(), 32);
+        assert_eq!(w.recv(0, Tag::Reshard(2)).unwrap(), vec![4.0]);
+        assert_eq!(w.recv(2, Tag::Reshard(2)).unwrap(), vec![3.0]);
+        assert!(
+            w.recv(0, Tag::Reshard(2)).is_err(),
+            "nothing left: times out"
+        );
+        assert_eq!(w.take_dropped_bytes(), 0);
+        // A full drain clears what a selective one kept too.
+        a.send(1, Tag::Reshard(3), vec![5.0]).unwrap();
+        w.drain_where(|_| false);
+        w.drain();
+        assert!(w.recv(0, Tag::Reshard(3)).is_err());
+    }
+
+    #[test]
+    fn stale_reshard_messages_are_skipped_and_accounted() {
+        use crate::backend::device::{emu::EmuDevice, Device};
+        let (compute, copy, _) = fabric(2, Duration::from_millis(50));
+        let emu = EmuDevice::new();
+        let (a, w) = (&copy[0], &copy[1]);
+        a.send_buf(1, Tag::Reshard(1), emu.alloc(64).unwrap())
+            .unwrap();
+        a.send(1, Tag::ReshardAbort(1), Vec::new()).unwrap();
+        a.send_buf(1, Tag::Reshard(2), emu.alloc(16).unwrap())
+            .unwrap();
+        a.send(1, Tag::Reshard(3), vec![7.0]).unwrap();
+        // Waiting for job 3: jobs 1 and 2 are stale, their device bytes reported once.
+        assert_eq!(w.recv(0, Tag::Reshard(3)).unwrap(), vec![7.0]);
+        assert_eq!(w.take_dropped_bytes(), 80);
+        assert_eq!(w.take_dropped_bytes(), 0);
+        // A newer job's message is not stale: a protocol error, like an abort of the
+        // awaited job.
+        a.send(1, Tag::Reshard(5), vec![1.0]).unwrap();
+        assert!(w.recv(0, Tag::Reshard(4)).is_err());
+        a.send(1, Tag::ReshardAbort(4), Vec::new()).unwrap();
+        assert!(w.recv(0, Tag::Reshard(4)).is_err());
+        // Other tags stay strict, both ways.
+        a.send(1, Tag::Handoff, vec![1.0]).unwrap();
+        assert!(w.recv(0, Tag::Reshard(4)).is_err());
+        let (c, cw) = (&compute[0], &compute[1]);
+        c.send(1, Tag::Reshard(1), vec![1.0]).unwrap();
+        c.send(1, Tag::AllReduce, vec![2.0]).unwrap();
+        assert!(cw.recv(0, Tag::AllReduce).is_err());
+        assert_eq!(cw.recv(0, Tag::AllReduce).unwrap(), vec![2.0]);
     }
 }

@@ -188,6 +188,7 @@ pub fn run_mode(
                     window: bc.window,
                     fail_at: None,
                     lookahead: 0,
+                    late_discard: None,
                 },
             )?;
             while engine.reconfig_in_progress() {

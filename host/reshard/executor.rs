@@ -31,8 +31,10 @@
 //! Memory on devices is counted when allocated: a new buffer by the worker that
 //! allocates it, a same-device piece by its sender (a receiver that keeps it as a shard
 //! counts nothing more; one that unpacks it frees the count when it drops the buffer).
-//! Pieces an abort leaves undelivered are tracked per receiver and uncounted when its
-//! copy thread drains them.
+//! Pieces an abort leaves undelivered are uncounted by the receiver that drops them:
+//! its copy thread when it discards the aborted job (only that job's messages: a peer
+//! may already have sent pieces of the next one), or a later job's receive that finds
+//! them still queued ahead of its own.
 //!
 //! A failed copy (injected in tests) aborts the switch: pending segments are withdrawn,
 //! staged buffers dropped; segments already flipped stay on their new groups. Every slot
@@ -54,7 +56,7 @@ use crate::runtime::worker::{
 };
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -94,8 +96,15 @@ impl SegmentJob {
 
 pub enum CopyCmd {
     Run(Arc<SegmentJob>),
-    /// Drop what was staged for this segment (its switch was withdrawn).
-    Discard(Segment),
+    /// Drop what was staged for segment `seg` of reshard job `job` (its switch was
+    /// withdrawn), and that job's undelivered messages.
+    Discard {
+        seg: Segment,
+        job: u64,
+        /// Test hook ([`ReconfigOptions::late_discard`]): first wait for a message of a
+        /// later job.
+        late: bool,
+    },
     Shutdown,
 }
 
@@ -140,6 +149,10 @@ pub struct ReconfigOptions {
     pub window: usize,
     /// Test hook: make this worker's copy of this segment fail.
     pub fail_at: Option<(Segment, WorkerId)>,
+    /// Test hook: if the switch aborts, this worker's copy thread discards it only once
+    /// a message of the next switch has reached its copy lane (a peer that discarded
+    /// first already sent it a piece of the next job), or after the comm timeout.
+    pub late_discard: Option<WorkerId>,
     /// How many segments ahead of the running step a new copy starts; 0 = adaptive:
     /// the last segment's copy time over the time a step spends per segment, plus one.
     pub lookahead: usize,
@@ -168,6 +181,7 @@ struct Active {
     in_flight: HashMap<Segment, Arc<SegmentJob>>,
     window: usize,
     fail_at: Option<(Segment, WorkerId)>,
+    late_discard: Option<WorkerId>,
     aborted: Option<String>,
     started: Instant,
     reshard_before: u64,
@@ -189,9 +203,6 @@ pub struct Controller {
     next_job: AtomicU64,
     /// Recent step time in ms (f64 bits).
     step_ms: AtomicU64,
-    /// Per receiving worker: bytes of same-device pieces sent to it and not received yet
-    /// (counted in the meter by their senders; uncounted if an abort drains them).
-    wire_to: Vec<AtomicI64>,
 }
 
 impl Controller {
@@ -210,7 +221,6 @@ impl Controller {
             events: Mutex::new(Vec::new()),
             next_job: AtomicU64::new(1),
             step_ms: AtomicU64::new(0),
-            wire_to: (0..copy_tx.len()).map(|_| AtomicI64::new(0)).collect(),
             copy_tx,
         }
     }
@@ -270,6 +280,7 @@ impl Controller {
             in_flight: HashMap::new(),
             window: if opts.window == 0 { 2 } else { opts.window },
             fail_at: opts.fail_at,
+            late_discard: opts.late_discard,
             aborted: None,
             started: Instant::now(),
             reshard_before: self.stats.reshard_bytes(),
@@ -298,21 +309,6 @@ impl Controller {
             }
             _ => 3.min(n),
         }
-    }
-
-    /// A same-device piece of `bytes` is on its way to `to` (`-bytes`: it arrived).
-    fn wire(&self, to: WorkerId, bytes: i64) {
-        if let Some(w) = self.wire_to.get(to.0) {
-            w.fetch_add(bytes, Ordering::SeqCst);
-        }
-    }
-
-    /// Bytes of same-device pieces sent to `me` that never arrived (after its copy lane
-    /// was drained); resets the count.
-    fn wire_lost(&self, me: WorkerId) -> i64 {
-        self.wire_to
-            .get(me.0)
-            .map_or(0, |w| w.swap(0, Ordering::SeqCst))
     }
 
     /// The engine reports its recent step time (used by the adaptive look-ahead).
@@ -449,7 +445,11 @@ impl Controller {
         for (seg, job) in a.in_flight.drain() {
             if self.live.cancel_pending(seg) {
                 for w in job.participants() {
-                    let _ = self.copy_tx[w.0].send(CopyCmd::Discard(seg));
+                    let _ = self.copy_tx[w.0].send(CopyCmd::Discard {
+                        seg,
+                        job: job.job,
+                        late: a.late_discard == Some(w),
+                    });
                 }
             }
         }
@@ -584,7 +584,13 @@ impl CopyWorker {
                     job.cpu_us.fetch_add(thread_cpu_us() - t, Ordering::SeqCst);
                     self.ctrl.on_copy_done(&job, r);
                 }
-                CopyCmd::Discard(seg) => self.discard(seg),
+                CopyCmd::Discard { seg, job, late } => {
+                    if late {
+                        self.comm
+                            .wait_queued(|t| t.reshard_job().is_some_and(|n| n > job));
+                    }
+                    self.discard(seg, job)
+                }
                 CopyCmd::Shutdown => break,
             }
         }
@@ -594,7 +600,7 @@ impl CopyWorker {
         Error::Reconfig(format!("copy thread of {}: {}", self.id, msg.into()))
     }
 
-    fn discard(&self, seg: Segment) {
+    fn discard(&self, seg: Segment, job: u64) {
         let staged = self
             .mem
             .staged
@@ -622,11 +628,19 @@ impl CopyWorker {
                     .free(kv.lock().map(|k| k.bytes()).unwrap_or(0));
             }
         }
-        self.comm.drain();
-        // Same-device pieces the drain dropped were counted by their senders.
-        let lost = self.ctrl.wire_lost(self.id);
-        if lost > 0 {
-            self.mem.meter.free(lost as usize);
+        // Only this job's messages: a peer that discarded first may already have sent
+        // this worker pieces of the next job. The device pieces dropped (and any a
+        // receive skipped as stale) were counted by their senders.
+        let dropped = self.comm.drain_where(|t| t.reshard_job() == Some(job));
+        self.free_dropped(dropped.dev_bytes);
+    }
+
+    /// Uncounts `bytes` of dropped same-device pieces, plus those the receives on the
+    /// copy lane dropped as stale.
+    fn free_dropped(&self, bytes: usize) {
+        let n = bytes + self.comm.take_dropped_bytes();
+        if n > 0 {
+            self.mem.meter.free(n);
         }
     }
 
@@ -635,19 +649,24 @@ impl CopyWorker {
     fn send_piece(&self, to: WorkerId, tag: Tag, piece: Buf) -> Result<()> {
         let n = piece.len();
         self.mem.meter.alloc(n);
-        self.ctrl.wire(to, n as i64);
         self.comm.send_buf(to.0, tag, piece).inspect_err(|_| {
             // Dropped with the failed message.
-            self.ctrl.wire(to, -(n as i64));
             self.mem.meter.free(n);
         })
     }
 
     /// Receives a same-device piece from `from`; it is this worker's (counted) from now.
     fn recv_piece(&self, from: WorkerId, tag: Tag) -> Result<Buf> {
-        let piece = self.comm.recv_buf(from.0, tag)?;
-        self.ctrl.wire(self.id, -(piece.len() as i64));
-        Ok(piece)
+        let piece = self.comm.recv_buf(from.0, tag);
+        self.free_dropped(0);
+        piece
+    }
+
+    /// Receives a host piece from `from` (stale device pieces it skips are uncounted).
+    fn recv_host(&self, from: WorkerId, tag: Tag) -> Result<Vec<f32>> {
+        let data = self.comm.recv(from.0, tag);
+        self.free_dropped(0);
+        data
     }
 
     /// Drops a received piece once `dev` has finished reading it, and its count.
@@ -840,7 +859,7 @@ impl CopyWorker {
             }
         }
         for t in p.transfers.iter().filter(|t| t.dst == me && t.src != me) {
-            let data = self.comm.recv(t.src.0, tag)?;
+            let data = self.recv_host(t.src, tag)?;
             place(&mut fresh, &mut fresh_kv, t, data)?;
         }
 
@@ -1124,7 +1143,7 @@ impl CopyWorker {
                 self.done_with_piece(dev, piece).and(used)?;
                 continue;
             }
-            let data = self.comm.recv(t.src.0, tag)?;
+            let data = self.recv_host(t.src, tag)?;
             match t.item {
                 Item::Weight(_) if keep => {}
                 Item::Weight(k) => match fresh.get(&k) {
@@ -1149,5 +1168,102 @@ impl CopyWorker {
         }
         // The compute stream reads these buffers after the flip: the copies must be done.
         dev.synchronize()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::comm::fabric;
+    use crate::backend::device::emu::EmuDevice;
+    use crate::model::random::tiny_config;
+    use crate::parallel::{Placement, Topology};
+    use std::time::Duration;
+
+    /// Copy threads' state for `n` emulated device workers (no threads: the test plays
+    /// their commands), sharing one meter.
+    fn copy_workers(n: usize) -> (Vec<CopyWorker>, Arc<MemMeter>) {
+        let cfg = Arc::new(tiny_config());
+        let timeout = Duration::from_millis(100);
+        let (_, copy, stats) = fabric(n, timeout);
+        let placement = Placement::static_topology(Topology::new(1, 1), &cfg).unwrap();
+        let live = Arc::new(LivePlacement::new(&placement, timeout));
+        let meter = Arc::new(MemMeter::default());
+        let copy_tx = (0..n).map(|_| crossbeam_channel::unbounded().0).collect();
+        let ctrl = Arc::new(Controller::new(live, copy_tx, meter.clone(), stats));
+        let geom = KvGeometry {
+            num_blocks: 4,
+            block_size: 4,
+            head_dim: cfg.head_dim,
+        };
+        let workers = copy
+            .into_iter()
+            .take(n)
+            .enumerate()
+            .map(|(w, comm)| CopyWorker {
+                id: WorkerId(w),
+                cfg: cfg.clone(),
+                mem: Arc::new(WorkerMem {
+                    meter: meter.clone(),
+                    ..Default::default()
+                }),
+                comm,
+                geom,
+                ctrl: ctrl.clone(),
+                dev: Some(Box::new(EmuDevice::new())),
+                exchange: Exchange::SameDevice,
+            })
+            .collect();
+        (workers, meter)
+    }
+
+    /// The race of an abort followed at once by a new switch: a peer that already
+    /// discarded job 1 sends its piece of job 2 before this worker discards job 1. The
+    /// discard drops (and uncounts) job 1's leftovers only; job 2's piece is received.
+    #[test]
+    fn discard_keeps_the_next_jobs_pieces_and_uncounts_its_own() {
+        let (w, meter) = copy_workers(3);
+        let dev = w[0].dev.as_deref().unwrap();
+        let seg = Segment::Layer(crate::parallel::LayerId(0));
+        // Job 1 (aborted): pieces from workers 0 and 2 that worker 1 never received.
+        w[0].send_piece(WorkerId(1), Tag::Reshard(1), dev.alloc(64).unwrap())
+            .unwrap();
+        w[2].send_piece(WorkerId(1), Tag::Reshard(1), dev.alloc(128).unwrap())
+            .unwrap();
+        w[2].comm.send(1, Tag::ReshardAbort(1), Vec::new()).unwrap();
+        // Worker 0 discarded job 1 and ran job 2 already.
+        w[0].discard(seg, 1);
+        w[0].send_piece(WorkerId(1), Tag::Reshard(2), dev.alloc(32).unwrap())
+            .unwrap();
+        assert_eq!(meter.now(), 64 + 128 + 32);
+        w[1].discard(seg, 1);
+        assert_eq!(
+            meter.now(),
+            32,
+            "job 1's pieces uncounted, job 2's still counted"
+        );
+        let piece = w[1].recv_piece(WorkerId(0), Tag::Reshard(2)).unwrap();
+        assert_eq!(piece.len(), 32);
+        w[1].done_with_piece(dev, piece).unwrap();
+        assert_eq!(meter.now(), 0);
+        // Worker 2's copy lane was untouched by the others' discards.
+        w[2].discard(seg, 1);
+        assert_eq!(meter.now(), 0);
+    }
+
+    /// Job 1's pieces still queued when job 2 receives (no discard reached them) are
+    /// skipped and uncounted by the receive.
+    #[test]
+    fn receive_skips_and_uncounts_stale_pieces() {
+        let (w, meter) = copy_workers(2);
+        let dev = w[0].dev.as_deref().unwrap();
+        w[0].send_piece(WorkerId(1), Tag::Reshard(1), dev.alloc(48).unwrap())
+            .unwrap();
+        w[0].send_piece(WorkerId(1), Tag::Reshard(2), dev.alloc(16).unwrap())
+            .unwrap();
+        let piece = w[1].recv_piece(WorkerId(0), Tag::Reshard(2)).unwrap();
+        assert_eq!((piece.len(), meter.now()), (16, 16));
+        w[1].done_with_piece(dev, piece).unwrap();
+        assert_eq!(meter.now(), 0);
     }
 }

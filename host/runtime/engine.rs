@@ -826,6 +826,7 @@ impl Engine {
             window: n.max(1),
             fail_at: None,
             lookahead: 0,
+            late_discard: None,
         };
         self.pool.ctrl.start(plan, &opts, self.step_no)?;
         while self.pool.ctrl.is_active() && !self.pool.live.all_ready() {
