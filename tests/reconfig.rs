@@ -197,6 +197,7 @@ fn failed_transfer_aborts_and_keeps_serving() {
         fail_at: Some((Segment::Layer(LayerId(4)), WorkerId(2))),
         lookahead: 0,
         late_discard: None,
+        fail_flip_at: None,
     };
     engine.reconfigure_with(Topology::new(4, 1), &opts).unwrap();
     engine.run_to_completion().unwrap();
@@ -244,6 +245,7 @@ fn abort_at_once(engine: &mut Engine, target: Topology) -> WorkerId {
         fail_at: Some((layer0, src)),
         lookahead: 1,
         late_discard: Some(dst),
+        fail_flip_at: None,
     };
     let aborted = aborted_count(engine);
     engine.reconfigure_with(target, &opts).unwrap();
@@ -320,6 +322,54 @@ fn switch_started_right_after_an_abort_completes() {
             Ok(moved) => assert!(i % 2 == 1 && *moved > 0, "{outcomes:?}"),
         }
     }
+}
+
+/// A worker that fails at a flip keeps its old shard while the placement moves on:
+/// the step fails, and the engine says it cannot serve (every later step at once, with
+/// the reason) rather than failing each step on a shard check; `restart` recovers it.
+#[test]
+fn failed_flip_is_reported_and_restart_recovers() {
+    let model = tiny_model();
+    let cases = oracle();
+    let mut econf = EngineConfig::new(Topology::new(2, 2));
+    econf.workers = Some(4);
+    // The failed worker's peers wait this long for its all-reduce part.
+    econf.comm_timeout = std::time::Duration::from_secs(5);
+    let mut engine = Engine::new(&model, econf).unwrap();
+    let ids = add_all(&mut engine, &cases);
+    for _ in 0..3 {
+        engine.step().unwrap();
+    }
+    let tp4 = Topology::new(4, 1);
+    let (_, plan) = engine.plan_reconfigure(tp4).unwrap();
+    let layer0 = Segment::Layer(LayerId(0));
+    let (_, joining) = remote_piece(&plan, layer0);
+    let opts = ReconfigOptions {
+        fail_flip_at: Some((layer0, joining)),
+        ..Default::default()
+    };
+    engine.reconfigure_with(tp4, &opts).unwrap();
+    let err = loop {
+        match engine.step() {
+            Ok(_) => assert!(engine.reconfig_in_progress(), "layer 0 never flipped"),
+            Err(e) => break e.to_string(),
+        }
+    };
+    assert!(
+        err.contains("injected failure at the flip") && err.contains("Engine::restart"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{joining} holds nothing of {layer0}")),
+        "{err}"
+    );
+    // Refused at once, with the same reason; so is a new switch.
+    assert_eq!(engine.step().unwrap_err().to_string(), err);
+    assert!(engine.reconfigure(Topology::new(2, 2)).is_err());
+    engine.restart(tp4).unwrap();
+    engine.run_to_completion().unwrap();
+    assert_eq!(engine.topology_name(), "tp4pp1");
+    assert_oracle_tokens(&engine, &cases, &ids);
 }
 
 #[test]

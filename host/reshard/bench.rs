@@ -189,6 +189,7 @@ pub fn run_mode(
                     fail_at: None,
                     lookahead: 0,
                     late_discard: None,
+                    fail_flip_at: None,
                 },
             )?;
             while engine.reconfig_in_progress() {

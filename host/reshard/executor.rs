@@ -18,15 +18,20 @@
 //! device handle — on CUDA a second stream, the copy stream — and runs the same
 //! transfers through `reshard::device`: pieces are packed by the reshard kernels into a
 //! fresh bf16 buffer. With the same-device exchange (the default) that buffer is the
-//! message: the sender synchronizes its stream and hands it over with `Comm::send_buf`
-//! (2 bytes per element on the lane, as planned), the receiver unpacks it
-//! device-to-device and synchronizes before dropping it, or keeps it as the new shard
-//! when it is one whole (its size is exactly the shard's). With the host-staged exchange
+//! message: the sender marks it ready (an event on its copy stream, no host wait) and
+//! hands it over with `Comm::send_buf` (2 bytes per element on the lane, as planned);
+//! the receiver's copy stream waits for that event, then unpacks it device-to-device and
+//! drops it (frees are ordered after every stream's queued work), or keeps it as the new
+//! shard when it is one whole (its size is exactly the shard's). A job ends with an
+//! event the compute stream's flip waits for (the flip never waits on the host for the
+//! copy stream), and a synchronize of the copy stream only, so that a fault in its
+//! kernels fails the job. With the host-staged exchange
 //! the packed buffer is downloaded and sent as f32 (exact for bf16; 4 bytes per element,
 //! as planned), then uploaded and unpacked by the receiver. Data that stays on a worker
 //! is copied device-to-device into the new buffer during the job rather than cut in
 //! place at the flip, so it counts as extra memory while the segment is in flight. The
-//! KV delta at the flip moves the same way, packed and unpacked on the compute stream.
+//! KV delta at the flip moves the same way, packed and unpacked on the compute stream
+//! (ordered by events, checked by the step's closing synchronize).
 //!
 //! Memory on devices is counted when allocated: a new buffer by the worker that
 //! allocates it, a same-device piece by its sender (a receiver that keeps it as a shard
@@ -42,7 +47,7 @@
 
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::device::llama::{check_heads, DevKv, DevShards};
-use crate::backend::device::{Buf, Device, Exchange};
+use crate::backend::device::{mark_ready, wait_ready, Buf, Device, Exchange};
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
 use crate::parallel::shard::HeadShard;
@@ -149,6 +154,9 @@ pub struct ReconfigOptions {
     pub window: usize,
     /// Test hook: make this worker's copy of this segment fail.
     pub fail_at: Option<(Segment, WorkerId)>,
+    /// Test hook: this worker fails the step in which this segment flips, where it
+    /// would flip (its shard stays the old one while the placement moves on).
+    pub fail_flip_at: Option<(Segment, WorkerId)>,
     /// Test hook: if the switch aborts, this worker's copy thread discards it only once
     /// a message of the next switch has reached its copy lane (a peer that discarded
     /// first already sent it a piece of the next job), or after the comm timeout.
@@ -181,6 +189,7 @@ struct Active {
     in_flight: HashMap<Segment, Arc<SegmentJob>>,
     window: usize,
     fail_at: Option<(Segment, WorkerId)>,
+    fail_flip_at: Option<(Segment, WorkerId)>,
     late_discard: Option<WorkerId>,
     aborted: Option<String>,
     started: Instant,
@@ -280,6 +289,7 @@ impl Controller {
             in_flight: HashMap::new(),
             window: if opts.window == 0 { 2 } else { opts.window },
             fail_at: opts.fail_at,
+            fail_flip_at: opts.fail_flip_at,
             late_discard: opts.late_discard,
             aborted: None,
             started: Instant::now(),
@@ -359,6 +369,7 @@ impl Controller {
                 kv_transfers,
                 precopied: snapshot.iter().map(|s| (s.id, s.len)).collect(),
                 job: a.job,
+                fail_on: a.fail_flip_at.filter(|(s, _)| *s == seg).map(|(_, w)| w),
             });
             let job = Arc::new(SegmentJob {
                 job: a.job,
@@ -644,8 +655,8 @@ impl CopyWorker {
         }
     }
 
-    /// Hands a packed same-device piece to `to` (its producer's stream synchronized by
-    /// the caller), counted in the meter until its receiver frees or keeps it.
+    /// Hands a packed same-device piece to `to` (marked ready by its producer's stream,
+    /// see [`mark_ready`]), counted in the meter until its receiver frees or keeps it.
     fn send_piece(&self, to: WorkerId, tag: Tag, piece: Buf) -> Result<()> {
         let n = piece.len();
         self.mem.meter.alloc(n);
@@ -669,13 +680,13 @@ impl CopyWorker {
         data
     }
 
-    /// Drops a received piece once `dev` has finished reading it, and its count.
-    fn done_with_piece(&self, dev: &dyn Device, piece: Buf) -> Result<()> {
-        let synced = dev.synchronize();
+    /// Drops a received piece and its count. No wait for the kernels `_dev` queued on
+    /// it: the free is ordered after every stream's queued work.
+    fn done_with_piece(&self, _dev: &dyn Device, piece: Buf) -> Result<()> {
         let n = piece.len();
         drop(piece);
         self.mem.meter.free(n);
-        synced
+        Ok(())
     }
 
     /// After any failure of this worker's part of `job` (an allocation, a kernel, a
@@ -1011,6 +1022,8 @@ impl CopyWorker {
             let staged = Staged {
                 dev_shards: Some(shards),
                 dev_kv: fresh_kv.map(Arc::new).or(kept_kv),
+                // The compute stream's flip waits for everything this stream queued.
+                ready: Some(dev.record()?),
                 ..Default::default()
             };
             self.mem
@@ -1059,7 +1072,7 @@ impl CopyWorker {
         let kv_empty = |t: &Transfer| device::kv_piece_elems(&spans, &t.region.rows, geom) == 0;
         for t in p.transfers.iter().filter(|t| t.src == me && t.dst != me) {
             if same_device {
-                let piece = match t.item {
+                let mut piece = match t.item {
                     Item::Weight(k) => device::pack_region_buf(
                         dev,
                         cur()?.get(k)?,
@@ -1071,8 +1084,8 @@ impl CopyWorker {
                         device::kv_pack_buf(dev, cur_kv()?, geom, &spans, &t.region.rows)?
                     }
                 };
-                // Complete before the receiver's stream reads it.
-                dev.synchronize()?;
+                // The receiver's stream waits for the packing before it reads.
+                mark_ready(dev, &mut piece)?;
                 self.send_piece(t.dst, tag, piece)?;
                 continue;
             }
@@ -1115,6 +1128,12 @@ impl CopyWorker {
                     continue;
                 }
                 let piece = self.recv_piece(t.src, tag)?;
+                // This stream reads it after the sender's packing (and a piece kept as
+                // a shard is covered for the compute stream by the job's event).
+                if let Err(e) = wait_ready(dev, &piece) {
+                    self.done_with_piece(dev, piece)?;
+                    return Err(e);
+                }
                 let used = match t.item {
                     Item::Weight(_) if keep => Ok(()),
                     Item::Weight(k) => match fresh.get(&k) {
@@ -1166,7 +1185,9 @@ impl CopyWorker {
                 }
             }
         }
-        // The compute stream reads these buffers after the flip: the copies must be done.
+        // The compute stream reads these buffers after the flip, ordered by the job's
+        // event; this wait (on the copy thread, not the compute thread) reports a fault
+        // in the job's kernels as the job's failure, which aborts the switch.
         dev.synchronize()
     }
 }

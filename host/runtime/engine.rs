@@ -392,6 +392,11 @@ pub struct Engine {
     step_no: u64,
     history: Vec<StepRecord>,
     reconfig_log: Vec<ReconfigEvent>,
+    /// Why the engine can no longer serve: a failed step left a worker's resident shard
+    /// different from the placement (a flip it did not complete; the placement has
+    /// moved on and the KV delta is lost), so every later step would fail. Cleared by
+    /// [`Engine::restart`].
+    broken: Option<String>,
 }
 
 impl Engine {
@@ -447,6 +452,7 @@ impl Engine {
             step_no: 0,
             history: Vec::new(),
             reconfig_log: Vec::new(),
+            broken: None,
         })
     }
 
@@ -611,6 +617,7 @@ impl Engine {
     /// While a reconfiguration is in flight, a step runs even with no request so that
     /// its layers can flip.
     pub fn step(&mut self) -> Result<Vec<Event>> {
+        self.serving()?;
         self.sched.admit();
         if self.sched.running.is_empty() && !self.pool.ctrl.is_active() {
             self.collect_reconfig_events();
@@ -715,6 +722,15 @@ impl Engine {
         }
         if let Err(e) = pool.collect_replies(pool.cmd.len(), false) {
             pool.driver.drain();
+            if let Some(m) = self.shard_mismatch() {
+                let why = format!(
+                    "{m}: a flip did not complete in step {} ({e}); the engine cannot \
+                     serve until Engine::restart",
+                    plan.step
+                );
+                self.broken = Some(why.clone());
+                return Err(Error::Reconfig(why));
+            }
             return Err(e);
         }
         let rows = plan.logit_rows().len();
@@ -738,6 +754,39 @@ impl Engine {
             }
         }
         Ok(logits)
+    }
+
+    /// Refuses work once a failed step left the workers inconsistent with the placement.
+    fn serving(&self) -> Result<()> {
+        match &self.broken {
+            Some(why) => Err(Error::Reconfig(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// The first member of a group of the placement whose resident shard is not the one
+    /// the group asks of it (what every worker checks before running a segment).
+    fn shard_mismatch(&self) -> Option<String> {
+        let p = self.pool.live.snapshot();
+        for seg in p.segments() {
+            let g = p.group(seg);
+            for (i, w) in g.workers().iter().enumerate() {
+                let held = self.pool.mems.get(w.0).and_then(|m| {
+                    m.shard(seg).map(|s| (s.group_size, s.index)).or_else(|| {
+                        let d = m.dev_shards.read().ok()?;
+                        d.get(&seg).map(|s| (s.group_size, s.index))
+                    })
+                });
+                if held != Some((g.len(), i)) {
+                    let held = held.map_or("nothing".into(), |(n, j)| format!("shard {j}/{n}"));
+                    return Some(format!(
+                        "{w} holds {held} of {seg} but the placement runs it as {i}/{}",
+                        g.len()
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// Steps until every request has finished (and any switch in flight has completed);
@@ -796,6 +845,7 @@ impl Engine {
     }
 
     pub fn reconfigure_with(&mut self, target: Topology, opts: &ReconfigOptions) -> Result<()> {
+        self.serving()?;
         if self.pool.ctrl.is_active() {
             return Err(Error::Reconfig(
                 "a switch is already in progress; wait for it to finish".into(),
@@ -814,6 +864,7 @@ impl Engine {
     /// Stop-the-world baseline: pauses decoding, moves every segment's data (all
     /// segments at once, same executor), flips everything, then returns.
     pub fn reconfigure_stop_the_world(&mut self, target: Topology) -> Result<()> {
+        self.serving()?;
         if self.pool.ctrl.is_active() {
             return Err(Error::Reconfig("a switch is already in progress".into()));
         }
@@ -827,6 +878,7 @@ impl Engine {
             fail_at: None,
             lookahead: 0,
             late_discard: None,
+            fail_flip_at: None,
         };
         self.pool.ctrl.start(plan, &opts, self.step_no)?;
         while self.pool.ctrl.is_active() && !self.pool.live.all_ready() {
@@ -856,7 +908,8 @@ impl Engine {
     /// generated so far (its KV cache is lost with the old workers).
     pub fn restart(&mut self, target: Topology) -> Result<()> {
         target.validate(&self.cfg)?;
-        if self.pool.ctrl.is_active() {
+        // (A broken engine's switch dies with its workers.)
+        if self.pool.ctrl.is_active() && self.broken.is_none() {
             return Err(Error::Reconfig("a switch is in progress".into()));
         }
         let n_workers = self.n_workers.max(target.world_size());
@@ -872,6 +925,7 @@ impl Engine {
             (self.econf.device, self.econf.exchange),
         )?;
         self.n_workers = n_workers;
+        self.broken = None;
         for s in &mut self.sched.running {
             s.cached = 0;
         }

@@ -34,6 +34,9 @@ pub struct FlipInfo {
     pub precopied: HashMap<u64, usize>,
     /// Reconfiguration this flip belongs to (tags its messages).
     pub job: u64,
+    /// Test hook ([`crate::reshard::executor::ReconfigOptions::fail_flip_at`]): this
+    /// worker fails the step instead of flipping.
+    pub fail_on: Option<crate::parallel::WorkerId>,
 }
 
 #[derive(Debug)]

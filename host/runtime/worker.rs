@@ -480,6 +480,9 @@ impl Worker {
                 .is_some_and(|d| d.group.0.first() == Some(&self.id));
             let d = plan.live.group_for(plan.step, seg, decider)?;
             if let Some(f) = &d.flip {
+                if f.fail_on == Some(self.id) {
+                    return Err(self.err(format!("injected failure at the flip of {seg}")));
+                }
                 match &self.device {
                     Some(dc) => self.flip_device(dc, plan, seg, f)?,
                     None => self.flip(plan, seg, f)?,
