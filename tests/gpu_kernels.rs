@@ -790,12 +790,50 @@ fn paged(rng: &mut Rng, ctx: &[usize], kvh: usize, d: usize, bs: usize) -> Paged
     }
 }
 
+/// The signature shared by the decode attention kernels.
+type DecodeKernel = unsafe fn(
+    *mut Bf16,
+    *mut f32,
+    *mut f32,
+    *const Bf16,
+    *const Bf16,
+    *const Bf16,
+    *const u32,
+    *const u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    f32,
+);
+
 /// Paged decode attention (GQA group sizes 1–10, head dims 40–128, split-K with the
 /// combine kernel and without) against the emulator.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_attn_decode() {
-    let mut rng = Rng::new("gpu_attn_decode");
+    gpu_decode("attn_decode_bf16", attn_decode_bf16, &[64, 128, 4096]);
+}
+
+/// The `cp.async`-pipelined decode kernel, same checks; split 100 starts splits off a
+/// stage boundary (the per-slot block-table path).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_attn_decode_pipelined() {
+    gpu_decode(
+        "attn_decode_pipelined_bf16",
+        attn_decode_pipelined_bf16,
+        &[64, 100, 4096],
+    );
+}
+
+/// Decode kernel `name` (host twin `kernel`) on the GPU vs the emulator, split sizes
+/// from `split_sizes`.
+fn gpu_decode(name: &str, kernel: DecodeKernel, split_sizes: &[usize]) {
+    let mut rng = Rng::new(&format!("gpu_{name}"));
     for case in 0..6 {
         let kvh = rng.range(1, 3);
         let group = [1usize, 4, 8, 10, 5, 2][case];
@@ -804,7 +842,7 @@ fn gpu_attn_decode() {
         let bs = rng.pick(&[16usize, 32]);
         let nseq = rng.range(1, 3);
         let ctx: Vec<usize> = (0..nseq).map(|_| rng.range(1, 300)).collect();
-        let split_tokens = rng.pick(&[64usize, 128, 4096]);
+        let split_tokens = rng.pick(split_sizes);
         let splits = ctx.iter().max().unwrap().div_ceil(split_tokens);
         let c = paged(&mut rng, &ctx, kvh, d, bs);
         let q_stride = qh * d + rng.pick(&[0usize, 8]);
@@ -833,7 +871,7 @@ fn gpu_attn_decode() {
         ];
         let mut args = vec![B(out), B(op), B(ml), B(q), B(kc), B(vc), B(tb), B(cl)];
         args.extend(dims);
-        p.gpu("attn_decode_bf16", grid, 128, &args);
+        p.gpu(name, grid, 128, &args);
         if splits > 1 {
             let args = [
                 B(out),
@@ -857,7 +895,7 @@ fn gpu_attn_decode() {
         );
         unsafe {
             emu(grid, 128, || {
-                attn_decode_bf16(
+                kernel(
                     o,
                     opp,
                     mlp,
@@ -892,7 +930,7 @@ fn gpu_attn_decode() {
             }
         }
         let what = format!(
-            "attn_decode kvh {kvh} group {group} d {d} bs {bs} ctx {ctx:?} split {split_tokens}"
+            "{name} kvh {kvh} group {group} d {d} bs {bs} ctx {ctx:?} split {split_tokens}"
         );
         p.check(&what, out, Kind::Bf16, &all);
     }

@@ -26,6 +26,20 @@
 //!   `o_part[num_seqs, q_heads, splits, head_dim]` f32 and (max, sum) to
 //!   `ml_part[num_seqs, q_heads, splits, 2]`, and `attn_decode_combine_bf16`
 //!   (grid = (q_heads, num_seqs), block 128) merges them.
+//! - `attn_decode_pipelined_bf16`: the same kernel (parameters, launch shape, outputs,
+//!   split-K partials for the combine) with the K/V stream software-pipelined, since the
+//!   loop above has nothing in flight while it computes and waits for two dependent
+//!   latencies (block table, then K/V) per iteration. Each warp owns a 3-stage ring
+//!   in shared memory (a stage = its `TU` slots' K and V chunks, 4 KiB, lane-major so a
+//!   lane reads back only what it copied: no warp barrier) and issues the `cp.async`
+//!   copies of stage `k + 2` before the math of stage `k`; the block-table entries of
+//!   stage `k + 3` are loaded one iteration ahead, and when a stage cannot straddle a
+//!   KV block (block size and split start multiples of the stage) one entry serves the
+//!   whole stage. Masked slots are zero-filled without reading memory. 48 KiB static
+//!   shared memory (4 warps x 3 x 4 KiB), reused for the cross-warp merge after a
+//!   barrier. The math is `warp_attend`'s, except that for full 4-head groups the 16
+//!   score reductions of a stage run interleaved (one shuffle latency per butterfly
+//!   step, not 16 dependent chains one after another).
 //! - `attn_prefill_bf16`: causal attention for a chunk of new tokens per sequence (varlen:
 //!   sequence `s` has `q_lens[s]` queries starting at row `q_starts[s]`, the last of them
 //!   at position `ctx_lens[s] - 1`; their K/V must already be in the cache, see
@@ -133,7 +147,13 @@ unsafe fn load_q(geo: &Geo, q: *const Bf16, h0: u32, scale: f32) -> [[f32; 8]; 4
 #[inline(always)]
 unsafe fn kv_off(geo: &Geo, t: u32) -> usize {
     let blk = *geo.table.add((t / geo.bs) as usize);
-    let slot = blk * geo.bs + t % geo.bs;
+    chunk_off(geo, blk, t % geo.bs)
+}
+
+/// Element offset of this lane's chunk of the token at slot `pos` of KV block `blk`.
+#[inline(always)]
+fn chunk_off(geo: &Geo, blk: u32, pos: u32) -> usize {
+    let slot = blk * geo.bs + pos;
     ((slot as usize * geo.kvh as usize + geo.kvh_idx as usize) * geo.d as usize)
         + (geo.sub * 8) as usize
 }
@@ -178,51 +198,247 @@ unsafe fn warp_attend(
             kraw[u] = ld_global_nc_v4_if(geo.kc.add(off) as *const u32, ok);
             vraw[u] = ld_global_nc_v4_if(geo.vc.add(off) as *const u32, ok);
         });
-        // scores (all lanes shuffle; invalid tokens masked to -inf afterwards)
-        let mut s = [[NEG_INF; 4]; 4];
+        let s = slot_scores(geo, qr, &kraw, base, end);
+        softmax_step(geo, st, &s, &vraw, base, end);
+        base += step;
+    }
+}
+
+/// Stages of the per-warp `cp.async` ring of `attn_decode_pipelined_bf16`: `STAGES - 1`
+/// are in flight while one is consumed (3: 48 KiB, the static shared-memory limit).
+const STAGES: u32 = 3;
+/// One warp's stage: `TU` slots x (K, V) x 32 lanes x 16 bytes, lane-major so each lane
+/// reads back exactly the chunks it copied (no cross-lane hand-off, no warp barrier).
+const STAGE_BYTES: u32 = TU * 2 * WARP * 16;
+/// Shared memory of the pipelined kernel: the rings of 4 warps (block 128); the
+/// cross-warp merge reuses the first `(4 * MAXG * MAXD + 4 * MAXG * 2) * 4` bytes.
+const PIPE_SMEM: u32 = 4 * STAGES * STAGE_BYTES;
+
+/// This lane's chunk of slot `u`'s K (`kv` 0) or V (`kv` 1) in stage buffer `sb`.
+#[inline(always)]
+unsafe fn stage_chunk(sb: *mut u8, u: u32, kv: u32) -> *mut u8 {
+    sb.add((((u * 2 + kv) * WARP + lane_id()) * 16) as usize)
+}
+
+/// Block-table entries of the `TU` slots of the stage at `base` (token index clamped to
+/// `end - 1`). `uniform`: the whole stage lies in one KV block, so one entry is read.
+#[inline(always)]
+unsafe fn stage_blocks(geo: &Geo, base: u32, end: u32, uniform: bool) -> [u32; 4] {
+    let mut b = [0u32; 4];
+    if uniform {
+        let e = *geo.table.add((umin(base, end - 1) / geo.bs) as usize);
+        b = [e; 4];
+    } else {
         unroll!(u in 0..4 => {
-            let kr = unpack8(kraw[u]);
-            let valid = base + u as u32 * geo.tpw + geo.tg < end;
-            unroll!(g in 0..4 => {
-                if (g as u32) < geo.g {
-                    let mut d = 0.0f32;
-                    unroll!(e in 0..8 => {
-                        d = fma(qr[g][e], kr[e], d);
-                    });
-                    let r = group_sum(d, geo.lpt);
-                    if valid {
-                        s[u][g] = r;
-                    }
+            let t = umin(base + u as u32 * geo.tpw + geo.tg, end - 1);
+            b[u] = *geo.table.add((t / geo.bs) as usize);
+        });
+    }
+    b
+}
+
+/// Issue the `cp.async` copies of the stage at `base` (block entries `blk` from
+/// [`stage_blocks`]) into `sb`; slots at or past `end` (and idle lanes) are zero-filled
+/// without reading memory, so masked V is 0, never stale NaN.
+#[inline(always)]
+unsafe fn issue_stage(geo: &Geo, sb: *mut u8, blk: &[u32; 4], base: u32, end: u32, uniform: bool) {
+    let b0 = (umin(base, end - 1) / geo.bs) * geo.bs; // first token of the block (uniform)
+    unroll!(u in 0..4 => {
+        let t = base + u as u32 * geo.tpw + geo.tg;
+        let tc = umin(t, end - 1);
+        let pos = if uniform { tc - b0 } else { tc % geo.bs };
+        let off = chunk_off(geo, blk[u], pos);
+        let ok = t < end && geo.active;
+        // a zero-byte copy still names the cache base, never an address past a row
+        let (ks, vs) = if ok { (geo.kc.add(off), geo.vc.add(off)) } else { (geo.kc, geo.vc) };
+        let n = if ok { 16 } else { 0 };
+        cp_async_16(stage_chunk(sb, u as u32, 0), ks as *const u8, n);
+        cp_async_16(stage_chunk(sb, u as u32, 1), vs as *const u8, n);
+    });
+}
+
+/// [`warp_attend`] as a software pipeline: each warp streams its stages through a
+/// `STAGES`-deep `cp.async` ring in `ring` (`STAGES * STAGE_BYTES`, its own), issuing
+/// the copies of stage `k + STAGES - 1` before the math of stage `k`, with the
+/// block-table entries of the stage after that loaded one iteration before they are
+/// needed. Same token order and math as `warp_attend` (`slot_scores_batched` for full
+/// groups, the same sums in an interleaved order of shuffles).
+#[inline(always)]
+unsafe fn warp_attend_pipelined(
+    geo: &Geo,
+    qr: &[[f32; 8]; 4],
+    st: &mut State,
+    first: u32,
+    end: u32,
+    step: u32,
+    ring: *mut u8,
+) {
+    let chunk = TU * geo.tpw;
+    // stages never straddle a KV block when both the block size and the start are
+    // multiples of the stage (`step` is too): then one table entry per stage
+    let uniform = geo.bs % chunk == 0 && first % chunk == 0;
+    // prologue: every table entry it needs requested first (one latency, not one per
+    // stage), then stages 0..STAGES-1 in flight; the next stage's entries are pending
+    let lead = (STAGES - 1) * step;
+    // (unrolled with constant indices so `blks` stays in registers; STAGES <= 4)
+    let mut blks = [[0u32; 4]; 4];
+    unroll!(k in 0..4 => {
+        let b = first + k as u32 * step;
+        if (k as u32) < STAGES && b < end {
+            blks[k] = stage_blocks(geo, b, end, uniform);
+        }
+    });
+    unroll!(k in 0..4 => {
+        let b = first + k as u32 * step;
+        if (k as u32) < STAGES - 1 {
+            if b < end {
+                let sb = ring.add(k * STAGE_BYTES as usize);
+                issue_stage(geo, sb, &blks[k], b, end, uniform);
+            }
+            cp_async_commit();
+        }
+    });
+    let mut next = blks[STAGES as usize - 1];
+    let mut base = first;
+    let mut slot = 0; // ring index of `base`'s stage
+    while base < end {
+        let ahead = base + lead;
+        let ahead_slot = if slot == 0 { STAGES - 1 } else { slot - 1 };
+        if ahead < end {
+            let sb = ring.add((ahead_slot * STAGE_BYTES) as usize);
+            issue_stage(geo, sb, &next, ahead, end, uniform);
+            if ahead + step < end {
+                next = stage_blocks(geo, ahead + step, end, uniform);
+            }
+        }
+        cp_async_commit(); // possibly empty: keeps one group per stage
+        cp_async_wait::<{ STAGES - 1 }>(); // this stage has landed
+        let sb = ring.add((slot * STAGE_BYTES) as usize);
+        let mut kraw = [[0u32; 4]; 4];
+        unroll!(u in 0..4 => {
+            kraw[u] = ld_shared_v4(stage_chunk(sb, u as u32, 0));
+        });
+        let s = if geo.g == MAXG {
+            slot_scores_batched(geo, qr, &kraw, base, end)
+        } else {
+            slot_scores(geo, qr, &kraw, base, end)
+        };
+        let mut vraw = [[0u32; 4]; 4];
+        unroll!(u in 0..4 => {
+            vraw[u] = ld_shared_v4(stage_chunk(sb, u as u32, 1));
+        });
+        softmax_step(geo, st, &s, &vraw, base, end);
+        base += step;
+        slot = if slot == STAGES - 1 { 0 } else { slot + 1 };
+    }
+    cp_async_wait::<0>(); // nothing in flight when the block reuses the rings
+}
+
+/// Scores of the `TU` token slots at `base` for the group's heads from this lane's raw K
+/// chunks (all lanes shuffle; slots at or past `end` are -inf).
+#[inline(always)]
+fn slot_scores(
+    geo: &Geo,
+    qr: &[[f32; 8]; 4],
+    kraw: &[[u32; 4]; 4],
+    base: u32,
+    end: u32,
+) -> [[f32; 4]; 4] {
+    let mut s = [[NEG_INF; 4]; 4];
+    unroll!(u in 0..4 => {
+        let kr = unpack8(kraw[u]);
+        let valid = base + u as u32 * geo.tpw + geo.tg < end;
+        unroll!(g in 0..4 => {
+            if (g as u32) < geo.g {
+                let mut d = 0.0f32;
+                unroll!(e in 0..8 => {
+                    d = fma(qr[g][e], kr[e], d);
+                });
+                let r = group_sum(d, geo.lpt);
+                if valid {
+                    s[u][g] = r;
                 }
+            }
+        });
+    });
+    s
+}
+
+/// [`slot_scores`] for a full group (`geo.g == MAXG`) with the `TU * MAXG` lane-group
+/// reductions interleaved: each butterfly step runs on all 16 partial dot products
+/// before the next, so the shuffle latency is paid once per step instead of once per
+/// (slot, head) chain. Same summation order, so the same results.
+#[inline(always)]
+fn slot_scores_batched(
+    geo: &Geo,
+    qr: &[[f32; 8]; 4],
+    kraw: &[[u32; 4]; 4],
+    base: u32,
+    end: u32,
+) -> [[f32; 4]; 4] {
+    let mut s = [[0.0f32; 4]; 4];
+    unroll!(u in 0..4 => {
+        let kr = unpack8(kraw[u]);
+        unroll!(g in 0..4 => {
+            let mut d = 0.0f32;
+            unroll!(e in 0..8 => {
+                d = fma(qr[g][e], kr[e], d);
+            });
+            s[u][g] = d;
+        });
+    });
+    let mut m = geo.lpt >> 1;
+    while m > 0 {
+        unroll!(u in 0..4 => {
+            unroll!(g in 0..4 => {
+                s[u][g] += shfl_xor_f32(s[u][g], m);
             });
         });
-        // one online-softmax step for the TU tokens (slot 0 valid => the max is finite)
-        if base + geo.tg < end {
-            let mut vr = [[0.0f32; 8]; 4];
-            unroll!(u in 0..4 => {
-                vr[u] = unpack8(vraw[u]);
-            });
-            unroll!(g in 0..4 => {
-                if (g as u32) < geo.g {
-                    let mn = fmax(fmax(st.m[g], fmax(s[0][g], s[1][g])), fmax(s[2][g], s[3][g]));
-                    let alpha = exp2(st.m[g] - mn);
-                    let mut p = [0.0f32; 4];
-                    unroll!(u in 0..4 => {
-                        p[u] = exp2(s[u][g] - mn);
-                    });
-                    st.m[g] = mn;
-                    st.l[g] = fma(st.l[g], alpha, (p[0] + p[1]) + (p[2] + p[3]));
-                    unroll!(e in 0..8 => {
-                        let mut a = st.acc[g][e] * alpha;
-                        unroll!(u in 0..4 => {
-                            a = fma(p[u], vr[u][e], a);
-                        });
-                        st.acc[g][e] = a;
-                    });
-                }
-            });
+        m >>= 1;
+    }
+    unroll!(u in 0..4 => {
+        if base + u as u32 * geo.tpw + geo.tg >= end {
+            s[u] = [NEG_INF; 4];
         }
-        base += step;
+    });
+    s
+}
+
+/// One online-softmax step for the `TU` token slots at `base` given their scores `s`
+/// and this lane's raw V chunks (slot 0 valid => the max is finite).
+#[inline(always)]
+fn softmax_step(
+    geo: &Geo,
+    st: &mut State,
+    s: &[[f32; 4]; 4],
+    vraw: &[[u32; 4]; 4],
+    base: u32,
+    end: u32,
+) {
+    if base + geo.tg < end {
+        let mut vr = [[0.0f32; 8]; 4];
+        unroll!(u in 0..4 => {
+            vr[u] = unpack8(vraw[u]);
+        });
+        unroll!(g in 0..4 => {
+            if (g as u32) < geo.g {
+                let mn = fmax(fmax(st.m[g], fmax(s[0][g], s[1][g])), fmax(s[2][g], s[3][g]));
+                let alpha = exp2(st.m[g] - mn);
+                let mut p = [0.0f32; 4];
+                unroll!(u in 0..4 => {
+                    p[u] = exp2(s[u][g] - mn);
+                });
+                st.m[g] = mn;
+                st.l[g] = fma(st.l[g], alpha, (p[0] + p[1]) + (p[2] + p[3]));
+                unroll!(e in 0..8 => {
+                    let mut a = st.acc[g][e] * alpha;
+                    unroll!(u in 0..4 => {
+                        a = fma(p[u], vr[u][e], a);
+                    });
+                    st.acc[g][e] = a;
+                });
+            }
+        });
     }
 }
 
@@ -277,8 +493,10 @@ fn normalise(acc: f32, l: f32) -> f32 {
     }
 }
 
+/// The decode kernels' body; `PIPE` selects `warp_attend_pipelined` (then `smem` is
+/// `PIPE_SMEM` bytes holding the warps' rings, reused for the cross-warp merge).
 #[inline(always)]
-unsafe fn attn_decode(
+unsafe fn attn_decode<const PIPE: bool>(
     out: *mut Bf16,
     o_part: *mut f32,
     ml_part: *mut f32,
@@ -319,15 +537,20 @@ unsafe fn attn_decode(
     let mut st = new_state();
     let nw = block_dim() / WARP;
     let w = warp_id();
-    warp_attend(
-        &geo,
-        &qr,
-        &mut st,
-        t0 + w * TU * geo.tpw,
-        t1,
-        nw * TU * geo.tpw,
-    );
+    let (first, step) = (t0 + w * TU * geo.tpw, nw * TU * geo.tpw);
+    if PIPE {
+        if nw > 4 {
+            trap(); // the rings are sized for 4 warps
+        }
+        let ring = (smem as *mut u8).add((w * STAGES * STAGE_BYTES) as usize);
+        warp_attend_pipelined(&geo, &qr, &mut st, first, t1, step, ring);
+    } else {
+        warp_attend(&geo, &qr, &mut st, first, t1, step);
+    }
     warp_merge(&geo, &mut st);
+    if PIPE {
+        sync_threads(); // the merge below overwrites other warps' rings
+    }
     // cross-warp merge through shared memory: [warp][g][D] accumulators, then [warp][g][2]
     let ml = smem.add((4 * MAXG * MAXD) as usize);
     if geo.tg == 0 {
@@ -482,8 +705,21 @@ kernels! {
         q_stride: u32, split_tokens: u32, scale: f32,
     ) {
         let smem = shared_bytes!(attn_smem, 16512) as *mut f32;
-        attn_decode(out, o_part, ml_part, q, k_cache, v_cache, block_tables, ctx_lens, q_heads, kv_heads,
+        attn_decode::<false>(out, o_part, ml_part, q, k_cache, v_cache, block_tables, ctx_lens, q_heads, kv_heads,
             head_dim, block_size, max_blocks, q_stride, split_tokens, scale, smem);
+    }
+    /// `attn_decode_bf16` with a per-warp 3-stage `cp.async` pipeline (see the module
+    /// comment): same parameters, launch shape (block 128) and outputs, including the
+    /// split-K partials for `attn_decode_combine_bf16`.
+    pub fn attn_decode_pipelined_bf16(
+        out: *mut Bf16, o_part: *mut f32, ml_part: *mut f32, q: *const Bf16,
+        k_cache: *const Bf16, v_cache: *const Bf16, block_tables: *const u32, ctx_lens: *const u32,
+        q_heads: u32, kv_heads: u32, head_dim: u32, block_size: u32, max_blocks: u32,
+        q_stride: u32, split_tokens: u32, scale: f32,
+    ) {
+        let smem = shared_bytes!(attn_pipe_smem, PIPE_SMEM as usize) as *mut f32;
+        attn_decode::<true>(out, o_part, ml_part, q, k_cache, v_cache, block_tables, ctx_lens, q_heads,
+            kv_heads, head_dim, block_size, max_blocks, q_stride, split_tokens, scale, smem);
     }
     /// Merge the split-K partials of `attn_decode_bf16`. grid = (q_heads, num_seqs), block 128.
     pub fn attn_decode_combine_bf16(

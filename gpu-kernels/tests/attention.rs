@@ -92,18 +92,64 @@ fn attend_ref(
         .collect()
 }
 
+/// The signature shared by the decode kernels (`attn_decode_bf16` and its variants).
+type DecodeKernel = unsafe fn(
+    *mut Bf16,
+    *mut f32,
+    *mut f32,
+    *const Bf16,
+    *const Bf16,
+    *const Bf16,
+    *const u32,
+    *const u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    f32,
+);
+
 #[test]
 fn paged_decode_gqa_split_k() {
-    let mut rng = Rng::new("attn_decode");
-    for _ in 0..3 {
+    paged_decode("attn_decode", attn_decode_bf16, 3, 70, &[8, 32, 4096]);
+}
+
+/// Longer contexts than above so each warp's 3-stage ring wraps several times (a stage is
+/// 8–128 tokens per warp), and split starts that do and do not align to a stage (36, 100:
+/// stages that straddle a KV block must take the per-slot table path).
+#[test]
+fn paged_decode_pipelined_gqa_split_k() {
+    paged_decode(
+        "attn_decode_pipelined",
+        attn_decode_pipelined_bf16,
+        8,
+        600,
+        &[8, 36, 100, 4096],
+    );
+}
+
+/// `kernel` against the f64 reference on `rounds` random shapes: contexts `1..=max_ctx`,
+/// split sizes from `split_sizes`, combined by `attn_decode_combine_bf16` when split.
+fn paged_decode(
+    name: &str,
+    kernel: DecodeKernel,
+    rounds: usize,
+    max_ctx: usize,
+    split_sizes: &[usize],
+) {
+    let mut rng = Rng::new(name);
+    for _ in 0..rounds {
         let kvh = rng.range(1, 3);
         let group = rng.pick(&[1usize, 2, 3, 5, 8, 10]);
         let qh = kvh * group;
         let d = rng.pick(&[8usize, 24, 64, 128]);
         let bs = rng.pick(&[4usize, 16]);
         let nseq = rng.range(1, 2);
-        let ctx: Vec<usize> = (0..nseq).map(|_| rng.range(1, 70)).collect();
-        let split_tokens = rng.pick(&[8usize, 32, 4096]);
+        let ctx: Vec<usize> = (0..nseq).map(|_| rng.range(1, max_ctx)).collect();
+        let split_tokens = rng.pick(split_sizes);
         let splits = ctx.iter().max().unwrap().div_ceil(split_tokens);
         let c = Cache::new(&mut rng, &ctx, kvh, d, bs);
         let q_stride = qh * d + rng.pick(&[0usize, 8]);
@@ -136,7 +182,7 @@ fn paged_decode_gqa_split_k() {
                 [kvh as u32 * gchunks, nseq as u32, splits as u32],
                 128,
                 || {
-                    attn_decode_bf16(
+                    kernel(
                         op,
                         pp,
                         mp,
@@ -186,7 +232,7 @@ fn paged_decode_gqa_split_k() {
             }
         }
         let what = format!(
-            "decode kvh {kvh} group {group} d {d} bs {bs} ctx {ctx:?} split {split_tokens}"
+            "{name} kvh {kvh} group {group} d {d} bs {bs} ctx {ctx:?} split {split_tokens}"
         );
         assert_close(&what, &from_bf16(&out.to_vec()), &want, 4e-3, 1.6e-2);
     }

@@ -6,7 +6,8 @@
 //! - prefill GEMM 4096³ (`gemm_mma_bf16`) vs cuBLAS `cublasGemmEx` (bf16 in/out, f32
 //!   compute) → % of cuBLAS TFLOP/s;
 //! - decode attention, batch 32 × 4096 context (8 KV heads, 32 q heads, d 128): KV bytes
-//!   read / time (incl. the split-K combine), % of HBM.
+//!   read / time (incl. the split-K combine), % of HBM, for `attn_decode_bf16` and the
+//!   `cp.async`-pipelined `attn_decode_pipelined_bf16` side by side on each split size.
 //!
 //! Method: inputs are random bf16 (never zeros) in a 1 GiB pool; operands rotate through
 //! the pool so every timed working set is ≥ 256 MiB (L2 is 50–60 MB); CUDA events
@@ -350,76 +351,91 @@ fn run() -> Result<()> {
     dev.copy_dtod(q.ptr(), pool.at(POOL - q.len()), q.len())?;
     let out = dev.alloc(seqs * qh * d * 2)?;
     let (kc, vc) = (pool.ptr(), pool.at(kv_bytes));
-    let mut best: Option<(f64, usize)> = None;
-    let mut per_split = vec![];
+    // the verified kernel and the cp.async-pipelined variant, same inputs, each split
+    let kernels = ["attn_decode_bf16", "attn_decode_pipelined_bf16"];
+    let mut best: [Option<(f64, usize)>; 2] = [None, None];
+    let mut per_split = [vec![], vec![]];
     for split_tokens in [4096usize, 2048, 1024, 512, 256] {
         let splits = ctx.div_ceil(split_tokens);
         let opart = dev.alloc(seqs * qh * splits * d * 4)?;
         let ml = dev.alloc(seqs * qh * splits * 2 * 4)?;
         let scale = 1.0 / (d as f32).sqrt();
-        let t = b.time(11, 4, |_| {
-            let args = [
-                Arg::Ptr(out.ptr()),
-                Arg::Ptr(opart.ptr()),
-                Arg::Ptr(ml.ptr()),
-                Arg::Ptr(q.ptr()),
-                Arg::Ptr(kc),
-                Arg::Ptr(vc),
-                Arg::Ptr(tables.ptr()),
-                Arg::Ptr(lens.ptr()),
-                Arg::U32(qh as u32),
-                Arg::U32(kvh as u32),
-                Arg::U32(d as u32),
-                Arg::U32(bs as u32),
-                Arg::U32(max_blocks as u32),
-                Arg::U32((qh * d) as u32),
-                Arg::U32(split_tokens as u32),
-                Arg::F32(scale),
-            ];
-            let grid = [
-                (kvh * (qh / kvh).div_ceil(4)) as u32,
-                seqs as u32,
-                splits as u32,
-            ];
-            unsafe { dev.launch("attn_decode_bf16", grid, 128, &args) }?;
-            if splits > 1 {
-                let cargs = [
+        let mut gs = [0.0f64; 2];
+        for (ki, kernel) in kernels.iter().enumerate() {
+            let t = b.time(11, 4, |_| {
+                let args = [
                     Arg::Ptr(out.ptr()),
                     Arg::Ptr(opart.ptr()),
                     Arg::Ptr(ml.ptr()),
+                    Arg::Ptr(q.ptr()),
+                    Arg::Ptr(kc),
+                    Arg::Ptr(vc),
+                    Arg::Ptr(tables.ptr()),
                     Arg::Ptr(lens.ptr()),
                     Arg::U32(qh as u32),
+                    Arg::U32(kvh as u32),
                     Arg::U32(d as u32),
-                    Arg::U32(splits as u32),
+                    Arg::U32(bs as u32),
+                    Arg::U32(max_blocks as u32),
+                    Arg::U32((qh * d) as u32),
                     Arg::U32(split_tokens as u32),
+                    Arg::F32(scale),
                 ];
-                unsafe {
-                    dev.launch(
-                        "attn_decode_combine_bf16",
-                        [qh as u32, seqs as u32, 1],
-                        128,
-                        &cargs,
-                    )
-                }?;
+                let grid = [
+                    (kvh * (qh / kvh).div_ceil(4)) as u32,
+                    seqs as u32,
+                    splits as u32,
+                ];
+                unsafe { dev.launch(kernel, grid, 128, &args) }?;
+                if splits > 1 {
+                    let cargs = [
+                        Arg::Ptr(out.ptr()),
+                        Arg::Ptr(opart.ptr()),
+                        Arg::Ptr(ml.ptr()),
+                        Arg::Ptr(lens.ptr()),
+                        Arg::U32(qh as u32),
+                        Arg::U32(d as u32),
+                        Arg::U32(splits as u32),
+                        Arg::U32(split_tokens as u32),
+                    ];
+                    unsafe {
+                        dev.launch(
+                            "attn_decode_combine_bf16",
+                            [qh as u32, seqs as u32, 1],
+                            128,
+                            &cargs,
+                        )
+                    }?;
+                }
+                Ok(())
+            })?;
+            let g = gbs(2.0 * kv_bytes as f64, t);
+            gs[ki] = g;
+            println!(
+                "{kernel} batch {seqs} ctx {ctx} split {split_tokens}: {:.1} us, \
+                 {g:.0} GB/s KV = {:.1}% of HBM",
+                t * 1e3,
+                100.0 * g / hbm
+            );
+            per_split[ki].push(json!({"split_tokens": split_tokens, "ms": t, "kv_gb_s": g, "pct_of_hbm": 100.0 * g / hbm}));
+            if best[ki].is_none_or(|(bt, _)| t < bt) {
+                best[ki] = Some((t, split_tokens));
             }
-            Ok(())
-        })?;
-        let g = gbs(2.0 * kv_bytes as f64, t);
-        println!(
-            "attn_decode batch {seqs} ctx {ctx} split {split_tokens}: {:.1} us, {g:.0} GB/s KV = {:.1}% of HBM",
-            t * 1e3,
-            100.0 * g / hbm
-        );
-        per_split.push(json!({"split_tokens": split_tokens, "ms": t, "kv_gb_s": g, "pct_of_hbm": 100.0 * g / hbm}));
-        if best.is_none_or(|(bt, _)| t < bt) {
-            best = Some((t, split_tokens));
         }
+        println!(
+            "attn_decode split {split_tokens}: pipelined / old = {:.2}x GB/s",
+            gs[1] / gs[0]
+        );
     }
-    let (t, split) = best.unwrap();
-    let g = gbs(2.0 * kv_bytes as f64, t);
-    b.rows.push(json!({"bench": "attn_decode_bf16", "seqs": seqs, "ctx": ctx, "q_heads": qh, "kv_heads": kvh,
-        "head_dim": d, "block_size": bs, "kv_bytes": 2 * kv_bytes, "best_split_tokens": split, "ms": t,
-        "kv_gb_s": g, "pct_of_hbm": 100.0 * g / hbm, "splits": per_split}));
+    let old_t = best[0].unwrap().0;
+    for (ki, kernel) in kernels.iter().enumerate() {
+        let (t, split) = best[ki].unwrap();
+        let g = gbs(2.0 * kv_bytes as f64, t);
+        b.rows.push(json!({"bench": kernel, "seqs": seqs, "ctx": ctx, "q_heads": qh, "kv_heads": kvh,
+            "head_dim": d, "block_size": bs, "kv_bytes": 2 * kv_bytes, "best_split_tokens": split, "ms": t,
+            "kv_gb_s": g, "pct_of_hbm": 100.0 * g / hbm, "speedup_vs_attn_decode_bf16": old_t / t,
+            "splits": per_split[ki]}));
+    }
 
     // ---- summary
     println!();
@@ -461,6 +477,15 @@ fn run() -> Result<()> {
             ),
             "attn_decode_bf16" => (
                 format!("attn_decode b32 ctx4096 (split {})", r["best_split_tokens"]),
+                format!("{:.0} GB/s", r["kv_gb_s"].as_f64().unwrap()),
+                format!("{:.1}% HBM", r["pct_of_hbm"].as_f64().unwrap()),
+            ),
+            "attn_decode_pipelined_bf16" => (
+                format!(
+                    "attn_decode_pipelined (split {}, {:.2}x old)",
+                    r["best_split_tokens"],
+                    r["speedup_vs_attn_decode_bf16"].as_f64().unwrap()
+                ),
                 format!("{:.0} GB/s", r["kv_gb_s"].as_f64().unwrap()),
                 format!("{:.1}% HBM", r["pct_of_hbm"].as_f64().unwrap()),
             ),

@@ -79,6 +79,7 @@ const GEMM: &[&str] = &[
 const ATTENTION: &[&str] = &[
     "attn_decode_bf16",
     "attn_decode_combine_bf16",
+    "attn_decode_pipelined_bf16",
     "attn_prefill_bf16",
     "kv_cache_write_bf16",
 ];

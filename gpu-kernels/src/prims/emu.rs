@@ -15,7 +15,9 @@
 //! 0xFF bytes (NaN as f32/bf16) at launch and again at each block's start, so a block
 //! never sees its predecessor's data.
 //! Warp operations exchange values through a per-warp mailbox between two warp barriers
-//! and reproduce the PTX fragment layouts exactly. `cp.async` is a synchronous copy.
+//! and reproduce the PTX fragment layouts exactly. `cp.async` reads its source when
+//! issued but lands in shared memory only at the `cp_async_wait` that retires its
+//! committed group, so a pipeline that reads a stage too early sees stale data.
 //! A panic in a kernel thread (a `trap`, a failed assertion) ends the launch and
 //! propagates to the caller.
 extern crate std;
@@ -88,7 +90,14 @@ struct Ctx {
     bidx: Cell<[u32; 3]>,
     smem_off: Cell<usize>,
     yielder: Cell<*const Yielder<(), ()>>,
+    /// `cp.async` copies not yet committed, and committed groups not yet retired by a
+    /// wait (oldest first).
+    async_open: RefCell<AsyncGroup>,
+    async_groups: RefCell<Vec<AsyncGroup>>,
 }
+
+/// `cp.async` copies of one group: (shared address, the 16 bytes read at issue).
+type AsyncGroup = Vec<(usize, [u8; 16])>;
 
 std::thread_local! {
     static CTX: Cell<*const Ctx> = const { Cell::new(core::ptr::null()) };
@@ -178,6 +187,8 @@ pub unsafe fn launch<F: Fn()>(grid: [u32; 3], block: u32, f: F) {
             bidx: Cell::new([0; 3]),
             smem_off: Cell::new(0),
             yielder: Cell::new(core::ptr::null()),
+            async_open: RefCell::new(Vec::new()),
+            async_groups: RefCell::new(Vec::new()),
         })
         .collect();
     let body: &dyn Fn() = &f;
@@ -196,6 +207,8 @@ pub unsafe fn launch<F: Fn()>(grid: [u32; 3], block: u32, f: F) {
                 for c in &ctxs {
                     c.bidx.set([x, y, z]);
                     c.smem_off.set(0);
+                    c.async_open.borrow_mut().clear();
+                    c.async_groups.borrow_mut().clear();
                     let stack = STACKS
                         .with(|s| s.borrow_mut().pop())
                         .unwrap_or_else(|| DefaultStack::new(STACK_BYTES).expect("emulator stack"));
@@ -439,6 +452,15 @@ pub unsafe fn st_global_v4(p: *mut u32, v: [u32; 4]) {
     *(p as *mut [u32; 4]) = v;
 }
 /// # Safety
+/// `p` must be 16-byte aligned and readable (shared memory on the GPU).
+pub unsafe fn ld_shared_v4(p: *const u8) -> [u32; 4] {
+    assert!(
+        (p as usize).is_multiple_of(16),
+        "misaligned 16-byte shared load"
+    );
+    *(p as *const [u32; 4])
+}
+/// # Safety
 /// `dst_shared` 16-byte aligned in shared memory, `src` readable for `src_bytes`.
 pub unsafe fn cp_async_16(dst_shared: *mut u8, src: *const u8, src_bytes: u32) {
     assert!(
@@ -448,10 +470,28 @@ pub unsafe fn cp_async_16(dst_shared: *mut u8, src: *const u8, src_bytes: u32) {
     assert!(src_bytes <= 16);
     let mut buf = [0u8; 16];
     core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), src_bytes as usize);
-    core::ptr::copy_nonoverlapping(buf.as_ptr(), dst_shared, 16);
+    ctx()
+        .async_open
+        .borrow_mut()
+        .push((dst_shared as usize, buf));
 }
-pub fn cp_async_commit() {}
-pub fn cp_async_wait<const N: u32>() {}
+pub fn cp_async_commit() {
+    let c = ctx();
+    let g = core::mem::take(&mut *c.async_open.borrow_mut());
+    c.async_groups.borrow_mut().push(g);
+}
+/// Lands the copies of all but the newest `N` committed groups in shared memory.
+pub fn cp_async_wait<const N: u32>() {
+    let c = ctx();
+    let mut groups = c.async_groups.borrow_mut();
+    let n = groups.len().saturating_sub(N as usize);
+    for g in groups.drain(..n) {
+        for (dst, buf) in g {
+            // SAFETY: `dst` was checked aligned at issue and is in the launch's arena.
+            unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), dst as *mut u8, 16) };
+        }
+    }
+}
 
 /// # Safety
 /// Each lane's `row` must point at 16 readable bytes of shared memory.

@@ -196,6 +196,17 @@ pub unsafe fn st_global_v4(p: *mut u32, v: [u32; 4]) {
          options(nostack));
 }
 
+/// 16-byte load from shared memory (`p` a generic address in shared memory, 16-byte
+/// aligned).
+#[inline(always)]
+pub unsafe fn ld_shared_v4(p: *const u8) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("{{ .reg .u64 s; cvta.to.shared.u64 s, {p}; ld.shared.v4.u32 {{{a}, {b}, {c}, {d}}}, [s]; }}",
+         p = in(reg64) p, a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+         options(readonly, nostack));
+    [a, b, c, d]
+}
+
 /// Asynchronous 16-byte global -> shared copy; bytes past `src_bytes` (0..=16) are zero-filled.
 #[inline(always)]
 pub unsafe fn cp_async_16(dst_shared: *mut u8, src: *const u8, src_bytes: u32) {
