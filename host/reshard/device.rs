@@ -17,8 +17,10 @@
 //!
 //! Either way the bytes counted on the copy lane are the elements times the element size
 //! the planner was given (2 or 4). The `_buf` functions only queue work: the caller
-//! synchronizes its stream before handing a packed buffer over, and before dropping a
-//! received one its kernels read.
+//! marks a packed buffer ready before handing it over
+//! ([`crate::backend::device::mark_ready`]) and its receiver's stream waits for that
+//! before unpacking it ([`crate::backend::device::wait_ready`]); dropping a buffer needs
+//! no synchronization (frees are ordered after every stream's queued work).
 //!
 //! Every pointer handed to a kernel is checked against its buffer first: the kernels
 //! write through raw addresses.
@@ -144,7 +146,8 @@ pub fn pack_region(
 }
 
 /// Writes `piece` (a bf16 buffer holding exactly `region`, from the wire) into `dst`, a
-/// bf16 buffer holding `held` (queued on `dev`: synchronize before dropping `piece`).
+/// bf16 buffer holding `held` (queued on `dev`, which must already wait for the piece's
+/// producer if it came from another handle).
 pub fn unpack_region_buf(
     dev: &dyn Device,
     dst: &Buf,
@@ -186,9 +189,8 @@ pub fn unpack_region(
         return dev.upload(dst, 0, crate::backend::device::pod::bytes_of(&b));
     }
     let tmp = upload_new(dev, &b)?;
-    unpack_region_buf(dev, dst, held, region, &tmp)?;
-    // The kernel reads `tmp`: done before it is freed.
-    dev.synchronize()
+    // (`tmp` is freed after the kernel reading it: frees are stream-ordered.)
+    unpack_region_buf(dev, dst, held, region, &tmp)
 }
 
 /// A new bf16 buffer holding `data` (a piece that is a whole new shard), sized exactly
@@ -238,7 +240,8 @@ impl Batch {
         Ok(())
     }
 
-    /// Queues the copies on `dev` (keeps the descriptor buffer alive until they ran).
+    /// Queues the copies on `dev` (the descriptor buffers are freed after the kernels
+    /// that read them: frees are ordered after every stream's queued work).
     fn launch(self, dev: &dyn Device) -> Result<()> {
         for chunk in self.descs.chunks(5 * MAX_GRID_Y) {
             let n = chunk.len() / 5;
@@ -254,8 +257,6 @@ impl Batch {
                     &[Arg::from(&descs), Arg::U32(n as u32)],
                 )?;
             }
-            // The descriptors are read by the kernel: wait before they are freed.
-            dev.synchronize()?;
         }
         Ok(())
     }

@@ -13,7 +13,7 @@
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::cpu::ops;
 use crate::backend::device::llama::{check_heads, DevKv, DevShards, DeviceCompute, StepInputs};
-use crate::backend::device::{Buf, Exchange};
+use crate::backend::device::{mark_ready, wait_ready, Buf, Event, Exchange};
 use crate::error::{Error, Result};
 use crate::model::{ModelConfig, TensorSource};
 use crate::parallel::shard::HeadShard;
@@ -132,6 +132,9 @@ pub struct Staged {
     pub kv: Option<Arc<Mutex<LayerKv>>>,
     pub dev_shards: Option<StagedDevShards>,
     pub dev_kv: Option<Arc<DevKv>>,
+    /// On device workers: the copy stream's event after the job's last transfer; the
+    /// compute stream waits for it before the flip touches the staged buffers.
+    pub ready: Option<Event>,
 }
 
 /// At a flip: frees `old`'s bytes from the meter unless `new` is that very buffer (a
@@ -440,7 +443,7 @@ impl Worker {
                 let from = prev.0[j % prev.len()].0;
                 *h = Some(match &self.device {
                     // (An empty step's empty state stays on the host: nothing to move.)
-                    Some(_) if same_device && n > 0 => {
+                    Some(dc) if same_device && n > 0 => {
                         let b = self.comm.recv_buf(from, Tag::Handoff)?;
                         if b.len() < n * 2 {
                             return Err(self.err(format!(
@@ -449,6 +452,8 @@ impl Worker {
                                 n * 2
                             )));
                         }
+                        // This stream reads it after the sender's copy into it.
+                        wait_ready(dc.dev.as_ref(), &b)?;
                         Hidden::Dev(Arc::new(b))
                     }
                     Some(dc) if n > 0 => {
@@ -525,6 +530,13 @@ impl Worker {
                 }
             }
             prev = Some(d);
+        }
+        // Nothing in the step blocked on the device (hand-overs are ordered by events):
+        // wait here, so that a fault in this worker's kernels fails this step, and the
+        // KV the step wrote is complete before the driver counts it (a copy job's
+        // pre-copy reads it on the copy stream).
+        if let Some(dc) = &self.device {
+            dc.dev.synchronize()?;
         }
         Ok(())
     }
@@ -708,7 +720,10 @@ impl Worker {
 
     /// [`Worker::flip`] on a device worker: the KV delta is packed and unpacked by the
     /// reshard kernels on this worker's (compute) stream, a local delta is copied
-    /// device-to-device, then the staged device buffers replace the old ones.
+    /// device-to-device, then the staged device buffers replace the old ones. The
+    /// compute stream first waits for the copy job's event (the staged buffers were
+    /// filled on the copy stream); nothing here blocks the host: pieces go out marked
+    /// ready, and the old buffers are freed after every stream's queued work.
     fn flip_device(
         &self,
         dc: &DeviceCompute,
@@ -727,6 +742,9 @@ impl Worker {
             .unwrap_or_default();
         if f.new.contains(me) && staged.dev_shards.is_none() {
             return Err(self.err(format!("{seg} flipped before its shards were staged")));
+        }
+        if let Some(e) = &staged.ready {
+            dev.wait(e)?;
         }
         let old_kv = match seg {
             Segment::Layer(l) => self
@@ -774,9 +792,10 @@ impl Worker {
                     if empty(t) {
                         continue;
                     }
-                    let piece = device::kv_pack_buf(dev, old, self.geom, &spans, &t.region.rows)?;
-                    // Complete before the receiver's stream reads it.
-                    dev.synchronize()?;
+                    let mut piece =
+                        device::kv_pack_buf(dev, old, self.geom, &spans, &t.region.rows)?;
+                    // The receiver's stream waits for the packing before it reads.
+                    mark_ready(dev, &mut piece)?;
                     // Device memory until the receiver has unpacked it (it frees the count).
                     self.mem.meter.alloc(piece.len());
                     self.comm.send_buf(t.dst.0, tag, piece)?;
@@ -794,21 +813,19 @@ impl Worker {
                         continue;
                     }
                     let piece = self.comm.recv_buf(t.src.0, tag)?;
-                    let unpacked = new_kv().and_then(|new| {
+                    let unpacked = wait_ready(dev, &piece).and_then(|()| {
+                        let new = new_kv()?;
                         device::kv_unpack_buf(dev, new, self.geom, &spans, &t.region.rows, &piece)
                     });
-                    // Read by this stream: done before it is freed.
-                    let synced = dev.synchronize();
+                    // (Freed after the unpack has run: frees are stream-ordered.)
                     self.mem.meter.free(piece.len());
                     drop(piece);
-                    unpacked.and(synced)?;
+                    unpacked?;
                     continue;
                 }
                 let buf = self.comm.recv(t.src.0, tag)?;
                 device::kv_unpack(dev, new_kv()?, self.geom, &spans, &t.region.rows, &buf)?;
             }
-            // The old cache is freed below: its last reads must have run.
-            dev.synchronize()?;
         }
         // Swap: the old buffers go unless kept (freed when the last reference drops).
         let meter = &self.mem.meter;

@@ -3,22 +3,30 @@
 //! driver call (cudarc panics otherwise) and turns every failure — no driver, no device,
 //! an unsupported compute capability — into [`Error::Device`].
 //!
-//! [`CudaDevice`] owns device `ordinal`'s primary context and one stream, loads the
-//! embedded PTX module of [`crate::kernels`] (sm_90 for compute capability 9.x and up,
-//! sm_80 for 8.x) once, on first use, and launches kernels by name with plain argument
-//! lists ([`Arg`]). Every driver call is checked; after each launch the launch error and
-//! (with [`CudaDevice::set_sync_check`] or `REMP_CUDA_SYNC_CHECK=1`) the kernel's
-//! completion are checked too. A kernel fault (a trap, an illegal address) poisons the
-//! device's primary context, which every worker on the GPU shares: after one, every
-//! later call fails and the engine must be restarted.
+//! [`CudaDevice`] owns device `ordinal`'s primary context and one stream of its own,
+//! loads the embedded PTX module of [`crate::kernels`] (sm_90 for compute capability 9.x
+//! and up, sm_80 for 8.x) once, on first use, and launches kernels by name with plain
+//! argument lists ([`Arg`]). Every driver call is checked; after each launch the launch
+//! error and (with [`CudaDevice::set_sync_check`] or `REMP_CUDA_SYNC_CHECK=1`) the
+//! kernel's completion are checked too. A kernel fault (a trap, an illegal address)
+//! poisons the device's primary context, which every worker on the GPU shares: after
+//! one, every later call fails and the engine must be restarted.
+//!
 //! [`DevBuf`] is a raw device allocation (freed on drop) addressed by its `u64` pointer,
-//! which is what the kernels take.
+//! which is what the kernels take. Memory is stream-ordered where the device has memory
+//! pools (`cuMemAllocAsync` on the allocating handle's stream; another stream uses it
+//! after an event from that stream, see [`crate::backend::device::mark_ready`]), and a
+//! free never blocks the host: it records an event on every live stream of the context
+//! (the registry [`LANES`]), makes the context's free stream wait for all of them and
+//! frees there (`cuMemFreeAsync`), so no work queued before the free on any stream can
+//! see the memory reused. Without pools: `cuMemAlloc`, and a free waits for the whole
+//! context (`cuCtxSynchronize`, then `cuMemFree`).
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream, DriverError};
 
 use crate::kernels::{self, Arch};
 use crate::{Error, Result};
@@ -44,15 +52,61 @@ impl From<&DevBuf> for Arg {
     }
 }
 
-/// A raw device allocation of `len` bytes (at least 256-byte aligned), freed on drop.
-/// Its copies and fills are ordered on the device's stream (a non-blocking stream, which
-/// the legacy-stream `cuMemcpyHtoD`/`cuMemsetD8` would not be ordered with) and wait
-/// for completion before returning.
+/// A raw device allocation of `len` bytes (at least 16-byte aligned, checked), freed on
+/// drop after the work queued so far on every stream of the context. Its copies and
+/// fills are ordered on the allocating device's stream (a non-blocking stream, which the
+/// legacy-stream `cuMemcpyHtoD`/`cuMemsetD8` would not be ordered with) and wait for
+/// completion before returning.
 pub struct DevBuf {
     ptr: u64,
     len: usize,
+    /// From `cuMemAllocAsync` (freed by `cuMemFreeAsync`) rather than `cuMemAlloc`.
+    pooled: bool,
     ctx: Arc<CudaContext>,
+    /// The allocating handle's stream (kept registered while the buffer lives).
+    lane: Arc<Lane>,
+}
+
+/// One stream of a context and the event a free records on it.
+pub(crate) struct Lane {
     stream: Arc<CudaStream>,
+    mark: CudaEvent,
+}
+
+/// Per context (its `CUcontext` address): the stream frees are queued on, and every
+/// live stream, which each free orders itself after.
+struct Lanes {
+    ctx: usize,
+    free_stream: Arc<CudaStream>,
+    live: Vec<Weak<Lane>>,
+}
+
+/// Every context's streams, for stream-ordered frees (one lock: frees record on the
+/// shared per-stream events one at a time).
+static LANES: Mutex<Vec<Lanes>> = Mutex::new(Vec::new());
+
+fn lanes() -> std::sync::MutexGuard<'static, Vec<Lanes>> {
+    LANES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Queues the free of `ptr` (from `cuMemAllocAsync`) after all work queued so far on
+/// every live stream of `ctx` (bound to this thread), without blocking the host.
+fn free_after_all_streams(ctx: &CudaContext, ptr: u64) -> std::result::Result<(), DriverError> {
+    let mut all = lanes();
+    let key = ctx.cu_ctx() as usize;
+    let Some(l) = all.iter_mut().find(|l| l.ctx == key) else {
+        return Err(DriverError(sys::CUresult::CUDA_ERROR_NOT_FOUND));
+    };
+    l.live.retain(|w| w.strong_count() > 0);
+    for lane in l.live.iter().filter_map(Weak::upgrade) {
+        // Re-recording the shared event is safe: a wait captures the event's state when
+        // it is queued, and the lock keeps record and wait together.
+        lane.mark.record(&lane.stream)?;
+        l.free_stream.wait(&lane.mark)?;
+    }
+    // SAFETY: allocated by cuMemAllocAsync in this context and freed once; every stream
+    // that could still use it is ordered before this point of the free stream.
+    unsafe { result::free_async(ptr, l.free_stream.cu_stream()) }
 }
 
 impl DevBuf {
@@ -88,12 +142,15 @@ impl DevBuf {
             .map_err(|e| derr("bind context", e))?;
         // SAFETY: the range is inside this allocation; T: Copy is plain bytes; `data`
         // outlives the copy (synchronized below).
-        unsafe { result::memcpy_htod_async(self.ptr + off as u64, data, self.stream.cu_stream()) }
-            .map_err(|e| derr("cuMemcpyHtoDAsync", e))?;
+        unsafe {
+            result::memcpy_htod_async(self.ptr + off as u64, data, self.lane.stream.cu_stream())
+        }
+        .map_err(|e| derr("cuMemcpyHtoDAsync", e))?;
         self.sync("cuMemcpyHtoD")
     }
     fn sync(&self, what: &str) -> Result<()> {
-        self.stream
+        self.lane
+            .stream
             .synchronize()
             .map_err(|e| derr(&format!("{what} (stream synchronize)"), e))
     }
@@ -104,7 +161,7 @@ impl DevBuf {
             .bind_to_thread()
             .map_err(|e| derr("bind context", e))?;
         // SAFETY: v's bytes lie inside the allocation; v outlives the copy.
-        unsafe { result::memcpy_dtoh_async(&mut v[..], self.ptr, self.stream.cu_stream()) }
+        unsafe { result::memcpy_dtoh_async(&mut v[..], self.ptr, self.lane.stream.cu_stream()) }
             .map_err(|e| derr("cuMemcpyDtoHAsync", e))?;
         self.sync("cuMemcpyDtoH")?;
         Ok(v)
@@ -115,7 +172,7 @@ impl DevBuf {
             .bind_to_thread()
             .map_err(|e| derr("bind context", e))?;
         // SAFETY: the whole allocation.
-        unsafe { result::memset_d8_async(self.ptr, byte, self.len, self.stream.cu_stream()) }
+        unsafe { result::memset_d8_async(self.ptr, byte, self.len, self.lane.stream.cu_stream()) }
             .map_err(|e| derr("cuMemsetD8Async", e))?;
         self.sync("cuMemsetD8")
     }
@@ -123,21 +180,78 @@ impl DevBuf {
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
-        if self.len > 0 && self.ctx.bind_to_thread().is_ok() {
-            // Work queued on any stream of the context may still use the buffer (the
-            // copy thread allocates what the compute stream later reads): wait for all.
-            // Frees are rare: steady-state temporaries are reused scratch buffers.
-            let _ = self.ctx.synchronize();
-            // SAFETY: allocated by malloc_sync and freed once.
-            let _ = unsafe { result::free_sync(self.ptr) };
+        if self.ptr == 0 || self.ctx.bind_to_thread().is_err() {
+            return;
         }
+        // Work queued on any stream of the context may still use the buffer (a peer's
+        // stream reading a handed-over piece, the compute stream reading what the copy
+        // thread allocated): the free is ordered after all of it.
+        if self.pooled && free_after_all_streams(&self.ctx, self.ptr).is_ok() {
+            return;
+        }
+        // No pools (or the ordered free failed: a faulted context): wait for everything.
+        let _ = self.ctx.synchronize();
+        // SAFETY: allocated here and freed once; nothing queued can still use it. Pool
+        // memory goes back through the allocating stream (after the allocation).
+        let _ = unsafe {
+            if self.pooled {
+                result::free_async(self.ptr, self.lane.stream.cu_stream())
+            } else {
+                result::free_sync(self.ptr)
+            }
+        };
     }
+}
+
+/// Registers `lane` among its context's streams (setting the context up on first use:
+/// its free stream and memory pool). Returns whether allocations may use the pool.
+fn register_lane(ctx: &Arc<CudaContext>, lane: &Arc<Lane>) -> Result<bool> {
+    let mut all = lanes();
+    let key = ctx.cu_ctx() as usize;
+    if !all.iter().any(|l| l.ctx == key) {
+        // SAFETY: the context's own device; the attribute value has the type the
+        // driver documents for it (int).
+        unsafe {
+            let pool = result::device::get_mem_pool(ctx.cu_device())
+                .map_err(|e| derr("cuDeviceGetMemPool", e))?;
+            // Reuse of freed pool memory must not make a stream wait for the free
+            // stream (which waits for every stream: a compute stream would then wait
+            // for the copy streams' reshard kernels). Completed frees are still reused,
+            // the pool grows instead of waiting.
+            let mut no: i32 = 0;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+                &mut no as *mut i32 as *mut c_void,
+            )
+            .map_err(|e| derr("cuMemPoolSetAttribute", e))?;
+            // The release threshold stays at its default, 0: memory freed to the pool
+            // goes back to the device at the next synchronize (every worker synchronizes
+            // at the end of a step), so `mem_info`'s free memory — KV sizing reads it
+            // before anything is allocated — does not count idle pool memory as used.
+        }
+        let free_stream = ctx.new_stream().map_err(|e| derr("cuStreamCreate", e))?;
+        all.push(Lanes {
+            ctx: key,
+            free_stream,
+            live: Vec::new(),
+        });
+    }
+    if let Some(l) = all.iter_mut().find(|l| l.ctx == key) {
+        l.live.retain(|w| w.strong_count() > 0);
+        l.live.push(Arc::downgrade(lane));
+    }
+    Ok(true)
 }
 
 /// A CUDA device: its primary context, one stream, the kernel module (loaded lazily).
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// The stream, registered for stream-ordered frees.
+    lane: Arc<Lane>,
+    /// Allocations come from the device's memory pool (`cuMemAllocAsync`).
+    pooled: bool,
     arch: Arch,
     name: String,
     cc: (i32, i32),
@@ -182,9 +296,16 @@ impl CudaDevice {
             ))
         })?;
         let stream = ctx.new_stream().map_err(|e| derr("cuStreamCreate", e))?;
+        let lane = Arc::new(Lane {
+            stream: stream.clone(),
+            mark: ctx.new_event(None).map_err(|e| derr("cuEventCreate", e))?,
+        });
+        let pooled = ctx.has_async_alloc() && register_lane(&ctx, &lane)?;
         Ok(CudaDevice {
             ctx,
             stream,
+            lane,
+            pooled,
             arch,
             name,
             cc,
@@ -249,22 +370,37 @@ impl CudaDevice {
             .map_err(|e| derr("bind context", e))
     }
 
-    /// Allocate `bytes` bytes (contents undefined).
+    /// Allocate `bytes` bytes (contents undefined). From the memory pool, ordered on this
+    /// handle's stream: another stream may use it only after an event recorded here
+    /// after the allocation (which the hand-over's ready event is).
     pub fn alloc(&self, bytes: usize) -> Result<DevBuf> {
         self.bind()?;
         let ptr = if bytes == 0 {
             0
+        } else if self.pooled {
+            // SAFETY: a stream-ordered allocation on this live stream, freed by
+            // DevBuf's drop with cuMemFreeAsync.
+            unsafe { result::malloc_async(self.cu_stream(), bytes) }
+                .map_err(|e| derr(&format!("cuMemAllocAsync({bytes} B)"), e))?
         } else {
             // SAFETY: plain allocation, freed by DevBuf's drop.
             unsafe { result::malloc_sync(bytes) }
                 .map_err(|e| derr(&format!("cuMemAlloc({bytes} B)"), e))?
         };
-        Ok(DevBuf {
+        let b = DevBuf {
             ptr,
             len: bytes,
+            pooled: self.pooled,
             ctx: self.ctx.clone(),
-            stream: self.stream.clone(),
-        })
+            lane: self.lane.clone(),
+        };
+        // The kernels use 128-bit accesses (pools align to far more in practice).
+        if ptr % 16 != 0 {
+            return Err(Error::Device(format!(
+                "allocation of {bytes} B at {ptr:#x} is not 16-byte aligned"
+            )));
+        }
+        Ok(b)
     }
     /// Allocate and upload `data`.
     pub fn upload<T: Copy>(&self, data: &[T]) -> Result<DevBuf> {
@@ -549,6 +685,25 @@ impl crate::backend::device::Device for CudaDevice {
     }
     fn synchronize(&self) -> Result<()> {
         CudaDevice::synchronize(self)
+    }
+    fn record(&self) -> Result<crate::backend::device::Event> {
+        let e = self
+            .stream
+            .record_event(None)
+            .map_err(|e| derr("cuEventRecord", e))?;
+        Ok(crate::backend::device::Event(
+            crate::backend::device::EventKind::Cuda(Arc::new(e)),
+        ))
+    }
+    fn wait(&self, e: &crate::backend::device::Event) -> Result<()> {
+        let crate::backend::device::EventKind::Cuda(e) = &e.0 else {
+            return Err(Error::Device(
+                "an emulated event cannot order a CUDA stream".into(),
+            ));
+        };
+        self.stream
+            .wait(e)
+            .map_err(|e| derr("cuStreamWaitEvent", e))
     }
     fn sm_count(&self) -> u32 {
         CudaDevice::sm_count(self).unwrap_or(1)

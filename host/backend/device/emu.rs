@@ -8,15 +8,23 @@
 //! error, and a kernel that traps (a panic on the host) fails its launch with
 //! [`Error::Device`] instead of taking the worker down.
 //!
+//! Each [`EmuDevice`] is a stream: work is queued and runs at the owner's next
+//! synchronizing call; [`Device::record`] / [`Device::wait`] order streams as CUDA events
+//! do (a wait runs the other stream's work up to the event first), and freed memory is
+//! released only once every stream has run past the free (CUDA's stream-ordered free).
+//!
 //! It runs GPU threads as coroutines on the calling thread, one block after another:
 //! fine for tests and small demos, far from GPU speed. Launches CUDA would refuse (an
 //! empty grid, grid.y or grid.z over 65535) are refused here too, so the emulator does
 //! not accept what the GPU rejects.
 
-use super::{check_range, Arg, Buf, Device};
+use super::{check_range, Arg, Buf, Device, Event, EventKind};
 use crate::{Error, Result};
 use remp_gpu_kernels as k;
-use std::sync::{Arc, Mutex, Weak};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, TryLockError, Weak};
+use std::time::Duration;
 
 /// The emulated device: a stream of its own (launches and device-to-device copies are
 /// queued and run at the next synchronizing call, as on a GPU) over host memory.
@@ -24,50 +32,161 @@ pub struct EmuDevice {
     queue: Arc<Queue>,
 }
 
-/// Work queued on one emulated stream. Runs under the lock, so a flush by another
-/// thread (a buffer being freed) and the owner's own flush never interleave.
+/// One emulated stream: the work queued on it and how far it has run. Ops run in order,
+/// one runner at a time (`run`); the runner is the owner at a synchronizing call, or
+/// another stream's wait on one of this stream's events, which runs this stream's work
+/// up to the event's point first. Nothing else runs it (not even a free), so work that a
+/// missing wait leaves unordered reads memory in whatever state it is (poison, 0xFF, if
+/// its producer has not run yet).
 #[derive(Default)]
-struct Queue(Mutex<Vec<Op>>);
+struct Queue {
+    /// Queued, not yet run; and how many ops were ever queued (the point an event marks).
+    state: Mutex<State>,
+    /// Ops run (or discarded after a failure), in queue order.
+    done: AtomicU64,
+    /// Held while running ops: the stream's work never runs twice at once.
+    run: Mutex<()>,
+    /// Signalled when the runner finishes an op or stops (for threads waiting on a point).
+    tick: Mutex<()>,
+    ran: Condvar,
+    /// The first failure not yet reported to the owner (reported by its next
+    /// synchronizing call, whichever thread ran the op).
+    err: Mutex<Option<Error>>,
+    /// Index of the first op that ever failed (`u64::MAX`: none): waits on a later point
+    /// fail too, as a fault poisons a CUDA context.
+    fault_at: AtomicU64,
+}
 
-/// A queued launch or copy: captures device addresses (raw pointers) only.
+#[derive(Default)]
+struct State {
+    ops: VecDeque<Op>,
+    pushed: u64,
+}
+
+/// A queued launch, copy or wait: captures device addresses (raw pointers) and events
+/// only.
 struct Op(Box<dyn FnOnce() -> Result<()>>);
-// SAFETY: an Op touches only emulated device memory through the addresses it captured;
-// which thread runs it does not matter, and runs are serialized by the queue's lock.
+// SAFETY: an Op touches only emulated device memory through the addresses it captured
+// (and other streams' queues through their Arcs); which thread runs it does not matter,
+// and runs of one stream are serialized by its `run` lock.
 unsafe impl Send for Op {}
 
-/// Every live emulated stream: freeing emulated memory first drains them all, as
-/// freeing on CUDA waits for the whole context (`DevBuf`'s drop).
+/// An emulated event: stream `queue` after its first `upto` ops.
+#[derive(Clone)]
+pub(crate) struct Mark {
+    queue: Arc<Queue>,
+    upto: u64,
+}
+
+/// Every live emulated stream: freeing emulated memory waits for all of them to run past
+/// their current point, as freeing on CUDA is ordered after every stream's queued work
+/// (`DevBuf`'s drop).
 static STREAMS: Mutex<Vec<Weak<Queue>>> = Mutex::new(Vec::new());
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Queue {
-    fn flush(&self) -> Result<()> {
-        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let mut first = Ok(());
-        for op in q.drain(..) {
-            // after a failure the rest is dropped, as a faulted CUDA stream runs nothing
-            if first.is_ok() {
-                first = (op.0)();
+    fn push(&self, op: Op) {
+        let mut st = lock(&self.state);
+        st.ops.push_back(op);
+        st.pushed += 1;
+    }
+
+    /// Runs queued ops until `upto` have run (`u64::MAX`: all queued). When another
+    /// thread is running this stream, waits for it to get there instead of for its lock:
+    /// that runner may go on past `upto` into work that waits for the caller's own
+    /// stream. Events only point back in time, so this never waits in a cycle.
+    fn run_until(&self, upto: u64) {
+        loop {
+            if self.done.load(Ordering::Acquire) >= upto {
+                return;
             }
+            let running = match self.run.try_lock() {
+                Ok(g) => Some(g),
+                Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            };
+            if let Some(running) = running {
+                self.run_locked(upto);
+                drop(running);
+                self.notify();
+                reap();
+                return;
+            }
+            let t = lock(&self.tick);
+            if self.done.load(Ordering::Acquire) >= upto {
+                return;
+            }
+            // (Woken at every op the runner finishes and when it stops.)
+            let _ = self.ran.wait_timeout(t, Duration::from_millis(5));
         }
-        first
+    }
+
+    /// [`Queue::run_until`] with the `run` lock held.
+    fn run_locked(&self, upto: u64) {
+        while self.done.load(Ordering::Acquire) < upto {
+            let Some(op) = lock(&self.state).ops.pop_front() else {
+                break;
+            };
+            let at = self.done.load(Ordering::Acquire);
+            if let Err(e) = (op.0)() {
+                self.fault_at.fetch_min(at, Ordering::AcqRel);
+                lock(&self.err).get_or_insert(e);
+                // The rest is dropped, as a faulted CUDA stream runs nothing.
+                let rest = std::mem::take(&mut lock(&self.state).ops);
+                self.done
+                    .fetch_add(1 + rest.len() as u64, Ordering::Release);
+            } else {
+                self.done.fetch_add(1, Ordering::Release);
+            }
+            self.notify();
+        }
+    }
+
+    fn notify(&self) {
+        let _t = lock(&self.tick);
+        self.ran.notify_all();
+    }
+
+    /// Runs everything queued; the owner's synchronizing call (reports a failure).
+    fn flush(&self) -> Result<()> {
+        self.run_until(u64::MAX);
+        match lock(&self.err).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Mark {
+    /// Runs the marked stream up to the mark (from the waiting stream's runner).
+    fn reach(&self) -> Result<()> {
+        self.queue.run_until(self.upto);
+        if self.queue.fault_at.load(Ordering::Acquire) < self.upto {
+            return Err(Error::Device(
+                "waited on an event after work that failed on another stream".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
 impl EmuDevice {
     pub fn new() -> Self {
-        let queue = Arc::new(Queue::default());
-        let mut all = STREAMS.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = Arc::new(Queue {
+            fault_at: AtomicU64::new(u64::MAX),
+            ..Default::default()
+        });
+        let mut all = lock(&STREAMS);
         all.retain(|w| w.strong_count() > 0);
         all.push(Arc::downgrade(&queue));
         EmuDevice { queue }
     }
 
     fn enqueue(&self, op: impl FnOnce() -> Result<()> + 'static) {
-        self.queue
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Op(Box::new(op)));
+        self.queue.push(Op(Box::new(op)));
     }
 }
 
@@ -79,22 +198,51 @@ impl Default for EmuDevice {
 
 impl Drop for EmuDevice {
     fn drop(&mut self) {
-        let _ = self.queue.flush();
+        self.queue.run_until(u64::MAX);
     }
 }
 
-/// Runs the queued work of every emulated stream (one stream at a time: no lock is
-/// held while taking another, so two threads draining at once cannot deadlock).
-pub(crate) fn drain_all_streams() {
-    let live: Vec<Arc<Queue>> = STREAMS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
+/// Emulated memory freed while some stream still had work queued: released once every
+/// such stream has run up to the point it had reached at the free.
+type PendingFree = (Box<[u128]>, Vec<(Weak<Queue>, u64)>);
+static PENDING: Mutex<Vec<PendingFree>> = Mutex::new(Vec::new());
+
+/// Frees `mem` after the work queued so far on every emulated stream (what CUDA's
+/// stream-ordered free does): at once when all of it has run, else when the last of
+/// those streams gets there.
+pub(crate) fn free_after_all_streams(mem: Box<[u128]>) {
+    let points: Vec<(Weak<Queue>, u64)> = lock(&STREAMS)
         .iter()
-        .filter_map(Weak::upgrade)
+        .filter_map(|w| {
+            let q = w.upgrade()?;
+            let upto = lock(&q.state).pushed;
+            (q.done.load(Ordering::Acquire) < upto).then(|| (w.clone(), upto))
+        })
         .collect();
-    for q in live {
-        let _ = q.flush();
+    if !points.is_empty() {
+        lock(&PENDING).push((mem, points));
     }
+}
+
+/// Releases the pending frees every stream has run past (after a stream ran work).
+fn reap() {
+    let released: Vec<PendingFree> = {
+        let mut p = lock(&PENDING);
+        if p.is_empty() {
+            return;
+        }
+        let (done, keep) = std::mem::take(&mut *p)
+            .into_iter()
+            .partition(|(_, points)| {
+                points.iter().all(|(w, upto)| {
+                    w.upgrade()
+                        .is_none_or(|q| q.done.load(Ordering::Acquire) >= *upto)
+                })
+            });
+        *p = keep;
+        done
+    };
+    drop(released);
 }
 
 /// Conversion of a launch argument to a kernel parameter type.
@@ -313,11 +461,7 @@ impl Device for EmuDevice {
         check_shape(name, grid, block)?;
         match dispatch(name, grid, block, args)? {
             Some(op) => {
-                self.queue
-                    .0
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(op);
+                self.queue.push(op);
                 Ok(())
             }
             None => Err(Error::Device(format!("unknown kernel `{name}`"))),
@@ -325,6 +469,26 @@ impl Device for EmuDevice {
     }
     fn synchronize(&self) -> Result<()> {
         self.queue.flush()
+    }
+    fn record(&self) -> Result<Event> {
+        let upto = lock(&self.queue.state).pushed;
+        Ok(Event(EventKind::Emu(Mark {
+            queue: self.queue.clone(),
+            upto,
+        })))
+    }
+    fn wait(&self, e: &Event) -> Result<()> {
+        let EventKind::Emu(m) = &e.0 else {
+            return Err(Error::Device(
+                "a CUDA event cannot order an emulated stream".into(),
+            ));
+        };
+        if Arc::ptr_eq(&m.queue, &self.queue) {
+            return Ok(()); // the stream's own order already
+        }
+        let m = m.clone();
+        self.enqueue(move || m.reach());
+        Ok(())
     }
     fn sm_count(&self) -> u32 {
         // Launch shapes sized to the device stay small, as the emulator runs blocks
@@ -336,7 +500,7 @@ impl Device for EmuDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::device::{download_vec, upload_new};
+    use crate::backend::device::{download_vec, mark_ready, upload_new, wait_ready};
 
     #[test]
     fn emulator_offers_exactly_the_ptx_kernels() {
@@ -409,5 +573,112 @@ mod tests {
             e.unwrap_err().to_string().contains("kernel failed"),
             "trap not reported"
         );
+    }
+
+    /// A buffer one stream fills and another reads: with the wait on its ready event the
+    /// reader sees the data; without it, the reader's work runs first and reads the
+    /// poison of a fresh allocation (as a GPU stream may run ahead of the producer).
+    #[test]
+    fn a_wait_orders_streams_and_a_missing_one_reads_poison() {
+        let (a, b) = (EmuDevice::new(), EmuDevice::new());
+        let data: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let src = upload_new(&a, &data).unwrap();
+        for waited in [true, false] {
+            let mut piece = a.alloc(256).unwrap();
+            a.copy(&piece, 0, &src, 0, 256).unwrap();
+            mark_ready(&a, &mut piece).unwrap();
+            let out = b.alloc(256).unwrap();
+            if waited {
+                wait_ready(&b, &piece).unwrap();
+            }
+            b.copy(&out, 0, &piece, 0, 256).unwrap();
+            // (runs b's queue only: a's copy runs first only if b waits for it)
+            let got: Vec<f32> = download_vec(&b, &out, 64).unwrap();
+            if waited {
+                assert_eq!(got, data);
+            } else {
+                assert!(got.iter().all(|v| v.is_nan()), "read before written");
+            }
+            a.synchronize().unwrap();
+        }
+        // A stream's own event orders nothing more; an unmarked buffer needs no wait.
+        let own = a.record().unwrap();
+        a.wait(&own).unwrap();
+        wait_ready(&a, &src).unwrap();
+    }
+
+    /// Work after a wait on a failed stream's work fails too (a fault poisons a CUDA
+    /// context); the failing stream's owner gets the kernel's own error.
+    #[test]
+    fn a_wait_on_failed_work_fails() {
+        let (a, b) = (EmuDevice::new(), EmuDevice::new());
+        let z = a.alloc(4096).unwrap();
+        let p = Arg::from(&z);
+        let (n, m) = (Arg::Ptr(0), Arg::U32(1));
+        let args = [
+            p,
+            p,
+            p,
+            n,
+            n,
+            m,
+            Arg::U32(8),
+            Arg::U32(12),
+            Arg::U32(12),
+            Arg::U32(8),
+        ];
+        // the tensor-core GEMM traps on K % 8 != 0
+        unsafe { a.launch("gemm_mma_bf16", [1, 1, 1], 128, &args) }.unwrap();
+        let e = a.record().unwrap();
+        b.wait(&e).unwrap();
+        let err = b.synchronize().unwrap_err().to_string();
+        assert!(err.contains("another stream"), "{err}");
+        let err = a.synchronize().unwrap_err().to_string();
+        assert!(err.contains("kernel failed"), "{err}");
+    }
+
+    /// Two streams on two threads exchanging buffers both ways, several times before
+    /// either synchronizes (an all-reduce per layer: each waits for the other's events,
+    /// and a runner goes on past the point a waiter needs into work that waits for the
+    /// waiter's stream), neither deadlock nor read stale data, while buffers are freed
+    /// in between.
+    #[test]
+    fn cross_waits_between_threads_do_not_deadlock() {
+        type Ch = (std::sync::mpsc::Sender<Buf>, std::sync::mpsc::Receiver<Buf>);
+        let side = |me: f32, (tx, rx): Ch| {
+            move || {
+                let dev = EmuDevice::new();
+                for round in 0..100 {
+                    let v = vec![me + round as f32; 32];
+                    let mut acc = upload_new(&dev, &v).unwrap();
+                    // acc ← acc + theirs, 4 times: 2^4 · (1 + 2 round) / 2 at the end
+                    for _ in 0..4 {
+                        let mut out = dev.alloc(128).unwrap();
+                        dev.copy(&out, 0, &acc, 0, 128).unwrap();
+                        mark_ready(&dev, &mut out).unwrap();
+                        tx.send(out).unwrap();
+                        let theirs = rx.recv().unwrap();
+                        wait_ready(&dev, &theirs).unwrap();
+                        let sum = dev.alloc(128).unwrap();
+                        let args = [
+                            Arg::from(&sum),
+                            Arg::from(&acc),
+                            Arg::from(&theirs),
+                            Arg::U32(32),
+                        ];
+                        unsafe { dev.launch("residual_add_f32", [1, 1, 1], 32, &args) }.unwrap();
+                        acc = sum;
+                    }
+                    let got: Vec<f32> = download_vec(&dev, &acc, 32).unwrap();
+                    let want = 8.0 * (1.0 + 2.0 * round as f32);
+                    assert_eq!(got, vec![want; 32], "round {round}");
+                }
+            }
+        };
+        let (ab, ba) = (std::sync::mpsc::channel(), std::sync::mpsc::channel());
+        let a = std::thread::spawn(side(0.0, (ab.0, ba.1)));
+        let b = std::thread::spawn(side(1.0, (ba.0, ab.1)));
+        a.join().unwrap();
+        b.join().unwrap();
     }
 }

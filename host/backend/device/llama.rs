@@ -16,7 +16,8 @@
 //! bf16 once, as a single-device bf16 forward would round the full sum. Two exchanges
 //! ([`Exchange`]), bit-identical by construction: *same-device* (default) — each
 //! member's partial goes to its peers as a device buffer through the counted [`Comm`]
-//! layer, lands in slot `i` of a `[group, tokens, hidden]` f32 buffer, and the split-K
+//! layer (marked ready by an event on the sender's stream, which the receiver's stream
+//! waits for: no host synchronization in the exchange), lands in slot `i` of a `[group, tokens, hidden]` f32 buffer, and the split-K
 //! reduce kernel sums the slots in order with the bias and residual add fused; and
 //! *host-staged* — download, host all-reduce, upload. The vocab-parallel embedding's
 //! all-reduce (one member holds each row, so the sum is exact) takes the same two
@@ -26,7 +27,9 @@
 //! Attention kernels map local query head `i` to local KV head `i / (q/kv)`, so a
 //! shard must hold whole GQA groups (or one KV head): [`check_heads`] refuses the rest.
 
-use super::{download_vec, pod, pod::Pod, upload_new, Arg, Buf, Device, Exchange};
+use super::{
+    download_vec, mark_ready, pod, pod::Pod, upload_new, wait_ready, Arg, Buf, Device, Exchange,
+};
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::cuda::nvtx;
 use crate::model::{ModelConfig, TensorSource};
@@ -231,10 +234,10 @@ pub struct DeviceCompute {
     pub dev: Box<dyn Device>,
     cfg: std::sync::Arc<ModelConfig>,
     inv_freq: Buf,
-    /// Temporaries by purpose, reused by every layer and step: allocating on a GPU is a
-    /// synchronous driver call, so per-layer allocations would dominate a decode step.
-    /// Work on the device is ordered on one stream, so a buffer is free for the next
-    /// layer once this one's launches are queued. Not counted in the memory meter
+    /// Temporaries by purpose, reused by every layer and step: even a pool allocation is
+    /// a driver call, so per-layer allocations would add up over a decode step. Only
+    /// this handle's stream touches them (what goes to a peer is a fresh copy), so a
+    /// buffer is free for the next layer once this one's launches are queued. Not counted in the memory meter
     /// (which tracks weights and KV); a few activations' worth.
     scratch: Mutex<HashMap<&'static str, Arc<Buf>>>,
     exchange: Exchange,
@@ -724,10 +727,11 @@ impl DeviceCompute {
     }
 
     /// Same-device exchange within group `g` (this worker is member `idx`): a copy of
-    /// `bytes` bytes of `src` from `off` goes to every peer (a fresh buffer each, handed
-    /// over through the Comm layer), and `each(j, buf)` queues this worker's use of
-    /// member `j`'s buffer, in group order. Returns once the uses have run, so the
-    /// received buffers can be freed.
+    /// `bytes` bytes of `src` from `off` goes to every peer (a fresh buffer each, marked
+    /// ready by an event on this stream and handed over through the Comm layer), and
+    /// `each(j, buf)` queues this worker's use of member `j`'s buffer, in group order,
+    /// after its stream waits for the sender's event. Nothing here blocks the host: the
+    /// received buffers are freed after every stream's queued work.
     #[allow(clippy::too_many_arguments)]
     fn share_with_group(
         &self,
@@ -747,12 +751,12 @@ impl DeviceCompute {
                 outgoing.push((*peer, b));
             }
         }
-        // The copies must be complete before a peer's stream reads them.
-        self.dev.synchronize()?;
-        for (peer, b) in outgoing {
+        // One event after all the copies: a peer's stream waits for it before reading.
+        let ready = self.dev.record()?;
+        for (peer, mut b) in outgoing {
+            b.set_ready(ready.clone());
             comm.send_buf(peer.0, Tag::AllReduce, b)?;
         }
-        let mut incoming = Vec::new();
         for (j, peer) in g.workers().iter().enumerate() {
             if j != idx {
                 let b = comm.recv_buf(peer.0, Tag::AllReduce)?;
@@ -762,22 +766,20 @@ impl DeviceCompute {
                         b.len()
                     )));
                 }
+                wait_ready(self.dev.as_ref(), &b)?;
                 each(j, &b)?;
-                incoming.push(b);
             }
         }
-        // The received buffers are freed only after this stream has read them.
-        self.dev.synchronize()?;
-        drop(incoming);
         Ok(())
     }
 
     /// A hidden state of `n` bf16 values handed to the next pipeline stage on the same
-    /// device: a copy in a fresh buffer whose ownership moves with the message.
+    /// device: a copy in a fresh buffer whose ownership moves with the message, marked
+    /// ready after the copy (the receiver waits for it: [`super::wait_ready`]).
     pub fn hidden_for_peer(&self, x: &Buf, n: usize) -> Result<Buf> {
-        let b = self.alloc(n * 2)?;
+        let mut b = self.alloc(n * 2)?;
         self.dev.copy(&b, 0, x, 0, n * 2)?;
-        self.dev.synchronize()?;
+        mark_ready(self.dev.as_ref(), &mut b)?;
         Ok(b)
     }
 

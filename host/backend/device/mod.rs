@@ -10,16 +10,24 @@
 //!
 //! A [`Buf`] owns its memory (freed on drop) and is 16-byte aligned (the kernels use
 //! 128-bit accesses). Uploads and downloads are synchronous; launches and
-//! device-to-device copies are queued on the device handle's stream. A worker's compute
-//! thread and its copy thread hold separate handles (separate streams on CUDA): a buffer
-//! one of them hands to the other is synchronized first, and freeing a CUDA buffer waits
-//! for the whole context, so no stream can still be reading it.
+//! device-to-device copies are queued on the device handle's stream. Every handle has a
+//! stream of its own: each rank's compute thread and each worker's copy thread. Streams
+//! are ordered by [`Event`]s, not by the host: a handle that hands a buffer to another
+//! marks it ready ([`mark_ready`]: an event after the work it queued so far, carried in
+//! the buffer) and the receiver's stream waits for it ([`wait_ready`]) before its first
+//! use, so the sender never blocks. Freeing is ordered after all work queued so far on
+//! every stream (on CUDA a stream-ordered free, on the emulator a release deferred
+//! until every stream has run that far), so a buffer is never freed under a kernel that reads it and nobody needs to
+//! synchronize before dropping one. Asynchronous faults surface at the next synchronizing
+//! call of the stream (a worker synchronizes at the end of each step, a copy thread at
+//! the end of each job).
 
 pub mod emu;
 pub mod llama;
 
 use crate::backend::cuda::DevBuf;
 use crate::{Error, Result};
+use std::sync::Arc;
 
 /// One kernel argument, passed by value as the kernel's parameter type.
 #[derive(Clone, Copy, Debug)]
@@ -37,8 +45,8 @@ impl From<&Buf> for Arg {
     }
 }
 
-impl From<&std::sync::Arc<Buf>> for Arg {
-    fn from(b: &std::sync::Arc<Buf>) -> Arg {
+impl From<&Arc<Buf>> for Arg {
+    fn from(b: &Arc<Buf>) -> Arg {
         Arg::Ptr(b.ptr())
     }
 }
@@ -47,7 +55,22 @@ impl From<&std::sync::Arc<Buf>> for Arg {
 pub struct Buf {
     ptr: u64,
     len: usize,
+    /// Set by the handle that filled it before handing it over: where the work writing
+    /// it ends on that handle's stream ([`mark_ready`] / [`wait_ready`]).
+    ready: Option<Event>,
     _mem: Mem,
+}
+
+/// A point in one handle's stream: the work queued there before it was recorded.
+/// Another handle's [`Device::wait`] orders its later work after that point without
+/// blocking the host. Cheap to clone (one recording shared by several buffers).
+#[derive(Clone)]
+pub struct Event(pub(crate) EventKind);
+
+#[derive(Clone)]
+pub(crate) enum EventKind {
+    Emu(emu::Mark),
+    Cuda(Arc<cudarc::driver::CudaEvent>),
 }
 
 enum Mem {
@@ -58,10 +81,12 @@ enum Mem {
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        // Like freeing on CUDA (which waits for the whole context): no emulated stream
-        // may still have queued work touching this memory.
-        if matches!(self._mem, Mem::Host(_)) {
-            emu::drain_all_streams();
+        // Like freeing on CUDA (ordered after the work queued so far on every stream of
+        // the context, without waiting for it): the memory is released once every
+        // emulated stream has run past its current point. Nothing is run here, so a
+        // stream's work still runs only when its owner (or a wait) asks for it.
+        if let Mem::Host(m) = &mut self._mem {
+            emu::free_after_all_streams(std::mem::take(m));
         }
     }
 }
@@ -75,6 +100,7 @@ impl Buf {
         Buf {
             ptr: mem.as_ptr() as u64,
             len: bytes,
+            ready: None,
             _mem: Mem::Host(mem),
         }
     }
@@ -85,12 +111,21 @@ impl Buf {
         Buf {
             ptr: b.ptr(),
             len: len.min(b.len()),
+            ready: None,
             _mem: Mem::Cuda(b),
         }
     }
     /// Device address of the first byte.
     pub fn ptr(&self) -> u64 {
         self.ptr
+    }
+    /// The event [`mark_ready`] left on it, if any.
+    pub fn ready(&self) -> Option<&Event> {
+        self.ready.as_ref()
+    }
+    /// Sets the event a receiver waits for (one recording shared by several buffers).
+    pub fn set_ready(&mut self, e: Event) {
+        self.ready = Some(e);
     }
     /// Device address of byte `off` (checked against the length).
     pub fn at(&self, off: usize) -> Result<u64> {
@@ -137,6 +172,11 @@ pub trait Device: Send + Sync {
     unsafe fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()>;
     /// Wait for queued work; reports asynchronous faults.
     fn synchronize(&self) -> Result<()>;
+    /// An event after the work queued so far on this handle's stream (no host wait).
+    fn record(&self) -> Result<Event>;
+    /// This handle's later work runs after `e`'s point on its stream (no host wait; a
+    /// no-op for an event of this very stream).
+    fn wait(&self, e: &Event) -> Result<()>;
     /// Multiprocessors, for launch shapes that size the grid to the device.
     fn sm_count(&self) -> u32;
 }
@@ -164,6 +204,22 @@ pub(crate) fn check_range(b: &Buf, off: usize, len: usize, what: &str) -> Result
         )));
     }
     Ok(())
+}
+
+/// Marks `b` ready for another handle after the work `dev` (its producer) queued so far:
+/// the buffer carries the event to whichever handle receives it.
+pub fn mark_ready(dev: &dyn Device, b: &mut Buf) -> Result<()> {
+    b.ready = Some(dev.record()?);
+    Ok(())
+}
+
+/// Orders `dev`'s later work after the producer of `b` (when it was marked ready): call
+/// before the first use of a buffer received from another handle.
+pub fn wait_ready(dev: &dyn Device, b: &Buf) -> Result<()> {
+    match &b.ready {
+        Some(e) => dev.wait(e),
+        None => Ok(()),
+    }
 }
 
 /// Allocates a buffer and uploads `data`.
