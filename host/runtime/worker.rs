@@ -475,8 +475,13 @@ impl Worker {
         let mut h: Option<Hidden> = None;
         let mut prev: Option<Arc<Decision>> = None;
         let hidden_len = plan.num_tokens() * self.cfg.hidden_size;
-        // Device workers upload the step's ids, positions and KV metadata once.
-        let mut inputs: Option<StepInputs> = None;
+        // Device workers upload the step's ids, positions and KV metadata once, first
+        // thing: an upload synchronizes the stream, which is idle only here (later it
+        // may wait for a peer's event, and the host would wait with it).
+        let inputs = match &self.device {
+            Some(dc) if hidden_len > 0 => Some(StepInputs::new(dc, plan, self.geom)?),
+            _ => None,
+        };
         for seg in segments {
             // The lead of the group that just ran the previous segment decides this one
             // (the driver decides the embedding before the step starts).
@@ -509,9 +514,6 @@ impl Worker {
                         .send(self.comm.driver(), Tag::Logits, Vec::new())?,
                 }
             } else if let (Some(dc), true) = (&self.device, g.contains(self.id)) {
-                if inputs.is_none() {
-                    inputs = Some(StepInputs::new(dc, plan, self.geom)?);
-                }
                 let inp = inputs.as_ref().ok_or_else(|| self.err("no step inputs"))?;
                 self.device_segment(dc, seg, g, inp, &mut h)?;
             } else if g.contains(self.id) {

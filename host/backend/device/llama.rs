@@ -151,8 +151,9 @@ pub fn check_heads(cfg: &ModelConfig, tp: usize, idx: usize) -> Result<()> {
 }
 
 /// Per-step inputs on the device: token ids, positions, KV slots and the paged
-/// attention metadata, uploaded once per step by each worker that runs a segment (into
-/// its scratch buffers: an upload is ordered after the previous step's kernels).
+/// attention metadata, uploaded by each device worker at the start of a step (into its
+/// scratch buffers: an upload is ordered after the previous step's kernels, and the
+/// stream is idle then, so the upload's synchronize costs no wait).
 pub struct StepInputs {
     pub tokens: usize,
     pub seqs: usize,
