@@ -16,11 +16,12 @@
 //! which is what the kernels take. Memory is stream-ordered where the device has memory
 //! pools (`cuMemAllocAsync` on the allocating handle's stream; another stream uses it
 //! after an event from that stream, see [`crate::backend::device::mark_ready`]), and a
-//! free never blocks the host: it records an event on every live stream of the context
-//! (the registry [`LANES`]), makes the context's free stream wait for all of them and
-//! frees there (`cuMemFreeAsync`), so no work queued before the free on any stream can
-//! see the memory reused. Without pools: `cuMemAlloc`, and a free waits for the whole
-//! context (`cuCtxSynchronize`, then `cuMemFree`).
+//! free never blocks the host: dropped buffers are batched, and a batch records an
+//! event on every live stream of the context (the registry `LANES`), makes the
+//! context's free stream wait for all of them and frees there (`cuMemFreeAsync`), so no
+//! work queued before the free on any stream can see the memory reused. Without pools:
+//! `cuMemAlloc`, and a free waits for the whole context (`cuCtxSynchronize`, then
+//! `cuMemFree`).
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
@@ -73,30 +74,62 @@ pub(crate) struct Lane {
     mark: CudaEvent,
 }
 
-/// Per context (its `CUcontext` address): the stream frees are queued on, and every
-/// live stream, which each free orders itself after.
+/// Per context (its `CUcontext` address): the stream frees are queued on, every live
+/// stream, which each free orders itself after, and the frees not queued yet.
 struct Lanes {
     ctx: usize,
     free_stream: Arc<CudaStream>,
     live: Vec<Weak<Lane>>,
+    /// Dropped pool allocations whose free is not queued yet: the fan-in (an event
+    /// record and a wait per live stream) is paid once per batch, not per buffer (a
+    /// step drops a received partial per peer per all-reduce).
+    pending: Vec<u64>,
+    pending_bytes: usize,
 }
 
+/// A batch of dropped buffers is freed once it holds this many bytes or buffers (or at
+/// the next synchronize of any handle of the context, e.g. each step's end): memory
+/// held back is bounded, and large buffers (prefill partials) go at once.
+const FREE_BATCH_BYTES: usize = 64 << 20;
+const FREE_BATCH_COUNT: usize = 64;
+
 /// Every context's streams, for stream-ordered frees (one lock: frees record on the
-/// shared per-stream events one at a time).
+/// shared per-stream events one batch at a time).
 static LANES: Mutex<Vec<Lanes>> = Mutex::new(Vec::new());
 
 fn lanes() -> std::sync::MutexGuard<'static, Vec<Lanes>> {
     LANES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Queues the free of `ptr` (from `cuMemAllocAsync`) after all work queued so far on
-/// every live stream of `ctx` (bound to this thread), without blocking the host.
-fn free_after_all_streams(ctx: &CudaContext, ptr: u64) -> std::result::Result<(), DriverError> {
+/// Frees `ptr` (`len` bytes from `cuMemAllocAsync` in `ctx`, bound to this thread)
+/// after all work queued so far on every live stream of `ctx`, without blocking the
+/// host: now or with its batch (a later point of every stream: still after that work).
+fn free_after_all_streams(
+    ctx: &CudaContext,
+    ptr: u64,
+    len: usize,
+) -> std::result::Result<(), DriverError> {
     let mut all = lanes();
     let key = ctx.cu_ctx() as usize;
     let Some(l) = all.iter_mut().find(|l| l.ctx == key) else {
         return Err(DriverError(sys::CUresult::CUDA_ERROR_NOT_FOUND));
     };
+    // From here the batch owns the pointer (a failed fan-in, i.e. a faulted context,
+    // leaves it pending for the next try rather than freeing it twice).
+    l.pending.push(ptr);
+    l.pending_bytes += len;
+    if l.pending_bytes >= FREE_BATCH_BYTES || l.pending.len() >= FREE_BATCH_COUNT {
+        let _ = free_pending(l);
+    }
+    Ok(())
+}
+
+/// Queues the frees of `l`'s pending buffers on its free stream, after the work queued
+/// so far on every live stream (the context bound to this thread).
+fn free_pending(l: &mut Lanes) -> std::result::Result<(), DriverError> {
+    if l.pending.is_empty() {
+        return Ok(());
+    }
     l.live.retain(|w| w.strong_count() > 0);
     for lane in l.live.iter().filter_map(Weak::upgrade) {
         // Re-recording the shared event is safe: a wait captures the event's state when
@@ -104,9 +137,26 @@ fn free_after_all_streams(ctx: &CudaContext, ptr: u64) -> std::result::Result<()
         lane.mark.record(&lane.stream)?;
         l.free_stream.wait(&lane.mark)?;
     }
-    // SAFETY: allocated by cuMemAllocAsync in this context and freed once; every stream
-    // that could still use it is ordered before this point of the free stream.
-    unsafe { result::free_async(ptr, l.free_stream.cu_stream()) }
+    l.pending_bytes = 0;
+    let mut first = Ok(());
+    for ptr in l.pending.drain(..) {
+        // SAFETY: allocated by cuMemAllocAsync in this context and freed once; every
+        // stream that could still use it is ordered before this point of the free
+        // stream.
+        let r = unsafe { result::free_async(ptr, l.free_stream.cu_stream()) };
+        first = first.and(r);
+    }
+    first
+}
+
+/// Queues the pending frees of `ctx` now (at a synchronize: the batch does not wait for
+/// the next drop).
+fn flush_frees(ctx: &CudaContext) {
+    let mut all = lanes();
+    let key = ctx.cu_ctx() as usize;
+    if let Some(l) = all.iter_mut().find(|l| l.ctx == key) {
+        let _ = free_pending(l);
+    }
 }
 
 impl DevBuf {
@@ -186,7 +236,7 @@ impl Drop for DevBuf {
         // Work queued on any stream of the context may still use the buffer (a peer's
         // stream reading a handed-over piece, the compute stream reading what the copy
         // thread allocated): the free is ordered after all of it.
-        if self.pooled && free_after_all_streams(&self.ctx, self.ptr).is_ok() {
+        if self.pooled && free_after_all_streams(&self.ctx, self.ptr, self.len).is_ok() {
             return;
         }
         // No pools (or the ordered free failed: a faulted context): wait for everything.
@@ -235,6 +285,8 @@ fn register_lane(ctx: &Arc<CudaContext>, lane: &Arc<Lane>) -> Result<bool> {
             ctx: key,
             free_stream,
             live: Vec::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
         });
     }
     if let Some(l) = all.iter_mut().find(|l| l.ctx == key) {
@@ -417,9 +469,13 @@ impl CudaDevice {
         Ok(b)
     }
 
-    /// Wait for the stream and report any asynchronous error (trap, fault).
+    /// Wait for the stream and report any asynchronous error (trap, fault). Queues the
+    /// context's batched frees first.
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
+        if self.pooled {
+            flush_frees(&self.ctx);
+        }
         self.stream
             .synchronize()
             .map_err(|e| derr("kernel execution (cuStreamSynchronize)", e))
@@ -571,12 +627,16 @@ impl CudaDevice {
 
 impl Drop for CudaDevice {
     fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_err() {
+            return;
+        }
+        // Always: once its handle is gone a stream may be destroyed (with the last
+        // buffer allocated on it) and leave the registry, and frees order themselves
+        // only after live streams, so it must have no work left.
+        let _ = self.stream.synchronize();
         if let Some(Ok(m)) = self.module.get() {
-            if self.ctx.bind_to_thread().is_ok() {
-                let _ = self.stream.synchronize();
-                // SAFETY: loaded once by load_module, unloaded once.
-                unsafe { sys::cuModuleUnload(m.raw) };
-            }
+            // SAFETY: loaded once by load_module, unloaded once.
+            unsafe { sys::cuModuleUnload(m.raw) };
         }
     }
 }
