@@ -195,8 +195,16 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
         );
         unsafe { launch_path(path, kernels, yp, xp, wp, bp, rp, (m, n, k, ldx, ldy)) };
         let want = reference(c, false);
+        // f32 accumulation in another order: ~1e-6 per term, growing like sqrt(k).
         let tol = 2e-5 * (c.k as f32).sqrt();
-        assert_close(&what, &valid(c, &yb.to_vec()), &valid(c, &want), tol, 1e-5);
+        // With a bias or residual the sum is rounded to bf16 first (HF's order): a
+        // value near a rounding boundary may land one bf16 ulp (<= 2^-7 relative) away.
+        let rtol = if c.bias.is_some() || c.res.is_some() {
+            8e-3
+        } else {
+            1e-5
+        };
+        assert_close(&what, &valid(c, &yb.to_vec()), &valid(c, &want), tol, rtol);
     } else {
         let yb = ABuf::new(&to_bf16(&init));
         let yp = yb.ptr();
