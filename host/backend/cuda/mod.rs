@@ -5,7 +5,8 @@
 //!
 //! [`CudaDevice`] owns device `ordinal`'s primary context and one stream of its own,
 //! loads the embedded PTX module of [`crate::kernels`] (sm_90 for compute capability 9.x
-//! and up, sm_80 for 8.x) once, on first use, and launches kernels by name with plain
+//! and up, sm_80 for 8.x) once per context, when the first handle opens (one JIT for
+//! every worker's compute and copy handles), and launches kernels by name with plain
 //! argument lists ([`Arg`]). Every driver call is checked; after each launch the launch
 //! error and (with [`CudaDevice::set_sync_check`] or `REMP_CUDA_SYNC_CHECK=1`) the
 //! kernel's completion are checked too. A kernel fault (a trap, an illegal address)
@@ -19,13 +20,16 @@
 //! free never blocks the host: dropped buffers are batched, and a batch records an
 //! event on every live stream of the context (the registry `LANES`), makes the
 //! context's free stream wait for all of them and frees there (`cuMemFreeAsync`), so no
-//! work queued before the free on any stream can see the memory reused. Without pools:
+//! work queued before the free on any stream can see the memory reused. Freed memory
+//! stays in the pool between steps (release threshold at its maximum; `mem_info` trims
+//! first), and an allocation that finds the pool exhausted waits once for the queued
+//! frees before it fails. Without pools (or a pool that cannot be configured):
 //! `cuMemAlloc`, and a free waits for the whole context (`cuCtxSynchronize`, then
 //! `cuMemFree`).
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream, DriverError};
 
@@ -230,7 +234,7 @@ impl DevBuf {
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
-        if self.ptr == 0 || self.ctx.bind_to_thread().is_err() {
+        if self.ptr == 0 || !bind_in_drop(&self.ctx) {
             return;
         }
         // Work queued on any stream of the context may still use the buffer (a peer's
@@ -253,32 +257,131 @@ impl Drop for DevBuf {
     }
 }
 
+/// Sets up the device's default memory pool for the engine's use of it.
+fn configure_pool(ctx: &CudaContext) -> std::result::Result<(), DriverError> {
+    // SAFETY: the context's own device; each attribute value has the type the driver
+    // documents for it (int, cuuint64_t).
+    unsafe {
+        let pool = result::device::get_mem_pool(ctx.cu_device())?;
+        // Reuse of freed pool memory must not make a stream wait for the free stream
+        // (which waits for every stream: a compute stream would then wait for the copy
+        // streams' reshard kernels). Completed frees are still reused; the pool grows
+        // instead of waiting (an allocation that finds no memory retries once after
+        // the pending frees complete, see `CudaDevice::alloc`).
+        let mut no: i32 = 0;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+            &mut no as *mut i32 as *mut c_void,
+        )?;
+        // Keep freed memory in the pool: with the default threshold (0) the pool hands
+        // it back to the device at every synchronize and the next step's hand-over
+        // buffers map it again. `mem_info` trims the pool before reading free memory.
+        let mut keep: u64 = u64::MAX;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut keep as *mut u64 as *mut c_void,
+        )?;
+    }
+    Ok(())
+}
+
+/// Queues `ctx`'s pending frees and waits until every queued free has completed (the
+/// out-of-memory path of an allocation: the host waits only there).
+fn settle_frees(ctx: &CudaContext) -> std::result::Result<(), DriverError> {
+    let free_stream = {
+        let mut all = lanes();
+        let key = ctx.cu_ctx() as usize;
+        let Some(l) = all.iter_mut().find(|l| l.ctx == key) else {
+            return Ok(());
+        };
+        free_pending(l)?;
+        l.free_stream.clone()
+    };
+    free_stream.synchronize()
+}
+
+/// Binds `ctx` in a destructor. cudarc hands a stored error of an earlier drop back
+/// from the first bind (and clears it); a second try then binds, so a stale error
+/// does not make a drop skip its drain or leak its memory.
+fn bind_in_drop(ctx: &CudaContext) -> bool {
+    ctx.bind_to_thread().is_ok() || ctx.bind_to_thread().is_ok()
+}
+
+/// Every context's kernel module, loaded once per context: a JIT of the PTX per handle
+/// (a compute and a copy stream per worker) would cost seconds at start-up. Each entry
+/// keeps its context retained, so the module handle stays valid for the process.
+static MODULES: Mutex<Vec<LoadedModule>> = Mutex::new(Vec::new());
+
+/// (context address, arch, the context kept retained, the module).
+type LoadedModule = (usize, Arch, Arc<CudaContext>, Arc<Module>);
+
+/// The kernel module of `ctx` for `arch`, loading it on first use.
+fn shared_module(ctx: &Arc<CudaContext>, arch: Arch) -> Result<Arc<Module>> {
+    let mut all = MODULES.lock().unwrap_or_else(|e| e.into_inner());
+    let key = ctx.cu_ctx() as usize;
+    if let Some((_, _, _, m)) = all.iter().find(|(k, a, _, _)| *k == key && *a == arch) {
+        return Ok(m.clone());
+    }
+    let m = Arc::new(load_module(ctx, arch).map_err(Error::Device)?);
+    all.push((key, arch, ctx.clone(), m.clone()));
+    Ok(m)
+}
+
+fn load_module(ctx: &CudaContext, arch: Arch) -> std::result::Result<Module, String> {
+    ctx.bind_to_thread()
+        .map_err(|e| format!("bind context: {e:?}"))?;
+    let src = CString::new(kernels::ptx(arch)).map_err(|e| e.to_string())?;
+    const LOG: usize = 16 << 10;
+    let mut err_log = vec![0u8; LOG];
+    let mut info_log = vec![0u8; LOG];
+    let mut opts = [
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+        sys::CUjit_option::CU_JIT_INFO_LOG_BUFFER,
+        sys::CUjit_option::CU_JIT_INFO_LOG_BUFFER_SIZE_BYTES,
+    ];
+    let mut vals: [*mut c_void; 4] = [
+        err_log.as_mut_ptr() as *mut c_void,
+        LOG as *mut c_void,
+        info_log.as_mut_ptr() as *mut c_void,
+        LOG as *mut c_void,
+    ];
+    let mut raw = std::ptr::null_mut();
+    // SAFETY: NUL-terminated PTX text; option values per the driver API.
+    let r = unsafe {
+        sys::cuModuleLoadDataEx(
+            &mut raw,
+            src.as_ptr() as *const c_void,
+            opts.len() as u32,
+            opts.as_mut_ptr(),
+            vals.as_mut_ptr(),
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        let log = String::from_utf8_lossy(&err_log);
+        return Err(format!(
+            "loading the {} PTX module (cuModuleLoadDataEx): {r:?}\n{}",
+            arch.name(),
+            log.trim_end_matches('\0')
+        ));
+    }
+    Ok(Module {
+        raw,
+        funcs: Mutex::new(HashMap::new()),
+    })
+}
+
 /// Registers `lane` among its context's streams (setting the context up on first use:
 /// its free stream and memory pool). Returns whether allocations may use the pool.
 fn register_lane(ctx: &Arc<CudaContext>, lane: &Arc<Lane>) -> Result<bool> {
     let mut all = lanes();
     let key = ctx.cu_ctx() as usize;
     if !all.iter().any(|l| l.ctx == key) {
-        // SAFETY: the context's own device; the attribute value has the type the
-        // driver documents for it (int).
-        unsafe {
-            let pool = result::device::get_mem_pool(ctx.cu_device())
-                .map_err(|e| derr("cuDeviceGetMemPool", e))?;
-            // Reuse of freed pool memory must not make a stream wait for the free
-            // stream (which waits for every stream: a compute stream would then wait
-            // for the copy streams' reshard kernels). Completed frees are still reused,
-            // the pool grows instead of waiting.
-            let mut no: i32 = 0;
-            result::mem_pool::set_attribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
-                &mut no as *mut i32 as *mut c_void,
-            )
-            .map_err(|e| derr("cuMemPoolSetAttribute", e))?;
-            // The release threshold stays at its default, 0: memory freed to the pool
-            // goes back to the device at the next synchronize (every worker synchronizes
-            // at the end of a step), so `mem_info`'s free memory — KV sizing reads it
-            // before anything is allocated — does not count idle pool memory as used.
+        if configure_pool(ctx).is_err() {
+            // A pool we cannot configure is not used: plain allocations instead.
+            return Ok(false);
         }
         let free_stream = ctx.new_stream().map_err(|e| derr("cuStreamCreate", e))?;
         all.push(Lanes {
@@ -296,7 +399,8 @@ fn register_lane(ctx: &Arc<CudaContext>, lane: &Arc<Lane>) -> Result<bool> {
     Ok(true)
 }
 
-/// A CUDA device: its primary context, one stream, the kernel module (loaded lazily).
+/// A CUDA device: its primary context, one stream, the kernel module (one per context,
+/// shared by every handle, loaded when the first handle opens).
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -307,7 +411,7 @@ pub struct CudaDevice {
     arch: Arch,
     name: String,
     cc: (i32, i32),
-    module: OnceLock<std::result::Result<Module, String>>,
+    module: Arc<Module>,
     sync_check: std::sync::atomic::AtomicBool,
 }
 
@@ -347,6 +451,11 @@ impl CudaDevice {
                 cc.0, cc.1
             ))
         })?;
+        // Buffers here are raw allocations ordered by our own events: cudarc's tracking
+        // (for its CudaSlice) would only add a context-wide synchronize per new stream.
+        // SAFETY: no CudaSlice is used on this context.
+        unsafe { ctx.disable_event_tracking() };
+        let module = shared_module(&ctx, arch)?;
         let stream = ctx.new_stream().map_err(|e| derr("cuStreamCreate", e))?;
         let lane = Arc::new(Lane {
             stream: stream.clone(),
@@ -361,7 +470,7 @@ impl CudaDevice {
             arch,
             name,
             cc,
-            module: OnceLock::new(),
+            module,
             // REMP_CUDA_SYNC_CHECK=1: wait for every kernel, so a fault is reported by
             // the launch that caused it (slow; the GPU check's device tests use it).
             sync_check: std::sync::atomic::AtomicBool::new(
@@ -406,6 +515,15 @@ impl CudaDevice {
     /// `free`).
     pub fn mem_info(&self) -> Result<(u64, u64)> {
         self.bind()?;
+        if self.pooled {
+            // Idle pool memory (kept across steps, see `configure_pool`) is free memory.
+            // SAFETY: the device's default pool; trimming keeps memory in use.
+            unsafe {
+                let pool = result::device::get_mem_pool(self.ctx.cu_device())
+                    .map_err(|e| derr("cuDeviceGetMemPool", e))?;
+                result::mem_pool::trim_to(pool, 0).map_err(|e| derr("cuMemPoolTrimTo", e))?;
+            }
+        }
         let (free, total) = result::mem_get_info().map_err(|e| derr("cuMemGetInfo", e))?;
         Ok((free as u64, total as u64))
     }
@@ -432,8 +550,17 @@ impl CudaDevice {
         } else if self.pooled {
             // SAFETY: a stream-ordered allocation on this live stream, freed by
             // DevBuf's drop with cuMemFreeAsync.
-            unsafe { result::malloc_async(self.cu_stream(), bytes) }
-                .map_err(|e| derr(&format!("cuMemAllocAsync({bytes} B)"), e))?
+            let try_alloc = || unsafe { result::malloc_async(self.cu_stream(), bytes) };
+            match try_alloc() {
+                // Freed memory still queued behind other streams' work (frees wait for
+                // every stream) is not reused without waiting: wait for it, once.
+                Err(DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
+                    settle_frees(&self.ctx).map_err(|e| derr("waiting for queued frees", e))?;
+                    try_alloc()
+                }
+                r => r,
+            }
+            .map_err(|e| derr(&format!("cuMemAllocAsync({bytes} B)"), e))?
         } else {
             // SAFETY: plain allocation, freed by DevBuf's drop.
             unsafe { result::malloc_sync(bytes) }
@@ -490,56 +617,11 @@ impl CudaDevice {
     }
 
     fn module(&self) -> Result<&Module> {
-        let m = self.module.get_or_init(|| self.load_module());
-        m.as_ref().map_err(|e| Error::Device(e.clone()))
+        Ok(&self.module)
     }
 
-    fn load_module(&self) -> std::result::Result<Module, String> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| format!("bind context: {e:?}"))?;
-        let src = CString::new(kernels::ptx(self.arch)).map_err(|e| e.to_string())?;
-        const LOG: usize = 16 << 10;
-        let mut err_log = vec![0u8; LOG];
-        let mut info_log = vec![0u8; LOG];
-        let mut opts = [
-            sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
-            sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
-            sys::CUjit_option::CU_JIT_INFO_LOG_BUFFER,
-            sys::CUjit_option::CU_JIT_INFO_LOG_BUFFER_SIZE_BYTES,
-        ];
-        let mut vals: [*mut c_void; 4] = [
-            err_log.as_mut_ptr() as *mut c_void,
-            LOG as *mut c_void,
-            info_log.as_mut_ptr() as *mut c_void,
-            LOG as *mut c_void,
-        ];
-        let mut raw = std::ptr::null_mut();
-        // SAFETY: NUL-terminated PTX text; option values per the driver API.
-        let r = unsafe {
-            sys::cuModuleLoadDataEx(
-                &mut raw,
-                src.as_ptr() as *const c_void,
-                opts.len() as u32,
-                opts.as_mut_ptr(),
-                vals.as_mut_ptr(),
-            )
-        };
-        if r != sys::CUresult::CUDA_SUCCESS {
-            let log = String::from_utf8_lossy(&err_log);
-            return Err(format!(
-                "loading the {} PTX module (cuModuleLoadDataEx): {r:?}\n{}",
-                self.arch.name(),
-                log.trim_end_matches('\0')
-            ));
-        }
-        Ok(Module {
-            raw,
-            funcs: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// Load the kernel module now (it is otherwise loaded by the first launch).
+    /// Checks the kernel module is loaded (it is, since `open`: kept for callers that
+    /// say so explicitly before timing).
     pub fn load_kernels(&self) -> Result<()> {
         self.module().map(|_| ())
     }
@@ -627,17 +709,13 @@ impl CudaDevice {
 
 impl Drop for CudaDevice {
     fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_err() {
+        if !bind_in_drop(&self.ctx) {
             return;
         }
         // Always: once its handle is gone a stream may be destroyed (with the last
         // buffer allocated on it) and leave the registry, and frees order themselves
         // only after live streams, so it must have no work left.
         let _ = self.stream.synchronize();
-        if let Some(Ok(m)) = self.module.get() {
-            // SAFETY: loaded once by load_module, unloaded once.
-            unsafe { sys::cuModuleUnload(m.raw) };
-        }
     }
 }
 
