@@ -413,7 +413,27 @@ pub struct CudaDevice {
     cc: (i32, i32),
     module: Arc<Module>,
     sync_check: std::sync::atomic::AtomicBool,
+    /// Pinned slots uploads go through (set up by the first upload).
+    staging: Mutex<Option<Staging>>,
 }
+
+/// Pinned host memory for uploads (the pinned staging): from pinned memory
+/// `cuMemcpyHtoDAsync` is fully asynchronous, where from pageable memory the driver
+/// may wait for the stream before it stages the bytes itself. `STAGING_SLOTS` slots of
+/// `STAGING_SLOT` bytes are used in turn, each with the event of its last copy: the host
+/// waits only when it is that many slots ahead of the stream, and a large upload (a
+/// weight shard at load) streams through them, filling one while others copy.
+struct Staging {
+    base: *mut u8,
+    next: usize,
+    done: Vec<CudaEvent>,
+}
+// SAFETY: `base` is pinned host memory owned by this struct (freed in CudaDevice's
+// drop), used under the staging mutex only.
+unsafe impl Send for Staging {}
+
+const STAGING_SLOT: usize = 1 << 20;
+const STAGING_SLOTS: usize = 8;
 
 struct Module {
     raw: sys::CUmodule,
@@ -471,6 +491,7 @@ impl CudaDevice {
             name,
             cc,
             module,
+            staging: Mutex::new(None),
             // REMP_CUDA_SYNC_CHECK=1: wait for every kernel, so a fault is reported by
             // the launch that caused it (slow; the GPU check's device tests use it).
             sync_check: std::sync::atomic::AtomicBool::new(
@@ -608,6 +629,64 @@ impl CudaDevice {
             .map_err(|e| derr("kernel execution (cuStreamSynchronize)", e))
     }
 
+    /// Copies `src` to device address `dst`, ordered on this stream, through the pinned
+    /// staging slots (the host returns once the bytes are in pinned memory; it waits
+    /// only for a slot still being copied from). Without pinned memory: from `src`
+    /// itself, which the driver copies or stages before returning.
+    fn upload_staged(&self, dst: u64, src: &[u8]) -> Result<()> {
+        let mut guard = self
+            .staging
+            .lock()
+            .map_err(|_| Error::Device("staging lock poisoned".into()))?;
+        if guard.is_none() {
+            *guard = self.new_staging();
+        }
+        let Some(st) = guard.as_mut() else {
+            // SAFETY: `dst..dst + len` is inside a live allocation (checked by the
+            // caller); `src` is copied or staged before this returns.
+            return unsafe { result::memcpy_htod_async(dst, src, self.cu_stream()) }
+                .map_err(|e| derr("cuMemcpyHtoDAsync", e));
+        };
+        for (i, chunk) in src.chunks(STAGING_SLOT).enumerate() {
+            let slot = st.next;
+            st.next = (slot + 1) % STAGING_SLOTS;
+            // The slot's previous copy must have read it (an event never recorded is
+            // complete).
+            st.done[slot]
+                .synchronize()
+                .map_err(|e| derr("cuEventSynchronize (staging slot)", e))?;
+            // SAFETY: slot `slot` is STAGING_SLOT pinned bytes no copy is reading; the
+            // destination range is inside the allocation (checked by the caller).
+            unsafe {
+                let pinned = st.base.add(slot * STAGING_SLOT);
+                std::ptr::copy_nonoverlapping(chunk.as_ptr(), pinned, chunk.len());
+                let staged = std::slice::from_raw_parts(pinned as *const u8, chunk.len());
+                result::memcpy_htod_async(dst + (i * STAGING_SLOT) as u64, staged, self.cu_stream())
+            }
+            .map_err(|e| derr("cuMemcpyHtoDAsync", e))?;
+            st.done[slot]
+                .record(&self.stream)
+                .map_err(|e| derr("cuEventRecord (staging slot)", e))?;
+        }
+        Ok(())
+    }
+
+    /// Pinned staging slots and their events; `None` (pageable uploads) if pinned memory
+    /// or an event cannot be had.
+    fn new_staging(&self) -> Option<Staging> {
+        let done: Vec<CudaEvent> = (0..STAGING_SLOTS)
+            .map(|_| self.ctx.new_event(None))
+            .collect::<std::result::Result<_, _>>()
+            .ok()?;
+        // SAFETY: a plain pinned allocation, freed in CudaDevice's drop.
+        let base = unsafe { result::malloc_host(STAGING_SLOT * STAGING_SLOTS, 0) }.ok()?;
+        Some(Staging {
+            base: base as *mut u8,
+            next: 0,
+            done,
+        })
+    }
+
     /// Asynchronous device-to-device copy on the device's stream.
     pub fn copy_dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
         self.bind()?;
@@ -716,6 +795,11 @@ impl Drop for CudaDevice {
         // buffer allocated on it) and leave the registry, and frees order themselves
         // only after live streams, so it must have no work left.
         let _ = self.stream.synchronize();
+        let staging = self.staging.get_mut().map(Option::take);
+        if let Ok(Some(st)) = staging {
+            // SAFETY: allocated by cuMemHostAlloc; the stream that read it is drained.
+            let _ = unsafe { result::free_host(st.base as *mut c_void) };
+        }
     }
 }
 
@@ -778,10 +862,7 @@ impl crate::backend::device::Device for CudaDevice {
             return Ok(());
         }
         self.bind()?;
-        // SAFETY: inside dst's allocation (checked); `src` outlives the synchronous copy.
-        unsafe { result::memcpy_htod_async(dst.ptr() + off as u64, src, self.cu_stream()) }
-            .map_err(|e| derr("cuMemcpyHtoDAsync", e))?;
-        self.synchronize()
+        self.upload_staged(dst.ptr() + off as u64, src)
     }
     fn download(
         &self,

@@ -413,16 +413,18 @@ impl Device for EmuDevice {
     }
     fn upload(&self, dst: &Buf, off: usize, src: &[u8]) -> Result<()> {
         check_range(dst, off, src.len(), "upload")?;
-        // ordered after this stream's queued work, like a synchronous cuMemcpyHtoD on it
-        self.queue.flush()?;
-        // SAFETY: inside dst's host allocation (checked); this stream's work is done.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                src.as_ptr(),
-                (dst.ptr() as usize + off) as *mut u8,
-                src.len(),
-            )
-        };
+        // Queued like cuMemcpyHtoDAsync from pageable memory: the bytes are taken now
+        // (staged), written when this stream gets there; another stream reading `dst`
+        // without a wait sees what was there before.
+        let (d, bytes) = (dst.ptr() as usize + off, src.to_vec());
+        self.enqueue(move || {
+            // SAFETY: inside dst's allocation (checked), which stays alive until every
+            // stream has run past its free.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), d as *mut u8, bytes.len())
+            };
+            Ok(())
+        });
         Ok(())
     }
     fn download(&self, src: &Buf, off: usize, dst: &mut [u8]) -> Result<()> {
