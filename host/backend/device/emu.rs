@@ -430,7 +430,7 @@ impl Device for EmuDevice {
     fn download(&self, src: &Buf, off: usize, dst: &mut [u8]) -> Result<()> {
         check_range(src, off, dst.len(), "download")?;
         self.queue.flush()?;
-        // SAFETY: as for upload.
+        // SAFETY: inside src's host allocation (checked); this stream's work is done.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 (src.ptr() as usize + off) as *const u8,

@@ -9,16 +9,17 @@
 //!   argument lists, the order of kernels in a step — runs in CI without a GPU.
 //!
 //! A [`Buf`] owns its memory (freed on drop) and is 16-byte aligned (the kernels use
-//! 128-bit accesses). Uploads and downloads are synchronous; launches and
-//! device-to-device copies are queued on the device handle's stream. Every handle has a
+//! 128-bit accesses). Downloads are synchronous; uploads (through pinned staging on
+//! CUDA), launches and device-to-device copies are queued on the device handle's stream
+//! (the host does not wait for an upload to land). Every handle has a
 //! stream of its own: each rank's compute thread and each worker's copy thread. Streams
 //! are ordered by [`Event`]s, not by the host: a handle that hands a buffer to another
 //! marks it ready ([`mark_ready`]: an event after the work it queued so far, carried in
 //! the buffer) and the receiver's stream waits for it ([`wait_ready`]) before its first
 //! use, so the sender never blocks. Freeing is ordered after all work queued so far on
 //! every stream (on CUDA a stream-ordered free, on the emulator a release deferred
-//! until every stream has run that far), so a buffer is never freed under a kernel that reads it and nobody needs to
-//! synchronize before dropping one. Asynchronous faults surface at the next synchronizing
+//! until every stream has run that far), so a buffer is never freed under a kernel that
+//! reads it and nobody needs to synchronize before dropping one. Asynchronous faults surface at the next synchronizing
 //! call of the stream (a worker synchronizes at the end of each step, a copy thread at
 //! the end of each job).
 
