@@ -23,8 +23,10 @@ mod common;
 
 use common::*;
 use remp::backend::device::Exchange;
-use remp::parallel::Topology;
+use remp::parallel::{Topology, WorkerId};
+use remp::runtime::worker::StepDelay;
 use remp::runtime::{DeviceKind, Engine, EngineConfig, Event, Request};
+use std::time::Duration;
 
 const TOL: f32 = 0.2;
 
@@ -253,6 +255,62 @@ on_devices! {
                 assert!(i >= 2, "only {i} decode steps compared");
                 break;
             }
+        }
+    }
+}
+
+on_devices! {
+    /// One device worker runs one decode step late, so its peers give up on the step and
+    /// its device buffers of it (all-reduce partials on tp2pp2, the hand-off on tp1pp2)
+    /// arrive afterwards: the step fails, and the next steps ignore those buffers and
+    /// give the same tokens and logits, to the bit, as a run without the delay.
+    fn a_late_worker_fails_one_step_then_steps_match_tp2pp2_tp1pp2(dev) {
+        let model = tiny_model();
+        let case = &oracle()[0];
+        let timeout = Duration::from_secs(2);
+        let run = |tp: usize, pp: usize, delay: Option<StepDelay>| {
+            let mut ec = EngineConfig::new(Topology::new(tp, pp));
+            ec.device = dev;
+            ec.kv_blocks = 32;
+            ec.comm_timeout = timeout;
+            ec.step_delay = delay;
+            let mut engine = Engine::new(&model, ec).unwrap();
+            let mut req = Request::greedy(case.prompt.clone(), 5);
+            req.ignore_eos = true;
+            req.return_logits = true;
+            let id = engine.add_request(req).unwrap();
+            let (mut events, mut failed) = (Vec::new(), 0);
+            while engine.has_work() {
+                match engine.step() {
+                    Ok(ev) => events.extend(ev),
+                    Err(e) => {
+                        failed += 1;
+                        assert!(delay.is_some() && failed == 1, "{e}");
+                        assert!(e.to_string().contains("waited"), "{e}");
+                    }
+                }
+            }
+            let logits: Vec<u32> = events
+                .iter()
+                .flat_map(|e| match e {
+                    Event::Token { logits: Some(l), .. } => l.clone(),
+                    _ => Vec::new(),
+                })
+                .map(f32::to_bits)
+                .collect();
+            (engine.output(id).unwrap().output.clone(), logits, engine.steps())
+        };
+        for (tp, pp, late) in [(2, 2, 1), (1, 2, 0)] {
+            let (want, want_logits, n) = run(tp, pp, None);
+            let delay = StepDelay {
+                step: 2,
+                worker: WorkerId(late),
+                delay: 2 * timeout,
+            };
+            let (got, got_logits, m) = run(tp, pp, Some(delay));
+            assert_eq!(m, n + 1, "tp{tp}pp{pp}: one step failed");
+            assert_eq!(got, want, "tp{tp}pp{pp}");
+            assert!(got_logits == want_logits, "tp{tp}pp{pp}: logits differ");
         }
     }
 }

@@ -10,8 +10,10 @@
 mod common;
 
 use common::*;
-use remp::parallel::Topology;
+use remp::parallel::{Topology, WorkerId};
+use remp::runtime::worker::StepDelay;
 use remp::runtime::{Engine, EngineConfig, Event, Request};
+use std::time::Duration;
 
 const TOL: f32 = 2e-5;
 
@@ -122,6 +124,48 @@ fn batched_requests_joining_at_different_steps() {
             assert_eq!(
                 engine.output(id).unwrap().output,
                 case.tokens[case.prompt.len()..]
+            );
+        }
+    }
+}
+
+/// One worker runs one decode step late: its peers give up on the step (a comm timeout)
+/// and its parts of it reach them after they did (all-reduce partials on tp2pp2, the
+/// hand-off to the next stage on tp1pp2). The step fails; every later step must ignore
+/// those stale parts and reproduce the oracle's tokens.
+#[test]
+fn a_late_worker_fails_one_step_and_the_next_steps_match_the_oracle() {
+    let model = tiny_model();
+    let cases = oracle();
+    let timeout = Duration::from_secs(1);
+    for (tp, pp, late) in [(2, 2, 1), (1, 2, 0)] {
+        let mut econf = EngineConfig::new(Topology::new(tp, pp));
+        econf.comm_timeout = timeout;
+        econf.step_delay = Some(StepDelay {
+            step: 3,
+            worker: WorkerId(late),
+            delay: 2 * timeout,
+        });
+        let mut engine = Engine::new(&model, econf).unwrap();
+        let ids: Vec<_> = cases
+            .iter()
+            .map(|c| {
+                let mut req = Request::greedy(c.prompt.clone(), c.tokens.len() - c.prompt.len());
+                req.ignore_eos = true;
+                engine.add_request(req).unwrap()
+            })
+            .collect();
+        for _ in 0..3 {
+            engine.step().unwrap();
+        }
+        let err = engine.step().unwrap_err().to_string();
+        assert!(err.contains("waited"), "tp{tp}pp{pp}: {err}");
+        engine.run_to_completion().unwrap();
+        for (c, id) in cases.iter().zip(ids) {
+            assert_eq!(
+                engine.output(id).unwrap().output,
+                c.tokens[c.prompt.len()..],
+                "tp{tp}pp{pp}"
             );
         }
     }

@@ -6,7 +6,9 @@
 //! per [`Lane`] (compute traffic and copy traffic never queue behind each other, like a
 //! compute stream and a copy stream). Endpoints `0..n` are workers; endpoint `n` is the
 //! driver (the engine's thread, which samples from the gathered logits). Messages carry a
-//! [`Tag`] so a protocol slip is an error, not silent garbage.
+//! [`Tag`] so a protocol slip is an error, not silent garbage; compute messages carry
+//! their step, so what a slow peer sends for a step the receiver already gave up on is
+//! dropped rather than read as the next step's data.
 //!
 //! A message holds host floats, or — between device workers on one device (the same-
 //! device transport) — a device buffer whose ownership moves with the message: the
@@ -26,9 +28,12 @@ use std::time::{Duration, Instant};
 /// What a message is, checked by the receiver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tag {
-    AllReduce,
-    Handoff,
-    Logits,
+    /// A tensor-parallel partial (or shared buffer) of step `n`.
+    AllReduce(u64),
+    /// A hidden state handed to the next pipeline stage in step `n`.
+    Handoff(u64),
+    /// A head member's logits of step `n`, to the driver.
+    Logits(u64),
     /// Data of reconfiguration job `n`.
     Reshard(u64),
     /// A failed reshard sender tells its receivers to give up on job `n`.
@@ -41,6 +46,23 @@ impl Tag {
         match self {
             Tag::Reshard(n) | Tag::ReshardAbort(n) => Some(n),
             _ => None,
+        }
+    }
+
+    /// The step a compute message belongs to.
+    pub fn step(self) -> Option<u64> {
+        match self {
+            Tag::AllReduce(n) | Tag::Handoff(n) | Tag::Logits(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// Whether a queued `m` is left over from before what `self` waits for: a reshard
+    /// message of an older job, or a compute message of an older step.
+    fn superseded_by(m: Tag, awaited: Tag) -> bool {
+        match (awaited, m) {
+            (Tag::Reshard(n), m) => m.reshard_job().is_some_and(|j| j < n),
+            (a, m) => matches!((a.step(), m.step()), (Some(s), Some(x)) if x < s),
         }
     }
 }
@@ -245,8 +267,10 @@ impl Comm {
 
     /// The next message from `from`, which must be tagged `tag`. Waiting for reshard job
     /// `n`, messages of older jobs (left by an aborted switch whose discard has not
-    /// reached them) are dropped rather than failing the new job; any other tag is a
-    /// protocol error. The timeout covers the whole wait.
+    /// reached them) are dropped rather than failing the new job; waiting for a compute
+    /// message of step `s`, compute messages of older steps (sent by a peer still running
+    /// a step this endpoint had failed) are dropped likewise. Any other tag (a newer step
+    /// or job, another kind) is a protocol error. The timeout covers the whole wait.
     fn take(&self, from: usize, tag: Tag) -> Result<Payload> {
         let deadline = Instant::now() + self.timeout;
         let stash = self
@@ -273,10 +297,7 @@ impl Comm {
             if m.tag == tag {
                 return Ok(m.data);
             }
-            let stale = matches!(
-                (tag, m.tag.reshard_job()),
-                (Tag::Reshard(n), Some(j)) if j < n
-            );
+            let stale = Tag::superseded_by(m.tag, tag);
             let got = m.tag;
             self.drop_msg(m);
             if !stale {
@@ -289,7 +310,8 @@ impl Comm {
     }
 
     /// Drops a received message that will not be used, remembering the device bytes of a
-    /// reshard piece (counted by its sender) for [`Comm::take_dropped_bytes`].
+    /// reshard piece (counted by its sender) for [`Comm::take_dropped_bytes`]. Compute
+    /// messages' device buffers are activations, outside the memory meter.
     fn drop_msg(&self, m: Msg) {
         if m.tag.reshard_job().is_some() {
             self.dropped.set(self.dropped.get() + m.dev_bytes());
@@ -302,15 +324,15 @@ impl Comm {
         self.dropped.replace(0)
     }
 
-    /// Sum of `buf` over `group` (which contains this endpoint), added in group order so
-    /// every member gets bit-identical results whatever the arrival order.
-    pub fn all_reduce_sum(&self, group: &[WorkerId], buf: &mut [f32]) -> Result<()> {
+    /// Sum of `buf` over `group` (which contains this endpoint) in step `step`, added in
+    /// group order so every member gets bit-identical results whatever the arrival order.
+    pub fn all_reduce_sum(&self, group: &[WorkerId], step: u64, buf: &mut [f32]) -> Result<()> {
         if group.len() <= 1 {
             return Ok(());
         }
         for w in group {
             if w.0 != self.me {
-                self.send(w.0, Tag::AllReduce, buf.to_vec())?;
+                self.send(w.0, Tag::AllReduce(step), buf.to_vec())?;
             }
         }
         let mut acc = vec![0.0f32; buf.len()];
@@ -318,7 +340,7 @@ impl Comm {
             if w.0 == self.me {
                 add_into(&mut acc, buf);
             } else {
-                let part = self.recv(w.0, Tag::AllReduce)?;
+                let part = self.recv(w.0, Tag::AllReduce(step))?;
                 if part.len() != buf.len() {
                     return Err(Error::Comm(format!(
                         "all-reduce size mismatch: {} vs {}",
@@ -333,7 +355,9 @@ impl Comm {
         Ok(())
     }
 
-    /// Drops any queued messages (after an aborted step) so the next step starts clean.
+    /// Drops every queued message. Only safe where no peer can still send anything this
+    /// endpoint will want (a late message of the dropped kind may also still come: see
+    /// [`Comm::drop_steps_before`] and the stale-message rule of the receives).
     pub fn drain(&self) {
         for (r, stash) in self.from.iter().zip(&self.stash) {
             stash.borrow_mut().clear();
@@ -362,6 +386,13 @@ impl Comm {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Drops the queued compute messages of steps before `step` (left by a failed step:
+    /// its parts that arrived after the receiver gave up), keeping everything else in
+    /// order. Their device buffers are activations, not counted in the memory meter.
+    pub fn drop_steps_before(&self, step: u64) -> Drained {
+        self.drain_where(|t| t.step().is_some_and(|s| s < step))
     }
 
     /// Drops the queued messages whose tag matches `pred` (those of an aborted reshard
@@ -406,7 +437,7 @@ mod tests {
                 let g = group.clone();
                 std::thread::spawn(move || {
                     let mut v = vec![c.me() as f32 + 0.5; 4];
-                    c.all_reduce_sum(&g, &mut v).unwrap();
+                    c.all_reduce_sum(&g, 7, &mut v).unwrap();
                     v
                 })
             })
@@ -424,9 +455,9 @@ mod tests {
     fn tag_mismatch_is_an_error() {
         let (compute, _, _) = fabric(1, Duration::from_millis(50));
         let c = &compute[0];
-        c.send(1, Tag::Handoff, vec![1.0]).unwrap();
-        assert!(compute[1].recv(0, Tag::Logits).is_err());
-        assert!(compute[1].recv(0, Tag::Logits).is_err(), "times out");
+        c.send(1, Tag::Handoff(1), vec![1.0]).unwrap();
+        assert!(compute[1].recv(0, Tag::Logits(1)).is_err());
+        assert!(compute[1].recv(0, Tag::Logits(1)).is_err(), "times out");
     }
 
     #[test]
@@ -435,8 +466,8 @@ mod tests {
         let (compute, _, stats) = fabric(2, Duration::from_millis(50));
         let b = EmuDevice::new().alloc(96).unwrap();
         let p = b.ptr();
-        compute[0].send_buf(1, Tag::Handoff, b).unwrap();
-        let got = compute[1].recv_buf(0, Tag::Handoff).unwrap();
+        compute[0].send_buf(1, Tag::Handoff(1), b).unwrap();
+        let got = compute[1].recv_buf(0, Tag::Handoff(1)).unwrap();
         assert_eq!(
             (got.ptr(), got.len()),
             (p, 96),
@@ -444,12 +475,12 @@ mod tests {
         );
         assert_eq!(stats.between(Lane::Compute, 0, 1), 96);
         // a host message where a buffer is expected (and the reverse) is an error
-        compute[0].send(1, Tag::Handoff, vec![1.0]).unwrap();
-        assert!(compute[1].recv_buf(0, Tag::Handoff).is_err());
+        compute[0].send(1, Tag::Handoff(1), vec![1.0]).unwrap();
+        assert!(compute[1].recv_buf(0, Tag::Handoff(1)).is_err());
         compute[0]
-            .send_buf(1, Tag::Handoff, EmuDevice::new().alloc(4).unwrap())
+            .send_buf(1, Tag::Handoff(1), EmuDevice::new().alloc(4).unwrap())
             .unwrap();
-        assert!(compute[1].recv(0, Tag::Handoff).is_err());
+        assert!(compute[1].recv(0, Tag::Handoff(1)).is_err());
     }
 
     #[test]
@@ -516,12 +547,48 @@ mod tests {
         a.send(1, Tag::ReshardAbort(4), Vec::new()).unwrap();
         assert!(w.recv(0, Tag::Reshard(4)).is_err());
         // Other tags stay strict, both ways.
-        a.send(1, Tag::Handoff, vec![1.0]).unwrap();
+        a.send(1, Tag::Handoff(1), vec![1.0]).unwrap();
         assert!(w.recv(0, Tag::Reshard(4)).is_err());
         let (c, cw) = (&compute[0], &compute[1]);
         c.send(1, Tag::Reshard(1), vec![1.0]).unwrap();
-        c.send(1, Tag::AllReduce, vec![2.0]).unwrap();
-        assert!(cw.recv(0, Tag::AllReduce).is_err());
-        assert_eq!(cw.recv(0, Tag::AllReduce).unwrap(), vec![2.0]);
+        c.send(1, Tag::AllReduce(1), vec![2.0]).unwrap();
+        assert!(cw.recv(0, Tag::AllReduce(1)).is_err());
+        assert_eq!(cw.recv(0, Tag::AllReduce(1)).unwrap(), vec![2.0]);
+    }
+
+    #[test]
+    fn stale_step_messages_are_skipped_newer_ones_are_errors() {
+        use crate::backend::device::{emu::EmuDevice, Device};
+        let (compute, _, stats) = fabric(2, Duration::from_millis(50));
+        let (a, w) = (&compute[0], &compute[1]);
+        // What a slow peer sent for steps 3 and 4 after `w` gave up on them.
+        a.send(1, Tag::AllReduce(3), vec![1.0]).unwrap();
+        a.send_buf(1, Tag::AllReduce(4), EmuDevice::new().alloc(32).unwrap())
+            .unwrap();
+        a.send(1, Tag::Handoff(4), vec![2.0]).unwrap();
+        a.send(1, Tag::AllReduce(5), vec![3.0]).unwrap();
+        assert_eq!(w.recv(0, Tag::AllReduce(5)).unwrap(), vec![3.0]);
+        // Activations: nothing for the memory meter.
+        assert_eq!(w.take_dropped_bytes(), 0);
+        // Every byte sent is counted, stale ones too.
+        assert_eq!(stats.between(Lane::Compute, 0, 1), 4 + 32 + 4 + 4);
+        // A newer step, or another kind of the same step, is a protocol error.
+        a.send(1, Tag::AllReduce(6), vec![1.0]).unwrap();
+        assert!(w.recv(0, Tag::AllReduce(5)).is_err());
+        a.send(1, Tag::Handoff(6), vec![1.0]).unwrap();
+        assert!(w.recv(0, Tag::AllReduce(6)).is_err());
+        // Steps and reshard jobs are not compared with each other.
+        a.send(1, Tag::Reshard(1), vec![1.0]).unwrap();
+        assert!(w.recv(0, Tag::Logits(9)).is_err());
+        a.send(1, Tag::Logits(1), vec![1.0]).unwrap();
+        assert!(w.recv(0, Tag::Reshard(9)).is_err());
+        // The sweep drops older steps only, keeping the rest in order.
+        a.send(1, Tag::Handoff(7), vec![1.0]).unwrap();
+        a.send(1, Tag::Reshard(2), vec![2.0]).unwrap();
+        a.send(1, Tag::Handoff(8), vec![3.0]).unwrap();
+        let d = w.drop_steps_before(8);
+        assert_eq!(d.msgs, 1);
+        assert_eq!(w.recv(0, Tag::Reshard(2)).unwrap(), vec![2.0]);
+        assert_eq!(w.recv(0, Tag::Handoff(8)).unwrap(), vec![3.0]);
     }
 }

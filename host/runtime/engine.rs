@@ -27,7 +27,9 @@ use crate::runtime::kv_cache::{BlockAllocator, KvGeometry};
 use crate::runtime::live_placement::{FlipHook, LivePlacement};
 use crate::runtime::sampling::{sample, Rng, Sampling};
 use crate::runtime::scheduler::{Scheduler, Seq};
-use crate::runtime::worker::{Cmd, MemMeter, Reply, SeqWork, StepPlan, Worker, WorkerMem};
+use crate::runtime::worker::{
+    Cmd, MemMeter, Reply, SeqWork, StepDelay, StepPlan, Worker, WorkerMem,
+};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,6 +56,8 @@ pub struct EngineConfig {
     pub device: DeviceKind,
     /// How device workers exchange partial sums and hidden states (ignored on the CPU).
     pub exchange: Exchange,
+    /// Test hook: one worker runs one step late (see [`StepDelay`]).
+    pub step_delay: Option<StepDelay>,
 }
 
 /// Where the workers compute.
@@ -127,6 +131,7 @@ impl EngineConfig {
             comm_timeout: Duration::from_secs(60),
             device: DeviceKind::Cpu,
             exchange: Exchange::default(),
+            step_delay: None,
         }
     }
 }
@@ -228,10 +233,10 @@ impl Pool {
         source: &Arc<dyn TensorSource>,
         n_workers: usize,
         geom: KvGeometry,
-        timeout: Duration,
         placement: &Placement,
-        (device, exchange): (DeviceKind, Exchange),
+        econf: &EngineConfig,
     ) -> Result<Self> {
+        let (timeout, device, exchange) = (econf.comm_timeout, econf.device, econf.exchange);
         let (compute, copy, stats) = fabric(n_workers, timeout);
         let mut compute: Vec<Option<Comm>> = compute.into_iter().map(Some).collect();
         let mut copy: Vec<Option<Comm>> = copy.into_iter().map(Some).collect();
@@ -283,6 +288,7 @@ impl Pool {
             if let Some(dc) = device.open(cfg, exchange)? {
                 worker = worker.with_device(dc);
             }
+            worker = worker.with_step_delay(econf.step_delay);
             let (tx, crx) = unbounded();
             let rtx = reply_tx.clone();
             threads.push(
@@ -423,15 +429,7 @@ impl Engine {
             block_size: econf.block_size,
             head_dim: cfg.head_dim,
         };
-        let pool = Pool::spawn(
-            &cfg,
-            &model.source,
-            n_workers,
-            geom,
-            econf.comm_timeout,
-            &placement,
-            (econf.device, econf.exchange),
-        )?;
+        let pool = Pool::spawn(&cfg, &model.source, n_workers, geom, &placement, &econf)?;
         Ok(Engine {
             cfg,
             name: model.name.clone(),
@@ -711,6 +709,9 @@ impl Engine {
             pool.ctrl
                 .set_step_ms(last.end.duration_since(last.start).as_secs_f64() * 1e3);
         }
+        // Logits of earlier steps that failed (here or in a worker) are stale; none can
+        // still come, as every worker replied to those steps.
+        pool.driver.drop_steps_before(plan.step);
         // The driver decides the embedding's group; workers decide the rest as they go.
         pool.live.group_for(plan.step, Segment::Embed, true)?;
         for (w, tx) in pool.cmd.iter().enumerate() {
@@ -721,7 +722,6 @@ impl Engine {
                 })?;
         }
         if let Err(e) = pool.collect_replies(pool.cmd.len(), false) {
-            pool.driver.drain();
             if let Some(m) = self.shard_mismatch() {
                 let why = format!(
                     "{m}: a flip did not complete in step {} ({e}); the engine cannot \
@@ -739,7 +739,7 @@ impl Engine {
         let head = &head.group;
         let mut logits = vec![0.0f32; rows * vocab];
         for (r, w) in head.workers().iter().enumerate() {
-            let part = pool.driver.recv(w.0, Tag::Logits)?;
+            let part = pool.driver.recv(w.0, Tag::Logits(plan.step))?;
             let vr = crate::parallel::split_range(vocab, head.len(), r);
             if part.len() != rows * vr.len() {
                 return Err(Error::Comm(format!(
@@ -920,9 +920,8 @@ impl Engine {
             &self.source,
             n_workers,
             self.geom,
-            self.econf.comm_timeout,
             &placement,
-            (self.econf.device, self.econf.exchange),
+            &self.econf,
         )?;
         self.n_workers = n_workers;
         self.broken = None;

@@ -26,6 +26,7 @@ use crossbeam_channel::{Receiver, Sender};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 /// The shards one worker holds for one segment.
 #[derive(Debug)]
@@ -251,6 +252,16 @@ impl StepPlan {
     }
 }
 
+/// Test hook ([`crate::runtime::EngineConfig::step_delay`]): worker `worker` sleeps
+/// `delay` at the start of step `step`, so that peers waiting longer than the comm
+/// timeout give up on the step and its parts of it arrive after they did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepDelay {
+    pub step: u64,
+    pub worker: WorkerId,
+    pub delay: Duration,
+}
+
 pub enum Cmd {
     /// Load this worker's shards of `placement` from the source and allocate its KV.
     Load(Arc<Placement>),
@@ -273,6 +284,7 @@ pub struct Worker {
     inv_freq: Vec<f32>,
     /// The kernel path, when this worker runs on a device (CPU ops otherwise).
     device: Option<DeviceCompute>,
+    delay: Option<StepDelay>,
 }
 
 impl Worker {
@@ -294,7 +306,14 @@ impl Worker {
             geom,
             inv_freq,
             device: None,
+            delay: None,
         }
+    }
+
+    /// Installs the [`StepDelay`] test hook (ignored unless it names this worker).
+    pub fn with_step_delay(mut self, delay: Option<StepDelay>) -> Self {
+        self.delay = delay.filter(|d| d.worker == self.id);
+        self
     }
 
     /// Runs this worker's segments on a device through the GPU kernels.
@@ -311,7 +330,13 @@ impl Worker {
                 Cmd::Step(plan) => {
                     let r = self.step(&plan);
                     if r.is_err() {
-                        self.comm.drain();
+                        self.after_failed_step();
+                    }
+                    // KV pieces of flips the receives dropped (stale or mismatched) were
+                    // counted by their senders.
+                    let n = self.comm.take_dropped_bytes();
+                    if n > 0 {
+                        self.mem.meter.free(n);
                     }
                     Reply::StepDone(self.id, r)
                 }
@@ -320,6 +345,19 @@ impl Worker {
             if replies.send(reply).is_err() {
                 break;
             }
+        }
+    }
+
+    /// Cleanup before a failed step is reported. Nothing of the next step can be queued
+    /// yet (the driver sends it only once every worker has replied), but a slower peer
+    /// may still send its parts of this one: those are dropped by the stale-step rule of
+    /// the receives and by the sweep that starts every step. Here the KV pieces of this
+    /// step's flips go (the engine cannot serve after a flip that did not complete), with
+    /// the device bytes their senders counted.
+    fn after_failed_step(&self) {
+        let pieces = self.comm.drain_where(|t| t.reshard_job().is_some());
+        if pieces.dev_bytes > 0 {
+            self.mem.meter.free(pieces.dev_bytes);
         }
     }
 
@@ -409,10 +447,17 @@ impl Worker {
 
     /// Hands the hidden state from `prev` to `next`: a member of `next` that was not in
     /// `prev` receives it from `prev[j % prev.len()]` (j = its index in `next`).
-    fn handoff(&self, prev: &Group, next: &Group, h: &mut Option<Hidden>, n: usize) -> Result<()> {
+    fn handoff(
+        &self,
+        (prev, next): (&Group, &Group),
+        step: u64,
+        h: &mut Option<Hidden>,
+        n: usize,
+    ) -> Result<()> {
         if prev == next {
             return Ok(());
         }
+        let tag = Tag::Handoff(step);
         // Ranks on one device hand device buffers over (same-device exchange); otherwise
         // the state goes through host memory.
         let same_device = self
@@ -427,13 +472,13 @@ impl Worker {
                 match h {
                     Some(Hidden::Dev(b)) if same_device => {
                         let copy = self.dc()?.hidden_for_peer(b, n)?;
-                        self.comm.send_buf(w.0, Tag::Handoff, copy)?;
+                        self.comm.send_buf(w.0, tag, copy)?;
                     }
                     Some(Hidden::Dev(b)) => {
                         let v = self.dc()?.hidden_to_host(b, n)?;
-                        self.comm.send(w.0, Tag::Handoff, v)?;
+                        self.comm.send(w.0, tag, v)?;
                     }
-                    Some(Hidden::Host(v)) => self.comm.send(w.0, Tag::Handoff, v.clone())?,
+                    Some(Hidden::Host(v)) => self.comm.send(w.0, tag, v.clone())?,
                     None => return Err(self.err("no hidden state to hand off")),
                 }
             }
@@ -444,7 +489,7 @@ impl Worker {
                 *h = Some(match &self.device {
                     // (An empty step's empty state stays on the host: nothing to move.)
                     Some(dc) if same_device && n > 0 => {
-                        let b = self.comm.recv_buf(from, Tag::Handoff)?;
+                        let b = self.comm.recv_buf(from, tag)?;
                         if b.len() < n * 2 {
                             return Err(self.err(format!(
                                 "hand-off of {} B, expected at least {} B",
@@ -457,9 +502,9 @@ impl Worker {
                         Hidden::Dev(Arc::new(b))
                     }
                     Some(dc) if n > 0 => {
-                        Hidden::Dev(dc.hidden_from_host(&self.comm.recv(from, Tag::Handoff)?)?)
+                        Hidden::Dev(dc.hidden_from_host(&self.comm.recv(from, tag)?)?)
                     }
-                    _ => Hidden::Host(self.comm.recv(from, Tag::Handoff)?),
+                    _ => Hidden::Host(self.comm.recv(from, tag)?),
                 });
             }
             Some(_) => {}
@@ -469,6 +514,14 @@ impl Worker {
     }
 
     fn step(&self, plan: &StepPlan) -> Result<()> {
+        // What peers sent for earlier steps after this worker gave up on them: all of it
+        // is queued by now (each worker sends before it replies, and this step started
+        // after every reply), so this frees their buffers even if no receive from that
+        // peer comes again.
+        self.comm.drop_steps_before(plan.step);
+        if let Some(d) = self.delay.filter(|d| d.step == plan.step) {
+            std::thread::sleep(d.delay);
+        }
         let segments = std::iter::once(Segment::Embed)
             .chain((0..self.cfg.num_layers).map(|l| Segment::Layer(LayerId(l))))
             .chain(std::iter::once(Segment::Head));
@@ -499,7 +552,7 @@ impl Worker {
                 }
             }
             if let Some(p) = &prev {
-                self.handoff(&p.group, &d.group, &mut h, hidden_len)?;
+                self.handoff((&p.group, &d.group), plan.step, &mut h, hidden_len)?;
             }
             let g = &d.group;
             if let (Some(_), true, 0) = (&self.device, g.contains(self.id), hidden_len) {
@@ -509,9 +562,10 @@ impl Worker {
                 match seg {
                     Segment::Embed => h = Some(Hidden::Host(Vec::new())),
                     Segment::Layer(_) => {}
-                    Segment::Head => self
-                        .comm
-                        .send(self.comm.driver(), Tag::Logits, Vec::new())?,
+                    Segment::Head => {
+                        self.comm
+                            .send(self.comm.driver(), Tag::Logits(plan.step), Vec::new())?
+                    }
                 }
             } else if let (Some(dc), true) = (&self.device, g.contains(self.id)) {
                 let inp = inputs.as_ref().ok_or_else(|| self.err("no step inputs"))?;
@@ -878,7 +932,7 @@ impl Worker {
             }
         }
         // Exactly one member contributes a non-zero row per token, so the sum is exact.
-        self.comm.all_reduce_sum(g.workers(), &mut x)?;
+        self.comm.all_reduce_sum(g.workers(), plan.step, &mut x)?;
         Ok(x)
     }
 
@@ -961,7 +1015,7 @@ impl Worker {
         }
         let mut o = vec![0.0f32; t * hdim];
         ops::matmul_t(&attn, t, s.get(TensorKind::O(l))?, hdim, &mut o);
-        self.comm.all_reduce_sum(g.workers(), &mut o)?;
+        self.comm.all_reduce_sum(g.workers(), plan.step, &mut o)?;
         if let Some(b) = opt(TensorKind::OBias(l)) {
             ops::add_bias(&mut o, b);
         }
@@ -990,7 +1044,7 @@ impl Worker {
         }
         ops::silu_mul(&mut gate, &up);
         ops::matmul_t(&gate, t, s.get(TensorKind::Down(l))?, hdim, &mut o);
-        self.comm.all_reduce_sum(g.workers(), &mut o)?;
+        self.comm.all_reduce_sum(g.workers(), plan.step, &mut o)?;
         if let Some(b) = opt(TensorKind::DownBias(l)) {
             ops::add_bias(&mut o, b);
         }
@@ -1090,6 +1144,7 @@ impl Worker {
         let v_local = w.len() / hdim;
         let mut logits = vec![0.0f32; rows.len() * v_local];
         ops::matmul_t(&xn, rows.len(), w, v_local, &mut logits);
-        self.comm.send(self.comm.driver(), Tag::Logits, logits)
+        self.comm
+            .send(self.comm.driver(), Tag::Logits(plan.step), logits)
     }
 }

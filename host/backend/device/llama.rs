@@ -155,6 +155,8 @@ pub fn check_heads(cfg: &ModelConfig, tp: usize, idx: usize) -> Result<()> {
 /// scratch buffers: an upload is ordered after the previous step's kernels, and the
 /// stream is idle then, so the upload's synchronize costs no wait).
 pub struct StepInputs {
+    /// The step's number: tags its messages (see [`Tag::step`]).
+    pub step: u64,
     pub tokens: usize,
     pub seqs: usize,
     /// All sequences have exactly one new token (the decode kernel applies).
@@ -211,6 +213,7 @@ impl StepInputs {
         let rows: Vec<u32> = plan.logit_rows().iter().map(|&r| r as u32).collect();
 
         Ok(StepInputs {
+            step: plan.step,
             tokens: ids.len(),
             seqs: plan.seqs.len(),
             decode_only: plan.seqs.iter().all(|s| s.tokens.len() == 1),
@@ -371,12 +374,12 @@ impl DeviceCompute {
         comm: &Comm,
         g: &Group,
         part: &Buf,
-        rows: usize,
-        cols: usize,
+        (rows, cols): (usize, usize),
+        step: u64,
         bias: Option<&Buf>,
     ) -> Result<Arc<Buf>> {
         let mut sum: Vec<f32> = download_vec(self.dev.as_ref(), part, rows * cols)?;
-        comm.all_reduce_sum(g.workers(), &mut sum)?;
+        comm.all_reduce_sum(g.workers(), step, &mut sum)?;
         let b: Option<Vec<bf16>> = match bias {
             Some(b) => Some(download_vec(self.dev.as_ref(), b, cols)?),
             None => None,
@@ -434,7 +437,7 @@ impl DeviceCompute {
                 .ok_or_else(|| dev_err(format!("{me} is not in group {g}")))?;
             let n = inp.tokens * h;
             let grid = [n.div_ceil(BLOCK as usize).min(1024) as u32, 1, 1];
-            self.share_with_group(comm, g, idx, &x, 0, n * 2, |_, b| {
+            self.share_with_group(comm, g, idx, inp.step, &x, 0, n * 2, |_, b| {
                 self.launch(
                     "residual_add_bf16",
                     grid,
@@ -446,7 +449,7 @@ impl DeviceCompute {
         }
         let rows: Vec<bf16> = download_vec(self.dev.as_ref(), &x, inp.tokens * h)?;
         let mut sum: Vec<f32> = rows.iter().map(|v| v.to_f32()).collect();
-        comm.all_reduce_sum(g.workers(), &mut sum)?;
+        comm.all_reduce_sum(g.workers(), inp.step, &mut sum)?;
         let b: Vec<bf16> = sum.iter().map(|&v| bf16::from_f32(v)).collect();
         self.scratch_upload("hidden", &b)
     }
@@ -657,14 +660,14 @@ impl DeviceCompute {
         }
         if self.exchange == Exchange::SameDevice {
             let ar = nvtx::range_with(|| all_reduce_name(kind));
-            let r = self.reduce_on_device(comm, g, input, w, s.ptr(bias), (t, h, k), x);
+            let r = self.reduce_on_device(comm, g, inp.step, input, w, s.ptr(bias), (t, h, k), x);
             drop(ar);
             return r;
         }
         let part = self.scratch("part", t * h * 4)?;
         self.gemm(part.ptr(), input.ptr(), w, 0, 0, (t, h, k), true)?;
         let ar = nvtx::range_with(|| all_reduce_name(kind));
-        let o = self.reduce_partials(comm, g, &part, t, h, s.tensors.get(&bias))?;
+        let o = self.reduce_partials(comm, g, &part, (t, h), inp.step, s.tensors.get(&bias))?;
         drop(ar);
         self.launch(
             "residual_add_bf16",
@@ -684,6 +687,7 @@ impl DeviceCompute {
         &self,
         comm: &Comm,
         g: &Group,
+        step: u64,
         input: &Buf,
         w: &Buf,
         bias: u64,
@@ -705,9 +709,16 @@ impl DeviceCompute {
             (t, h, k),
             true,
         )?;
-        self.share_with_group(comm, g, idx, &red, idx * part_bytes, part_bytes, |j, b| {
-            self.dev.copy(&red, j * part_bytes, b, 0, part_bytes)
-        })?;
+        self.share_with_group(
+            comm,
+            g,
+            idx,
+            step,
+            &red,
+            idx * part_bytes,
+            part_bytes,
+            |j, b| self.dev.copy(&red, j * part_bytes, b, 0, part_bytes),
+        )?;
         let n = (t * h) as u32;
         self.launch(
             "gemm_splitk_reduce_bf16",
@@ -727,7 +738,7 @@ impl DeviceCompute {
         Ok(())
     }
 
-    /// Same-device exchange within group `g` (this worker is member `idx`): a copy of
+    /// Same-device exchange within group `g` (this worker is member `idx`) in step `step`: a copy of
     /// `bytes` bytes of `src` from `off` goes to every peer (a fresh buffer each, marked
     /// ready by an event on this stream and handed over through the Comm layer), and
     /// `each(j, buf)` queues this worker's use of member `j`'s buffer, in group order,
@@ -739,6 +750,7 @@ impl DeviceCompute {
         comm: &Comm,
         g: &Group,
         idx: usize,
+        step: u64,
         src: &Buf,
         off: usize,
         bytes: usize,
@@ -756,11 +768,11 @@ impl DeviceCompute {
         let ready = self.dev.record()?;
         for (peer, mut b) in outgoing {
             b.set_ready(ready.clone());
-            comm.send_buf(peer.0, Tag::AllReduce, b)?;
+            comm.send_buf(peer.0, Tag::AllReduce(step), b)?;
         }
         for (j, peer) in g.workers().iter().enumerate() {
             if j != idx {
-                let b = comm.recv_buf(peer.0, Tag::AllReduce)?;
+                let b = comm.recv_buf(peer.0, Tag::AllReduce(step))?;
                 if b.len() < bytes {
                     return Err(dev_err(format!(
                         "exchange from {peer}: {} B, expected {bytes}",
@@ -922,7 +934,7 @@ impl DeviceCompute {
             )?;
             logits = download_vec(self.dev.as_ref(), &out, r * v_local)?;
         }
-        comm.send(comm.driver(), Tag::Logits, logits)
+        comm.send(comm.driver(), Tag::Logits(inp.step), logits)
     }
 
     /// The hidden state for a hand-off: downloaded as f32 (bf16 values, exact).
