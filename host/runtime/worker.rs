@@ -442,7 +442,9 @@ impl Worker {
             .write()
             .map_err(|_| self.err("poisoned"))? = shards;
         *self.mem.dev_kv.write().map_err(|_| self.err("poisoned"))? = kv;
-        Ok(())
+        // Uploads are queued: the shards must have landed before another stream (the
+        // copy thread, resharding from them) reads them, and a fault fails the load.
+        dev.synchronize()
     }
 
     /// Hands the hidden state from `prev` to `next`: a member of `next` that was not in
