@@ -420,9 +420,7 @@ impl Device for EmuDevice {
         self.enqueue(move || {
             // SAFETY: inside dst's allocation (checked), which stays alive until every
             // stream has run past its free.
-            unsafe {
-                std::ptr::copy_nonoverlapping(bytes.as_ptr(), d as *mut u8, bytes.len())
-            };
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), d as *mut u8, bytes.len()) };
             Ok(())
         });
         Ok(())
