@@ -201,8 +201,7 @@ fn failed_device_copy_aborts_and_keeps_serving(dev) {
         window: 1,
         fail_at: Some((Segment::Layer(LayerId(3)), WorkerId(1))),
         lookahead: 0,
-        late_discard: None,
-        fail_flip_at: None,
+        ..Default::default()
     };
     e.reconfigure_with(Topology::new(1, 2), &opts).unwrap();
     e.run_to_completion().unwrap();
@@ -256,7 +255,7 @@ fn switch_started_right_after_an_abort_completes(dev) {
         fail_at: Some((layer0, src)),
         lookahead: 1,
         late_discard: Some(dst),
-        fail_flip_at: None,
+        ..Default::default()
     };
     e.reconfigure_with(target, &opts).unwrap();
     // The failed copy needs no step to abort.

@@ -196,8 +196,7 @@ fn failed_transfer_aborts_and_keeps_serving() {
         window: 1,
         fail_at: Some((Segment::Layer(LayerId(4)), WorkerId(2))),
         lookahead: 0,
-        late_discard: None,
-        fail_flip_at: None,
+        ..Default::default()
     };
     engine.reconfigure_with(Topology::new(4, 1), &opts).unwrap();
     engine.run_to_completion().unwrap();
@@ -245,7 +244,7 @@ fn abort_at_once(engine: &mut Engine, target: Topology) -> WorkerId {
         fail_at: Some((layer0, src)),
         lookahead: 1,
         late_discard: Some(dst),
-        fail_flip_at: None,
+        ..Default::default()
     };
     let aborted = aborted_count(engine);
     engine.reconfigure_with(target, &opts).unwrap();

@@ -186,10 +186,8 @@ pub fn run_mode(
                 bc.to,
                 &crate::reshard::executor::ReconfigOptions {
                     window: bc.window,
-                    fail_at: None,
                     lookahead: 0,
-                    late_discard: None,
-                    fail_flip_at: None,
+                    ..Default::default()
                 },
             )?;
             while engine.reconfig_in_progress() {

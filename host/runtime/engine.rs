@@ -875,10 +875,8 @@ impl Engine {
         self.publish_cached_lengths();
         let opts = ReconfigOptions {
             window: n.max(1),
-            fail_at: None,
             lookahead: 0,
-            late_discard: None,
-            fail_flip_at: None,
+            ..Default::default()
         };
         self.pool.ctrl.start(plan, &opts, self.step_no)?;
         while self.pool.ctrl.is_active() && !self.pool.live.all_ready() {
