@@ -292,3 +292,21 @@ fn switch_started_right_after_an_abort_completes(dev) {
     assert_eq!(moved, vec![plan.bytes_moved]);
 }
 }
+
+on_devices! {
+/// A switch of a freshly loaded engine, before its first step (stop-the-world, so no
+/// step synchronizes the workers' streams meanwhile): the copy threads reshard from
+/// the shards the workers just uploaded — uploads are queued on the workers' streams,
+/// and the load's synchronize is what makes them visible to the copy streams — then a
+/// request decodes the oracle's tokens on the new placement.
+fn switch_before_the_first_step_reads_the_loaded_shards(dev) {
+    let cases = oracle();
+    let mut e = engine(dev, Exchange::SameDevice, Topology::new(2, 1), 2);
+    e.reconfigure_stop_the_world(Topology::new(1, 2)).unwrap();
+    assert_eq!(finished(&mut e).len(), 1);
+    let n = 4;
+    let a = e.add_request(request(&cases[0], n)).unwrap();
+    e.run_to_completion().unwrap();
+    assert_oracle(&e, a, &cases[0], n, "prompt 0 after the switch");
+}
+}

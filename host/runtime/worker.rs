@@ -436,15 +436,17 @@ impl Worker {
             meter.alloc(set.bytes());
             shards.insert(seg, Arc::new(set));
         }
+        // Uploads are queued: the shards must have landed before another stream (the
+        // copy thread, resharding from them) reads them, and a fault fails the load
+        // before anything is installed.
+        dev.synchronize()?;
         *self
             .mem
             .dev_shards
             .write()
             .map_err(|_| self.err("poisoned"))? = shards;
         *self.mem.dev_kv.write().map_err(|_| self.err("poisoned"))? = kv;
-        // Uploads are queued: the shards must have landed before another stream (the
-        // copy thread, resharding from them) reads them, and a fault fails the load.
-        dev.synchronize()
+        Ok(())
     }
 
     /// Hands the hidden state from `prev` to `next`: a member of `next` that was not in

@@ -89,6 +89,9 @@ struct Lanes {
     /// step drops a received partial per peer per all-reduce).
     pending: Vec<u64>,
     pending_bytes: usize,
+    /// Whether the context's pool could be configured (decided once per context, so
+    /// every handle of it allocates the same way).
+    pooled: bool,
 }
 
 /// A batch of dropped buffers is freed once it holds this many bytes or buffers (or at
@@ -296,7 +299,9 @@ fn settle_frees(ctx: &CudaContext) -> std::result::Result<(), DriverError> {
         let Some(l) = all.iter_mut().find(|l| l.ctx == key) else {
             return Ok(());
         };
-        free_pending(l)?;
+        // (A stale error another handle's drop left in cudarc is reported here too:
+        // the wait below still decides.)
+        let _ = free_pending(l);
         l.free_stream.clone()
     };
     free_stream.synchronize()
@@ -367,10 +372,21 @@ fn load_module(ctx: &CudaContext, arch: Arch) -> std::result::Result<Module, Str
             log.trim_end_matches('\0')
         ));
     }
-    Ok(Module {
-        raw,
-        funcs: Mutex::new(HashMap::new()),
-    })
+    // Every kernel resolved now: with CUDA's lazy loading (the default since 12.2) a
+    // kernel's code is loaded onto the device at its first lookup, which could come
+    // after the KV cache and the pool (which keeps its memory) took the device's memory.
+    let mut funcs = HashMap::new();
+    for name in kernels::FAMILIES.iter().flat_map(|(_, names)| names.iter()) {
+        let cname = CString::new(*name).map_err(|e| e.to_string())?;
+        let mut f = std::ptr::null_mut();
+        // SAFETY: a module loaded above and a NUL-terminated name.
+        let r = unsafe { sys::cuModuleGetFunction(&mut f, raw, cname.as_ptr()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(format!("cuModuleGetFunction({name}): {r:?}"));
+        }
+        funcs.insert(*name, f);
+    }
+    Ok(Module { raw, funcs })
 }
 
 /// Registers `lane` among its context's streams (setting the context up on first use:
@@ -379,10 +395,8 @@ fn register_lane(ctx: &Arc<CudaContext>, lane: &Arc<Lane>) -> Result<bool> {
     let mut all = lanes();
     let key = ctx.cu_ctx() as usize;
     if !all.iter().any(|l| l.ctx == key) {
-        if configure_pool(ctx).is_err() {
-            // A pool we cannot configure is not used: plain allocations instead.
-            return Ok(false);
-        }
+        // A pool we cannot configure is not used: plain allocations instead.
+        let pooled = configure_pool(ctx).is_ok();
         let free_stream = ctx.new_stream().map_err(|e| derr("cuStreamCreate", e))?;
         all.push(Lanes {
             ctx: key,
@@ -390,13 +404,15 @@ fn register_lane(ctx: &Arc<CudaContext>, lane: &Arc<Lane>) -> Result<bool> {
             live: Vec::new(),
             pending: Vec::new(),
             pending_bytes: 0,
+            pooled,
         });
     }
-    if let Some(l) = all.iter_mut().find(|l| l.ctx == key) {
-        l.live.retain(|w| w.strong_count() > 0);
-        l.live.push(Arc::downgrade(lane));
-    }
-    Ok(true)
+    let Some(l) = all.iter_mut().find(|l| l.ctx == key) else {
+        return Ok(false);
+    };
+    l.live.retain(|w| w.strong_count() > 0);
+    l.live.push(Arc::downgrade(lane));
+    Ok(l.pooled)
 }
 
 /// A CUDA device: its primary context, one stream, the kernel module (one per context,
@@ -413,19 +429,23 @@ pub struct CudaDevice {
     cc: (i32, i32),
     module: Arc<Module>,
     sync_check: std::sync::atomic::AtomicBool,
-    /// Pinned slots uploads go through (set up by the first upload).
-    staging: Mutex<Option<Staging>>,
+    /// Pinned slots uploads go through: set up by the first upload (`Some(None)`: no
+    /// pinned memory to be had, uploads go from pageable memory).
+    staging: Mutex<Option<Option<Staging>>>,
 }
 
 /// Pinned host memory for uploads (the pinned staging): from pinned memory
 /// `cuMemcpyHtoDAsync` is fully asynchronous, where from pageable memory the driver
 /// may wait for the stream before it stages the bytes itself. `STAGING_SLOTS` slots of
-/// `STAGING_SLOT` bytes are used in turn, each with the event of its last copy: the host
-/// waits only when it is that many slots ahead of the stream, and a large upload (a
-/// weight shard at load) streams through them, filling one while others copy.
+/// `STAGING_SLOT` bytes are filled in turn (small uploads share one), each with the
+/// event of its last copy: the host waits only when it is that many slots ahead of the
+/// stream, and a large upload (a weight shard at load) streams through them, filling
+/// one while others copy.
 struct Staging {
     base: *mut u8,
-    next: usize,
+    /// The slot being filled and how many of its bytes are taken this round.
+    slot: usize,
+    used: usize,
     done: Vec<CudaEvent>,
 }
 // SAFETY: `base` is pinned host memory owned by this struct (freed in CudaDevice's
@@ -436,11 +456,13 @@ const STAGING_SLOT: usize = 1 << 20;
 const STAGING_SLOTS: usize = 8;
 
 struct Module {
+    #[allow(dead_code)] // kept with its functions: the module is never unloaded
     raw: sys::CUmodule,
-    funcs: Mutex<HashMap<String, sys::CUfunction>>,
+    /// Every kernel of [`kernels::FAMILIES`], resolved at load (read-only after).
+    funcs: HashMap<&'static str, sys::CUfunction>,
 }
 // SAFETY: CUmodule / CUfunction handles are usable from any thread with the context
-// current; the map is behind a mutex.
+// current; the map is never written after the load.
 unsafe impl Send for Module {}
 unsafe impl Sync for Module {}
 
@@ -638,35 +660,47 @@ impl CudaDevice {
             .staging
             .lock()
             .map_err(|_| Error::Device("staging lock poisoned".into()))?;
-        if guard.is_none() {
-            *guard = self.new_staging();
-        }
-        let Some(st) = guard.as_mut() else {
-            // SAFETY: `dst..dst + len` is inside a live allocation (checked by the
-            // caller); `src` is copied or staged before this returns.
-            return unsafe { result::memcpy_htod_async(dst, src, self.cu_stream()) }
-                .map_err(|e| derr("cuMemcpyHtoDAsync", e));
+        // Set up once; if pinned memory cannot be had, every upload goes pageable.
+        let st = match guard.get_or_insert_with(|| self.new_staging()) {
+            Some(st) => st,
+            None => {
+                // SAFETY: `dst..dst + len` is inside a live allocation (checked by the
+                // caller); `src` is copied or staged before this returns.
+                return unsafe { result::memcpy_htod_async(dst, src, self.cu_stream()) }
+                    .map_err(|e| derr("cuMemcpyHtoDAsync", e));
+            }
         };
-        for (i, chunk) in src.chunks(STAGING_SLOT).enumerate() {
-            let slot = st.next;
-            st.next = (slot + 1) % STAGING_SLOTS;
-            // The slot's previous copy must have read it (an event never recorded is
-            // complete).
-            st.done[slot]
-                .synchronize()
-                .map_err(|e| derr("cuEventSynchronize (staging slot)", e))?;
-            // SAFETY: slot `slot` is STAGING_SLOT pinned bytes no copy is reading; the
-            // destination range is inside the allocation (checked by the caller).
+        // Small uploads (a step's inputs) share a slot; the current slot is filled
+        // before the next is taken, and a slot is taken only once its last copy has
+        // read it (an event never recorded is complete).
+        let mut at = 0;
+        while at < src.len() {
+            if st.used == STAGING_SLOT {
+                st.slot = (st.slot + 1) % STAGING_SLOTS;
+                st.used = 0;
+                st.done[st.slot]
+                    .synchronize()
+                    .map_err(|e| derr("cuEventSynchronize (staging slot)", e))?;
+            }
+            let n = (src.len() - at).min(STAGING_SLOT - st.used);
+            // SAFETY: bytes `used..used + n` of the current slot are pinned memory no
+            // queued copy reads (the slot's earlier copies of this round read other
+            // bytes); the destination range is inside the allocation (checked by the
+            // caller).
             unsafe {
-                let pinned = st.base.add(slot * STAGING_SLOT);
-                std::ptr::copy_nonoverlapping(chunk.as_ptr(), pinned, chunk.len());
-                let staged = std::slice::from_raw_parts(pinned as *const u8, chunk.len());
-                result::memcpy_htod_async(dst + (i * STAGING_SLOT) as u64, staged, self.cu_stream())
+                let pinned = st.base.add(st.slot * STAGING_SLOT + st.used);
+                std::ptr::copy_nonoverlapping(src.as_ptr().add(at), pinned, n);
+                let staged = std::slice::from_raw_parts(pinned as *const u8, n);
+                result::memcpy_htod_async(dst + at as u64, staged, self.cu_stream())
             }
             .map_err(|e| derr("cuMemcpyHtoDAsync", e))?;
-            st.done[slot]
-                .record(&self.stream)
-                .map_err(|e| derr("cuEventRecord (staging slot)", e))?;
+            st.used += n;
+            at += n;
+            if let Err(e) = st.done[st.slot].record(&self.stream) {
+                // Without the event the slot would look free while the copy reads it.
+                let _ = self.stream.synchronize();
+                return Err(derr("cuEventRecord (staging slot)", e));
+            }
         }
         Ok(())
     }
@@ -682,7 +716,8 @@ impl CudaDevice {
         let base = unsafe { result::malloc_host(STAGING_SLOT * STAGING_SLOTS, 0) }.ok()?;
         Some(Staging {
             base: base as *mut u8,
-            next: 0,
+            slot: 0,
+            used: 0,
             done,
         })
     }
@@ -706,27 +741,11 @@ impl CudaDevice {
     }
 
     fn function(&self, name: &str) -> Result<sys::CUfunction> {
-        if kernels::kernel(name).is_none() {
-            return Err(Error::Device(format!("unknown kernel `{name}`")));
-        }
-        let m = self.module()?;
-        let mut funcs = m
+        self.module()?
             .funcs
-            .lock()
-            .map_err(|_| Error::Device("kernel table lock poisoned".into()))?;
-        if let Some(&f) = funcs.get(name) {
-            return Ok(f);
-        }
-        let cname = CString::new(name)
-            .map_err(|_| Error::Device(format!("kernel name `{name}` contains NUL")))?;
-        let mut f = std::ptr::null_mut();
-        // SAFETY: valid module and NUL-terminated name.
-        let r = unsafe { sys::cuModuleGetFunction(&mut f, m.raw, cname.as_ptr()) };
-        if r != sys::CUresult::CUDA_SUCCESS {
-            return Err(Error::Device(format!("cuModuleGetFunction({name}): {r:?}")));
-        }
-        funcs.insert(name.to_string(), f);
-        Ok(f)
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::Device(format!("unknown kernel `{name}`")))
     }
 
     /// Launch kernel `name` on the device's stream with `grid` blocks of `block` threads
@@ -743,8 +762,8 @@ impl CudaDevice {
         block: u32,
         args: &[Arg],
     ) -> Result<()> {
-        let f = self.function(name)?;
         self.bind()?;
+        let f = self.function(name)?;
         let mut vals: Vec<u64> = args
             .iter()
             .map(|a| match *a {
@@ -795,8 +814,12 @@ impl Drop for CudaDevice {
         // buffer allocated on it) and leave the registry, and frees order themselves
         // only after live streams, so it must have no work left.
         let _ = self.stream.synchronize();
-        let staging = self.staging.get_mut().map(Option::take);
-        if let Ok(Some(st)) = staging {
+        let staging = self
+            .staging
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(Some(st)) = staging {
             // SAFETY: allocated by cuMemHostAlloc; the stream that read it is drained.
             let _ = unsafe { result::free_host(st.base as *mut c_void) };
         }
