@@ -230,8 +230,6 @@ on_devices! {
 /// its planned bytes, the meter matches what the workers hold, and decoding goes on
 /// with the oracle's tokens.
 fn switch_started_right_after_an_abort_completes(dev) {
-    use remp::parallel::{LayerId, Segment};
-    use remp::reshard::executor::ReconfigOptions;
     let cases = oracle();
     let mut e = engine(dev, Exchange::SameDevice, Topology::new(2, 1), 2);
     let n = 6;
@@ -240,33 +238,7 @@ fn switch_started_right_after_an_abort_completes(dev) {
         e.step().unwrap();
     }
     let target = Topology::new(1, 2);
-    let (_, plan) = e.plan_reconfigure(target).unwrap();
-    let layer0 = Segment::Layer(LayerId(0));
-    let (src, dst) = plan
-        .segments
-        .iter()
-        .filter(|s| s.segment == layer0)
-        .flat_map(|s| &s.transfers)
-        .find(|t| t.src != t.dst)
-        .map(|t| (t.src, t.dst))
-        .unwrap();
-    let opts = ReconfigOptions {
-        window: 1,
-        fail_at: Some((layer0, src)),
-        lookahead: 1,
-        late_discard: Some(dst),
-        ..Default::default()
-    };
-    e.reconfigure_with(target, &opts).unwrap();
-    // The failed copy needs no step to abort.
-    while e.reconfig_in_progress() {
-        std::thread::yield_now();
-    }
-    let aborted = e
-        .reconfig_events()
-        .iter()
-        .any(|ev| matches!(ev, ReconfigEvent::Aborted { error, .. } if error.contains("injected")));
-    assert!(aborted);
+    abort_at_once(&mut e, target);
     let (_, plan) = e.plan_reconfigure(target).unwrap();
     let reshard0 = e.comm_stats().reshard_bytes();
     e.reconfigure_stop_the_world(target).unwrap();

@@ -2,6 +2,9 @@
 #![allow(dead_code)]
 
 use remp::model::Model;
+use remp::parallel::{LayerId, Segment, Topology, WorkerId};
+use remp::reshard::executor::{ReconfigEvent, ReconfigOptions};
+use remp::reshard::planner::ReshardPlan;
 use remp::runtime::{Engine, Event, Request, RequestId};
 use std::path::PathBuf;
 
@@ -140,4 +143,49 @@ macro_rules! on_devices {
             }
         }
     };
+}
+
+/// In `plan`, a piece of `seg` that moves between workers: (source, destination).
+pub fn remote_piece(plan: &ReshardPlan, seg: Segment) -> (WorkerId, WorkerId) {
+    plan.segments
+        .iter()
+        .filter(|s| s.segment == seg)
+        .flat_map(|s| &s.transfers)
+        .find(|t| t.src != t.dst)
+        .map(|t| (t.src, t.dst))
+        .unwrap()
+}
+
+/// Aborts a switch to `target` (the source of a layer-0 piece fails at once, before any
+/// step) and returns, still in the same step, once the abort is done. The destination
+/// of that piece discards the aborted job only after a message of the next job reached
+/// it (test hook): the interleaving where a peer, done discarding, already sent it a
+/// piece of the next switch. Returns that worker.
+pub fn abort_at_once(engine: &mut Engine, target: Topology) -> WorkerId {
+    let (_, plan) = engine.plan_reconfigure(target).unwrap();
+    let layer0 = Segment::Layer(LayerId(0));
+    let (src, dst) = remote_piece(&plan, layer0);
+    let opts = ReconfigOptions {
+        window: 1,
+        fail_at: Some((layer0, src)),
+        lookahead: 1,
+        late_discard: Some(dst),
+        ..Default::default()
+    };
+    let aborted = aborted_count(engine);
+    engine.reconfigure_with(target, &opts).unwrap();
+    // The failed copy needs no step to abort.
+    while engine.reconfig_in_progress() {
+        std::thread::yield_now();
+    }
+    assert_eq!(aborted_count(engine), aborted + 1);
+    dst
+}
+
+pub fn aborted_count(engine: &mut Engine) -> usize {
+    engine
+        .reconfig_events()
+        .iter()
+        .filter(|e| matches!(e, ReconfigEvent::Aborted { .. }))
+        .count()
 }
