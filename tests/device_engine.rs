@@ -267,7 +267,10 @@ on_devices! {
     fn a_late_worker_fails_one_step_then_steps_match_tp2pp2_tp1pp2(dev) {
         let model = tiny_model();
         let case = &oracle()[0];
-        let timeout = Duration::from_secs(2);
+        // Long enough that no on-time step of the emulator (where one download can run a
+        // whole step's queued kernels, about a second on a loaded 2-core machine) comes
+        // near it.
+        let timeout = Duration::from_secs(4);
         let run = |tp: usize, pp: usize, delay: Option<StepDelay>| {
             let mut ec = EngineConfig::new(Topology::new(tp, pp));
             ec.device = dev;
