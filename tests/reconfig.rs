@@ -343,3 +343,59 @@ fn stop_the_world_and_restart_baselines_keep_tokens() {
     engine.run_to_completion().unwrap();
     assert_oracle_tokens(&engine, &cases, &ids);
 }
+
+/// The decider of an online switch's flips runs one step late (the lead of stage 0, whose
+/// members decide every layer of the step): the others give up on the step and settle
+/// its undecided segments as "no flip", so the late decider cannot flip a layer they
+/// never flipped. The step fails, the engine keeps serving (not broken), the switch
+/// completes in later steps, and every request keeps the oracle's tokens.
+#[test]
+fn a_late_decider_during_a_switch_fails_one_step_and_the_switch_completes() {
+    use remp::runtime::worker::StepDelay;
+    use std::time::{Duration, Instant};
+    let model = tiny_model();
+    let cases = oracle();
+    let timeout = Duration::from_millis(1500);
+    let mut econf = EngineConfig::new(Topology::new(2, 2));
+    econf.workers = Some(4);
+    econf.comm_timeout = timeout;
+    econf.step_delay = Some(StepDelay {
+        step: 3,
+        worker: WorkerId(0),
+        delay: 2 * timeout,
+    });
+    let mut engine = Engine::new(&model, econf).unwrap();
+    let ids = add_all(&mut engine, &cases);
+    for _ in 0..3 {
+        engine.step().unwrap();
+    }
+    // Every segment at once, copied before the late step starts: that step would flip
+    // them all.
+    let opts = ReconfigOptions {
+        window: 100,
+        lookahead: 100,
+        ..Default::default()
+    };
+    engine.reconfigure_with(Topology::new(4, 1), &opts).unwrap();
+    let segments = 6 + 2;
+    let t0 = Instant::now();
+    while engine
+        .reconfig_events()
+        .iter()
+        .filter(|e| matches!(e, ReconfigEvent::SegmentReady { .. }))
+        .count()
+        < segments
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "copies did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let err = engine.step().unwrap_err().to_string();
+    assert!(err.contains("within") || err.contains("waited"), "{err}");
+    assert!(engine.broken_reason().is_none(), "{err}");
+    engine.run_to_completion().unwrap();
+    assert_eq!(engine.topology_name(), "tp4pp1");
+    assert_oracle_tokens(&engine, &cases, &ids);
+}

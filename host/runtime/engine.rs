@@ -756,6 +756,12 @@ impl Engine {
         Ok(logits)
     }
 
+    /// Why the engine refuses to serve until [`Engine::restart`] (a flip that did not
+    /// complete left a worker's shards inconsistent with the placement), if it does.
+    pub fn broken_reason(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
     /// Refuses work once a failed step left the workers inconsistent with the placement.
     fn serving(&self) -> Result<()> {
         match &self.broken {
@@ -886,7 +892,21 @@ impl Engine {
         while self.pool.ctrl.is_active() {
             self.flip_step()?;
         }
+        let before = self.reconfig_log.len();
         self.collect_reconfig_events();
+        // A switch that aborted left the engine serving on a valid (mixed) placement,
+        // but the caller asked for `target`: say so rather than return Ok.
+        if let Some(ReconfigEvent::Aborted {
+            error, placement, ..
+        }) = self.reconfig_log[before..]
+            .iter()
+            .rev()
+            .find(|e| matches!(e, ReconfigEvent::Aborted { .. }))
+        {
+            return Err(Error::Reconfig(format!(
+                "stop-the-world switch to {target} aborted ({error}); serving on {placement}"
+            )));
+        }
         Ok(())
     }
 
@@ -912,6 +932,15 @@ impl Engine {
         }
         let n_workers = self.n_workers.max(target.world_size());
         let placement = Placement::static_topology(target, &self.cfg)?;
+        self.collect_reconfig_events();
+        if let (true, Some(why)) = (self.pool.ctrl.is_active(), &self.broken) {
+            // The broken switch ends with its workers: its log says so.
+            self.reconfig_log.push(ReconfigEvent::Aborted {
+                step: self.step_no,
+                error: why.clone(),
+                placement: self.pool.live.snapshot().describe(),
+            });
+        }
         self.pool.shutdown();
         self.pool = Pool::spawn(
             &self.cfg,

@@ -187,10 +187,38 @@ impl LivePlacement {
                 .map_err(|_| Error::Reconfig("placement slot poisoned".into()))?;
             st = g;
             if t.timed_out() && st.decided_step != Some(step) {
+                // This step fails here. Settle it as "no flip" before giving up: a late
+                // decider (a slow peer still running the step) must not flip a segment
+                // that this worker — and whoever else gave up — never flipped, or shards
+                // and placement would disagree. The switch flips it in a later step.
+                st.decision = Arc::new(Decision {
+                    group: st.current.clone(),
+                    flip: None,
+                });
+                st.decided_step = Some(step);
+                slot.cv.notify_all();
                 return Err(Error::Reconfig(format!(
                     "step {step}: no decision for {seg} within {:?}",
                     self.timeout
                 )));
+            }
+        }
+    }
+
+    /// A worker failed `step`: every segment not decided in it yet is settled as "no
+    /// flip", so a slow decider still running the step cannot flip a segment that the
+    /// workers who gave up will never flip (its shards and the placement would then
+    /// disagree). Pending switches stay pending and flip in a later step.
+    pub fn abandon(&self, step: u64) {
+        for slot in &self.slots {
+            let Ok(mut st) = slot.st.lock() else { continue };
+            if st.decided_step != Some(step) {
+                st.decision = Arc::new(Decision {
+                    group: st.current.clone(),
+                    flip: None,
+                });
+                st.decided_step = Some(step);
+                slot.cv.notify_all();
             }
         }
     }

@@ -330,6 +330,7 @@ impl Worker {
                 Cmd::Step(plan) => {
                     let r = self.step(&plan);
                     if r.is_err() {
+                        plan.live.abandon(plan.step);
                         self.after_failed_step();
                     }
                     // KV pieces of flips the receives dropped (stale or mismatched) were
