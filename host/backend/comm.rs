@@ -368,6 +368,7 @@ impl Comm {
     /// Waits, up to the timeout, until a message whose tag matches `pred` is queued from
     /// any endpoint (kept for the receives, in order); false if none came. (Test hooks
     /// use it to force an interleaving.)
+    #[doc(hidden)] // test hook, not part of the serving API
     pub fn wait_queued(&self, pred: impl Fn(Tag) -> bool) -> bool {
         let deadline = Instant::now() + self.timeout;
         loop {

@@ -79,6 +79,7 @@ pub struct SegmentJob {
     pub plan: SegmentPlan,
     pub snapshot: Vec<SnapSeq>,
     /// Injected failure (tests): this worker's copy thread fails the job.
+    #[doc(hidden)] // test hook, not part of the serving API
     pub fail_on: Option<WorkerId>,
     registered: Instant,
     /// Copy-thread CPU time spent on this job, in microseconds.
@@ -153,13 +154,16 @@ pub struct ReconfigOptions {
     /// Segments in flight at once (0 = default 2). Bounds the extra memory.
     pub window: usize,
     /// Test hook: make this worker's copy of this segment fail.
+    #[doc(hidden)] // test hook, not part of the serving API
     pub fail_at: Option<(Segment, WorkerId)>,
     /// Test hook: this worker fails the step in which this segment flips, where it
     /// would flip (its shard stays the old one while the placement moves on).
+    #[doc(hidden)] // test hook, not part of the serving API
     pub fail_flip_at: Option<(Segment, WorkerId)>,
     /// Test hook: if the switch aborts, this worker's copy thread discards it only once
     /// a message of the next switch has reached its copy lane (a peer that discarded
     /// first already sent it a piece of the next job), or after the comm timeout.
+    #[doc(hidden)] // test hook, not part of the serving API
     pub late_discard: Option<WorkerId>,
     /// How many segments ahead of the running step a new copy starts; 0 = adaptive:
     /// the last segment's copy time over the time a step spends per segment, plus one.

@@ -57,6 +57,7 @@ pub struct EngineConfig {
     /// How device workers exchange partial sums and hidden states (ignored on the CPU).
     pub exchange: Exchange,
     /// Test hook: one worker runs one step late (see [`StepDelay`]).
+    #[doc(hidden)] // test hook, not part of the serving API
     pub step_delay: Option<StepDelay>,
 }
 

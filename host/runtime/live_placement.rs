@@ -36,6 +36,7 @@ pub struct FlipInfo {
     pub job: u64,
     /// Test hook ([`crate::reshard::executor::ReconfigOptions::fail_flip_at`]): this
     /// worker fails the step instead of flipping.
+    #[doc(hidden)] // test hook, not part of the serving API
     pub fail_on: Option<crate::parallel::WorkerId>,
 }
 

@@ -256,6 +256,7 @@ impl StepPlan {
 /// `delay` at the start of step `step`, so that peers waiting longer than the comm
 /// timeout give up on the step and its parts of it arrive after they did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[doc(hidden)] // test hook, not part of the serving API
 pub struct StepDelay {
     pub step: u64,
     pub worker: WorkerId,
@@ -534,8 +535,8 @@ impl Worker {
         let mut prev: Option<Arc<Decision>> = None;
         let hidden_len = plan.num_tokens() * self.cfg.hidden_size;
         // Device workers upload the step's ids, positions and KV metadata once, first
-        // thing: an upload synchronizes the stream, which is idle only here (later it
-        // may wait for a peer's event, and the host would wait with it).
+        // thing (queued on the stream through the pinned staging slots: the host does
+        // not wait for the device).
         let inputs = match &self.device {
             Some(dc) if hidden_len > 0 => Some(StepInputs::new(dc, plan, self.geom)?),
             _ => None,
@@ -858,8 +859,12 @@ impl Worker {
                     // The receiver's stream waits for the packing before it reads.
                     mark_ready(dev, &mut piece)?;
                     // Device memory until the receiver has unpacked it (it frees the count).
-                    self.mem.meter.alloc(piece.len());
-                    self.comm.send_buf(t.dst.0, tag, piece)?;
+                    let n = piece.len();
+                    self.mem.meter.alloc(n);
+                    // (A failed send drops the piece: its count goes with it.)
+                    self.comm
+                        .send_buf(t.dst.0, tag, piece)
+                        .inspect_err(|_| self.mem.meter.free(n))?;
                 } else {
                     let buf = device::kv_pack(dev, old, self.geom, &spans, &t.region.rows)?;
                     self.comm.send(t.dst.0, tag, buf)?;

@@ -17,9 +17,10 @@
 //! ([`Exchange`]), bit-identical by construction: *same-device* (default) — each
 //! member's partial goes to its peers as a device buffer through the counted [`Comm`]
 //! layer (marked ready by an event on the sender's stream, which the receiver's stream
-//! waits for: no host synchronization in the exchange), lands in slot `i` of a `[group, tokens, hidden]` f32 buffer, and the split-K
-//! reduce kernel sums the slots in order with the bias and residual add fused; and
-//! *host-staged* — download, host all-reduce, upload. The vocab-parallel embedding's
+//! waits for: no host synchronization in the exchange), lands in slot `i` of a
+//! `[group, tokens, hidden]` f32 buffer, and the split-K reduce kernel sums the slots in
+//! order with the bias and residual add fused; and *host-staged* — download, host
+//! all-reduce, upload. The vocab-parallel embedding's
 //! all-reduce (one member holds each row, so the sum is exact) takes the same two
 //! routes, summing bf16 rows with the residual-add kernel on the device; NCCL for ranks
 //! on different GPUs is not built yet.
@@ -152,8 +153,8 @@ pub fn check_heads(cfg: &ModelConfig, tp: usize, idx: usize) -> Result<()> {
 
 /// Per-step inputs on the device: token ids, positions, KV slots and the paged
 /// attention metadata, uploaded by each device worker at the start of a step (into its
-/// scratch buffers: an upload is ordered after the previous step's kernels, and the
-/// stream is idle then, so the upload's synchronize costs no wait).
+/// scratch buffers: an upload is queued on the stream, after the previous step's
+/// kernels that read them).
 pub struct StepInputs {
     /// The step's number: tags its messages (see [`Tag::step`]).
     pub step: u64,
@@ -241,8 +242,9 @@ pub struct DeviceCompute {
     /// Temporaries by purpose, reused by every layer and step: even a pool allocation is
     /// a driver call, so per-layer allocations would add up over a decode step. Only
     /// this handle's stream touches them (what goes to a peer is a fresh copy), so a
-    /// buffer is free for the next layer once this one's launches are queued. Not counted in the memory meter
-    /// (which tracks weights and KV); a few activations' worth.
+    /// buffer is free for the next layer once this one's launches are queued. Not
+    /// counted in the memory meter (which tracks weights and KV); a few activations'
+    /// worth.
     scratch: Mutex<HashMap<&'static str, Arc<Buf>>>,
     exchange: Exchange,
 }
@@ -738,12 +740,12 @@ impl DeviceCompute {
         Ok(())
     }
 
-    /// Same-device exchange within group `g` (this worker is member `idx`) in step `step`: a copy of
-    /// `bytes` bytes of `src` from `off` goes to every peer (a fresh buffer each, marked
-    /// ready by an event on this stream and handed over through the Comm layer), and
-    /// `each(j, buf)` queues this worker's use of member `j`'s buffer, in group order,
-    /// after its stream waits for the sender's event. Nothing here blocks the host: the
-    /// received buffers are freed after every stream's queued work.
+    /// Same-device exchange within group `g` (this worker is member `idx`) in step
+    /// `step`: a copy of `bytes` bytes of `src` from `off` goes to every peer (a fresh
+    /// buffer each, marked ready by an event on this stream and handed over through the
+    /// Comm layer), and `each(j, buf)` queues this worker's use of member `j`'s buffer,
+    /// in group order, after its stream waits for the sender's event. Nothing here
+    /// blocks the host: the received buffers are freed after every stream's queued work.
     #[allow(clippy::too_many_arguments)]
     fn share_with_group(
         &self,

@@ -154,8 +154,9 @@ pub trait Device: Send + Sync {
     fn alloc(&self, bytes: usize) -> Result<Buf>;
     /// Host → device, `src` to byte `off` of `dst`, queued after the work already queued
     /// (the host does not wait for the device). `src` may be reused as soon as it
-    /// returns: on CUDA the driver stages pageable memory before the call returns. Like
-    /// any write, another handle sees it only after an event or a synchronize.
+    /// returns: on CUDA it is copied into the handle's pinned staging slots first (or,
+    /// without pinned memory, the driver stages it before returning). Like any write,
+    /// another handle sees it only after an event or a synchronize.
     fn upload(&self, dst: &Buf, off: usize, src: &[u8]) -> Result<()>;
     /// Device → host, from byte `off` of `src` (synchronous, after queued work).
     fn download(&self, src: &Buf, off: usize, dst: &mut [u8]) -> Result<()>;
