@@ -42,11 +42,48 @@ pub enum Error {
     Device(String),
 }
 
+/// Runs `f`, turning a panic into the error `wrap` makes of its message: a worker or copy
+/// thread that panics (a bug) then answers with an error instead of leaving the engine
+/// waiting for a reply that never comes.
+pub(crate) fn no_panic<T>(
+    f: impl FnOnce() -> Result<T>,
+    wrap: impl FnOnce(String) -> Error,
+) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(wrap(format!("panicked: {msg}")))
+    })
+}
+
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_the_wrapped_error() {
+        let wrap = |m: String| Error::Worker { worker: 3, msg: m };
+        let e = no_panic::<()>(|| panic!("index out of range"), wrap).unwrap_err();
+        assert_eq!(e.to_string(), "worker 3: panicked: index out of range");
+        let n = 7;
+        let e = no_panic::<()>(|| panic!("formatted {n}"), wrap).unwrap_err();
+        assert_eq!(e.to_string(), "worker 3: panicked: formatted 7");
+        assert_eq!(no_panic(|| Ok(5), wrap).unwrap(), 5);
+        assert!(matches!(
+            no_panic::<()>(|| Err(Error::Comm("x".into())), wrap),
+            Err(Error::Comm(_))
+        ));
     }
 }

@@ -592,7 +592,7 @@ impl CopyWorker {
             match cmd {
                 CopyCmd::Run(job) => {
                     let t = thread_cpu_us();
-                    let r = self.run_job(&job);
+                    let r = crate::error::no_panic(|| self.run_job(&job), |m| self.err(m));
                     if r.is_err() {
                         self.notify_abort(&job);
                     }

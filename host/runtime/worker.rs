@@ -14,7 +14,7 @@ use crate::backend::comm::{Comm, Tag};
 use crate::backend::cpu::ops;
 use crate::backend::device::llama::{check_heads, DevKv, DevShards, DeviceCompute, StepInputs};
 use crate::backend::device::{mark_ready, wait_ready, Buf, Event, Exchange};
-use crate::error::{Error, Result};
+use crate::error::{no_panic, Error, Result};
 use crate::model::{ModelConfig, TensorSource};
 use crate::parallel::shard::HeadShard;
 use crate::parallel::{Group, LayerId, Placement, Region, Segment, TensorKind, WorkerId};
@@ -327,9 +327,9 @@ impl Worker {
     pub fn run(self, cmds: Receiver<Cmd>, replies: Sender<Reply>) {
         while let Ok(cmd) = cmds.recv() {
             let reply = match cmd {
-                Cmd::Load(p) => Reply::Loaded(self.id, self.load(&p)),
+                Cmd::Load(p) => Reply::Loaded(self.id, no_panic(|| self.load(&p), |m| self.err(m))),
                 Cmd::Step(plan) => {
-                    let r = self.step(&plan);
+                    let r = no_panic(|| self.step(&plan), |m| self.err(m));
                     if r.is_err() {
                         plan.live.abandon(plan.step);
                         self.after_failed_step();
