@@ -47,8 +47,14 @@ fn assert_oracle(engine: &Engine, id: RequestId, c: &OracleCase, n: usize, what:
 }
 
 /// The meter (allocations and frees of shards and KV on every worker) agrees with what
-/// the workers hold once nothing is staged.
+/// the workers hold once nothing is staged (an aborted switch's copy threads release
+/// theirs in the background: wait for that, boundedly).
 fn assert_meter_matches_memory(engine: &Engine) {
+    let t0 = std::time::Instant::now();
+    while !engine.reconfig_settled() {
+        assert!(t0.elapsed().as_secs() < 60, "copy threads did not settle");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let held: usize = engine.worker_bytes().iter().sum();
     assert_eq!(engine.resident_bytes(), held as i64);
 }

@@ -212,6 +212,10 @@ pub struct Controller {
     stats: Arc<crate::backend::comm::CommStats>,
     /// The step being run (its sequences' cached lengths seed KV pre-copies).
     pub current_plan: Mutex<Option<Arc<StepPlan>>>,
+    /// Discards of an aborted switch sent to copy threads and not processed yet: the
+    /// switch is over (a new one may start), but its staged memory is released only as
+    /// they run.
+    discards: AtomicUsize,
     events: Mutex<Vec<ReconfigEvent>>,
     next_job: AtomicU64,
     /// Recent step time in ms (f64 bits).
@@ -231,11 +235,18 @@ impl Controller {
             meter,
             stats,
             current_plan: Mutex::new(None),
+            discards: AtomicUsize::new(0),
             events: Mutex::new(Vec::new()),
             next_job: AtomicU64::new(1),
             step_ms: AtomicU64::new(0),
             copy_tx,
         }
+    }
+
+    /// No switch runs and every copy thread has released what an aborted one staged
+    /// (the memory meter then counts only what the workers hold).
+    pub fn is_settled(&self) -> bool {
+        !self.is_active() && self.discards.load(Ordering::SeqCst) == 0
     }
 
     pub fn is_active(&self) -> bool {
@@ -460,11 +471,15 @@ impl Controller {
         for (seg, job) in a.in_flight.drain() {
             if self.live.cancel_pending(seg) {
                 for w in job.participants() {
-                    let _ = self.copy_tx[w.0].send(CopyCmd::Discard {
+                    self.discards.fetch_add(1, Ordering::SeqCst);
+                    let sent = self.copy_tx[w.0].send(CopyCmd::Discard {
                         seg,
                         job: job.job,
                         late: a.late_discard == Some(w),
                     });
+                    if sent.is_err() {
+                        self.discards.fetch_sub(1, Ordering::SeqCst);
+                    }
                 }
             }
         }
@@ -604,7 +619,8 @@ impl CopyWorker {
                         self.comm
                             .wait_queued(|t| t.reshard_job().is_some_and(|n| n > job));
                     }
-                    self.discard(seg, job)
+                    self.discard(seg, job);
+                    self.ctrl.discards.fetch_sub(1, Ordering::SeqCst);
                 }
                 CopyCmd::Shutdown => break,
             }

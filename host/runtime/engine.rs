@@ -1002,6 +1002,13 @@ impl Engine {
         self.pool.ctrl.is_active()
     }
 
+    /// No switch runs and the staged buffers of an aborted one are released (the copy
+    /// threads do that in the background after the abort): until then
+    /// [`Engine::resident_bytes`] still counts them.
+    pub fn reconfig_settled(&self) -> bool {
+        self.pool.ctrl.is_settled()
+    }
+
     fn collect_reconfig_events(&mut self) {
         self.reconfig_log.extend(self.pool.ctrl.take_events());
     }

@@ -534,13 +534,10 @@ impl Worker {
         let mut h: Option<Hidden> = None;
         let mut prev: Option<Arc<Decision>> = None;
         let hidden_len = plan.num_tokens() * self.cfg.hidden_size;
-        // Device workers upload the step's ids, positions and KV metadata once, first
-        // thing (queued on the stream through the pinned staging slots: the host does
-        // not wait for the device).
-        let inputs = match &self.device {
-            Some(dc) if hidden_len > 0 => Some(StepInputs::new(dc, plan, self.geom)?),
-            _ => None,
-        };
+        // Device workers upload the step's ids, positions and KV metadata once, before
+        // their first segment of the step (queued through the pinned staging slots: the
+        // host does not wait); a worker in no group of the step uploads nothing.
+        let mut inputs: Option<StepInputs> = None;
         for seg in segments {
             // The lead of the group that just ran the previous segment decides this one
             // (the driver decides the embedding before the step starts).
@@ -574,6 +571,9 @@ impl Worker {
                     }
                 }
             } else if let (Some(dc), true) = (&self.device, g.contains(self.id)) {
+                if inputs.is_none() {
+                    inputs = Some(StepInputs::new(dc, plan, self.geom)?);
+                }
                 let inp = inputs.as_ref().ok_or_else(|| self.err("no step inputs"))?;
                 self.device_segment(dc, seg, g, inp, &mut h)?;
             } else if g.contains(self.id) {
