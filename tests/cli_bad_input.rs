@@ -711,3 +711,50 @@ fn unavailable_device() {
         &["cuda"],
     );
 }
+
+/// `generate --reconfigure STEP:TOPOLOGY` switches while decoding: the JSON names the
+/// starting and final topologies and the switch, and the tokens are those of a run
+/// without the switch (the CPU engine is exact across topologies).
+#[test]
+fn generate_reconfigure_reports_the_switch_and_keeps_the_tokens() {
+    let base = [
+        "generate",
+        "--prompt-ids",
+        "1,2,3",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--ignore-eos",
+        "--json",
+    ];
+    let plain = remp(&base);
+    assert_eq!(plain.code, Some(0), "{}", plain.stderr);
+    let p = parse_one_object(&plain.stdout);
+    assert_eq!(p["final_topology"], "tp2pp2");
+    let mut args = base.to_vec();
+    args.extend(["--reconfigure", "3:tp4pp1"]);
+    let r = remp(&args);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let v = parse_one_object(&r.stdout);
+    assert_eq!(v["topology"], "tp2pp2");
+    assert_eq!(v["final_topology"], "tp4pp1");
+    let sw = &v["reconfigurations"][0];
+    assert_eq!(
+        (sw["from"].as_str(), sw["to"].as_str()),
+        (Some("tp2pp2"), Some("tp4pp1")),
+        "{v}"
+    );
+    assert!(sw["bytes_moved"].as_u64().is_some_and(|b| b > 0), "{v}");
+    let (req, done) = (
+        sw["requested_at_step"].as_u64(),
+        sw["completed_at_step"].as_u64(),
+    );
+    assert!(req == Some(3) && done >= req, "{v}");
+    assert_eq!(
+        ids(&v["requests"][0]["output_ids"]),
+        ids(&p["requests"][0]["output_ids"])
+    );
+}

@@ -476,6 +476,7 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
         let doc = json!({
             "model": model.name,
             "topology": topo.to_string(),
+            "final_topology": engine.topology_name(),
             "device": a.device,
             "requests": reqs,
             "steps": engine.steps(),
