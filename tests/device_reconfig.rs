@@ -59,6 +59,17 @@ fn assert_meter_matches_memory(engine: &Engine) {
     assert_eq!(engine.resident_bytes(), held as i64);
 }
 
+/// Two workers on tp2pp1 two steps into decoding `c`'s prompt for `n` tokens (the
+/// set-up of the abort tests).
+fn decoding_prompt0(dev: DeviceKind, c: &OracleCase, n: usize) -> (Engine, RequestId) {
+    let mut e = engine(dev, Exchange::SameDevice, Topology::new(2, 1), 2);
+    let a = e.add_request(request(c, n)).unwrap();
+    for _ in 0..2 {
+        e.step().unwrap();
+    }
+    (e, a)
+}
+
 fn finished(engine: &mut Engine) -> Vec<(u64, u64)> {
     engine
         .reconfig_events()
@@ -197,12 +208,8 @@ fn failed_device_copy_aborts_and_keeps_serving(dev) {
     use remp::parallel::{LayerId, Segment, WorkerId};
     use remp::reshard::executor::ReconfigOptions;
     let cases = oracle();
-    let mut e = engine(dev, Exchange::SameDevice, Topology::new(2, 1), 2);
     let n = 6;
-    let a = e.add_request(request(&cases[0], n)).unwrap();
-    for _ in 0..2 {
-        e.step().unwrap();
-    }
+    let (mut e, a) = decoding_prompt0(dev, &cases[0], n);
     let opts = ReconfigOptions {
         window: 1,
         fail_at: Some((Segment::Layer(LayerId(3)), WorkerId(1))),
@@ -237,12 +244,8 @@ on_devices! {
 /// with the oracle's tokens.
 fn switch_started_right_after_an_abort_completes(dev) {
     let cases = oracle();
-    let mut e = engine(dev, Exchange::SameDevice, Topology::new(2, 1), 2);
     let n = 6;
-    let a = e.add_request(request(&cases[0], n)).unwrap();
-    for _ in 0..2 {
-        e.step().unwrap();
-    }
+    let (mut e, a) = decoding_prompt0(dev, &cases[0], n);
     let target = Topology::new(1, 2);
     abort_at_once(&mut e, target);
     let (_, plan) = e.plan_reconfigure(target).unwrap();

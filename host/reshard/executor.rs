@@ -632,13 +632,7 @@ impl CopyWorker {
     }
 
     fn discard(&self, seg: Segment, job: u64) {
-        let staged = self
-            .mem
-            .staged
-            .lock()
-            .ok()
-            .and_then(|mut s| s.remove(&seg))
-            .unwrap_or_default();
+        let staged = self.mem.take_staged(seg);
         if let Some(StagedShards::New { set, .. }) = staged.shards {
             self.mem.meter.free(set.bytes());
         }
@@ -646,7 +640,7 @@ impl CopyWorker {
             self.mem.meter.free(s.new_bytes());
         }
         if let (Segment::Layer(l), Some(kv)) = (seg, &staged.dev_kv) {
-            let cur = self.mem.dev_kv.read().ok().and_then(|m| m.get(&l).cloned());
+            let cur = self.mem.dev_kv_of(l);
             if !cur.is_some_and(|c| Arc::ptr_eq(&c, kv)) {
                 self.mem.meter.free(kv.bytes());
             }
@@ -944,23 +938,13 @@ impl CopyWorker {
         let cur = match old_idx {
             Some(_) => Some(
                 self.mem
-                    .dev_shards
-                    .read()
-                    .map_err(|_| self.err("poisoned"))?
-                    .get(&seg)
-                    .cloned()
+                    .dev_shard(seg)
                     .ok_or_else(|| self.err(format!("{seg} not resident on the device")))?,
             ),
             None => None,
         };
         let cur_kv = match seg {
-            Segment::Layer(l) if old_idx.is_some() => self
-                .mem
-                .dev_kv
-                .read()
-                .map_err(|_| self.err("poisoned"))?
-                .get(&l)
-                .cloned(),
+            Segment::Layer(l) if old_idx.is_some() => self.mem.dev_kv_of(l),
             _ => None,
         };
         let keep = new_idx.is_some() && p.unchanged_members().contains(&me);

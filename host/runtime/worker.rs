@@ -190,6 +190,25 @@ impl WorkerMem {
         self.kv.read().ok()?.get(&l).cloned()
     }
 
+    /// [`WorkerMem::shard`] of a device worker.
+    pub fn dev_shard(&self, seg: Segment) -> Option<Arc<DevShards>> {
+        self.dev_shards.read().ok()?.get(&seg).cloned()
+    }
+
+    /// [`WorkerMem::kv`] of a device worker.
+    pub fn dev_kv_of(&self, l: LayerId) -> Option<Arc<DevKv>> {
+        self.dev_kv.read().ok()?.get(&l).cloned()
+    }
+
+    /// Takes what was staged for `seg` (nothing staged: empty).
+    pub fn take_staged(&self, seg: Segment) -> Staged {
+        self.staged
+            .lock()
+            .ok()
+            .and_then(|mut s| s.remove(&seg))
+            .unwrap_or_default()
+    }
+
     /// Bytes of weights and KV resident on this worker (host and device memory).
     pub fn bytes(&self) -> usize {
         fn sum<K, V>(m: &RwLock<HashMap<K, V>>, f: impl Fn(&V) -> usize) -> usize {
@@ -633,11 +652,7 @@ impl Worker {
     ) -> Result<()> {
         let shards = self
             .mem
-            .dev_shards
-            .read()
-            .map_err(|_| self.err("poisoned"))?
-            .get(&seg)
-            .cloned()
+            .dev_shard(seg)
             .ok_or_else(|| self.err(format!("{seg} not resident on the device")))?;
         self.check_shard(seg, g, shards.group_size, shards.index)?;
         match (seg, &*h) {
@@ -645,11 +660,7 @@ impl Worker {
             (Segment::Layer(l), Some(Hidden::Dev(x))) => {
                 let kv = self
                     .mem
-                    .dev_kv
-                    .read()
-                    .map_err(|_| self.err("poisoned"))?
-                    .get(&l)
-                    .cloned()
+                    .dev_kv_of(l)
                     .ok_or_else(|| self.err(format!("KV of layer {} not resident", l.0)))?;
                 dc.layer(&self.comm, g, l, &shards, &kv, self.geom, inp, x)?;
             }
@@ -664,13 +675,7 @@ impl Worker {
     /// buffers in and free the old ones.
     fn flip(&self, plan: &StepPlan, seg: Segment, f: &FlipInfo) -> Result<()> {
         let me = self.id;
-        let staged = self
-            .mem
-            .staged
-            .lock()
-            .map_err(|_| self.err("staged poisoned"))?
-            .remove(&seg)
-            .unwrap_or_default();
+        let staged = self.mem.take_staged(seg);
         if f.new.contains(me) && (staged.shards.is_none()) {
             return Err(self.err(format!("{seg} flipped before its shards were staged")));
         }
@@ -795,13 +800,7 @@ impl Worker {
     ) -> Result<()> {
         let me = self.id;
         let dev = dc.dev.as_ref();
-        let staged = self
-            .mem
-            .staged
-            .lock()
-            .map_err(|_| self.err("staged poisoned"))?
-            .remove(&seg)
-            .unwrap_or_default();
+        let staged = self.mem.take_staged(seg);
         if f.new.contains(me) && staged.dev_shards.is_none() {
             return Err(self.err(format!("{seg} flipped before its shards were staged")));
         }
@@ -809,13 +808,7 @@ impl Worker {
             dev.wait(e)?;
         }
         let old_kv = match seg {
-            Segment::Layer(l) => self
-                .mem
-                .dev_kv
-                .read()
-                .map_err(|_| self.err("poisoned"))?
-                .get(&l)
-                .cloned(),
+            Segment::Layer(l) => self.mem.dev_kv_of(l),
             _ => None,
         };
         if let Segment::Layer(l) = seg {
