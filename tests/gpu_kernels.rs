@@ -24,7 +24,7 @@
 use std::sync::OnceLock;
 
 use remp::backend::cuda::{Arg, CudaDevice, DevBuf};
-use remp_gpu_kernels::prims::emu::launch as emu;
+use remp_gpu_kernels::prims::emu::{launch as emu, launch_dyn as emu_dyn};
 use remp_gpu_kernels::prims::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Bf16, F16};
 use remp_gpu_kernels::{attention::*, gemm::*, small::*};
 
@@ -397,7 +397,8 @@ struct Gemm {
 }
 
 /// One GEMM kernel (decode or mma; plain, f32-out or SiLU) on GPU and emulator, launched
-/// with `block` threads (mma: 128; decode: `DEC_BLOCK` or `DEC_BLOCK_WIDE`).
+/// with `block` threads (mma: 128; wide mma: `MMA_WIDE_BM` = 256, with its dynamic shared
+/// memory; decode: `DEC_BLOCK` or `DEC_BLOCK_WIDE`).
 /// `kchunk > 0` (decode `gemm_decode_bf16` / `_f32out` only): split-K instead —
 /// `gemm_decode_splitk_bf16` into an f32 workspace `[splits, m, n]`, grid
 /// (ceil(n / 16), ceil(k / kchunk)), then `gemm_splitk_reduce_bf16` / `_f32out` with
@@ -407,6 +408,11 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: 
     let silu = kernel.contains("silu");
     let f32out = kernel.ends_with("f32out");
     let mma = kernel.contains("mma");
+    let bm = if kernel.contains("wide") {
+        MMA_WIDE_BM as usize
+    } else {
+        128
+    };
     let mut p = Pair::new();
     let x = p.bytes(&rng.bf16(m * ldx, 1.0));
     let w = p.bytes(&rng.bf16(n * k, 0.5));
@@ -425,8 +431,8 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: 
     let grid = match (mma, silu) {
         (false, false) => [(n as u32).div_ceil(DEC_COLS), 1, 1],
         (false, true) => [(n as u32).div_ceil(DEC_COLS / 2), 1, 1],
-        (true, false) => [n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1],
-        (true, true) => [n.div_ceil(64) as u32, m.div_ceil(128) as u32, 1],
+        (true, false) => [n.div_ceil(128) as u32, m.div_ceil(bm) as u32, 1],
+        (true, true) => [n.div_ceil(64) as u32, m.div_ceil(bm) as u32, 1],
     };
     let dims = [
         U(m as u32),
@@ -507,8 +513,10 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: 
             });
         }
     } else {
+        // the kernel's dynamic shared memory, as the CUDA backend passes it
+        let smem = remp::kernels::dynamic_smem(kernel);
         unsafe {
-            emu(grid, block, || match kernel {
+            emu_dyn(grid, block, smem, || match kernel {
                 "gemm_decode_bf16" => gemm_decode_bf16(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
                 "gemm_decode_bf16_f32out" => {
                     gemm_decode_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy)
@@ -521,6 +529,15 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: 
                     gemm_mma_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy)
                 }
                 "gemm_mma_silu_bf16" => gemm_mma_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy),
+                "gemm_mma_wide_bf16" => {
+                    gemm_mma_wide_bf16(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy)
+                }
+                "gemm_mma_wide_bf16_f32out" => {
+                    gemm_mma_wide_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy)
+                }
+                "gemm_mma_wide_silu_bf16" => {
+                    gemm_mma_wide_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy)
+                }
                 _ => unreachable!(),
             })
         };
@@ -723,6 +740,109 @@ fn gpu_gemm_mma() {
                 0,
             );
         }
+    }
+}
+
+/// The wide tensor-core GEMMs (256x128 block tiles, 8 warps, 4-stage `cp.async` ring in
+/// 96 KiB of dynamic shared memory, grouped rasterization) against the emulator: ragged
+/// M/N/K tails, K over the 4 stages, and 9 block rows (more than a rasterization group
+/// of 8, the last group short) with several column blocks.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_gemm_mma_wide() {
+    let mut rng = Rng::new("gpu_gemm_mma_wide");
+    for kernel in [
+        "gemm_mma_wide_bf16",
+        "gemm_mma_wide_bf16_f32out",
+        "gemm_mma_wide_silu_bf16",
+    ] {
+        for &(m, n, k) in &[
+            (256usize, 128usize, 256usize),
+            (300, 200, 264),
+            (37, 136, 96),
+            (2100, 300, 64),
+        ] {
+            let ldx = k + rng.pick(&[0usize, 8]);
+            let ldy = n + rng.pick(&[0usize, 3]);
+            let (bias, res) = (rng.next().is_multiple_of(2), rng.next().is_multiple_of(2));
+            gemm_case(
+                &mut rng,
+                kernel,
+                Gemm { m, n, k, ldx, ldy },
+                MMA_WIDE_BM,
+                bias,
+                res,
+                0,
+            );
+        }
+    }
+}
+
+/// The wide kernels against `gemm_mma_*` on the GPU, bit for bit, on a larger shape
+/// (grouped rasterization over 9 block rows, 33 K stages, bias + in-place residual,
+/// bf16 / f32 / SiLU outputs): for each output both run the same `mma.sync` sequence
+/// (k16 steps in K order from zero accumulators, BK 32 in both, same fragments) and the
+/// same epilogue, so any difference is a tile-mapping or pipeline bug.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_gemm_mma_wide_equals_mma() {
+    let mut rng = Rng::new("gpu_gemm_mma_wide_equals_mma");
+    let (m, n, k) = (2100usize, 520usize, 1056usize);
+    let (ldx, ldy) = (k + 8, n + 3);
+    let x = dev().upload(&rng.bf16(m * ldx, 1.0)).unwrap();
+    let w = dev().upload(&rng.bf16(n * k, 0.5)).unwrap();
+    let w2 = dev().upload(&rng.bf16(n * k, 0.5)).unwrap();
+    let bias = dev().upload(&rng.bf16(n, 1.0)).unwrap();
+    let res = rng.bf16(m * ldy, 2.0);
+    for (old, wide, elem) in [
+        ("gemm_mma_bf16", "gemm_mma_wide_bf16", 2usize),
+        ("gemm_mma_bf16_f32out", "gemm_mma_wide_bf16_f32out", 4),
+        ("gemm_mma_silu_bf16", "gemm_mma_wide_silu_bf16", 2),
+    ] {
+        let silu = old.contains("silu");
+        let mut outs = vec![];
+        for (name, bm, block) in [
+            (old, 128usize, 128u32),
+            (wide, MMA_WIDE_BM as usize, MMA_WIDE_BM),
+        ] {
+            // bf16 out: in place over the residual; f32 out: a separate bf16 residual;
+            // SiLU: no residual, y poisoned
+            let resb = dev().upload(&res).unwrap();
+            let y = if elem == 2 && !silu {
+                dev().upload(&res).unwrap()
+            } else {
+                dev().alloc_poisoned(m * ldy * elem, 0xFF).unwrap()
+            };
+            let r = if elem == 2 { y.ptr() } else { resb.ptr() };
+            let mut args = vec![Arg::Ptr(y.ptr()), Arg::Ptr(x.ptr()), Arg::Ptr(w.ptr())];
+            if silu {
+                args.push(Arg::Ptr(w2.ptr()));
+            } else {
+                args.extend([Arg::Ptr(bias.ptr()), Arg::Ptr(r)]);
+            }
+            args.extend([m, n, k, ldx, ldy].map(|v| Arg::U32(v as u32)));
+            let cols = if silu { 64 } else { 128 };
+            let grid = [n.div_ceil(cols) as u32, m.div_ceil(bm) as u32, 1];
+            unsafe { dev().launch(name, grid, block, &args) }.unwrap_or_else(|e| panic!("{e}"));
+            outs.push(y.download::<u8>().unwrap());
+        }
+        let es = elem;
+        let diff = (0..m * ldy).find(|&i| {
+            i % ldy < n && outs[0][i * es..(i + 1) * es] != outs[1][i * es..(i + 1) * es]
+        });
+        if let Some(i) = diff {
+            panic!(
+                "{wide} differs from {old} at element {i} (row {}, col {}): {:02x?} vs {:02x?}",
+                i / ldy,
+                i % ldy,
+                &outs[1][i * es..(i + 1) * es],
+                &outs[0][i * es..(i + 1) * es]
+            );
+        }
+        let poison = (0..m * ldy)
+            .filter(|&i| i % ldy < n)
+            .any(|i| outs[1][i * es..(i + 1) * es].iter().all(|&b| b == 0xFF));
+        assert!(!poison, "{wide}: an output left unwritten");
     }
 }
 

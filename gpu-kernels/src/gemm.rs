@@ -27,6 +27,29 @@
 //!   N and K tails are zero-filled by `cp.async` (src-size 0). Requires K % 8 == 0,
 //!   ldx % 8 == 0 and 16-byte-aligned x and W (traps otherwise — use decode).
 //!   Launch: block 128, grid = (ceil(N / 128), ceil(M / 128)) (`_silu`: ceil(N / 64)).
+//! - **wide mma** (`gemm_mma_wide_*`, same arguments and results, not yet measured on a
+//!   GPU; the engine keeps `gemm_mma_*` until a run shows it faster): the same code
+//!   (tile loads, swizzle, main loop, epilogues are generic over `MmaTile`) with a
+//!   256x128x32 block tile, 8 warps in 4x2 each computing 64x64, a 4-stage `cp.async`
+//!   ring (4 x (256 + 128) rows x 64 B = 96 KiB of *dynamic* shared memory,
+//!   `MMA_WIDE_SMEM`) and grouped rasterization ([`raster`], groups of 8 block rows).
+//!   Why: at 128x128 the old kernel moves 64 FLOP per byte of L2 -> SM traffic, so its
+//!   344 TFLOP/s on an H200 already pull about 5.4 TB/s from L2; 256x128 needs 85 FLOP
+//!   per byte (a third less traffic per FLOP), and the grouped order keeps the tiles
+//!   the resident blocks share in L2. BK stays 32 (not 64 with 3 stages, the other
+//!   option): the 64-byte rows keep the old kernel's swizzle and fragment code as they
+//!   are, ptxas gives 218-220 registers with BK 32 against 238-240 with BK 64, and
+//!   BK 64 x 3 stages needs 144 KiB, over the 99 KiB per-block limit of sm_86/sm_89
+//!   GPUs, which run the sm_80 module; a stage already holds 64 `mma.sync` per warp
+//!   (thousands of cycles), so the barrier per stage is a small share. (BK and the
+//!   stage count are two constants of `TileWide`.) With 220 registers a 256-thread
+//!   block takes 56 K of the SM's 64 K registers: one block (8 warps) per SM, the same
+//!   warps per SM as the old kernel's two 4-warp blocks.
+//!   Launch: block 256 (`MMA_WIDE_BM`), grid = (ceil(N / 128), ceil(M / 256))
+//!   (`_silu`: ceil(N / 64)), dynamic shared memory `MMA_WIDE_SMEM` bytes (the CUDA
+//!   backend passes it and raises the function's
+//!   `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` at module load: see
+//!   `kernels::dynamic_smem`); another block size or less shared memory traps.
 //!
 //! Fused epilogues (each rounds like the unfused PyTorch ops would):
 //! `y = x·Wᵀ (+ bias[n]) (+ residual[m, n])` — `bias`/`residual` may be null; the
@@ -537,19 +560,105 @@ unsafe fn gemm_decode_silu(
 
 // ---------------------------------------------------------------- mma path
 
-const BM: u32 = 128;
-const BN: u32 = 128;
-const BK: u32 = 32;
-const STAGES: u32 = 3;
-const TILE_BYTES: u32 = BM * BK * 2; // one operand tile, 8 KiB
-const STAGE_BYTES: u32 = 2 * TILE_BYTES;
-/// Shared memory of the mma kernels: 3 stages of A and B tiles.
-pub const MMA_SMEM: usize = (STAGES * STAGE_BYTES) as usize;
+/// The block tile of an mma kernel: `BM` x `BN` (128) output elements, `BM / 64` x 2
+/// warps of 64x64 each (so `BM` threads), K in `BK`-element stages through an `ST`-deep
+/// `cp.async` ring. One code path serves every shape: the tile loads, the swizzle, the
+/// main loop and the epilogues below are generic over it.
+trait MmaTile {
+    /// Block rows: 64 per warp row, 2 warps per warp row, so also the block size.
+    const BM: u32;
+    /// K elements per stage: 32 (64-byte shared rows) or 64 (128-byte rows).
+    const BK: u32;
+    /// Pipeline stages in shared memory (3 or 4).
+    const ST: u32;
+    /// Grouped rasterization: block rows per group (see [`raster`]); 0 = grid order.
+    const GROUP: u32;
+}
 
-/// Byte offset of 16-byte chunk `c` (0..4) of row `r` in a swizzled 128x32 bf16 tile.
+/// `gemm_mma_*`: 128x128x32, 4 warps, 3 stages (48 KiB static shared memory).
+struct Tile128;
+impl MmaTile for Tile128 {
+    const BM: u32 = 128;
+    const BK: u32 = 32;
+    const ST: u32 = 3;
+    const GROUP: u32 = 0;
+}
+
+/// `gemm_mma_wide_*`: 256x128x32, 8 warps (4x2), 4 stages (96 KiB dynamic shared
+/// memory), grouped rasterization in groups of 8 block rows. See the module comment.
+struct TileWide;
+impl MmaTile for TileWide {
+    const BM: u32 = MMA_WIDE_BM;
+    const BK: u32 = 32;
+    const ST: u32 = 4;
+    const GROUP: u32 = MMA_WIDE_GROUP;
+}
+
+const BN: u32 = 128;
+
+/// Bytes of one stage of tile `T` in shared memory: the A tile (`BM` rows) then the B
+/// tile (`BN` rows), `BK` bf16 per row.
 #[inline(always)]
-fn swz(r: u32, c: u32) -> u32 {
-    r * 64 + ((c ^ ((r >> 1) & 3)) << 4)
+const fn stage_bytes(bm: u32, bk: u32) -> u32 {
+    (bm + BN) * bk * 2
+}
+
+/// Shared memory of the `gemm_mma_*` kernels (static): 3 stages of 128x32 A and B tiles.
+pub const MMA_SMEM: usize = (3 * stage_bytes(128, 32)) as usize;
+/// Block rows (M) of the `gemm_mma_wide_*` kernels, and their block size (threads).
+pub const MMA_WIDE_BM: u32 = 256;
+/// Block columns (N) of the mma kernels (`_silu`: BN / 2 outputs, gate and up).
+pub const MMA_BN: u32 = BN;
+/// Block rows per group of the wide kernels' grouped rasterization ([`raster`]).
+pub const MMA_WIDE_GROUP: u32 = 8;
+/// Dynamic shared memory of the `gemm_mma_wide_*` kernels (bytes): launch them with
+/// exactly this `sharedMemBytes` (and the function attribute
+/// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` raised to it, as it is over
+/// 48 KiB); with less they trap. 4 stages x (256 + 128) rows x 64 B = 96 KiB.
+pub const MMA_WIDE_SMEM: u32 = TileWide::ST * stage_bytes(TileWide::BM, TileWide::BK);
+
+/// Grouped rasterization: block (bx, by) of a (gx, gy) grid computes output tile
+/// (column block, row block) = the returned pair. Consecutive block ids walk down a group
+/// of `group` block rows (the last group may be shorter) before moving one column
+/// block right, so the blocks resident at one time share a few rows of x and columns of
+/// W in L2 instead of one row of x against all of W. A bijection of the grid onto
+/// itself for any shape; `group` 0 or 1 = grid order.
+#[inline(always)]
+pub fn raster(bx: u32, by: u32, gx: u32, gy: u32, group: u32) -> (u32, u32) {
+    if group <= 1 {
+        return (bx, by);
+    }
+    let pid = by * gx + bx;
+    let per_group = group * gx;
+    let g = pid / per_group;
+    let first = g * group;
+    let rows = umin(gy - first, group);
+    let in_group = pid - g * per_group;
+    (in_group / rows, first + in_group % rows)
+}
+
+/// Byte offset of 16-byte chunk `c` of row `r` in a swizzled tile of `bk`-element bf16
+/// rows: the chunk index is XORed with the row's position among the rows sharing a
+/// 128-byte bank line ((r >> 1) & 3 for 64-byte rows, r & 7 for 128-byte rows), so the
+/// 8 rows of an `ldmatrix` (and the rows `cp.async` fills) hit 8 different 16-byte
+/// bank groups.
+#[inline(always)]
+fn swz(bk: u32, r: u32, c: u32) -> u32 {
+    r * (bk * 2) + ((c ^ ((r / (64 / bk)) & (bk / 8 - 1))) << 4)
+}
+
+/// `cp.async.wait_group n` for a stage count known after inlining.
+#[inline(always)]
+fn cp_async_wait_n(n: u32) {
+    if n == 0 {
+        cp_async_wait::<0>();
+    } else if n == 1 {
+        cp_async_wait::<1>();
+    } else if n == 2 {
+        cp_async_wait::<2>();
+    } else {
+        cp_async_wait::<3>();
+    }
 }
 
 struct MmaArgs {
@@ -579,40 +688,61 @@ unsafe fn b_row(a: &MmaArgs, n0: u32, r: u32) -> (*const u16, bool) {
     }
 }
 
+/// Issues the copies of K tile `kt` into stage `stage`: thread t copies chunks t,
+/// t + BM, ... of the A tile (BK / 8 each) and of the B tile (BN·BK / 8 / BM each),
+/// zero-filling rows past M / N and chunks past K.
 #[inline(always)]
-unsafe fn load_stage(a: &MmaArgs, smem: *mut u8, stage: u32, kt: u32, m0: u32, n0: u32) {
+unsafe fn load_stage<T: MmaTile>(
+    a: &MmaArgs,
+    smem: *mut u8,
+    stage: u32,
+    kt: u32,
+    m0: u32,
+    n0: u32,
+) {
     let t = thread_idx();
-    let sa = smem.add((stage * STAGE_BYTES) as usize);
-    let sb = sa.add(TILE_BYTES as usize);
-    let k0 = kt * BK;
-    unroll!(i in 0..4 => {
-        let id = t + i as u32 * 128;
-        let r = id >> 2;
-        let c = id & 3;
+    let sa = smem.add((stage * stage_bytes(T::BM, T::BK)) as usize);
+    let sb = sa.add((T::BM * T::BK * 2) as usize);
+    let k0 = kt * T::BK;
+    let cpr = T::BK / 8; // chunks per row
+    unroll!(i in 0..8 => {
+        let id = t + i as u32 * T::BM;
+        let r = id / cpr;
+        let c = id % cpr;
         let gk = k0 + c * 8;
-        let gm = m0 + r;
-        let ok = gm < a.m && gk < a.k;
-        let src = if ok { a.x.add((gm * a.ldx + gk) as usize) } else { a.x };
-        cp_async_16(sa.add(swz(r, c) as usize), src as *const u8, if ok { 16 } else { 0 });
-        let (wrow, nok) = b_row(a, n0, r);
-        let ok = nok && gk < a.k;
-        let src = if ok { wrow.add(gk as usize) } else { a.w };
-        cp_async_16(sb.add(swz(r, c) as usize), src as *const u8, if ok { 16 } else { 0 });
+        if (i as u32) < cpr {
+            let gm = m0 + r;
+            let ok = gm < a.m && gk < a.k;
+            let src = if ok { a.x.add((gm * a.ldx + gk) as usize) } else { a.x };
+            cp_async_16(sa.add(swz(T::BK, r, c) as usize), src as *const u8, if ok { 16 } else { 0 });
+        }
+        if (i as u32) < BN * cpr / T::BM {
+            let (wrow, nok) = b_row(a, n0, r);
+            let ok = nok && gk < a.k;
+            let src = if ok { wrow.add(gk as usize) } else { a.w };
+            cp_async_16(sb.add(swz(T::BK, r, c) as usize), src as *const u8, if ok { 16 } else { 0 });
+        }
     });
 }
 
 /// The main loop; returns the warp's 64x64 accumulator tile (4 m16 x 8 n8 fragments).
+/// Warp w computes rows (w >> 1)·64.. and columns (w & 1)·64.. of the block tile.
 #[inline(always)]
-unsafe fn mma_mainloop(a: &MmaArgs, smem: *mut u8, m0: u32, n0: u32) -> [[[f32; 4]; 8]; 4] {
+unsafe fn mma_mainloop<T: MmaTile>(
+    a: &MmaArgs,
+    smem: *mut u8,
+    m0: u32,
+    n0: u32,
+) -> [[[f32; 4]; 8]; 4] {
     let lane = lane_id();
     let warp = warp_id();
     let (wm, wn) = (warp >> 1, warp & 1);
     let mut acc = [[[0.0f32; 4]; 8]; 4];
-    let kt_n = div_ceil(a.k, BK);
+    let kt_n = div_ceil(a.k, T::BK);
     let mut s = 0;
-    while s < STAGES - 1 {
+    while s < T::ST - 1 {
         if s < kt_n {
-            load_stage(a, smem, s, s, m0, n0);
+            load_stage::<T>(a, smem, s, s, m0, n0);
         }
         cp_async_commit();
         s += 1;
@@ -621,34 +751,37 @@ unsafe fn mma_mainloop(a: &MmaArgs, smem: *mut u8, m0: u32, n0: u32) -> [[[f32; 
     let (j, r) = (lane >> 3, lane & 7);
     let mut kt = 0;
     while kt < kt_n {
-        cp_async_wait::<{ STAGES - 2 }>();
+        cp_async_wait_n(T::ST - 2);
         sync_threads();
-        let pf = kt + STAGES - 1;
+        let pf = kt + T::ST - 1;
         if pf < kt_n {
-            load_stage(a, smem, pf % STAGES, pf, m0, n0);
+            load_stage::<T>(a, smem, pf % T::ST, pf, m0, n0);
         }
         cp_async_commit();
-        let sa = smem.add(((kt % STAGES) * STAGE_BYTES) as usize) as *const u8;
-        let sb = sa.add(TILE_BYTES as usize);
-        unroll!(kk in 0..2 => {
-            let kc = kk as u32 * 2;
-            let mut af = [[0u32; 4]; 4];
-            unroll!(i in 0..4 => {
-                let row = wm * 64 + i as u32 * 16 + (j & 1) * 8 + r;
-                af[i] = ldmatrix_x4(sa.add(swz(row, kc + (j >> 1)) as usize));
-            });
-            let mut bf = [[0u32; 4]; 4];
-            unroll!(p in 0..4 => {
-                let row = wn * 64 + p as u32 * 16 + (j >> 1) * 8 + r;
-                bf[p] = ldmatrix_x4(sb.add(swz(row, kc + (j & 1)) as usize));
-            });
-            unroll!(i in 0..4 => {
-                unroll!(jn in 0..8 => {
-                    let b = bf[jn >> 1];
-                    let h = (jn & 1) * 2;
-                    acc[i][jn] = mma_bf16_16816(acc[i][jn], af[i], [b[h], b[h + 1]]);
+        let sa = smem.add(((kt % T::ST) * stage_bytes(T::BM, T::BK)) as usize) as *const u8;
+        let sb = sa.add((T::BM * T::BK * 2) as usize);
+        // BK / 16 k16 steps per stage, in K order
+        unroll!(kk in 0..4 => {
+            if (kk as u32) < T::BK / 16 {
+                let kc = kk as u32 * 2;
+                let mut af = [[0u32; 4]; 4];
+                unroll!(i in 0..4 => {
+                    let row = wm * 64 + i as u32 * 16 + (j & 1) * 8 + r;
+                    af[i] = ldmatrix_x4(sa.add(swz(T::BK, row, kc + (j >> 1)) as usize));
                 });
-            });
+                let mut bf = [[0u32; 4]; 4];
+                unroll!(p in 0..4 => {
+                    let row = wn * 64 + p as u32 * 16 + (j >> 1) * 8 + r;
+                    bf[p] = ldmatrix_x4(sb.add(swz(T::BK, row, kc + (j & 1)) as usize));
+                });
+                unroll!(i in 0..4 => {
+                    unroll!(jn in 0..8 => {
+                        let b = bf[jn >> 1];
+                        let h = (jn & 1) * 2;
+                        acc[i][jn] = mma_bf16_16816(acc[i][jn], af[i], [b[h], b[h + 1]]);
+                    });
+                });
+            }
         });
         kt += 1;
     }
@@ -663,8 +796,25 @@ unsafe fn check_mma_args(x: *const Bf16, w: *const Bf16, k: u32, ldx: u32) {
     }
 }
 
+/// This block's (column block, row block) of the output: grid order, or grouped
+/// ([`raster`]) when the tile says so.
 #[inline(always)]
-unsafe fn gemm_mma<O: Elem>(
+fn block_tile<T: MmaTile>() -> (u32, u32) {
+    if T::GROUP == 0 {
+        (block_idx_x(), block_idx_y())
+    } else {
+        raster(
+            block_idx_x(),
+            block_idx_y(),
+            grid_dim_x(),
+            grid_dim_y(),
+            T::GROUP,
+        )
+    }
+}
+
+#[inline(always)]
+unsafe fn gemm_mma<O: Elem, T: MmaTile>(
     y: *mut O,
     x: *const Bf16,
     w: *const Bf16,
@@ -687,8 +837,9 @@ unsafe fn gemm_mma<O: Elem>(
         k,
         ldx,
     };
-    let (n0, m0) = (block_idx_x() * BN, block_idx_y() * BM);
-    let acc = mma_mainloop(&a, smem, m0, n0);
+    let (bx, by) = block_tile::<T>();
+    let (n0, m0) = (bx * BN, by * T::BM);
+    let acc = mma_mainloop::<T>(&a, smem, m0, n0);
     let lane = lane_id();
     let warp = warp_id();
     let (wm, wn) = (warp >> 1, warp & 1);
@@ -707,7 +858,7 @@ unsafe fn gemm_mma<O: Elem>(
 }
 
 #[inline(always)]
-unsafe fn gemm_mma_silu(
+unsafe fn gemm_mma_silu<T: MmaTile>(
     y: *mut Bf16,
     x: *const Bf16,
     w_gate: *const Bf16,
@@ -730,8 +881,9 @@ unsafe fn gemm_mma_silu(
         k,
         ldx,
     };
-    let (n0, m0) = (block_idx_x() * (BN / 2), block_idx_y() * BM);
-    let acc = mma_mainloop(&a, smem, m0, n0);
+    let (bx, by) = block_tile::<T>();
+    let (n0, m0) = (bx * (BN / 2), by * T::BM);
+    let acc = mma_mainloop::<T>(&a, smem, m0, n0);
     let lane = lane_id();
     let warp = warp_id();
     let (wm, wn) = (warp >> 1, warp & 1);
@@ -748,6 +900,16 @@ unsafe fn gemm_mma_silu(
             });
         });
     });
+}
+
+/// The wide kernels' shared memory: the launch's dynamic shared memory; traps unless the
+/// block has `MMA_WIDE_BM` threads and the launch gave `MMA_WIDE_SMEM` bytes.
+#[inline(always)]
+fn wide_smem() -> *mut u8 {
+    if block_dim() != MMA_WIDE_BM {
+        trap();
+    }
+    dynamic_shared(MMA_WIDE_SMEM)
 }
 
 kernels! {
@@ -789,16 +951,32 @@ kernels! {
     /// Tensor-core GEMM, bf16 out. block 128, grid = (ceil(n / 128), ceil(m / 128)).
     pub fn gemm_mma_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let smem = shared_bytes!(gemm_smem, 49152);
-        gemm_mma(y, x, w, bias, residual, m, n, k, ldx, ldy, smem);
+        gemm_mma::<Bf16, Tile128>(y, x, w, bias, residual, m, n, k, ldx, ldy, smem);
     }
     /// Tensor-core GEMM, f32 out. block 128, grid = (ceil(n / 128), ceil(m / 128)).
     pub fn gemm_mma_bf16_f32out(y: *mut f32, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let smem = shared_bytes!(gemm_smem, 49152);
-        gemm_mma(y, x, w, bias, residual, m, n, k, ldx, ldy, smem);
+        gemm_mma::<f32, Tile128>(y, x, w, bias, residual, m, n, k, ldx, ldy, smem);
     }
     /// Tensor-core gate/up GEMM with SiLU·mul. block 128, grid = (ceil(n / 64), ceil(m / 128)).
     pub fn gemm_mma_silu_bf16(y: *mut Bf16, x: *const Bf16, w_gate: *const Bf16, w_up: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let smem = shared_bytes!(gemm_smem, 49152);
-        gemm_mma_silu(y, x, w_gate, w_up, m, n, k, ldx, ldy, smem);
+        gemm_mma_silu::<Tile128>(y, x, w_gate, w_up, m, n, k, ldx, ldy, smem);
+    }
+    /// Wide tensor-core GEMM (256x128 block tile), bf16 out; same arguments and results as
+    /// `gemm_mma_bf16`. block 256 (`MMA_WIDE_BM`), grid = (ceil(n / 128), ceil(m / 256)),
+    /// dynamic shared memory `MMA_WIDE_SMEM` (96 KiB; traps with less).
+    pub fn gemm_mma_wide_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+        gemm_mma::<Bf16, TileWide>(y, x, w, bias, residual, m, n, k, ldx, ldy, wide_smem());
+    }
+    /// Wide tensor-core GEMM, f32 out. block 256, grid = (ceil(n / 128), ceil(m / 256)),
+    /// dynamic shared memory `MMA_WIDE_SMEM`.
+    pub fn gemm_mma_wide_bf16_f32out(y: *mut f32, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+        gemm_mma::<f32, TileWide>(y, x, w, bias, residual, m, n, k, ldx, ldy, wide_smem());
+    }
+    /// Wide tensor-core gate/up GEMM with SiLU·mul. block 256, grid = (ceil(n / 64),
+    /// ceil(m / 256)), dynamic shared memory `MMA_WIDE_SMEM`.
+    pub fn gemm_mma_wide_silu_bf16(y: *mut Bf16, x: *const Bf16, w_gate: *const Bf16, w_up: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+        gemm_mma_silu::<TileWide>(y, x, w_gate, w_up, m, n, k, ldx, ldy, wide_smem());
     }
 }

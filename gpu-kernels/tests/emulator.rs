@@ -1,7 +1,11 @@
 //! The emulator's own guarantees: barriers order memory, a missing barrier is caught
-//! whichever way the data flows, and a barrier some threads skip is a reported
-//! deadlock rather than a hang.
-use remp_gpu_kernels::prims::emu::{launch, shared_alloc, sync_threads, thread_idx};
+//! whichever way the data flows, a barrier some threads skip is a reported deadlock
+//! rather than a hang, and shared memory has the GPU's limits (48 KiB static; dynamic
+//! only as much as the launch gave).
+use remp_gpu_kernels::prims::emu::{
+    block_idx_x, dynamic_shared, dynamic_shared_size, launch, launch_dyn, shared_alloc,
+    sync_threads, thread_idx, STATIC_SHARED_BYTES,
+};
 use std::sync::Mutex;
 
 #[test]
@@ -86,4 +90,48 @@ fn a_skipped_barrier_is_a_reported_deadlock() {
     let e = r.expect_err("launch should fail");
     let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(msg.contains("deadlock"), "{msg}");
+}
+
+#[test]
+fn dynamic_shared_memory_is_per_launch_and_per_block() {
+    const BYTES: u32 = 100 * 1024;
+    let seen = Mutex::new(vec![0u32; 2 * 64]);
+    unsafe {
+        launch_dyn([2, 1, 1], 64, BYTES, || {
+            assert_eq!(dynamic_shared_size(), BYTES);
+            let s = dynamic_shared(BYTES) as *mut u32;
+            // beside a static array, in the last 256 bytes of the dynamic part
+            let st = shared_alloc(64) as *mut u32;
+            let far = s.add((BYTES / 4 - 64) as usize);
+            assert!(far as usize >= st as usize + 64 || (far as usize) < st as usize);
+            let t = thread_idx();
+            assert_eq!(
+                *far.add(t as usize),
+                u32::MAX,
+                "poisoned at each block's start"
+            );
+            sync_threads();
+            *far.add(t as usize) = t + 64 * block_idx_x();
+            sync_threads();
+            seen.lock().unwrap()[(64 * block_idx_x() + t) as usize] = *far.add(63 - t as usize);
+        });
+    }
+    let want: Vec<u32> = (0..128).map(|i| (i / 64) * 64 + 63 - i % 64).collect();
+    assert_eq!(seen.into_inner().unwrap(), want);
+    // asking for more than the launch gave traps, as on the GPU
+    for given in [0, BYTES - 16] {
+        let r = std::panic::catch_unwind(|| unsafe {
+            launch_dyn([1, 1, 1], 32, given, || {
+                dynamic_shared(BYTES);
+            })
+        });
+        assert!(r.is_err(), "{given} bytes given: no trap");
+    }
+    // static shared memory over ptxas's 48 KiB is refused
+    let r = std::panic::catch_unwind(|| unsafe {
+        launch([1, 1, 1], 32, || {
+            shared_alloc(STATIC_SHARED_BYTES + 16);
+        })
+    });
+    assert!(r.is_err(), "static shared memory over 48 KiB accepted");
 }

@@ -1,11 +1,16 @@
 //! GEMM kernels under the emulator vs an f64 reference: decode (any shape/alignment)
 //! and tensor-core (mma.sync fragment layout, ldmatrix, swizzle, cp.async tails) paths,
-//! with and without bias / residual, bf16 and f32 outputs, the fused SiLU·mul variant.
+//! with and without bias / residual, bf16 and f32 outputs, the fused SiLU·mul variant;
+//! the wide tensor-core kernels (256x128 tiles, 4 stages, grouped rasterization) also
+//! bit for bit against the 128x128 ones, which do the same mma sequence per output.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 mod common;
 use common::*;
 use remp_gpu_kernels::gemm::*;
-use remp_gpu_kernels::prims::{emu::launch, Bf16};
+use remp_gpu_kernels::prims::{
+    emu::{launch, launch_dyn},
+    Bf16,
+};
 use std::ptr::null;
 
 struct Case {
@@ -95,6 +100,9 @@ enum Path {
     /// split-K decode (partials + reduce) with this block size and kchunk
     SplitK(u32, u32),
     Mma,
+    /// `gemm_mma_wide_*`: block 256, grid (ceil(n / 128), ceil(m / 256)), 96 KiB dynamic
+    /// shared memory
+    Wide,
 }
 
 /// Split-K decode: partials into an f32 workspace `[splits, m, n]` (poisoned with NaN),
@@ -127,14 +135,14 @@ unsafe fn splitk<O: remp_gpu_kernels::prims::Elem>(
 type Gemm<O> =
     unsafe fn(*mut O, *const Bf16, *const Bf16, *const Bf16, *const Bf16, u32, u32, u32, u32, u32);
 type Reduce<O> = unsafe fn(*mut O, *const f32, *const Bf16, *const Bf16, u32, u32, u32, u32);
-/// (decode, split-K reduce, mma) kernels of one output type.
-type Kernels<O> = (Gemm<O>, Reduce<O>, Gemm<O>);
+/// (decode, split-K reduce, mma, wide mma) kernels of one output type.
+type Kernels<O> = (Gemm<O>, Reduce<O>, Gemm<O>, Gemm<O>);
 
 /// Launches `path`'s kernels like the host does.
 #[allow(clippy::too_many_arguments)]
 unsafe fn launch_path<O: remp_gpu_kernels::prims::Elem>(
     path: Path,
-    (decode, reduce, mma): Kernels<O>,
+    (decode, reduce, mma, wide): Kernels<O>,
     y: *mut O,
     x: *const Bf16,
     w: *const Bf16,
@@ -152,10 +160,18 @@ unsafe fn launch_path<O: remp_gpu_kernels::prims::Elem>(
         Path::Mma => launch([n.div_ceil(128), m.div_ceil(128), 1], 128, || {
             mma(y, x, w, bias, res, m, n, k, ldx, ldy)
         }),
+        Path::Wide => launch_dyn(
+            [n.div_ceil(MMA_BN), m.div_ceil(MMA_WIDE_BM), 1],
+            MMA_WIDE_BM,
+            MMA_WIDE_SMEM,
+            || wide(y, x, w, bias, res, m, n, k, ldx, ldy),
+        ),
     }
 }
 
-fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
+/// Runs `path` on case `c`, checks it against the f64 reference and returns the written
+/// outputs (as f32).
+fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) -> Vec<f32> {
     let xb = ABuf::new(&to_bf16(&[vec![0.0; x_off], c.x.clone()].concat()));
     let wb = ABuf::new(&to_bf16(&c.w));
     let bias = c.bias.as_ref().map(|b| ABuf::new(&to_bf16(b)));
@@ -192,6 +208,7 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
             gemm_decode_bf16_f32out,
             gemm_splitk_reduce_bf16_f32out,
             gemm_mma_bf16_f32out,
+            gemm_mma_wide_bf16_f32out,
         );
         unsafe { launch_path(path, kernels, yp, xp, wp, bp, rp, (m, n, k, ldx, ldy)) };
         let want = reference(c, false);
@@ -204,7 +221,9 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
         } else {
             1e-5
         };
-        assert_close(&what, &valid(c, &yb.to_vec()), &valid(c, &want), tol, rtol);
+        let got = valid(c, &yb.to_vec());
+        assert_close(&what, &got, &valid(c, &want), tol, rtol);
+        got
     } else {
         let yb = ABuf::new(&to_bf16(&init));
         let yp = yb.ptr();
@@ -213,20 +232,21 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) {
         } else {
             null()
         }; // in place: y += x·Wᵀ
-        let kernels: Kernels<Bf16> = (gemm_decode_bf16, gemm_splitk_reduce_bf16, gemm_mma_bf16);
+        let kernels: Kernels<Bf16> = (
+            gemm_decode_bf16,
+            gemm_splitk_reduce_bf16,
+            gemm_mma_bf16,
+            gemm_mma_wide_bf16,
+        );
         unsafe { launch_path(path, kernels, yp, xp, wp, bp, rp, (m, n, k, ldx, ldy)) };
         let want = reference(c, true);
-        assert_close(
-            &what,
-            &valid(c, &from_bf16(&yb.to_vec())),
-            &valid(c, &want),
-            1e-2,
-            8e-3,
-        );
+        let got = valid(c, &from_bf16(&yb.to_vec()));
+        assert_close(&what, &got, &valid(c, &want), 1e-2, 8e-3);
+        got
     }
 }
 
-fn run_silu(c: &Case, path: Path) {
+fn run_silu(c: &Case, path: Path) -> Vec<f32> {
     let xb = ABuf::new(&to_bf16(&c.x));
     let (wg, wu) = (ABuf::new(&to_bf16(&c.w)), ABuf::new(&to_bf16(&c.w2)));
     let yb = ABuf::new(&to_bf16(&vec![f32::NAN; c.m * c.ldy]));
@@ -251,17 +271,25 @@ fn run_silu(c: &Case, path: Path) {
             Path::Mma => launch([n.div_ceil(64), m.div_ceil(128), 1], 128, || {
                 gemm_mma_silu_bf16(yp, xp, gp, up, m, n, k, ldx, ldy)
             }),
+            Path::Wide => launch_dyn(
+                [n.div_ceil(MMA_BN / 2), m.div_ceil(MMA_WIDE_BM), 1],
+                MMA_WIDE_BM,
+                MMA_WIDE_SMEM,
+                || gemm_mma_wide_silu_bf16(yp, xp, gp, up, m, n, k, ldx, ldy),
+            ),
             Path::SplitK(..) => unreachable!("no split-K SiLU kernel"),
         }
     }
     let want = silu_reference(c);
+    let got = valid(c, &from_bf16(&yb.to_vec()));
     assert_close(
         &format!("silu m {m} n {n} k {k}"),
-        &valid(c, &from_bf16(&yb.to_vec())),
+        &got,
         &valid(c, &want),
         1e-2,
         1.6e-2,
     );
+    got
 }
 
 #[test]
@@ -368,4 +396,106 @@ fn mma_gemm_random_shapes() {
     let (m, n, k) = (rng.range(1, 70), rng.range(1, 100), 8 * rng.range(1, 8));
     let c = case(&mut rng, m, n, k, k);
     run_silu(&c, Path::Mma);
+}
+
+/// Bit-for-bit equality of two kernels' outputs.
+#[track_caller]
+fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{what}: length");
+    if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
+        panic!("{what}: element {i}: wide {} vs 128x128 {}", a[i], b[i]);
+    }
+}
+
+/// The wide kernels (256x128 tiles, 8 warps, 4-stage ring, grouped rasterization) vs
+/// f64 and bit for bit vs the 128x128 kernels: per output both run the same k16 mma
+/// steps in K order from zero accumulators (BK 32 in both, zero-filled tails), so the
+/// emulated results are identical. Ragged M (over two 256-row blocks), N and K tails, K
+/// over the 4 stages (ring wrap-around), bias / in-place residual, bf16 and f32 out.
+#[test]
+fn mma_wide_gemm_random_shapes() {
+    let mut rng = Rng::new("mma_wide_gemm");
+    for it in 0..4 {
+        let m = if it == 0 {
+            rng.range(257, 600)
+        } else {
+            rng.range(1, 300)
+        };
+        let n = rng.range(1, 300);
+        let k = 8 * rng.range(1, 40);
+        let ldx = k + 8 * rng.range(0, 1);
+        let c = case(&mut rng, m, n, k, ldx);
+        let f32_out = it % 2 == 1;
+        let wide = run(&c, Path::Wide, 0, f32_out);
+        let old = run(&c, Path::Mma, 0, f32_out);
+        assert_same_bits(&format!("m {m} n {n} k {k} f32 {f32_out}"), &wide, &old);
+    }
+    let (m, n, k) = (rng.range(1, 300), rng.range(1, 200), 8 * rng.range(1, 24));
+    let c = case(&mut rng, m, n, k, k);
+    let wide = run_silu(&c, Path::Wide);
+    let old = run_silu(&c, Path::Mma);
+    assert_same_bits(&format!("silu m {m} n {n} k {k}"), &wide, &old);
+}
+
+/// More block rows than a rasterization group (9 or 10 of 256 rows, the last group
+/// short) and several column blocks: every output written once, right values (a wrong
+/// block mapping leaves NaN poison or duplicates tiles).
+#[test]
+fn mma_wide_gemm_grouped_raster() {
+    let mut rng = Rng::new("mma_wide_raster");
+    let m = (MMA_WIDE_GROUP * MMA_WIDE_BM) as usize + rng.range(1, 400);
+    let n = rng.range(129, 300);
+    let c = case(&mut rng, m, n, 16, 16);
+    run(&c, Path::Wide, 0, false);
+}
+
+/// `raster` is a bijection of the grid onto itself that walks down groups of block rows.
+#[test]
+fn raster_is_a_bijection() {
+    for gx in 1..=7u32 {
+        for gy in 1..=20u32 {
+            for group in [0u32, 1, 2, 3, 8] {
+                let mut seen = vec![false; (gx * gy) as usize];
+                for by in 0..gy {
+                    for bx in 0..gx {
+                        let (tx, ty) = raster(bx, by, gx, gy, group);
+                        assert!(tx < gx && ty < gy, "{gx}x{gy} g{group}: ({bx},{by})");
+                        let i = (ty * gx + tx) as usize;
+                        assert!(!seen[i], "{gx}x{gy} g{group}: tile ({tx},{ty}) twice");
+                        seen[i] = true;
+                    }
+                }
+            }
+        }
+    }
+    // 8-row groups on a 4x20 grid: ids 0.. go down rows 0..8 of column 0 first
+    assert_eq!(raster(0, 0, 4, 20, 8), (0, 0));
+    assert_eq!(raster(1, 0, 4, 20, 8), (0, 1));
+    assert_eq!(raster(3, 1, 4, 20, 8), (0, 7));
+    assert_eq!(raster(0, 2, 4, 20, 8), (1, 0));
+    // the last group has 20 - 16 = 4 rows
+    assert_eq!(raster(0, 16, 4, 20, 8), (0, 16));
+    assert_eq!(raster(3, 16, 4, 20, 8), (0, 19));
+    assert_eq!(raster(0, 17, 4, 20, 8), (1, 16));
+}
+
+/// The wide kernels trap (as on the GPU) when launched without their dynamic shared
+/// memory or with another block size, instead of touching memory they do not own.
+#[test]
+fn mma_wide_gemm_wrong_launch_traps() {
+    let x = ABuf::new(&to_bf16(&[0.5f32; 64]));
+    let y = ABuf::new(&to_bf16(&[0.0f32; 64]));
+    let (xp, yp) = (x.ptr() as *const Bf16, y.ptr());
+    for (block, smem) in [
+        (MMA_WIDE_BM, MMA_WIDE_SMEM - 16),
+        (128, MMA_WIDE_SMEM),
+        (MMA_WIDE_BM, 0),
+    ] {
+        let r = std::panic::catch_unwind(|| unsafe {
+            launch_dyn([1, 1, 1], block, smem, || {
+                gemm_mma_wide_bf16(yp, xp, xp, null(), null(), 8, 8, 8, 8, 8)
+            })
+        });
+        assert!(r.is_err(), "block {block} smem {smem} did not trap");
+    }
 }

@@ -3,8 +3,9 @@
 //! - HBM bandwidth: `cuMemcpyDtoD` of 256 MiB (bytes read + written);
 //! - `reshard_copy2d` (contiguous and a column-slice) vs that DtoD copy, same bytes;
 //! - decode GEMM (M = 1, 8, 16; 7B–70B shard shapes): weight bytes / time, % of HBM;
-//! - prefill GEMM 4096³ (`gemm_mma_bf16`) vs cuBLAS `cublasGemmEx` (bf16 in/out, f32
-//!   compute) → % of cuBLAS TFLOP/s;
+//! - prefill GEMM 4096³ (`gemm_mma_bf16` and the 256x128-tile `gemm_mma_wide_bf16`) vs
+//!   cuBLAS `cublasGemmEx` (bf16 in/out, f32 compute) → % of cuBLAS TFLOP/s, and the
+//!   wide / old ratio;
 //! - decode attention, batch 32 × 4096 context (8 KV heads, 32 q heads, d 128): KV bytes
 //!   read / time (incl. the split-K combine), % of HBM, for `attn_decode_bf16` and the
 //!   `cp.async`-pipelined `attn_decode_pipelined_bf16` side by side on each split size.
@@ -17,7 +18,7 @@
 
 use remp::backend::cuda::{Arg, CudaDevice, DevBuf, EventTimer};
 use remp::Result;
-use remp_gpu_kernels::gemm::{dec_block, dec_splitk};
+use remp_gpu_kernels::gemm::{dec_block, dec_splitk, MMA_WIDE_BM, MMA_WIDE_SMEM};
 use serde_json::{json, Value};
 
 const MIB: usize = 1 << 20;
@@ -295,23 +296,36 @@ fn run() -> Result<()> {
     let (m, n, k) = (4096usize, 4096usize, 4096usize);
     let flops = 2.0 * (m * n * k) as f64;
     let yb = dev.alloc(m * n * 2)?;
-    let grid = [n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1];
-    let t = b.time(9, 4, |i| {
-        let args = [
-            Arg::Ptr(yb.ptr()),
-            Arg::Ptr(rot(2 * i, m * k * 2)),
-            Arg::Ptr(rot(2 * i + 1, n * k * 2)),
-            Arg::Ptr(0),
-            Arg::Ptr(0),
-            Arg::U32(m as u32),
-            Arg::U32(n as u32),
-            Arg::U32(k as u32),
-            Arg::U32(k as u32),
-            Arg::U32(n as u32),
-        ];
-        unsafe { dev.launch("gemm_mma_bf16", grid, 128, &args) }
-    })?;
-    let ours = flops / (t * 1e-3) / 1e12;
+    // the verified 128x128 kernel and the wide 256x128 variant (96 KiB dynamic shared
+    // memory, which `CudaDevice::launch` passes by kernel name), same inputs
+    let mut tf = [0.0f64; 2];
+    let mut ms = [0.0f64; 2];
+    for (ki, (kernel, bm, block)) in [
+        ("gemm_mma_bf16", 128usize, 128u32),
+        ("gemm_mma_wide_bf16", MMA_WIDE_BM as usize, MMA_WIDE_BM),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let grid = [n.div_ceil(128) as u32, m.div_ceil(bm) as u32, 1];
+        let t = b.time(9, 4, |i| {
+            let args = [
+                Arg::Ptr(yb.ptr()),
+                Arg::Ptr(rot(2 * i, m * k * 2)),
+                Arg::Ptr(rot(2 * i + 1, n * k * 2)),
+                Arg::Ptr(0),
+                Arg::Ptr(0),
+                Arg::U32(m as u32),
+                Arg::U32(n as u32),
+                Arg::U32(k as u32),
+                Arg::U32(k as u32),
+                Arg::U32(n as u32),
+            ];
+            unsafe { dev.launch(kernel, grid, block, &args) }
+        })?;
+        ms[ki] = t;
+        tf[ki] = flops / (t * 1e-3) / 1e12;
+    }
     let cublas = match cublas_gemm_time(&b, &yb, &rot, m, n, k) {
         Ok(tc) => Some(flops / (tc * 1e-3) / 1e12),
         Err(e) => {
@@ -319,16 +333,36 @@ fn run() -> Result<()> {
             None
         }
     };
-    match cublas {
-        Some(c) => println!(
-            "gemm_mma_bf16 4096^3: {ours:.0} TFLOP/s vs cuBLAS {c:.0} TFLOP/s = {:.1}%",
-            100.0 * ours / c
-        ),
-        None => println!("gemm_mma_bf16 4096^3: {ours:.0} TFLOP/s"),
+    let pct = |ours: f64| cublas.map(|c| 100.0 * ours / c);
+    for (ki, kernel) in ["gemm_mma_bf16", "gemm_mma_wide_bf16"]
+        .into_iter()
+        .enumerate()
+    {
+        let ours = tf[ki];
+        match cublas {
+            Some(c) => println!(
+                "{kernel} 4096^3: {ours:.0} TFLOP/s vs cuBLAS {c:.0} TFLOP/s = {:.1}%",
+                100.0 * ours / c
+            ),
+            None => println!("{kernel} 4096^3: {ours:.0} TFLOP/s"),
+        }
     }
+    // wide / old decides whether the engine switches to the wide kernel
+    println!(
+        "gemm_mma 4096^3: wide / old = {:.2}x TFLOP/s{}",
+        tf[1] / tf[0],
+        pct(tf[1])
+            .map(|p| format!(", wide = {p:.1}% of cuBLAS"))
+            .unwrap_or_default()
+    );
     b.rows.push(
-        json!({"bench": "gemm_mma_bf16", "m": m, "n": n, "k": k, "ms": t, "tflops": ours,
-        "cublas_tflops": cublas, "pct_of_cublas": cublas.map(|c| 100.0 * ours / c)}),
+        json!({"bench": "gemm_mma_bf16", "m": m, "n": n, "k": k, "ms": ms[0], "tflops": tf[0],
+        "cublas_tflops": cublas, "pct_of_cublas": pct(tf[0])}),
+    );
+    b.rows.push(
+        json!({"bench": "gemm_mma_wide_bf16", "m": m, "n": n, "k": k, "ms": ms[1], "tflops": tf[1],
+        "cublas_tflops": cublas, "pct_of_cublas": pct(tf[1]),
+        "speedup_vs_gemm_mma_bf16": tf[1] / tf[0], "dynamic_smem": MMA_WIDE_SMEM}),
     );
 
     // ---- decode attention: batch 32 x 4096 context
@@ -469,6 +503,17 @@ fn run() -> Result<()> {
             ),
             "gemm_mma_bf16" => (
                 "gemm_mma_bf16 4096^3".to_string(),
+                format!("{:.0} TFLOP/s", r["tflops"].as_f64().unwrap()),
+                r["pct_of_cublas"]
+                    .as_f64()
+                    .map(|p| format!("{p:.1}% cuBLAS"))
+                    .unwrap_or("-".into()),
+            ),
+            "gemm_mma_wide_bf16" => (
+                format!(
+                    "gemm_mma_wide_bf16 4096^3 ({:.2}x old)",
+                    r["speedup_vs_gemm_mma_bf16"].as_f64().unwrap()
+                ),
                 format!("{:.0} TFLOP/s", r["tflops"].as_f64().unwrap()),
                 r["pct_of_cublas"]
                     .as_f64()

@@ -75,6 +75,9 @@ const GEMM: &[&str] = &[
     "gemm_mma_bf16",
     "gemm_mma_bf16_f32out",
     "gemm_mma_silu_bf16",
+    "gemm_mma_wide_bf16",
+    "gemm_mma_wide_bf16_f32out",
+    "gemm_mma_wide_silu_bf16",
 ];
 const ATTENTION: &[&str] = &[
     "attn_decode_bf16",
@@ -107,6 +110,20 @@ const SMALL: &[&str] = &[
     "argmax_f32",
     "top_p_sample_f32",
 ];
+
+/// Dynamic shared memory (bytes) every launch of kernel `name` needs: CUDA's
+/// `sharedMemBytes`, which the backends pass by kernel name (the CUDA backend also
+/// raises the function's `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` to it at
+/// module load, as it is over the default 48 KiB). 0 for kernels whose shared memory is
+/// all static. Such kernels trap when launched with less.
+pub fn dynamic_smem(name: &str) -> u32 {
+    match name {
+        "gemm_mma_wide_bf16" | "gemm_mma_wide_bf16_f32out" | "gemm_mma_wide_silu_bf16" => {
+            remp_gpu_kernels::gemm::MMA_WIDE_SMEM
+        }
+        _ => 0,
+    }
+}
 
 /// The family of the kernel called `name`, if there is one.
 pub fn kernel(name: &str) -> Option<Family> {
@@ -142,5 +159,58 @@ mod tests {
         }
         assert_eq!(kernel("gemm_mma_bf16"), Some(Family::Gemm));
         assert_eq!(kernel("nope"), None);
+    }
+
+    /// A kernel uses the module's dynamic shared memory exactly when `dynamic_smem`
+    /// gives it some (else its launches would trap, or pass memory it ignores).
+    #[test]
+    fn dynamic_smem_matches_the_ptx() {
+        for arch in [Arch::Sm80, Arch::Sm90] {
+            let text = ptx(arch);
+            let mut seen = 0;
+            for body in text.split(".visible .entry ").skip(1) {
+                let name = body.split('(').next().unwrap().trim();
+                let uses = body.contains("remp_dyn_smem");
+                assert_eq!(uses, dynamic_smem(name) > 0, "{name} ({})", arch.name());
+                seen += 1;
+            }
+            assert_eq!(seen, FAMILIES.iter().map(|(_, n)| n.len()).sum::<usize>());
+        }
+        // over the 48 KiB default, within every sm_80+ GPU's opt-in limit (99 KiB on
+        // sm_86/sm_89, 163 KiB A100, 227 KiB H100/H200)
+        assert_eq!(dynamic_smem("gemm_mma_wide_bf16"), 96 * 1024);
+        assert_eq!(dynamic_smem("gemm_mma_bf16"), 0);
+    }
+
+    /// Through the emulated device (which, like the CUDA backend, gives a launch its
+    /// kernel's `dynamic_smem`), the wide GEMM runs and equals `gemm_mma_bf16` bit for bit.
+    #[test]
+    fn emulated_device_launches_the_wide_gemm() {
+        use crate::backend::device::{download_vec, emu::EmuDevice, upload_new, Arg, Device};
+        let dev = EmuDevice::new();
+        let (m, n, k) = (300usize, 136usize, 168usize);
+        let bits = |i: usize, s: usize| 0x3c00u16 + ((i * s) % 509) as u16; // bf16 in [2^-7, 2^-3)
+        let x: Vec<u16> = (0..m * k)
+            .map(|i| bits(i, 7) ^ (i as u16 & 0x8000))
+            .collect();
+        let w: Vec<u16> = (0..n * k)
+            .map(|i| bits(i, 13) | ((i as u16 & 1) << 15))
+            .collect();
+        let (xb, wb) = (upload_new(&dev, &x).unwrap(), upload_new(&dev, &w).unwrap());
+        let mut outs = vec![];
+        for (name, bm, block) in [
+            ("gemm_mma_bf16", 128, 128),
+            ("gemm_mma_wide_bf16", 256, 256),
+        ] {
+            let y = upload_new(&dev, &vec![0xFFFFu16; m * n]).unwrap();
+            let mut args = vec![Arg::from(&y), Arg::from(&xb), Arg::from(&wb)];
+            args.extend([Arg::Ptr(0), Arg::Ptr(0)]);
+            args.extend([m, n, k, k, n].map(|v| Arg::U32(v as u32)));
+            let grid = [n.div_ceil(128) as u32, m.div_ceil(bm) as u32, 1];
+            unsafe { dev.launch(name, grid, block, &args) }.unwrap();
+            outs.push(download_vec::<u16>(&dev, &y, m * n).unwrap());
+        }
+        assert!(!outs[1].contains(&0xFFFF), "an output left unwritten");
+        assert!(outs[0] == outs[1], "wide and 128x128 GEMMs differ");
     }
 }

@@ -13,7 +13,10 @@
 //! arena per launch, handed out by a per-thread bump allocator (every thread declares
 //! the same arrays in the same order, so all get the same addresses), poisoned with
 //! 0xFF bytes (NaN as f32/bf16) at launch and again at each block's start, so a block
-//! never sees its predecessor's data.
+//! never sees its predecessor's data. Static shared memory (`shared_bytes!`) is limited
+//! to 48 KiB per kernel as ptxas limits it; more takes dynamic shared memory, given
+//! per launch ([`launch_dyn`], CUDA's `sharedMemBytes`) and reached with
+//! [`dynamic_shared`], which traps when the launch gave too little, as on the GPU.
 //! Warp operations exchange values through a per-warp mailbox between two warp barriers
 //! and reproduce the PTX fragment layouts exactly. `cp.async` reads its source when
 //! issued but lands in shared memory only at the `cp_async_wait` that retires its
@@ -28,8 +31,12 @@ use std::boxed::Box;
 use std::cell::{Cell, RefCell, UnsafeCell};
 use std::vec::Vec;
 
-/// Shared memory available to one emulated block (bytes).
-pub const SHARED_BYTES: usize = 100 * 1024;
+/// Static shared memory one kernel may declare (`shared_bytes!`, bytes): ptxas refuses
+/// more than 48 KiB of `.shared` per entry.
+pub const STATIC_SHARED_BYTES: usize = 48 * 1024;
+/// Most shared memory (static + dynamic) one block may use: the per-block opt-in limit
+/// of sm_80 (A100, 163 KiB), the smaller of the PTX module's targets (sm_90: 227 KiB).
+pub const MAX_SHARED_BYTES: usize = 163 * 1024;
 const MAILBOX_WORDS: usize = 8;
 /// Stack of one emulated GPU thread (kernels keep big register arrays on it).
 const STACK_BYTES: usize = 256 * 1024;
@@ -75,7 +82,10 @@ struct Launch {
     block: u32,
     bar: Barrier,
     warp_bars: Vec<Barrier>,
+    /// `STATIC_SHARED_BYTES` of static shared memory, then the dynamic part.
     smem: Box<[UnsafeCell<u128>]>,
+    /// Dynamic shared memory of the launch (bytes, a multiple of 16).
+    dyn_bytes: usize,
     mailbox: Box<[UnsafeCell<[u64; MAILBOX_WORDS]>]>,
     /// Barrier arrivals and finished threads: a scheduling round without any is a
     /// deadlock.
@@ -148,15 +158,31 @@ struct Raw<T: ?Sized>(*const T);
 
 type Thread = Coroutine<(), (), (), DefaultStack>;
 
-/// Run `f` as a kernel over `grid` blocks of `block` threads (`block` a multiple of 32).
+/// Run `f` as a kernel over `grid` blocks of `block` threads (`block` a multiple of 32),
+/// without dynamic shared memory.
 ///
 /// # Safety
 /// `f` runs as `block` GPU threads; the pointers it captures must be valid for what the
 /// kernel does with them, exactly as for a GPU launch.
 pub unsafe fn launch<F: Fn()>(grid: [u32; 3], block: u32, f: F) {
+    launch_dyn(grid, block, 0, f)
+}
+
+/// [`launch`] with `dyn_bytes` of dynamic shared memory per block (CUDA's
+/// `sharedMemBytes`, at most [`MAX_SHARED_BYTES`]), for kernels that use
+/// [`dynamic_shared`].
+///
+/// # Safety
+/// As [`launch`].
+pub unsafe fn launch_dyn<F: Fn()>(grid: [u32; 3], block: u32, dyn_bytes: u32, f: F) {
     assert!(
         block > 0 && block.is_multiple_of(32) && block <= 1024,
         "block size {block}"
+    );
+    let dyn_bytes = (dyn_bytes as usize).div_ceil(16) * 16;
+    assert!(
+        dyn_bytes <= MAX_SHARED_BYTES,
+        "{dyn_bytes} bytes of dynamic shared memory (at most {MAX_SHARED_BYTES})"
     );
     if grid.contains(&0) {
         return;
@@ -167,9 +193,10 @@ pub unsafe fn launch<F: Fn()>(grid: [u32; 3], block: u32, f: F) {
         block,
         bar: Barrier::new(block as usize),
         warp_bars: (0..nwarps).map(|_| Barrier::new(32)).collect(),
-        smem: (0..SHARED_BYTES / 16)
+        smem: (0..(STATIC_SHARED_BYTES + dyn_bytes) / 16)
             .map(|_| UnsafeCell::new(u128::MAX))
             .collect(),
+        dyn_bytes,
         mailbox: (0..block)
             .map(|_| UnsafeCell::new([0; MAILBOX_WORDS]))
             .collect(),
@@ -201,6 +228,9 @@ pub unsafe fn launch<F: Fn()>(grid: [u32; 3], block: u32, f: F) {
                 // Re-poison what the previous block used of shared memory.
                 let used = ctxs.iter().map(|c| c.smem_off.get()).max().unwrap_or(0);
                 for cell in &l.smem[..used / 16] {
+                    *cell.get() = u128::MAX;
+                }
+                for cell in &l.smem[STATIC_SHARED_BYTES / 16..] {
                     *cell.get() = u128::MAX;
                 }
                 let mut threads: Vec<Option<Thread>> = Vec::with_capacity(block as usize);
@@ -300,9 +330,32 @@ pub fn shared_alloc(bytes: usize) -> *mut u8 {
     let c = ctx();
     let off = c.smem_off.get();
     let end = off + bytes.div_ceil(16) * 16;
-    assert!(end <= SHARED_BYTES, "emulated shared memory exhausted");
+    assert!(
+        end <= STATIC_SHARED_BYTES,
+        "static shared memory over {STATIC_SHARED_BYTES} bytes (ptxas refuses it: use dynamic_shared)"
+    );
     c.smem_off.set(end);
     unsafe { (launch_of(c).smem.as_ptr() as *mut u8).add(off) }
+}
+
+/// Bytes of dynamic shared memory this launch was given ([`launch_dyn`]).
+pub fn dynamic_shared_size() -> u32 {
+    launch_of(ctx()).dyn_bytes as u32
+}
+
+/// The launch's dynamic shared memory (after the static part, poisoned like it); traps
+/// when the launch gave less than `bytes`, as the GPU kernels do.
+pub fn dynamic_shared(bytes: u32) -> *mut u8 {
+    let c = ctx();
+    let l = launch_of(c);
+    if bytes as usize > l.dyn_bytes {
+        trap();
+    }
+    assert!(
+        c.smem_off.get() + l.dyn_bytes <= MAX_SHARED_BYTES,
+        "static + dynamic shared memory over {MAX_SHARED_BYTES} bytes"
+    );
+    unsafe { (l.smem.as_ptr() as *mut u8).add(STATIC_SHARED_BYTES) }
 }
 
 /// One warp-synchronous exchange: every lane posts `words`, then `read` runs with access

@@ -207,6 +207,35 @@ pub unsafe fn ld_shared_v4(p: *const u8) -> [u32; 4] {
     [a, b, c, d]
 }
 
+// The launch's dynamic shared memory (`sharedMemBytes` of `cuLaunchKernel`): one
+// module-scope declaration (PTX allows `.extern .shared` only there), used by the
+// kernels that call `dynamic_shared`; it adds nothing to the others' shared memory.
+global_asm!(".extern .shared .align 16 .b8 remp_dyn_smem[];");
+
+/// Bytes of dynamic shared memory this launch was given (`%dynamic_smem_size`).
+#[inline(always)]
+pub fn dynamic_shared_size() -> u32 {
+    let r: u32;
+    unsafe {
+        asm!("mov.u32 {0}, %dynamic_smem_size;", out(reg32) r, options(pure, nomem, nostack))
+    };
+    r
+}
+/// The launch's dynamic shared memory (16-byte aligned, generic address); traps when
+/// the launch gave less than `bytes` (a launch without the kernel's
+/// `sharedMemBytes` would otherwise address shared memory it does not own).
+#[inline(always)]
+pub fn dynamic_shared(bytes: u32) -> *mut u8 {
+    if dynamic_shared_size() < bytes {
+        trap();
+    }
+    let p: u64;
+    unsafe {
+        asm!("cvta.shared.u64 {p}, remp_dyn_smem;", p = out(reg64) p, options(pure, nomem, nostack))
+    };
+    p as *mut u8
+}
+
 /// Asynchronous 16-byte global -> shared copy; bytes past `src_bytes` (0..=16) are zero-filled.
 #[inline(always)]
 pub unsafe fn cp_async_16(dst_shared: *mut u8, src: *const u8, src_bytes: u32) {

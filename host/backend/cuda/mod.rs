@@ -384,6 +384,18 @@ fn load_module(ctx: &CudaContext, arch: Arch) -> std::result::Result<Module, Str
         if r != sys::CUresult::CUDA_SUCCESS {
             return Err(format!("cuModuleGetFunction({name}): {r:?}"));
         }
+        // dynamic shared memory over the default 48 KiB needs the opt-in attribute
+        let smem = kernels::dynamic_smem(name);
+        if smem > 0 {
+            let attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            // SAFETY: a function of the module loaded above.
+            let r = unsafe { sys::cuFuncSetAttribute(f, attr, smem as i32) };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(format!(
+                    "cuFuncSetAttribute({name}, max dynamic shared memory {smem} B): {r:?}"
+                ));
+            }
+        }
         funcs.insert(*name, f);
     }
     Ok(Module { raw, funcs })
@@ -786,7 +798,7 @@ impl CudaDevice {
             block,
             1,
             1,
-            0,
+            kernels::dynamic_smem(name),
             self.cu_stream(),
             ptrs.as_mut_ptr(),
             std::ptr::null_mut(),

@@ -344,10 +344,12 @@ fn check_shape(name: &str, grid: [u32; 3], block: u32) -> Result<()> {
     Ok(())
 }
 
-/// One emulated launch; a kernel panic (a trap) becomes an error.
+/// One emulated launch, with the kernel's dynamic shared memory as CUDA gets it; a
+/// kernel panic (a trap) becomes an error.
 unsafe fn run(name: &str, grid: [u32; 3], block: u32, f: impl Fn()) -> Result<()> {
+    let smem = crate::kernels::dynamic_smem(name);
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        k::prims::emu::launch(grid, block, f)
+        k::prims::emu::launch_dyn(grid, block, smem, f)
     }))
     .map_err(|e| {
         let msg = e
@@ -373,6 +375,9 @@ emulated! {
     gemm::gemm_mma_bf16(y x w bias residual m n k ldx ldy);
     gemm::gemm_mma_bf16_f32out(y x w bias residual m n k ldx ldy);
     gemm::gemm_mma_silu_bf16(y x w_gate w_up m n k ldx ldy);
+    gemm::gemm_mma_wide_bf16(y x w bias residual m n k ldx ldy);
+    gemm::gemm_mma_wide_bf16_f32out(y x w bias residual m n k ldx ldy);
+    gemm::gemm_mma_wide_silu_bf16(y x w_gate w_up m n k ldx ldy);
     attention::attn_decode_bf16(out o_part ml_part q k_cache v_cache block_tables ctx_lens
         q_heads kv_heads head_dim block_size max_blocks q_stride split_tokens scale);
     attention::attn_decode_combine_bf16(out o_part ml_part ctx_lens q_heads head_dim splits split_tokens);
