@@ -22,6 +22,7 @@
 mod common;
 
 use common::*;
+use remp::backend::device::graph::GraphCounts;
 use remp::backend::device::Exchange;
 use remp::parallel::{Topology, WorkerId};
 use remp::runtime::worker::StepDelay;
@@ -314,6 +315,61 @@ on_devices! {
             assert_eq!(m, n + 1, "tp{tp}pp{pp}: one step failed");
             assert_eq!(got, want, "tp{tp}pp{pp}");
             assert!(got_logits == want_logits, "tp{tp}pp{pp}: logits differ");
+        }
+    }
+}
+
+on_devices! {
+    /// Graphs on or off, the same kernels run with the same arguments (a run is only
+    /// replayed where it equals the launches wanted now), so the logits are identical to
+    /// the bit: on tp1pp1 (each segment one run) and tp2pp2 (runs cut by the
+    /// same-device exchange and the hand-offs), with a second request joining
+    /// mid-decode (a new batch shape: new runs). With graphs on, runs were replayed as
+    /// graphs; with them off, nothing was recorded.
+    fn graphs_replay_bit_for_bit_tp1pp1_tp2pp2(dev) {
+        let model = tiny_model();
+        let cases = oracle();
+        let req = |c: &OracleCase, n: usize| {
+            let mut r = Request::greedy(c.prompt.clone(), n);
+            r.ignore_eos = true;
+            r.return_logits = true;
+            r
+        };
+        let logit_bits = |ev: Vec<Event>, out: &mut Vec<u32>| {
+            for e in ev {
+                if let Event::Token { logits: Some(l), .. } = e {
+                    out.extend(l.iter().map(|x| x.to_bits()));
+                }
+            }
+        };
+        for (tp, pp) in [(1, 1), (2, 2)] {
+            let run = |graphs: bool| {
+                let mut ec = EngineConfig::new(Topology::new(tp, pp));
+                ec.device = dev;
+                ec.kv_blocks = 32;
+                ec.graphs = graphs;
+                let mut engine = Engine::new(&model, ec).unwrap();
+                engine.add_request(req(&cases[0], 10)).unwrap();
+                let mut bits = Vec::new();
+                for _ in 0..5 {
+                    logit_bits(engine.step().unwrap(), &mut bits);
+                }
+                engine.add_request(req(&cases[1], 5)).unwrap();
+                logit_bits(engine.run_to_completion().unwrap(), &mut bits);
+                (bits, engine.graph_counts())
+            };
+            let (off, off_counts) = run(false);
+            let (on, on_counts) = run(true);
+            // (A token's logits are every processed row's: the prompts' too.)
+            assert!(off.len() >= 15 * model.config.vocab_size, "tp{tp}pp{pp}");
+            assert!(off == on, "tp{tp}pp{pp}: logits differ with graphs on");
+            assert_eq!(off_counts, GraphCounts::default(), "tp{tp}pp{pp}");
+            assert!(
+                on_counts.built > 0
+                    && on_counts.graph_runs > on_counts.built
+                    && on_counts.graph_kernels >= 2 * on_counts.graph_runs,
+                "tp{tp}pp{pp}: {on_counts:?}"
+            );
         }
     }
 }

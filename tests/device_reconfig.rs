@@ -291,3 +291,35 @@ fn switch_before_the_first_step_reads_the_loaded_shards(dev) {
     assert_oracle(&e, a, &cases[0], n, "prompt 0 after the switch");
 }
 }
+
+on_devices! {
+/// An online switch tp2pp1 → tp1pp2 with graphs on: the flips swap shards and KV
+/// between a segment's runs (every device call of a flip issues the recorded run
+/// first), and the runs of the new placement are new runs; tokens stay the oracle's and
+/// runs were replayed before and after the switch.
+fn online_switch_with_graphs_keeps_oracle_tokens(dev) {
+    let c = &oracle()[0];
+    let mut ec = EngineConfig::new(Topology::new(2, 1));
+    ec.device = dev;
+    ec.kv_blocks = 64;
+    ec.workers = Some(2);
+    ec.graphs = true;
+    let mut e = Engine::new(&tiny_model(), ec).unwrap();
+    let n = 14;
+    let a = e.add_request(request(c, n)).unwrap();
+    for _ in 0..4 {
+        e.step().unwrap();
+    }
+    let before = e.graph_counts();
+    assert!(before.graph_runs > 0, "{before:?}");
+    e.reconfigure(Topology::new(1, 2)).unwrap();
+    e.run_to_completion().unwrap();
+    assert_eq!(e.topology_name(), "tp1pp2");
+    assert_oracle(&e, a, c, n, "prompt 0 with graphs");
+    assert_eq!(finished(&mut e).len(), 1);
+    let after = e.graph_counts();
+    assert!(after.built > before.built, "{before:?} → {after:?}");
+    assert!(after.graph_runs > before.graph_runs, "{before:?} → {after:?}");
+    assert_meter_matches_memory(&e);
+}
+}

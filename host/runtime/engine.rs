@@ -16,6 +16,7 @@
 use crate::backend::comm::{fabric, Comm, CommStats, Lane, Tag};
 use crate::backend::cuda::{nvtx, CudaDevice};
 use crate::backend::device::emu::EmuDevice;
+use crate::backend::device::graph::{GraphCounts, GraphStats};
 use crate::backend::device::llama::{check_heads, DeviceCompute};
 use crate::backend::device::{Device, Exchange};
 use crate::error::{Error, Result};
@@ -56,6 +57,10 @@ pub struct EngineConfig {
     pub device: DeviceKind,
     /// How device workers exchange partial sums and hidden states (ignored on the CPU).
     pub exchange: Exchange,
+    /// Device workers record each segment's launches and replay repeated runs as
+    /// graphs (CUDA graphs on a GPU; see [`crate::backend::device::graph`]). Off by
+    /// default until a GPU run shows where it pays; ignored on the CPU.
+    pub graphs: bool,
     /// Test hook: one worker runs one step late (see [`StepDelay`]).
     #[doc(hidden)] // test hook, not part of the serving API
     pub step_delay: Option<StepDelay>,
@@ -83,16 +88,25 @@ impl DeviceKind {
         }
     }
 
-    /// The kernel path of one worker (`None` on the CPU).
-    fn open(self, cfg: &Arc<ModelConfig>, exchange: Exchange) -> Result<Option<DeviceCompute>> {
+    /// The kernel path of one worker (`None` on the CPU); with `graphs`, recording
+    /// into graphs counted in that.
+    fn open(
+        self,
+        cfg: &Arc<ModelConfig>,
+        exchange: Exchange,
+        graphs: Option<&Arc<GraphStats>>,
+    ) -> Result<Option<DeviceCompute>> {
         let dev: Box<dyn Device> = match self {
             DeviceKind::Cpu => return Ok(None),
             DeviceKind::Emulated => Box::new(EmuDevice::new()),
             DeviceKind::Cuda => Box::new(CudaDevice::open(0)?),
         };
-        Ok(Some(
-            DeviceCompute::new(dev, cfg.clone())?.with_exchange(exchange),
-        ))
+        let dc = DeviceCompute::new(dev, cfg.clone())?.with_exchange(exchange);
+        Ok(Some(match graphs {
+            // A few runs per segment: every layer's, for a few batch shapes at once.
+            Some(st) => dc.with_graphs(4 * (cfg.num_layers + 2), st.clone()),
+            None => dc,
+        }))
     }
 
     /// The copy thread's own handle on the device (`None` on the CPU): on CUDA a second
@@ -132,6 +146,7 @@ impl EngineConfig {
             comm_timeout: Duration::from_secs(60),
             device: DeviceKind::Cpu,
             exchange: Exchange::default(),
+            graphs: false,
             step_delay: None,
         }
     }
@@ -225,6 +240,8 @@ struct Pool {
     live: Arc<LivePlacement>,
     ctrl: Arc<Controller>,
     meter: Arc<MemMeter>,
+    /// Graph counters of every device worker (all zero without graphs).
+    graphs: Arc<GraphStats>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -246,6 +263,7 @@ impl Pool {
             .ok_or_else(|| Error::Comm("no driver endpoint".into()))?;
         let live = Arc::new(LivePlacement::new(placement, timeout));
         let meter = Arc::new(MemMeter::default());
+        let graph_stats = Arc::new(GraphStats::default());
         let (reply_tx, replies) = unbounded();
         let mut cmd = Vec::new();
         let mut copy_cmd = Vec::new();
@@ -286,7 +304,8 @@ impl Pool {
                 comm,
                 geom,
             );
-            if let Some(dc) = device.open(cfg, exchange)? {
+            let graphs = econf.graphs.then_some(&graph_stats);
+            if let Some(dc) = device.open(cfg, exchange, graphs)? {
                 worker = worker.with_device(dc);
             }
             worker = worker.with_step_delay(econf.step_delay);
@@ -334,6 +353,7 @@ impl Pool {
             live,
             ctrl,
             meter,
+            graphs: graph_stats,
             threads,
         };
         let placement = Arc::new(placement.clone());
@@ -996,6 +1016,12 @@ impl Engine {
         self.step_no += 1;
         r?;
         Ok(())
+    }
+
+    /// What the device workers' graph recording did since they started (all zero
+    /// without [`EngineConfig::graphs`], on the CPU, and after a restart).
+    pub fn graph_counts(&self) -> GraphCounts {
+        self.pool.graphs.snapshot()
     }
 
     pub fn reconfig_in_progress(&self) -> bool {

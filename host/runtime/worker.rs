@@ -655,19 +655,25 @@ impl Worker {
             .dev_shard(seg)
             .ok_or_else(|| self.err(format!("{seg} not resident on the device")))?;
         self.check_shard(seg, g, shards.group_size, shards.index)?;
-        match (seg, &*h) {
-            (Segment::Embed, _) => *h = Some(Hidden::Dev(dc.embed(&self.comm, g, &shards, inp)?)),
-            (Segment::Layer(l), Some(Hidden::Dev(x))) => {
-                let kv = self
-                    .mem
-                    .dev_kv_of(l)
-                    .ok_or_else(|| self.err(format!("KV of layer {} not resident", l.0)))?;
-                dc.layer(&self.comm, g, l, &shards, &kv, self.geom, inp, x)?;
+        // One recording scope per segment (graphs on): the shards, KV and hidden state
+        // it launches on outlive it.
+        dc.segment(|| {
+            match (seg, &*h) {
+                (Segment::Embed, _) => {
+                    *h = Some(Hidden::Dev(dc.embed(&self.comm, g, &shards, inp)?))
+                }
+                (Segment::Layer(l), Some(Hidden::Dev(x))) => {
+                    let kv = self
+                        .mem
+                        .dev_kv_of(l)
+                        .ok_or_else(|| self.err(format!("KV of layer {} not resident", l.0)))?;
+                    dc.layer(&self.comm, g, l, &shards, &kv, self.geom, inp, x)?;
+                }
+                (Segment::Head, Some(Hidden::Dev(x))) => dc.head(&self.comm, &shards, inp, x)?,
+                _ => return Err(self.err("no hidden state on the device")),
             }
-            (Segment::Head, Some(Hidden::Dev(x))) => dc.head(&self.comm, &shards, inp, x)?,
-            _ => return Err(self.err("no hidden state on the device")),
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// This worker's part of a segment's flip, at the point of the step where it takes

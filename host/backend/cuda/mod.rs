@@ -776,20 +776,8 @@ impl CudaDevice {
     ) -> Result<()> {
         self.bind()?;
         let f = self.function(name)?;
-        let mut vals: Vec<u64> = args
-            .iter()
-            .map(|a| match *a {
-                Arg::Ptr(p) | Arg::U64(p) => p,
-                Arg::U32(v) => v as u64,
-                Arg::F32(v) => v.to_bits() as u64,
-            })
-            .collect();
-        // each parameter points at its own 8-byte slot; u32/f32 are read from the low
-        // 4 bytes (x86_64 is little-endian)
-        let mut ptrs: Vec<*mut c_void> = vals
-            .iter_mut()
-            .map(|v| v as *mut u64 as *mut c_void)
-            .collect();
+        let mut vals = arg_slots(args);
+        let mut ptrs = slot_ptrs(&mut vals);
         let r = sys::cuLaunchKernel(
             f,
             grid[0],
@@ -812,6 +800,133 @@ impl CudaDevice {
             self.stream
                 .synchronize()
                 .map_err(|e| derr(&format!("kernel {name} grid {grid:?} block {block}"), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Kernel arguments as 8-byte slots: each parameter points at its own slot; u32/f32
+/// are read from the low 4 bytes (x86_64 is little-endian).
+fn arg_slots(args: &[Arg]) -> Vec<u64> {
+    args.iter().map(|a| a.bits()).collect()
+}
+
+fn slot_ptrs(vals: &mut [u64]) -> Vec<*mut c_void> {
+    vals.iter_mut()
+        .map(|v| v as *mut u64 as *mut c_void)
+        .collect()
+}
+
+/// An instantiated CUDA graph: a chain of kernel nodes (see
+/// [`crate::backend::device::graph`]). Destroyed on drop; a replay still in flight
+/// completes first (the driver frees an executing graph when it finishes).
+pub struct CudaGraph {
+    exec: sys::CUgraphExec,
+    ctx: Arc<CudaContext>,
+    nodes: usize,
+    /// Its kernels, for the sync-check error (which cannot name one kernel of a graph).
+    names: Vec<String>,
+}
+
+// SAFETY: a graph exec handle may be launched and destroyed from any thread with its
+// context bound; the owner (one worker) does both behind `&self` / drop.
+unsafe impl Send for CudaGraph {}
+unsafe impl Sync for CudaGraph {}
+
+impl CudaGraph {
+    pub fn nodes(&self) -> usize {
+        self.nodes
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        if bind_in_drop(&self.ctx) {
+            // SAFETY: instantiated by build_graph, destroyed once.
+            let _ = unsafe { sys::cuGraphExecDestroy(self.exec) };
+        }
+    }
+}
+
+fn check(r: sys::CUresult, what: impl FnOnce() -> String) -> Result<()> {
+    if r == sys::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Device(format!("{}: {r:?}", what())))
+    }
+}
+
+impl CudaDevice {
+    /// Builds `run` into a chain of kernel nodes (each after the previous one, as on a
+    /// stream) and instantiates it.
+    ///
+    /// # Safety
+    /// As [`CudaDevice::launch`] for every launch, at every replay.
+    pub unsafe fn build_graph(
+        &self,
+        run: &[crate::backend::device::Launch],
+    ) -> Result<Option<CudaGraph>> {
+        self.bind()?;
+        let mut graph: sys::CUgraph = std::ptr::null_mut();
+        check(sys::cuGraphCreate(&mut graph, 0), || "cuGraphCreate".into())?;
+        let built = (|| {
+            let mut prev: Option<sys::CUgraphNode> = None;
+            for l in run {
+                let mut vals = arg_slots(&l.args);
+                let mut ptrs = slot_ptrs(&mut vals);
+                // The parameter values are copied into the node when it is added.
+                let p = sys::CUDA_KERNEL_NODE_PARAMS {
+                    func: self.function(&l.name)?,
+                    gridDimX: l.grid[0],
+                    gridDimY: l.grid[1],
+                    gridDimZ: l.grid[2],
+                    blockDimX: l.block,
+                    blockDimY: 1,
+                    blockDimZ: 1,
+                    sharedMemBytes: kernels::dynamic_smem(&l.name),
+                    kernelParams: ptrs.as_mut_ptr(),
+                    extra: std::ptr::null_mut(),
+                    kern: std::ptr::null_mut(),
+                    ctx: std::ptr::null_mut(),
+                };
+                let mut node: sys::CUgraphNode = std::ptr::null_mut();
+                let deps: &[sys::CUgraphNode] = prev.as_slice();
+                check(
+                    sys::cuGraphAddKernelNode_v2(&mut node, graph, deps.as_ptr(), deps.len(), &p),
+                    || format!("graph node {} grid {:?} block {}", l.name, l.grid, l.block),
+                )?;
+                prev = Some(node);
+            }
+            let mut exec: sys::CUgraphExec = std::ptr::null_mut();
+            check(
+                sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0),
+                || format!("cuGraphInstantiate ({} kernels)", run.len()),
+            )?;
+            Ok(exec)
+        })();
+        // The executable graph does not need its template.
+        let _ = sys::cuGraphDestroy(graph);
+        Ok(Some(CudaGraph {
+            exec: built?,
+            ctx: self.ctx.clone(),
+            nodes: run.len(),
+            names: run.iter().map(|l| l.name.clone()).collect(),
+        }))
+    }
+
+    /// Queues `g` on this handle's stream; with sync-check on, also waits for it (a
+    /// fault then names the graph's kernels, not one of them).
+    pub fn launch_graph(&self, g: &CudaGraph) -> Result<()> {
+        self.bind()?;
+        // SAFETY: a live exec of this context; its launches' contract held when built.
+        check(
+            unsafe { sys::cuGraphLaunch(g.exec, self.cu_stream()) },
+            || format!("cuGraphLaunch ({} kernels)", g.nodes),
+        )?;
+        if self.sync_check.load(std::sync::atomic::Ordering::Relaxed) {
+            self.stream
+                .synchronize()
+                .map_err(|e| derr(&format!("graph of {}", g.names.join(", ")), e))?;
         }
         Ok(())
     }
@@ -961,6 +1076,21 @@ impl crate::backend::device::Device for CudaDevice {
     }
     fn sm_count(&self) -> u32 {
         CudaDevice::sm_count(self).unwrap_or(1)
+    }
+    unsafe fn build_graph(
+        &self,
+        run: &[crate::backend::device::Launch],
+    ) -> Result<Option<crate::backend::device::Graph>> {
+        Ok(CudaDevice::build_graph(self, run)?
+            .map(|g| crate::backend::device::Graph(crate::backend::device::GraphKind::Cuda(g))))
+    }
+    fn launch_graph(&self, g: &crate::backend::device::Graph) -> Result<()> {
+        let crate::backend::device::GraphKind::Cuda(g) = &g.0 else {
+            return Err(Error::Device(
+                "an emulated graph cannot run on a CUDA stream".into(),
+            ));
+        };
+        CudaDevice::launch_graph(self, g)
     }
 }
 

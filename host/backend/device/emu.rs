@@ -18,7 +18,7 @@
 //! empty grid, grid.y or grid.z over 65535) are refused here too, so the emulator does
 //! not accept what the GPU rejects.
 
-use super::{check_range, Arg, Buf, Device, Event, EventKind};
+use super::{check_range, Arg, Buf, Device, Event, EventKind, Graph, GraphKind, Launch};
 use crate::{Error, Result};
 use remp_gpu_kernels as k;
 use std::collections::VecDeque;
@@ -142,6 +142,9 @@ impl Queue {
                 self.done.fetch_add(1, Ordering::Release);
             }
             self.notify();
+            // Memory freed at this very point goes now, before the next op runs: a
+            // later op that still reads it (a free ordered too early) reads poison.
+            reap();
         }
     }
 
@@ -210,7 +213,7 @@ static PENDING: Mutex<Vec<PendingFree>> = Mutex::new(Vec::new());
 /// Frees `mem` after the work queued so far on every emulated stream (what CUDA's
 /// stream-ordered free does): at once when all of it has run, else when the last of
 /// those streams gets there.
-pub(crate) fn free_after_all_streams(mem: Box<[u128]>) {
+pub(crate) fn free_after_all_streams(mut mem: Box<[u128]>) {
     let points: Vec<(Weak<Queue>, u64)> = lock(&STREAMS)
         .iter()
         .filter_map(|w| {
@@ -219,9 +222,19 @@ pub(crate) fn free_after_all_streams(mem: Box<[u128]>) {
             (q.done.load(Ordering::Acquire) < upto).then(|| (w.clone(), upto))
         })
         .collect();
-    if !points.is_empty() {
-        lock(&PENDING).push((mem, points));
+    if points.is_empty() {
+        release(mem);
+    } else {
+        lock(&PENDING).push((std::mem::take(&mut mem), points));
     }
+}
+
+/// Poisons freed memory before it goes back to the allocator, so that a kernel queued
+/// after the free that still reads it (a free ordered too early) sees NaNs, not the
+/// old values.
+fn release(mut mem: Box<[u128]>) {
+    mem.fill(u128::MAX);
+    drop(mem);
 }
 
 /// Releases the pending frees every stream has run past (after a stream ran work).
@@ -242,7 +255,9 @@ fn reap() {
         *p = keep;
         done
     };
-    drop(released);
+    for (mem, _) in released {
+        release(mem);
+    }
 }
 
 /// Conversion of a launch argument to a kernel parameter type.
@@ -499,6 +514,29 @@ impl Device for EmuDevice {
         // Launch shapes sized to the device stay small, as the emulator runs blocks
         // one after another.
         4
+    }
+    unsafe fn build_graph(&self, run: &[Launch]) -> Result<Option<Graph>> {
+        // Checked when built, as cuGraphAddKernelNode checks a node: a known kernel and
+        // a shape CUDA accepts.
+        for l in run {
+            check_shape(&l.name, l.grid, l.block)?;
+            if !EMULATED.contains(&l.name.as_str()) {
+                return Err(Error::Device(format!("unknown kernel `{}`", l.name)));
+            }
+        }
+        Ok(Some(Graph(GraphKind::Emu(run.to_vec()))))
+    }
+    fn launch_graph(&self, g: &Graph) -> Result<()> {
+        let GraphKind::Emu(run) = &g.0 else {
+            return Err(Error::Device(
+                "a CUDA graph cannot run on an emulated stream".into(),
+            ));
+        };
+        for l in run {
+            // SAFETY: build_graph's contract: the run's launches are valid at replay.
+            unsafe { self.launch(&l.name, l.grid, l.block, &l.args)? };
+        }
+        Ok(())
     }
 }
 

@@ -29,7 +29,11 @@
 //! shard must hold whole GQA groups (or one KV head): [`check_heads`] refuses the rest.
 
 use super::{
-    download_vec, mark_ready, pod, pod::Pod, upload_new, wait_ready, Arg, Buf, Device, Exchange,
+    download_vec,
+    graph::{GraphStats, Recorder, TABLE_STRIDE_BLOCKS},
+    mark_ready, pod,
+    pod::Pod,
+    upload_new, wait_ready, Arg, Buf, Device, Exchange, Launch,
 };
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::cuda::nvtx;
@@ -190,7 +194,10 @@ impl StepInputs {
             .map(|s| s.block_table.len())
             .max()
             .unwrap_or(0)
-            .max(1);
+            .max(1)
+            // The row stride is a launch argument: padded so that it changes seldom
+            // (graph runs repeat, see super::graph); the kernels read ctx_lens' worth.
+            .next_multiple_of(TABLE_STRIDE_BLOCKS);
         let mut tables = vec![0u32; plan.seqs.len().max(1) * max_blocks];
         for (si, s) in plan.seqs.iter().enumerate() {
             q_starts.push(ids.len() as u32);
@@ -247,6 +254,12 @@ pub struct DeviceCompute {
     /// worth.
     scratch: Mutex<HashMap<&'static str, Arc<Buf>>>,
     exchange: Exchange,
+    /// Launch recording for graphs (`None`: every launch goes out at once).
+    graphs: Option<Mutex<Recorder>>,
+}
+
+fn lock_rec(r: &Mutex<Recorder>) -> Result<std::sync::MutexGuard<'_, Recorder>> {
+    r.lock().map_err(|_| dev_err("graph recorder poisoned"))
 }
 
 fn u(x: usize) -> Arg {
@@ -274,6 +287,7 @@ impl DeviceCompute {
             inv_freq,
             scratch: Mutex::new(HashMap::new()),
             exchange: Exchange::default(),
+            graphs: None,
         })
     }
 
@@ -283,14 +297,64 @@ impl DeviceCompute {
         self
     }
 
+    /// Launches a kernel, or records it while a segment is being recorded for graphs.
     fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
+        if let Some(r) = &self.graphs {
+            let l = Launch {
+                name: name.to_string(),
+                grid,
+                block,
+                args: args.to_vec(),
+            };
+            if lock_rec(r)?.record(l).is_none() {
+                return Ok(());
+            }
+        }
         // SAFETY: every call site below passes the kernel's documented parameter list
         // with pointers into live buffers sized for the launch.
         unsafe { self.dev.launch(name, grid, block, args) }
     }
 
+    /// The device for anything but a launch: the recorded run is issued first, so the
+    /// call keeps its place in the stream order (see [`super::graph`]).
+    fn d(&self) -> Result<&dyn Device> {
+        self.flush()?;
+        Ok(self.dev.as_ref())
+    }
+
+    /// Issues the launches recorded so far (a no-op without graphs).
+    fn flush(&self) -> Result<()> {
+        match &self.graphs {
+            Some(r) => lock_rec(r)?.flush(self.dev.as_ref()),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs one segment's device work. With graphs on, its launches are recorded and
+    /// issued as runs (replayed as graphs where they repeat, see [`super::graph`]) at
+    /// the end or before any other device call; a failed segment's pending launches
+    /// are dropped. Nothing the segment launched may be freed before it returns.
+    pub fn segment<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let Some(rec) = &self.graphs else {
+            return f();
+        };
+        lock_rec(rec)?.begin();
+        let r = f();
+        let ended = lock_rec(rec)?.end(self.dev.as_ref(), r.is_ok());
+        let out = r?;
+        ended?;
+        Ok(out)
+    }
+
+    /// Turns graphs on for this worker (see [`super::graph`]): up to `capacity` runs
+    /// remembered, counted in `stats`.
+    pub fn with_graphs(mut self, capacity: usize, stats: Arc<GraphStats>) -> Self {
+        self.graphs = Some(Mutex::new(Recorder::new(capacity, stats)));
+        self
+    }
+
     fn alloc(&self, bytes: usize) -> Result<Buf> {
-        self.dev.alloc(bytes.max(16))
+        self.d()?.alloc(bytes.max(16))
     }
 
     /// The scratch buffer `key`, at least `bytes` long (grown to the next power of two).
@@ -311,7 +375,7 @@ impl DeviceCompute {
     pub fn scratch_upload<T: Pod>(&self, key: &'static str, data: &[T]) -> Result<Arc<Buf>> {
         let bytes = pod::bytes_of(data);
         let b = self.scratch(key, bytes.len())?;
-        self.dev.upload(&b, 0, bytes)?;
+        self.d()?.upload(&b, 0, bytes)?;
         Ok(b)
     }
 
@@ -380,10 +444,10 @@ impl DeviceCompute {
         step: u64,
         bias: Option<&Buf>,
     ) -> Result<Arc<Buf>> {
-        let mut sum: Vec<f32> = download_vec(self.dev.as_ref(), part, rows * cols)?;
+        let mut sum: Vec<f32> = download_vec(self.d()?, part, rows * cols)?;
         comm.all_reduce_sum(g.workers(), step, &mut sum)?;
         let b: Option<Vec<bf16>> = match bias {
-            Some(b) => Some(download_vec(self.dev.as_ref(), b, cols)?),
+            Some(b) => Some(download_vec(self.d()?, b, cols)?),
             None => None,
         };
         let out: Vec<bf16> = sum
@@ -449,7 +513,7 @@ impl DeviceCompute {
             })?;
             return Ok(x);
         }
-        let rows: Vec<bf16> = download_vec(self.dev.as_ref(), &x, inp.tokens * h)?;
+        let rows: Vec<bf16> = download_vec(self.d()?, &x, inp.tokens * h)?;
         let mut sum: Vec<f32> = rows.iter().map(|v| v.to_f32()).collect();
         comm.all_reduce_sum(g.workers(), inp.step, &mut sum)?;
         let b: Vec<bf16> = sum.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -719,7 +783,7 @@ impl DeviceCompute {
             &red,
             idx * part_bytes,
             part_bytes,
-            |j, b| self.dev.copy(&red, j * part_bytes, b, 0, part_bytes),
+            |j, b| self.d()?.copy(&red, j * part_bytes, b, 0, part_bytes),
         )?;
         let n = (t * h) as u32;
         self.launch(
@@ -762,12 +826,12 @@ impl DeviceCompute {
         for (j, peer) in g.workers().iter().enumerate() {
             if j != idx {
                 let b = self.alloc(bytes)?;
-                self.dev.copy(&b, 0, src, off, bytes)?;
+                self.d()?.copy(&b, 0, src, off, bytes)?;
                 outgoing.push((*peer, b));
             }
         }
         // One event after all the copies: a peer's stream waits for it before reading.
-        let ready = self.dev.record()?;
+        let ready = self.d()?.record()?;
         for (peer, mut b) in outgoing {
             b.set_ready(ready.clone());
             comm.send_buf(peer.0, Tag::AllReduce(step), b)?;
@@ -781,8 +845,11 @@ impl DeviceCompute {
                         b.len()
                     )));
                 }
-                wait_ready(self.dev.as_ref(), &b)?;
+                wait_ready(self.d()?, &b)?;
                 each(j, &b)?;
+                // `b` is freed at the end of this iteration, and a free is ordered only
+                // after work already issued: issue what `each` recorded.
+                self.flush()?;
             }
         }
         Ok(())
@@ -793,8 +860,8 @@ impl DeviceCompute {
     /// ready after the copy (the receiver waits for it: [`super::wait_ready`]).
     pub fn hidden_for_peer(&self, x: &Buf, n: usize) -> Result<Buf> {
         let mut b = self.alloc(n * 2)?;
-        self.dev.copy(&b, 0, x, 0, n * 2)?;
-        mark_ready(self.dev.as_ref(), &mut b)?;
+        self.d()?.copy(&b, 0, x, 0, n * 2)?;
+        mark_ready(self.d()?, &mut b)?;
         Ok(b)
     }
 
@@ -934,14 +1001,14 @@ impl DeviceCompute {
                 (r, v_local, h),
                 true,
             )?;
-            logits = download_vec(self.dev.as_ref(), &out, r * v_local)?;
+            logits = download_vec(self.d()?, &out, r * v_local)?;
         }
         comm.send(comm.driver(), Tag::Logits(inp.step), logits)
     }
 
     /// The hidden state for a hand-off: downloaded as f32 (bf16 values, exact).
     pub fn hidden_to_host(&self, x: &Buf, n: usize) -> Result<Vec<f32>> {
-        let b: Vec<bf16> = download_vec(self.dev.as_ref(), x, n)?;
+        let b: Vec<bf16> = download_vec(self.d()?, x, n)?;
         Ok(b.iter().map(|v| v.to_f32()).collect())
     }
 

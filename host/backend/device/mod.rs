@@ -24,6 +24,7 @@
 //! the end of each job).
 
 pub mod emu;
+pub mod graph;
 pub mod llama;
 
 use crate::backend::cuda::DevBuf;
@@ -38,6 +39,74 @@ pub enum Arg {
     U32(u32),
     U64(u64),
     F32(f32),
+}
+
+impl Arg {
+    /// The value's bits, as the launch passes them (an f32 by its bit pattern, so that
+    /// two recorded launches compare equal exactly when they pass the same bytes).
+    pub fn bits(self) -> u64 {
+        match self {
+            Arg::Ptr(p) | Arg::U64(p) => p,
+            Arg::U32(v) => v as u64,
+            Arg::F32(v) => v.to_bits() as u64,
+        }
+    }
+    fn kind(self) -> u8 {
+        match self {
+            Arg::Ptr(_) => 0,
+            Arg::U32(_) => 1,
+            Arg::U64(_) => 2,
+            Arg::F32(_) => 3,
+        }
+    }
+}
+
+impl PartialEq for Arg {
+    fn eq(&self, o: &Arg) -> bool {
+        self.kind() == o.kind() && self.bits() == o.bits()
+    }
+}
+impl Eq for Arg {}
+
+impl std::hash::Hash for Arg {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.kind().hash(h);
+        self.bits().hash(h);
+    }
+}
+
+/// One kernel launch as a value: what a [`Graph`] is built from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Launch {
+    pub name: String,
+    pub grid: [u32; 3],
+    pub block: u32,
+    pub args: Vec<Arg>,
+}
+
+/// A run of kernel launches built once into one executable unit and replayed with
+/// [`Device::launch_graph`]: on CUDA an instantiated CUDA graph (one launch call
+/// instead of one per kernel), on the emulator the recorded launches. The launches'
+/// arguments are fixed when it is built, so it is only replayed where the same run,
+/// arguments and all, is wanted again (see [`graph::Recorder`]).
+pub struct Graph(pub(crate) GraphKind);
+
+pub(crate) enum GraphKind {
+    Emu(Vec<Launch>),
+    Cuda(crate::backend::cuda::CudaGraph),
+}
+
+impl Graph {
+    /// Kernels in the graph.
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            GraphKind::Emu(v) => v.len(),
+            GraphKind::Cuda(g) => g.nodes(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl From<&Buf> for Arg {
@@ -184,6 +253,21 @@ pub trait Device: Send + Sync {
     fn wait(&self, e: &Event) -> Result<()>;
     /// Multiprocessors, for launch shapes that size the grid to the device.
     fn sm_count(&self) -> u32;
+    /// Builds `run` into one replayable [`Graph`], each launch after the previous one;
+    /// `Ok(None)` where this handle does not build graphs (the caller then launches
+    /// the run kernel by kernel).
+    ///
+    /// # Safety
+    /// As [`Device::launch`], for every launch of the run, at every replay.
+    unsafe fn build_graph(&self, run: &[Launch]) -> Result<Option<Graph>> {
+        let _ = run;
+        Ok(None)
+    }
+    /// Queues `g` on this handle's stream, after the work already queued.
+    fn launch_graph(&self, g: &Graph) -> Result<()> {
+        let _ = g;
+        Err(Error::Device("this device does not run graphs".into()))
+    }
 }
 
 /// How device workers exchange partial sums and hidden states with their group.

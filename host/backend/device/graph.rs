@@ -1,0 +1,324 @@
+//! Graphs for the kernel runs of a step (`EngineConfig::graphs`, `--graphs`).
+//!
+//! A decode step is a few hundred small kernels; launched one by one, the host's launch
+//! calls and the gaps between kernels can cost as much as the kernels at batch 1. A
+//! worker with graphs on records the launches of each segment (embedding, one layer,
+//! the LM head) instead of issuing them, and at the end of the run — the segment's end,
+//! or any other device call in between (a copy, an upload, a download, an event) — hands
+//! the run to the [`Recorder`]:
+//! - a run seen for the first time is launched kernel by kernel and remembered;
+//! - the second time the same run (same kernels, grids and every argument, pointers
+//!   included) is wanted, it is built into a [`Graph`] and launched as one;
+//! - after that it is replayed.
+//!
+//! Matching the whole run exactly keeps replays correct by construction: a graph only
+//! runs where the eager launches would have been the very same ones. What makes runs
+//! repeat is that a worker's buffers (weights, KV cache, per-purpose scratch, step
+//! inputs) keep their addresses from step to step, and that the step-dependent launch
+//! parameters change seldom: the block tables' row stride is padded to a multiple of
+//! [`TABLE_STRIDE_BLOCKS`] and the attention split only changes every 256 tokens, so a
+//! decode at a fixed batch repeats each layer's run for hundreds of steps. A new batch
+//! size or context bucket means new runs: the recorder keeps the most recently used
+//! [`Recorder::capacity`] of them.
+//!
+//! Only launches are recorded. Any other call on the device flushes the run first,
+//! so every copy, upload and event keeps its place in the stream order; and nothing
+//! that a recorded launch reads may be freed before the run is flushed (the frees of
+//! temporary buffers are queued after the work already issued), which is why the
+//! recording scope is one segment ([`super::llama::DeviceCompute::segment`]) and the
+//! same-device exchange flushes before it drops a received buffer.
+
+use super::{Device, Graph, Launch};
+use crate::Result;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Block-table row stride (in KV blocks) is padded to a multiple of this, so that the
+/// attention launches of a decode stay the same while contexts grow by 256 tokens (at
+/// 16-token blocks) instead of changing at every block.
+pub const TABLE_STRIDE_BLOCKS: usize = 16;
+
+/// Runs shorter than this are launched eagerly (a graph of one kernel saves nothing).
+const MIN_RUN: usize = 2;
+
+/// Counters over every worker of an engine (shared, relaxed atomics).
+#[derive(Debug, Default)]
+pub struct GraphStats {
+    /// Runs launched kernel by kernel (first sighting, too short, or a hash collision).
+    pub eager_runs: AtomicU64,
+    /// Runs launched as a graph (the build included).
+    pub graph_runs: AtomicU64,
+    /// Kernels launched as part of a graph.
+    pub graph_kernels: AtomicU64,
+    /// Graphs built.
+    pub built: AtomicU64,
+    /// Runs forgotten (with their graph, if built) to stay within capacity.
+    pub evicted: AtomicU64,
+}
+
+/// A snapshot of [`GraphStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphCounts {
+    pub eager_runs: u64,
+    pub graph_runs: u64,
+    pub graph_kernels: u64,
+    pub built: u64,
+    pub evicted: u64,
+}
+
+impl GraphStats {
+    pub fn snapshot(&self) -> GraphCounts {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        GraphCounts {
+            eager_runs: g(&self.eager_runs),
+            graph_runs: g(&self.graph_runs),
+            graph_kernels: g(&self.graph_kernels),
+            built: g(&self.built),
+            evicted: g(&self.evicted),
+        }
+    }
+    fn add(a: &AtomicU64, n: u64) {
+        a.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+struct Entry {
+    run: Vec<Launch>,
+    graph: Option<Graph>,
+    last_used: u64,
+}
+
+/// One worker's recorded run and its remembered runs (see the module comment).
+pub struct Recorder {
+    /// Launches of the current run, not issued yet.
+    pending: Vec<Launch>,
+    /// Whether launches are recorded now (inside a segment).
+    recording: bool,
+    runs: HashMap<u64, Entry>,
+    clock: u64,
+    capacity: usize,
+    stats: std::sync::Arc<GraphStats>,
+}
+
+fn run_hash(run: &[Launch]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    run.hash(&mut h);
+    h.finish()
+}
+
+impl Recorder {
+    /// Remembers up to `capacity` runs (a few per layer and batch shape in use).
+    pub fn new(capacity: usize, stats: std::sync::Arc<GraphStats>) -> Recorder {
+        Recorder {
+            pending: Vec::new(),
+            recording: false,
+            runs: HashMap::new(),
+            clock: 0,
+            capacity: capacity.max(1),
+            stats,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Starts recording (launches are held until [`Recorder::flush`]).
+    pub fn begin(&mut self) {
+        self.recording = true;
+    }
+
+    /// Stops recording: issues the run if `ok`, else drops it (a failed segment fails
+    /// its step; its launches must not run later, in another step's order).
+    pub fn end(&mut self, dev: &dyn Device, ok: bool) -> Result<()> {
+        self.recording = false;
+        if ok {
+            self.flush(dev)
+        } else {
+            self.pending.clear();
+            Ok(())
+        }
+    }
+
+    /// Records a launch; returns it back when not recording (launch it now).
+    pub fn record(&mut self, l: Launch) -> Option<Launch> {
+        if self.recording {
+            self.pending.push(l);
+            None
+        } else {
+            Some(l)
+        }
+    }
+
+    /// Issues the recorded run on `dev`: replayed, built into a graph, or kernel by
+    /// kernel (see the module comment).
+    pub fn flush(&mut self, dev: &dyn Device) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let run = std::mem::take(&mut self.pending);
+        if run.len() < MIN_RUN {
+            return self.eager(dev, &run);
+        }
+        self.clock += 1;
+        let key = run_hash(&run);
+        match self.runs.get_mut(&key) {
+            Some(e) if e.run == run => {
+                e.last_used = self.clock;
+                if e.graph.is_none() {
+                    // SAFETY: the run's launches are the ones the caller asked for now
+                    // (equal arguments), so the graph is launched under the same
+                    // contract as they would have been.
+                    e.graph = unsafe { dev.build_graph(&run)? };
+                    if e.graph.is_some() {
+                        GraphStats::add(&self.stats.built, 1);
+                    }
+                }
+                match &e.graph {
+                    Some(g) => {
+                        dev.launch_graph(g)?;
+                        GraphStats::add(&self.stats.graph_runs, 1);
+                        GraphStats::add(&self.stats.graph_kernels, run.len() as u64);
+                        Ok(())
+                    }
+                    None => self.eager(dev, &run),
+                }
+            }
+            // A different run with the same hash: launched as is, the remembered one
+            // kept.
+            Some(_) => self.eager(dev, &run),
+            None => {
+                self.eager(dev, &run)?;
+                if self.runs.len() >= self.capacity {
+                    self.evict_oldest();
+                }
+                self.runs.insert(
+                    key,
+                    Entry {
+                        run,
+                        graph: None,
+                        last_used: self.clock,
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn eager(&self, dev: &dyn Device, run: &[Launch]) -> Result<()> {
+        for l in run {
+            // SAFETY: launches recorded by DeviceCompute, whose call sites pass each
+            // kernel's parameter list with pointers into live buffers; issued in order,
+            // before anything that could free those buffers (see the module comment).
+            unsafe { dev.launch(&l.name, l.grid, l.block, &l.args)? };
+        }
+        GraphStats::add(&self.stats.eager_runs, 1);
+        Ok(())
+    }
+
+    fn evict_oldest(&mut self) {
+        if let Some(k) = self
+            .runs
+            .iter()
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(k, _)| *k)
+        {
+            self.runs.remove(&k);
+            GraphStats::add(&self.stats.evicted, 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::device::emu::EmuDevice;
+    use crate::backend::device::{download_vec, upload_new, Arg, Buf};
+    use std::sync::Arc;
+
+    /// `out[i] = a[i] + b[i]` as a recorded launch (the residual-add kernel).
+    fn add(out: &Buf, a: &Buf, b: &Buf, n: usize) -> Launch {
+        Launch {
+            name: "residual_add_bf16".into(),
+            grid: [1, 1, 1],
+            block: 128,
+            args: vec![
+                Arg::from(out),
+                Arg::from(a),
+                Arg::from(b),
+                Arg::U32(n as u32),
+            ],
+        }
+    }
+
+    fn bf(v: &[f32]) -> Vec<half::bf16> {
+        v.iter().map(|&x| half::bf16::from_f32(x)).collect()
+    }
+
+    /// Eager on first sight, built on the second, replayed after; replays compute what
+    /// eager launches do; a run with one argument changed is a different run.
+    #[test]
+    fn runs_are_built_on_second_sight_and_replayed() {
+        let dev = EmuDevice::new();
+        let stats = Arc::new(GraphStats::default());
+        let mut r = Recorder::new(8, stats.clone());
+        let n = 8;
+        let one = upload_new(&dev, &bf(&[1.0; 8])).unwrap();
+        let x = upload_new(&dev, &bf(&[0.0; 8])).unwrap();
+        // x += 1 twice per run
+        let run = || vec![add(&x, &x, &one, n), add(&x, &x, &one, n)];
+        for _ in 0..4 {
+            r.begin();
+            for l in run() {
+                assert!(r.record(l).is_none());
+            }
+            r.end(&dev, true).unwrap();
+        }
+        let v: Vec<half::bf16> = download_vec(&dev, &x, n).unwrap();
+        assert!(v.iter().all(|&e| e.to_f32() == 8.0), "{v:?}");
+        let c = stats.snapshot();
+        assert_eq!((c.eager_runs, c.built, c.graph_runs), (1, 1, 3), "{c:?}");
+        assert_eq!(c.graph_kernels, 6);
+        // same kernels, another count: a new run (eager), not a replay of the old one
+        r.begin();
+        r.record(add(&x, &x, &one, n - 1));
+        r.record(add(&x, &x, &one, n - 1));
+        r.end(&dev, true).unwrap();
+        let c = stats.snapshot();
+        assert_eq!((c.eager_runs, c.graph_runs), (2, 3), "{c:?}");
+        let v: Vec<half::bf16> = download_vec(&dev, &x, n).unwrap();
+        assert_eq!(v[0].to_f32(), 10.0);
+        assert_eq!(v[n - 1].to_f32(), 8.0, "the changed count must be honoured");
+    }
+
+    /// Outside a segment launches go straight out; a failed segment's run is dropped;
+    /// capacity evicts the least recently used run.
+    #[test]
+    fn dropped_runs_and_eviction() {
+        let dev = EmuDevice::new();
+        let stats = Arc::new(GraphStats::default());
+        let mut r = Recorder::new(2, stats.clone());
+        let one = upload_new(&dev, &bf(&[1.0; 4])).unwrap();
+        let x = upload_new(&dev, &bf(&[0.0; 4])).unwrap();
+        assert!(r.record(add(&x, &x, &one, 4)).is_some());
+        r.begin();
+        r.record(add(&x, &x, &one, 4));
+        r.record(add(&x, &x, &one, 4));
+        r.end(&dev, false).unwrap();
+        let v: Vec<half::bf16> = download_vec(&dev, &x, 4).unwrap();
+        assert_eq!(
+            v[0].to_f32(),
+            0.0,
+            "a failed segment's launches must not run"
+        );
+        for n in [1, 2, 3] {
+            r.begin();
+            r.record(add(&x, &x, &one, n));
+            r.record(add(&x, &x, &one, n));
+            r.end(&dev, true).unwrap();
+        }
+        assert_eq!(stats.snapshot().evicted, 1);
+        assert_eq!(r.runs.len(), 2);
+    }
+}
