@@ -665,22 +665,41 @@ fn emulated_device_generates_the_oracle_tokens() {
         "--ignore-eos",
         "--json",
     ];
-    let r = remp(&args);
-    assert_eq!(r.code, Some(0), "{}", r.stderr);
-    let v = parse_one_object(&r.stdout);
-    assert_eq!(v["device"], "emu");
     let plen = case.prompt.len();
-    let got: Vec<u64> = v["requests"][0]["output_ids"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no output_ids in {v}"))
-        .iter()
-        .filter_map(Value::as_u64)
-        .collect();
     let want: Vec<u64> = case.tokens[plen..plen + 3]
         .iter()
         .map(|&t| t as u64)
         .collect();
-    assert_eq!(got, want);
+    // Launches replayed as graphs (--graphs) run the same kernels: the same tokens.
+    for graphs in [false, true] {
+        let mut a = args.to_vec();
+        if graphs {
+            a.push("--graphs");
+        }
+        let r = remp(&a);
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        let v = parse_one_object(&r.stdout);
+        assert_eq!(v["device"], "emu");
+        let got: Vec<u64> = v["requests"][0]["output_ids"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no output_ids in {v}"))
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        assert_eq!(got, want, "--graphs {graphs}");
+    }
+}
+
+#[test]
+fn graphs_need_a_device() {
+    expect_bad(
+        &["generate", "--prompt-ids", "1,2", "--graphs"],
+        &["--graphs", "--device"],
+    );
+    expect_bad(
+        &["bench-decode", "--steps", "1", "--graphs"],
+        &["--graphs", "--device"],
+    );
 }
 
 #[test]

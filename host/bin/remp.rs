@@ -66,6 +66,10 @@ struct BenchDecodeArgs {
     /// buffers + a reduce kernel, the default) or host (staged through host memory).
     #[arg(long, default_value = "same-device")]
     exchange: String,
+    /// Record each segment's kernel launches and replay repeated runs as graphs
+    /// (CUDA graphs on a GPU): fewer launch calls per step. Needs --device cuda or emu.
+    #[arg(long)]
+    graphs: bool,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -120,6 +124,10 @@ struct BenchArgs {
     /// or emu (the GPU kernels on the host emulator: slow, for checks only).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Record each segment's kernel launches and replay repeated runs as graphs
+    /// (CUDA graphs on a GPU): fewer launch calls per step. Needs --device cuda or emu.
+    #[arg(long)]
+    graphs: bool,
 }
 
 #[derive(clap::Args)]
@@ -166,6 +174,10 @@ struct GenerateArgs {
     /// Switch topology when decode step STEP begins, e.g. `8:tp4pp1` (repeatable).
     #[arg(long = "reconfigure")]
     reconfigure: Vec<String>,
+    /// Record each segment's kernel launches and replay repeated runs as graphs
+    /// (CUDA graphs on a GPU): fewer launch calls per step. Needs --device cuda or emu.
+    #[arg(long)]
+    graphs: bool,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -365,6 +377,7 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
         .collect::<Result<_>>()?;
     let mut econf = EngineConfig::new(topo);
     econf.device = device;
+    econf.graphs = check_graphs(a.graphs, device)?;
     // Today's default (EngineConfig's 512) on cpu and emu; from free memory on cuda.
     let mut kv_note = None;
     match a.kv_blocks {
@@ -603,6 +616,16 @@ fn plan(a: PlanArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--graphs` is for the device kernel path: an error with the CPU backend.
+fn check_graphs(graphs: bool, device: DeviceKind) -> Result<bool> {
+    if graphs && device == DeviceKind::Cpu {
+        return Err(Error::Request(
+            "--graphs replays device kernel launches: it needs --device cuda or emu".into(),
+        ));
+    }
+    Ok(graphs)
+}
+
 fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     use remp::runtime::decode_bench::{run, DecodeBenchConfig};
     let device = check_device(&a.device)?;
@@ -617,6 +640,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let topo = Topology::new(a.tp, a.pp);
     topo.validate(&model.config)?;
     let mut bc = DecodeBenchConfig::new(topo, device);
+    bc.graphs = check_graphs(a.graphs, device)?;
     bc.batch = a.batch;
     bc.steps = a.steps;
     bc.exchange = match a.exchange.as_str() {
@@ -656,6 +680,12 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             r.bandwidth / 1e9,
             r.ratio()
         );
+        if let Some(g) = r.graphs {
+            println!(
+                "graphs: {} runs replayed ({} kernels), {} launched kernel by kernel, {} built",
+                g.graph_runs, g.graph_kernels, g.eager_runs, g.built
+            );
+        }
     }
     Ok(())
 }
@@ -678,6 +708,7 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
     bc.requests = a.requests;
     bc.window = a.window.max(1);
     bc.device = device;
+    bc.graphs = check_graphs(a.graphs, device)?;
     let bw = copy_bandwidth();
     if !a.json {
         eprintln!(

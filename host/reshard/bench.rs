@@ -83,6 +83,8 @@ pub struct BenchConfig {
     pub window: usize,
     /// Where the workers compute.
     pub device: DeviceKind,
+    /// Device workers replay repeated launch runs as graphs (`EngineConfig::graphs`).
+    pub graphs: bool,
 }
 
 impl BenchConfig {
@@ -96,6 +98,7 @@ impl BenchConfig {
             after_steps: 6,
             window: 2,
             device: DeviceKind::Cpu,
+            graphs: false,
         }
     }
 }
@@ -157,6 +160,7 @@ pub fn run_mode(
     econf.workers = Some(bc.from.world_size().max(bc.to.world_size()));
     econf.kv_blocks = per_seq * bc.requests;
     econf.device = bc.device;
+    econf.graphs = bc.graphs;
     let mut engine = Engine::new(model, econf)?;
     add_synthetic_requests(
         &mut engine,

@@ -14,6 +14,7 @@
 //! final norm and the LM head; not the embedding table, of which a step reads only its
 //! tokens' rows (unless it is tied to the LM head) — over one device's bandwidth.
 
+use crate::backend::device::graph::GraphCounts;
 use crate::backend::device::Exchange;
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -34,6 +35,8 @@ pub struct DecodeBenchConfig {
     pub warmup: usize,
     /// How device ranks exchange partials and hand-offs.
     pub exchange: Exchange,
+    /// Replay repeated launch runs as graphs ([`EngineConfig::graphs`]).
+    pub graphs: bool,
 }
 
 impl DecodeBenchConfig {
@@ -46,6 +49,7 @@ impl DecodeBenchConfig {
             steps: 32,
             warmup: 4,
             exchange: Exchange::default(),
+            graphs: false,
         }
     }
 }
@@ -59,6 +63,8 @@ pub struct DecodeBenchResult {
     /// Bandwidth the floor uses, bytes per second (see the module comment).
     pub bandwidth: f64,
     pub floor_ms: f64,
+    /// What graph recording did over the whole run (with graphs on).
+    pub graphs: Option<GraphCounts>,
 }
 
 impl DecodeBenchResult {
@@ -76,6 +82,13 @@ impl DecodeBenchResult {
             "bandwidth_gbs": self.bandwidth / 1e9,
             "floor_ms": self.floor_ms,
             "ratio_to_floor": self.ratio(),
+            "graphs": self.graphs.map(|g| serde_json::json!({
+                "graph_runs": g.graph_runs,
+                "graph_kernels": g.graph_kernels,
+                "eager_runs": g.eager_runs,
+                "built": g.built,
+                "evicted": g.evicted,
+            })),
         })
     }
 }
@@ -118,6 +131,7 @@ pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
     let mut econf = EngineConfig::new(bc.topology);
     econf.device = bc.device;
     econf.exchange = bc.exchange;
+    econf.graphs = bc.graphs;
     econf.kv_blocks = per_seq * bc.batch;
     // every sequence admitted in the one prefill step, all decoding together after it
     econf.max_running = bc.batch;
@@ -164,5 +178,6 @@ pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
         weight_bytes,
         bandwidth,
         floor_ms: weight_bytes as f64 / bandwidth * 1e3,
+        graphs: bc.graphs.then(|| engine.graph_counts()),
     })
 }
