@@ -251,6 +251,7 @@ fn switch_started_right_after_an_abort_completes(dev) {
     let (_, plan) = e.plan_reconfigure(target).unwrap();
     let reshard0 = e.comm_stats().reshard_bytes();
     e.reconfigure_stop_the_world(target).unwrap();
+    assert_late_discards_saw_the_next_switch(&e, 1);
     assert_eq!(e.topology_name(), "tp1pp2");
     assert_eq!(e.comm_stats().reshard_bytes() - reshard0, plan.bytes_moved);
     assert_meter_matches_memory(&e);

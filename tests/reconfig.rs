@@ -240,6 +240,7 @@ fn switch_started_right_after_an_abort_completes() {
     );
     let reshard0 = engine.comm_stats().reshard_bytes();
     engine.reconfigure_stop_the_world(tp4).unwrap();
+    assert_late_discards_saw_the_next_switch(&engine, 1);
     assert_eq!(engine.topology_name(), "tp4pp1");
     assert_eq!(
         engine.comm_stats().reshard_bytes() - reshard0,
@@ -257,6 +258,7 @@ fn switch_started_right_after_an_abort_completes() {
     assert_eq!(remote_piece(&plan, Segment::Layer(LayerId(2))).1, late);
     engine.reconfigure(tp2pp2).unwrap();
     engine.run_to_completion().unwrap();
+    assert_late_discards_saw_the_next_switch(&engine, 2);
     assert_eq!(engine.topology_name(), "tp2pp2");
     assert_oracle_tokens(&engine, &cases, &ids);
     let evs = engine.reconfig_events().to_vec();

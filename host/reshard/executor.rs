@@ -216,6 +216,9 @@ pub struct Controller {
     /// switch is over (a new one may start), but its staged memory is released only as
     /// they run.
     discards: AtomicUsize,
+    /// Test hook outcomes ([`ReconfigOptions::late_discard`]): waits that saw the next
+    /// job's message, and waits that gave up at the comm timeout.
+    late_discards: [AtomicUsize; 2],
     events: Mutex<Vec<ReconfigEvent>>,
     next_job: AtomicU64,
     /// Recent step time in ms (f64 bits).
@@ -236,6 +239,7 @@ impl Controller {
             stats,
             current_plan: Mutex::new(None),
             discards: AtomicUsize::new(0),
+            late_discards: [AtomicUsize::new(0), AtomicUsize::new(0)],
             events: Mutex::new(Vec::new()),
             next_job: AtomicU64::new(1),
             step_ms: AtomicU64::new(0),
@@ -245,6 +249,13 @@ impl Controller {
 
     /// No switch runs and every copy thread has released what an aborted one staged
     /// (the memory meter then counts only what the workers hold).
+    /// The late-discard hook's waits so far: (saw the next job's message, timed out).
+    /// A test that relies on the interleaving checks it happened.
+    pub fn late_discards(&self) -> (usize, usize) {
+        let g = |i: usize| self.late_discards[i].load(Ordering::SeqCst);
+        (g(0), g(1))
+    }
+
     pub fn is_settled(&self) -> bool {
         !self.is_active() && self.discards.load(Ordering::SeqCst) == 0
     }
@@ -616,8 +627,10 @@ impl CopyWorker {
                 }
                 CopyCmd::Discard { seg, job, late } => {
                     if late {
-                        self.comm
+                        let seen = self
+                            .comm
                             .wait_queued(|t| t.reshard_job().is_some_and(|n| n > job));
+                        self.ctrl.late_discards[usize::from(!seen)].fetch_add(1, Ordering::SeqCst);
                     }
                     self.discard(seg, job);
                     self.ctrl.discards.fetch_sub(1, Ordering::SeqCst);

@@ -1035,6 +1035,13 @@ impl Engine {
         self.pool.ctrl.is_settled()
     }
 
+    /// Test hook: how the late-discard hook's waits ended so far (saw the next
+    /// switch's message, timed out), see `ReconfigOptions::late_discard`.
+    #[doc(hidden)]
+    pub fn late_discards(&self) -> (usize, usize) {
+        self.pool.ctrl.late_discards()
+    }
+
     fn collect_reconfig_events(&mut self) {
         self.reconfig_log.extend(self.pool.ctrl.take_events());
     }

@@ -182,6 +182,13 @@ pub fn abort_at_once(engine: &mut Engine, target: Topology) -> WorkerId {
     dst
 }
 
+/// After the switch that followed [`abort_at_once`] ran: the late worker's discard did
+/// wait for, and see, a message of that switch (the interleaving the hook forces), every
+/// time the hook was used, never giving up at the comm timeout.
+pub fn assert_late_discards_saw_the_next_switch(engine: &Engine, times: usize) {
+    assert_eq!(engine.late_discards(), (times, 0), "(saw, timed out)");
+}
+
 pub fn aborted_count(engine: &mut Engine) -> usize {
     engine
         .reconfig_events()
