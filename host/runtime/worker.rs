@@ -557,6 +557,8 @@ impl Worker {
         // their first segment of the step (queued through the pinned staging slots: the
         // host does not wait); a worker in no group of the step uploads nothing.
         let mut inputs: Option<StepInputs> = None;
+        // Whether this worker queued device work this step (a flip, a segment).
+        let mut queued = false;
         for seg in segments {
             // The lead of the group that just ran the previous segment decides this one
             // (the driver decides the embedding before the step starts).
@@ -569,7 +571,10 @@ impl Worker {
                     return Err(self.err(format!("injected failure at the flip of {seg}")));
                 }
                 match &self.device {
-                    Some(dc) => self.flip_device(dc, plan, seg, f)?,
+                    Some(dc) => {
+                        queued = true;
+                        self.flip_device(dc, plan, seg, f)?
+                    }
                     None => self.flip(plan, seg, f)?,
                 }
             }
@@ -594,6 +599,7 @@ impl Worker {
                     inputs = Some(StepInputs::new(dc, plan, self.geom)?);
                 }
                 let inp = inputs.as_ref().ok_or_else(|| self.err("no step inputs"))?;
+                queued = true;
                 self.device_segment(dc, seg, g, inp, &mut h)?;
             } else if g.contains(self.id) {
                 let shards = self
@@ -615,8 +621,9 @@ impl Worker {
         // Nothing in the step blocked on the device (hand-overs are ordered by events):
         // wait here, so that a fault in this worker's kernels fails this step, and the
         // KV the step wrote is complete before the driver counts it (a copy job's
-        // pre-copy reads it on the copy stream).
-        if let Some(dc) = &self.device {
+        // pre-copy reads it on the copy stream). A worker with nothing queued this step
+        // (in no group, no flip) skips the call.
+        if let (Some(dc), true) = (&self.device, queued) {
             dc.dev.synchronize()?;
         }
         Ok(())
