@@ -716,17 +716,24 @@ fn gpu_gemm_decode_split_k() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_gemm_mma() {
-    let mut rng = Rng::new("gpu_gemm_mma");
-    for kernel in [
-        "gemm_mma_bf16",
-        "gemm_mma_bf16_f32out",
-        "gemm_mma_silu_bf16",
-    ] {
-        for &(m, n, k) in &[
-            (128usize, 128usize, 256usize),
-            (130, 200, 264),
-            (37, 136, 96),
-        ] {
+    tensor_core_cases(
+        "gpu_gemm_mma",
+        &[
+            "gemm_mma_bf16",
+            "gemm_mma_bf16_f32out",
+            "gemm_mma_silu_bf16",
+        ],
+        &[(128, 128, 256), (130, 200, 264), (37, 136, 96)],
+        128,
+    );
+}
+
+/// Every kernel of a tensor-core family on every shape, with random padded strides and
+/// a random choice of bias and residual per case.
+fn tensor_core_cases(seed: &str, kernels: &[&str], shapes: &[(usize, usize, usize)], block: u32) {
+    let mut rng = Rng::new(seed);
+    for kernel in kernels {
+        for &(m, n, k) in shapes {
             let ldx = k + rng.pick(&[0usize, 8]);
             let ldy = n + rng.pick(&[0usize, 3]);
             let (bias, res) = (rng.next().is_multiple_of(2), rng.next().is_multiple_of(2));
@@ -734,7 +741,7 @@ fn gpu_gemm_mma() {
                 &mut rng,
                 kernel,
                 Gemm { m, n, k, ldx, ldy },
-                128,
+                block,
                 bias,
                 res,
                 0,
@@ -750,32 +757,21 @@ fn gpu_gemm_mma() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_gemm_mma_wide() {
-    let mut rng = Rng::new("gpu_gemm_mma_wide");
-    for kernel in [
-        "gemm_mma_wide_bf16",
-        "gemm_mma_wide_bf16_f32out",
-        "gemm_mma_wide_silu_bf16",
-    ] {
-        for &(m, n, k) in &[
-            (256usize, 128usize, 256usize),
+    tensor_core_cases(
+        "gpu_gemm_mma_wide",
+        &[
+            "gemm_mma_wide_bf16",
+            "gemm_mma_wide_bf16_f32out",
+            "gemm_mma_wide_silu_bf16",
+        ],
+        &[
+            (256, 128, 256),
             (300, 200, 264),
             (37, 136, 96),
             (2100, 300, 64),
-        ] {
-            let ldx = k + rng.pick(&[0usize, 8]);
-            let ldy = n + rng.pick(&[0usize, 3]);
-            let (bias, res) = (rng.next().is_multiple_of(2), rng.next().is_multiple_of(2));
-            gemm_case(
-                &mut rng,
-                kernel,
-                Gemm { m, n, k, ldx, ldy },
-                MMA_WIDE_BM,
-                bias,
-                res,
-                0,
-            );
-        }
-    }
+        ],
+        MMA_WIDE_BM,
+    );
 }
 
 /// The wide kernels against `gemm_mma_*` on the GPU, bit for bit, on a larger shape
