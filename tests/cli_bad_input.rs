@@ -700,6 +700,44 @@ fn graphs_need_a_device() {
         &["bench-decode", "--steps", "1", "--graphs"],
         &["--graphs", "--device"],
     );
+    expect_bad(&["bench-reconfig", "--graphs"], &["--graphs", "--device"]);
+}
+
+/// `bench-reconfig --json` on remp-tiny: one object with the three modes, each having
+/// moved bytes, and the copy bandwidth and stop-the-world's transfer rate, consistent
+/// with its bytes and time.
+#[test]
+fn bench_reconfig_json_contract() {
+    let m = tiny();
+    let r = remp(&[
+        "bench-reconfig",
+        "--model",
+        &m,
+        "--from",
+        "tp2pp1",
+        "--to",
+        "tp1pp2",
+        "--requests",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let v = parse_one_object(&r.stdout);
+    for mode in ["online", "stop_the_world", "restart"] {
+        let b = v[mode]["bytes_moved"].as_u64().unwrap_or(0);
+        assert!(b > 0, "{mode}: {v}");
+    }
+    let bw = v["copy_bandwidth_gbs"].as_f64().unwrap_or(0.0);
+    assert!(bw > 0.0 && v["copy_bandwidth_source"].is_string(), "{v}");
+    let stw = &v["stop_the_world"];
+    let (bytes, ms) = (
+        stw["bytes_moved"].as_f64().unwrap_or(0.0),
+        stw["total_ms"].as_f64().unwrap_or(0.0),
+    );
+    let rate = v["stop_the_world_transfer_gbs"].as_f64().unwrap_or(0.0);
+    assert!(ms > 0.0, "{v}");
+    let want = bytes / (ms * 1e-3) / 1e9;
+    assert!((rate - want).abs() <= 1e-6 * want, "{rate} vs {want}: {v}");
 }
 
 #[test]

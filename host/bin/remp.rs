@@ -709,10 +709,18 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
     bc.window = a.window.max(1);
     bc.device = device;
     bc.graphs = check_graphs(a.graphs, device)?;
-    let bw = copy_bandwidth();
+    // Bytes copied per second where the pieces move: on a GPU cuMemcpyDtoD (its
+    // read + written figure halved), else one thread's memcpy.
+    let (bw, bw_source) = match device {
+        DeviceKind::Cuda => (
+            remp::runtime::decode_bench::cuda_copy_bandwidth()? / 2.0,
+            "cuMemcpyDtoD",
+        ),
+        _ => (copy_bandwidth(), "memcpy (one thread)"),
+    };
     if !a.json {
         eprintln!(
-            "{} ({:.0}M parameters), {} requests, {from} -> {to}; copy bandwidth {:.1} GB/s",
+            "{} ({:.0}M parameters), {} requests, {from} -> {to}; copy bandwidth {:.1} GB/s ({bw_source})",
             model.name,
             model.config.num_params() as f64 / 1e6,
             bc.requests,
@@ -741,11 +749,17 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
             source: e,
         })?;
     }
+    // What the reshard transport reached where nothing else runs: stop-the-world's
+    // bytes over its whole pause (packing, the exchange, unpacking, the KV included).
+    let stw_rate = runs[1].bytes_moved as f64 / (runs[1].total_ms * 1e-3).max(1e-9);
     if a.json {
         let doc = json!({
             "online": runs[0].to_json(),
             "stop_the_world": runs[1].to_json(),
             "restart": runs[2].to_json(),
+            "copy_bandwidth_gbs": bw / 1e9,
+            "copy_bandwidth_source": bw_source,
+            "stop_the_world_transfer_gbs": stw_rate / 1e9,
         });
         println!("{doc}");
     } else {
@@ -789,6 +803,14 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
             ratio(stw.stall_ms, on.stall_ms),
             ratio(rs.max_gap_ms, on.max_gap_ms),
             ratio(on.total_ms, on.transfer_floor_ms.max(on.median_step_ms))
+        );
+        println!(
+            "stop-the-world moved {} B in {:.1} ms: {:.2} GB/s = {:.2} x the {bw_source} bandwidth ({:.2} GB/s)",
+            stw.bytes_moved,
+            stw.total_ms,
+            stw_rate / 1e9,
+            stw_rate / bw,
+            bw / 1e9
         );
     }
     Ok(())

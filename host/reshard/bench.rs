@@ -8,7 +8,8 @@
 //! largest gap from the switch request until one step after it completed; `stall_ms` is
 //! `max_gap_ms - median_step_ms`, clamped at 0. The transfer floor is the bytes through
 //! the busiest worker divided by the single-thread copy bandwidth measured in the same
-//! run: no switch can move its data faster than its busiest worker copies it.
+//! run (on a GPU, `cuMemcpyDtoD`'s): no switch can move its data faster than its busiest
+//! worker copies it.
 
 use crate::error::{Error, Result};
 use crate::model::Model;
