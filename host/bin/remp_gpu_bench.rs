@@ -15,6 +15,14 @@
 //! around batches of launches after warm-up; the median over batches is reported.
 //! Writes the table to stdout and JSON to `$OUT/kernels.json` (`$OUT` defaults to
 //! `./gpu-out`). Exits 2 with one line when there is no GPU.
+//!
+//! `--profile`: a short run for Nsight Compute (`tools/gpu-check` runs it under `ncu
+//! --profile-from-start off`): the same set-up, but only decode GEMM M=1 at K=8192 N=1024
+//! and K=4096 N=4096 (plain and split-K), both 4096³ mma GEMMs (no cuBLAS), both decode
+//! attention kernels at their best split from the full run's `$OUT/kernels.json`
+//! (else 1024, run 4's best) and `reshard_copy2d` packed → column; each case one warm-up
+//! call, then one call between `cuProfilerStart` and `cuProfilerStop`, so exactly that
+//! call's launches are profiled. Its timings are single calls: no table, no JSON.
 
 use remp::backend::cuda::{Arg, CudaDevice, DevBuf, EventTimer};
 use remp::Result;
@@ -25,8 +33,27 @@ const MIB: usize = 1 << 20;
 
 const POOL: usize = 1024 * MIB;
 
+/// Decode attention split sizes (tokens per split) the bench tries.
+const ATTN_SPLITS: [usize; 5] = [4096, 2048, 1024, 512, 256];
+
+const USAGE: &str = "usage: remp-gpu-bench [--profile]";
+
 fn main() {
-    match run() {
+    let mut profile = false;
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "--profile" => profile = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return;
+            }
+            _ => {
+                eprintln!("remp-gpu-bench: unknown argument `{a}` ({USAGE})");
+                std::process::exit(2);
+            }
+        }
+    }
+    match run(profile) {
         Ok(()) => {}
         Err(e) => {
             eprintln!("remp-gpu-bench: {e}");
@@ -39,17 +66,31 @@ struct Bench<'a> {
     dev: &'a CudaDevice,
     timer: EventTimer,
     rows: Vec<Value>,
+    /// `--profile`: [`Bench::time`] makes one warm-up call and one profiled call
+    profile: bool,
 }
 
 impl Bench<'_> {
     /// Median milliseconds per call of `f(i)` (i counts up, for rotation): 3 warm-up
     /// batches, then `reps` batches of `inner` calls, each batch timed with events.
+    /// With `profile`: `f(0)`, then `f(1)` alone between `cuProfilerStart` and
+    /// `cuProfilerStop` (what `ncu --profile-from-start off` profiles), its time returned.
     fn time(
         &self,
         reps: usize,
         inner: usize,
         mut f: impl FnMut(usize) -> Result<()>,
     ) -> Result<f64> {
+        if self.profile {
+            f(0)?;
+            self.dev.synchronize()?;
+            self.profiler(true)?;
+            self.timer.start()?;
+            f(1)?;
+            let t = self.timer.stop_ms()? as f64;
+            self.profiler(false)?;
+            return Ok(t);
+        }
         let mut i = 0;
         for _ in 0..3 * inner {
             f(i)?;
@@ -69,6 +110,41 @@ impl Bench<'_> {
         ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
         Ok(ts[ts.len() / 2])
     }
+
+    /// `cuProfilerStart` / `cuProfilerStop` on this device's context (no-ops when no
+    /// profiler is attached).
+    fn profiler(&self, on: bool) -> Result<()> {
+        use cudarc::driver::{profiler_start, profiler_stop};
+        self.dev.bind()?;
+        if on {
+            profiler_start()
+        } else {
+            profiler_stop()
+        }
+        .map_err(|e| remp::Error::Device(format!("cuProfilerStart/Stop: {e:?}")))
+    }
+}
+
+/// `--profile`: the split each decode attention kernel is profiled at: the full run's
+/// best (`best_split_tokens` of its row in `$OUT/kernels.json`), else 1024.
+fn profile_attn_split(kernel: &str) -> usize {
+    let path = std::path::Path::new(&out_dir()).join("kernels.json");
+    let best = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+        .and_then(|doc| {
+            doc["results"]
+                .as_array()?
+                .iter()
+                .find_map(|r| (r["bench"] == kernel).then(|| r["best_split_tokens"].as_u64())?)
+        });
+    best.map(|b| b as usize)
+        .filter(|b| ATTN_SPLITS.contains(b))
+        .unwrap_or(1024)
+}
+
+fn out_dir() -> String {
+    std::env::var("OUT").unwrap_or_else(|_| "gpu-out".into())
 }
 
 /// Fill `buf` with random finite bf16 values in ±[2^-7, 1): 64 MiB from the host,
@@ -100,7 +176,7 @@ fn gbs(bytes: f64, ms: f64) -> f64 {
     bytes / (ms * 1e-3) / 1e9
 }
 
-fn run() -> Result<()> {
+fn run(profile: bool) -> Result<()> {
     let dev = CudaDevice::open(0)?;
     let t0 = std::time::Instant::now();
     dev.load_kernels()?;
@@ -116,7 +192,11 @@ fn run() -> Result<()> {
         dev: &dev,
         timer: EventTimer::new(&dev)?,
         rows: vec![],
+        profile,
     };
+    if profile {
+        println!("--profile: one warm-up and one profiled call per case; timings are single calls");
+    }
     let pool = dev.alloc(POOL)?;
     fill_random(&dev, &pool)?;
     // a pool offset for rotation step i of buffers of `bytes` bytes (256-byte aligned)
@@ -154,6 +234,9 @@ fn run() -> Result<()> {
             2 * cols,
         ),
     ] {
+        if profile && !label.starts_with("packed") {
+            continue;
+        }
         let items = rows * (cols * 2).div_ceil(8192);
         let grid = (items.div_ceil(4) as u32).clamp(1, 8 * sms);
         let dstb = if dst_stride > cols {
@@ -208,7 +291,14 @@ fn run() -> Result<()> {
         ("70B down TP8 (K=3584,N=8192)", 28672 / 8, 8192),
         ("70B q TP8 (K=8192,N=1024)", 8192, 1024),
     ] {
+        // --profile: M = 1 of the 7B q/o and 70B q TP8 shapes (furthest from HBM)
+        if profile && !matches!((k, n), (8192, 1024) | (4096, 4096)) {
+            continue;
+        }
         for m in [1usize, 8, 16] {
+            if profile && m > 1 {
+                break;
+            }
             let wbytes = n * k * 2;
             // gemm::DEC_COLS = 16 columns per block; block per gemm::dec_block: 512
             // threads (DEC_BLOCK_WIDE) under 2 blocks per SM, else 256 (DEC_BLOCK)
@@ -326,11 +416,16 @@ fn run() -> Result<()> {
         ms[ki] = t;
         tf[ki] = flops / (t * 1e-3) / 1e12;
     }
-    let cublas = match cublas_gemm_time(&b, &yb, &rot, m, n, k) {
-        Ok(tc) => Some(flops / (tc * 1e-3) / 1e12),
-        Err(e) => {
-            println!("cuBLAS baseline unavailable: {e}");
-            None
+    // (--profile: ours only)
+    let cublas = if profile {
+        None
+    } else {
+        match cublas_gemm_time(&b, &yb, &rot, m, n, k) {
+            Ok(tc) => Some(flops / (tc * 1e-3) / 1e12),
+            Err(e) => {
+                println!("cuBLAS baseline unavailable: {e}");
+                None
+            }
         }
     };
     let pct = |ours: f64| cublas.map(|c| 100.0 * ours / c);
@@ -387,15 +482,23 @@ fn run() -> Result<()> {
     let (kc, vc) = (pool.ptr(), pool.at(kv_bytes));
     // the verified kernel and the cp.async-pipelined variant, same inputs, each split
     let kernels = ["attn_decode_bf16", "attn_decode_pipelined_bf16"];
+    // --profile: each kernel at its own best split only
+    let prof_split = kernels.map(profile_attn_split);
     let mut best: [Option<(f64, usize)>; 2] = [None, None];
     let mut per_split = [vec![], vec![]];
-    for split_tokens in [4096usize, 2048, 1024, 512, 256] {
+    for split_tokens in ATTN_SPLITS {
+        if profile && !prof_split.contains(&split_tokens) {
+            continue;
+        }
         let splits = ctx.div_ceil(split_tokens);
         let opart = dev.alloc(seqs * qh * splits * d * 4)?;
         let ml = dev.alloc(seqs * qh * splits * 2 * 4)?;
         let scale = 1.0 / (d as f32).sqrt();
         let mut gs = [0.0f64; 2];
         for (ki, kernel) in kernels.iter().enumerate() {
+            if profile && prof_split[ki] != split_tokens {
+                continue;
+            }
             let t = b.time(11, 4, |_| {
                 let args = [
                     Arg::Ptr(out.ptr()),
@@ -456,10 +559,12 @@ fn run() -> Result<()> {
                 best[ki] = Some((t, split_tokens));
             }
         }
-        println!(
-            "attn_decode split {split_tokens}: pipelined / old = {:.2}x GB/s",
-            gs[1] / gs[0]
-        );
+        if !profile {
+            println!(
+                "attn_decode split {split_tokens}: pipelined / old = {:.2}x GB/s",
+                gs[1] / gs[0]
+            );
+        }
     }
     let old_t = best[0].unwrap().0;
     for (ki, kernel) in kernels.iter().enumerate() {
@@ -469,6 +574,11 @@ fn run() -> Result<()> {
             "head_dim": d, "block_size": bs, "kv_bytes": 2 * kv_bytes, "best_split_tokens": split, "ms": t,
             "kv_gb_s": g, "pct_of_hbm": 100.0 * g / hbm, "speedup_vs_attn_decode_bf16": old_t / t,
             "splits": per_split[ki]}));
+    }
+
+    if profile {
+        println!("--profile: done (no table, no JSON)");
+        return Ok(());
     }
 
     // ---- summary
@@ -538,7 +648,7 @@ fn run() -> Result<()> {
         };
         println!("{name:<44} {res:>12} {vs:>14}");
     }
-    let out_dir = std::env::var("OUT").unwrap_or_else(|_| "gpu-out".into());
+    let out_dir = out_dir();
     let _ = std::fs::create_dir_all(&out_dir);
     let path = std::path::Path::new(&out_dir).join("kernels.json");
     let doc = json!({
