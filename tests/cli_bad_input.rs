@@ -687,6 +687,10 @@ fn emulated_device_generates_the_oracle_tokens() {
             .filter_map(Value::as_u64)
             .collect();
         assert_eq!(got, want, "--graphs {graphs}");
+        // (JSON `graphs` only with --graphs: runs were replayed by the third token.)
+        let replayed = v["graphs"]["graph_runs"].as_u64();
+        assert_eq!(replayed.is_some(), graphs, "{v}");
+        assert!(replayed.unwrap_or(1) > 0, "{v}");
     }
 }
 

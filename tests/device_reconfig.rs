@@ -295,9 +295,9 @@ fn switch_before_the_first_step_reads_the_loaded_shards(dev) {
 
 on_devices! {
 /// An online switch tp2pp1 → tp1pp2 with graphs on: the flips swap shards and KV
-/// between a segment's runs (every device call of a flip issues the recorded run
-/// first), and the runs of the new placement are new runs; tokens stay the oracle's and
-/// runs were replayed before and after the switch.
+/// between segments (whose runs are issued by then), and the runs of the new placement
+/// (other shards, the pipeline hand-off) are new runs; tokens stay the oracle's and
+/// runs were built and replayed before and after the switch.
 fn online_switch_with_graphs_keeps_oracle_tokens(dev) {
     let c = &oracle()[0];
     let mut ec = EngineConfig::new(Topology::new(2, 1));

@@ -378,6 +378,7 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
     let mut econf = EngineConfig::new(topo);
     econf.device = device;
     econf.graphs = check_graphs(a.graphs, device)?;
+    let graphs = econf.graphs;
     // Today's default (EngineConfig's 512) on cpu and emu; from free memory on cuda.
     let mut kv_note = None;
     match a.kv_blocks {
@@ -495,6 +496,12 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
             "steps": engine.steps(),
             "elapsed_ms": elapsed_ms,
             "reconfigurations": reconfigs,
+            "graphs": graphs.then(|| {
+                let g = engine.graph_counts();
+                json!({"graph_runs": g.graph_runs, "graph_kernels": g.graph_kernels,
+                       "eager_runs": g.eager_runs, "built": g.built,
+                       "build_failures": g.build_failures})
+            }),
         });
         println!("{doc}");
     } else {

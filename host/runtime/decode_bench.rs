@@ -88,6 +88,7 @@ impl DecodeBenchResult {
                 "eager_runs": g.eager_runs,
                 "built": g.built,
                 "evicted": g.evicted,
+                "build_failures": g.build_failures,
             })),
         })
     }

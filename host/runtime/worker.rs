@@ -440,7 +440,7 @@ impl Worker {
         let mut shards = HashMap::new();
         let mut kv = HashMap::new();
         let meter = &self.mem.meter;
-        let dev = dc.dev.as_ref();
+        let dev = dc.device()?;
         for seg in p.segments() {
             let g = p.group(seg);
             let Some(idx) = g.position(self.id) else {
@@ -523,8 +523,7 @@ impl Worker {
                             )));
                         }
                         // This stream reads it after the sender's copy into it.
-                        wait_ready(dc.dev.as_ref(), &b)?;
-                        Hidden::Dev(Arc::new(b))
+                        Hidden::Dev(dc.adopt_hidden(b, n)?)
                     }
                     Some(dc) if n > 0 => {
                         Hidden::Dev(dc.hidden_from_host(&self.comm.recv(from, tag)?)?)
@@ -624,7 +623,7 @@ impl Worker {
         // pre-copy reads it on the copy stream). A worker with nothing queued this step
         // (in no group, no flip) skips the call.
         if let (Some(dc), true) = (&self.device, queued) {
-            dc.dev.synchronize()?;
+            dc.device()?.synchronize()?;
         }
         Ok(())
     }
@@ -812,7 +811,7 @@ impl Worker {
         f: &FlipInfo,
     ) -> Result<()> {
         let me = self.id;
-        let dev = dc.dev.as_ref();
+        let dev = dc.device()?;
         let staged = self.mem.take_staged(seg);
         if f.new.contains(me) && staged.dev_shards.is_none() {
             return Err(self.err(format!("{seg} flipped before its shards were staged")));

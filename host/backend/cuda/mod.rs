@@ -1081,8 +1081,21 @@ impl crate::backend::device::Device for CudaDevice {
         &self,
         run: &[crate::backend::device::Launch],
     ) -> Result<Option<crate::backend::device::Graph>> {
-        Ok(CudaDevice::build_graph(self, run)?
-            .map(|g| crate::backend::device::Graph(crate::backend::device::GraphKind::Cuda(g))))
+        // cudarc resolves a driver function at its first call and panics where the
+        // driver lacks it (cuGraphAddKernelNode_v2 came with CUDA 12.0): an error here,
+        // so that the caller launches kernel by kernel instead.
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            CudaDevice::build_graph(self, run)
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::Device(
+                "the CUDA driver lacks the graph functions remp uses (CUDA 12.0 or later)".into(),
+            ))
+        })?;
+        Ok(
+            built
+                .map(|g| crate::backend::device::Graph(crate::backend::device::GraphKind::Cuda(g))),
+        )
     }
     fn launch_graph(&self, g: &crate::backend::device::Graph) -> Result<()> {
         let crate::backend::device::GraphKind::Cuda(g) = &g.0 else {

@@ -229,12 +229,25 @@ pub(crate) fn free_after_all_streams(mut mem: Box<[u128]>) {
     }
 }
 
-/// Poisons freed memory before it goes back to the allocator, so that a kernel queued
-/// after the free that still reads it (a free ordered too early) sees NaNs, not the
-/// old values.
+/// Freed memory, poisoned, held back from the allocator (most recent last; at most
+/// [`QUARANTINE_BYTES`]): a kernel queued after a free that still reads the memory (a
+/// free ordered too early) reads NaNs for as long as it stays here, not the old values
+/// nor another buffer's.
+static QUARANTINE: Mutex<(VecDeque<Box<[u128]>>, usize)> = Mutex::new((VecDeque::new(), 0));
+const QUARANTINE_BYTES: usize = 64 << 20;
+
 fn release(mut mem: Box<[u128]>) {
     mem.fill(u128::MAX);
-    drop(mem);
+    let bytes = mem.len() * 16;
+    let mut q = lock(&QUARANTINE);
+    q.0.push_back(mem);
+    q.1 += bytes;
+    while q.1 > QUARANTINE_BYTES {
+        match q.0.pop_front() {
+            Some(old) => q.1 -= old.len() * 16,
+            None => break,
+        }
+    }
 }
 
 /// Releases the pending frees every stream has run past (after a stream ran work).

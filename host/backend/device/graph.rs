@@ -33,6 +33,7 @@ use crate::Result;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 /// Block-table row stride (in KV blocks) is padded to a multiple of this, so that the
 /// attention launches of a decode stay the same while contexts grow by 256 tokens (at
@@ -55,6 +56,8 @@ pub struct GraphStats {
     pub built: AtomicU64,
     /// Runs forgotten (with their graph, if built) to stay within capacity.
     pub evicted: AtomicU64,
+    /// Runs whose graph could not be built (launched kernel by kernel from then on).
+    pub build_failures: AtomicU64,
 }
 
 /// A snapshot of [`GraphStats`].
@@ -65,6 +68,7 @@ pub struct GraphCounts {
     pub graph_kernels: u64,
     pub built: u64,
     pub evicted: u64,
+    pub build_failures: u64,
 }
 
 impl GraphStats {
@@ -76,6 +80,7 @@ impl GraphStats {
             graph_kernels: g(&self.graph_kernels),
             built: g(&self.built),
             evicted: g(&self.evicted),
+            build_failures: g(&self.build_failures),
         }
     }
     fn add(a: &AtomicU64, n: u64) {
@@ -86,6 +91,8 @@ impl GraphStats {
 struct Entry {
     run: Vec<Launch>,
     graph: Option<Graph>,
+    /// Building its graph failed once: not tried again.
+    unbuildable: bool,
     last_used: u64,
 }
 
@@ -99,6 +106,43 @@ pub struct Recorder {
     clock: u64,
     capacity: usize,
     stats: std::sync::Arc<GraphStats>,
+    /// A build failure was reported on stderr (once per worker).
+    warned: bool,
+}
+
+/// The recorder's lock. A panic while it was held (a launch that panicked inside a
+/// flush) leaves no half-done state that matters: the pending run was taken out first,
+/// and a [`Scope`] dropped by that unwinding clears what is left.
+pub fn lock(r: &Mutex<Recorder>) -> MutexGuard<'_, Recorder> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One segment's recording, from [`Recorder::enter`] to [`Scope::finish`]. Dropped
+/// without finishing — a panic unwinding through the segment — it drops the recorded
+/// launches, which must not run later in another step's order.
+pub struct Scope<'a> {
+    rec: &'a Mutex<Recorder>,
+    finished: bool,
+}
+
+impl Scope<'_> {
+    /// Stops recording: issues the run if `ok`, else drops it (a failed segment fails
+    /// its step).
+    pub fn finish(mut self, dev: &dyn Device, ok: bool) -> Result<()> {
+        let r = lock(self.rec).end(dev, ok);
+        self.finished = true;
+        r
+    }
+}
+
+impl Drop for Scope<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut r = lock(self.rec);
+            r.recording = false;
+            r.pending.clear();
+        }
+    }
 }
 
 fn run_hash(run: &[Launch]) -> u64 {
@@ -117,6 +161,16 @@ impl Recorder {
             clock: 0,
             capacity: capacity.max(1),
             stats,
+            warned: false,
+        }
+    }
+
+    /// Starts recording a segment (launches are held until the scope finishes).
+    pub fn enter(rec: &Mutex<Recorder>) -> Scope<'_> {
+        lock(rec).recording = true;
+        Scope {
+            rec,
+            finished: false,
         }
     }
 
@@ -124,14 +178,9 @@ impl Recorder {
         self.capacity
     }
 
-    /// Starts recording (launches are held until [`Recorder::flush`]).
-    pub fn begin(&mut self) {
-        self.recording = true;
-    }
-
     /// Stops recording: issues the run if `ok`, else drops it (a failed segment fails
     /// its step; its launches must not run later, in another step's order).
-    pub fn end(&mut self, dev: &dyn Device, ok: bool) -> Result<()> {
+    fn end(&mut self, dev: &dyn Device, ok: bool) -> Result<()> {
         self.recording = false;
         if ok {
             self.flush(dev)
@@ -166,13 +215,29 @@ impl Recorder {
         match self.runs.get_mut(&key) {
             Some(e) if e.run == run => {
                 e.last_used = self.clock;
-                if e.graph.is_none() {
+                if e.graph.is_none() && !e.unbuildable {
                     // SAFETY: the run's launches are the ones the caller asked for now
                     // (equal arguments), so the graph is launched under the same
                     // contract as they would have been.
-                    e.graph = unsafe { dev.build_graph(&run)? };
-                    if e.graph.is_some() {
-                        GraphStats::add(&self.stats.built, 1);
+                    match unsafe { dev.build_graph(&run) } {
+                        Ok(Some(g)) => {
+                            e.graph = Some(g);
+                            GraphStats::add(&self.stats.built, 1);
+                        }
+                        Ok(None) => e.unbuildable = true,
+                        // A graph is an optimisation: the run goes out kernel by kernel
+                        // (its launches are checked there), said once per worker.
+                        Err(err) => {
+                            e.unbuildable = true;
+                            GraphStats::add(&self.stats.build_failures, 1);
+                            if !self.warned {
+                                self.warned = true;
+                                eprintln!(
+                                    "remp: a graph of {} kernels could not be built ({err}); such runs are launched kernel by kernel",
+                                    run.len()
+                                );
+                            }
+                        }
                     }
                 }
                 match &e.graph {
@@ -198,6 +263,7 @@ impl Recorder {
                     Entry {
                         run,
                         graph: None,
+                        unbuildable: false,
                         last_used: self.clock,
                     },
                 );
@@ -262,18 +328,18 @@ mod tests {
     fn runs_are_built_on_second_sight_and_replayed() {
         let dev = EmuDevice::new();
         let stats = Arc::new(GraphStats::default());
-        let mut r = Recorder::new(8, stats.clone());
+        let rec = Mutex::new(Recorder::new(8, stats.clone()));
         let n = 8;
         let one = upload_new(&dev, &bf(&[1.0; 8])).unwrap();
         let x = upload_new(&dev, &bf(&[0.0; 8])).unwrap();
         // x += 1 twice per run
         let run = || vec![add(&x, &x, &one, n), add(&x, &x, &one, n)];
         for _ in 0..4 {
-            r.begin();
+            let s = Recorder::enter(&rec);
             for l in run() {
-                assert!(r.record(l).is_none());
+                assert!(lock(&rec).record(l).is_none());
             }
-            r.end(&dev, true).unwrap();
+            s.finish(&dev, true).unwrap();
         }
         let v: Vec<half::bf16> = download_vec(&dev, &x, n).unwrap();
         assert!(v.iter().all(|&e| e.to_f32() == 8.0), "{v:?}");
@@ -281,10 +347,10 @@ mod tests {
         assert_eq!((c.eager_runs, c.built, c.graph_runs), (1, 1, 3), "{c:?}");
         assert_eq!(c.graph_kernels, 6);
         // same kernels, another count: a new run (eager), not a replay of the old one
-        r.begin();
-        r.record(add(&x, &x, &one, n - 1));
-        r.record(add(&x, &x, &one, n - 1));
-        r.end(&dev, true).unwrap();
+        let s = Recorder::enter(&rec);
+        lock(&rec).record(add(&x, &x, &one, n - 1));
+        lock(&rec).record(add(&x, &x, &one, n - 1));
+        s.finish(&dev, true).unwrap();
         let c = stats.snapshot();
         assert_eq!((c.eager_runs, c.graph_runs), (2, 3), "{c:?}");
         let v: Vec<half::bf16> = download_vec(&dev, &x, n).unwrap();
@@ -292,33 +358,109 @@ mod tests {
         assert_eq!(v[n - 1].to_f32(), 8.0, "the changed count must be honoured");
     }
 
-    /// Outside a segment launches go straight out; a failed segment's run is dropped;
-    /// capacity evicts the least recently used run.
+    /// Outside a segment launches go straight out; a failed segment's run is dropped,
+    /// and so is a panicking one's (the scope's guard); capacity evicts the least
+    /// recently used run.
     #[test]
     fn dropped_runs_and_eviction() {
         let dev = EmuDevice::new();
         let stats = Arc::new(GraphStats::default());
-        let mut r = Recorder::new(2, stats.clone());
+        let rec = Mutex::new(Recorder::new(2, stats.clone()));
         let one = upload_new(&dev, &bf(&[1.0; 4])).unwrap();
         let x = upload_new(&dev, &bf(&[0.0; 4])).unwrap();
-        assert!(r.record(add(&x, &x, &one, 4)).is_some());
-        r.begin();
-        r.record(add(&x, &x, &one, 4));
-        r.record(add(&x, &x, &one, 4));
-        r.end(&dev, false).unwrap();
+        assert!(lock(&rec).record(add(&x, &x, &one, 4)).is_some());
+        let s = Recorder::enter(&rec);
+        lock(&rec).record(add(&x, &x, &one, 4));
+        lock(&rec).record(add(&x, &x, &one, 4));
+        s.finish(&dev, false).unwrap();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _s = Recorder::enter(&rec);
+            lock(&rec).record(add(&x, &x, &one, 4));
+            lock(&rec).record(add(&x, &x, &one, 4));
+            panic!("a segment panics");
+        }));
+        assert!(panicked.is_err());
+        // Not recording any more, and nothing left to issue.
+        assert!(lock(&rec).record(add(&x, &x, &one, 4)).is_some());
+        lock(&rec).flush(&dev).unwrap();
         let v: Vec<half::bf16> = download_vec(&dev, &x, 4).unwrap();
         assert_eq!(
             v[0].to_f32(),
             0.0,
             "a failed segment's launches must not run"
         );
+        assert_eq!(stats.snapshot(), GraphCounts::default());
         for n in [1, 2, 3] {
-            r.begin();
-            r.record(add(&x, &x, &one, n));
-            r.record(add(&x, &x, &one, n));
-            r.end(&dev, true).unwrap();
+            let s = Recorder::enter(&rec);
+            lock(&rec).record(add(&x, &x, &one, n));
+            lock(&rec).record(add(&x, &x, &one, n));
+            s.finish(&dev, true).unwrap();
         }
         assert_eq!(stats.snapshot().evicted, 1);
-        assert_eq!(r.runs.len(), 2);
+        assert_eq!(lock(&rec).runs.len(), 2);
+    }
+
+    /// A device whose graphs cannot be built: the emulator, refusing.
+    struct NoGraphs(EmuDevice);
+
+    impl Device for NoGraphs {
+        fn describe(&self) -> String {
+            self.0.describe()
+        }
+        fn alloc(&self, bytes: usize) -> Result<Buf> {
+            self.0.alloc(bytes)
+        }
+        fn upload(&self, dst: &Buf, off: usize, src: &[u8]) -> Result<()> {
+            self.0.upload(dst, off, src)
+        }
+        fn download(&self, src: &Buf, off: usize, dst: &mut [u8]) -> Result<()> {
+            self.0.download(src, off, dst)
+        }
+        fn copy(&self, d: &Buf, d_off: usize, s: &Buf, s_off: usize, n: usize) -> Result<()> {
+            self.0.copy(d, d_off, s, s_off, n)
+        }
+        unsafe fn launch(&self, name: &str, g: [u32; 3], b: u32, args: &[Arg]) -> Result<()> {
+            self.0.launch(name, g, b, args)
+        }
+        fn synchronize(&self) -> Result<()> {
+            self.0.synchronize()
+        }
+        fn record(&self) -> Result<crate::backend::device::Event> {
+            self.0.record()
+        }
+        fn wait(&self, e: &crate::backend::device::Event) -> Result<()> {
+            self.0.wait(e)
+        }
+        fn sm_count(&self) -> u32 {
+            self.0.sm_count()
+        }
+        unsafe fn build_graph(&self, _: &[Launch]) -> Result<Option<Graph>> {
+            Err(crate::Error::Device("out of memory (test)".into()))
+        }
+    }
+
+    /// A failed build is not an error of the step: the run goes out kernel by kernel,
+    /// now and later, without another build attempt.
+    #[test]
+    fn a_failed_build_falls_back_to_eager_launches() {
+        let dev = NoGraphs(EmuDevice::new());
+        let stats = Arc::new(GraphStats::default());
+        let rec = Mutex::new(Recorder::new(4, stats.clone()));
+        let one = upload_new(&dev, &bf(&[1.0; 4])).unwrap();
+        let x = upload_new(&dev, &bf(&[0.0; 4])).unwrap();
+        for _ in 0..3 {
+            let s = Recorder::enter(&rec);
+            lock(&rec).record(add(&x, &x, &one, 4));
+            lock(&rec).record(add(&x, &x, &one, 4));
+            s.finish(&dev, true).unwrap();
+        }
+        let v: Vec<half::bf16> = download_vec(&dev, &x, 4).unwrap();
+        assert_eq!(v[0].to_f32(), 6.0);
+        let c = stats.snapshot();
+        assert_eq!(
+            (c.eager_runs, c.build_failures, c.built),
+            (3, 1, 0),
+            "{c:?}"
+        );
     }
 }

@@ -30,7 +30,7 @@
 
 use super::{
     download_vec,
-    graph::{GraphStats, Recorder, TABLE_STRIDE_BLOCKS},
+    graph::{self, GraphStats, Recorder, TABLE_STRIDE_BLOCKS},
     mark_ready, pod,
     pod::Pod,
     upload_new, wait_ready, Arg, Buf, Device, Exchange, Launch,
@@ -243,7 +243,10 @@ impl StepInputs {
 
 /// The kernel path of one worker: its device, the model and the rotary table.
 pub struct DeviceCompute {
-    pub dev: Box<dyn Device>,
+    /// Private: launches must go through [`DeviceCompute::launch`] (recorded with graphs
+    /// on) and everything else through [`DeviceCompute::device`] (which issues what was
+    /// recorded first).
+    dev: Box<dyn Device>,
     cfg: std::sync::Arc<ModelConfig>,
     inv_freq: Buf,
     /// Temporaries by purpose, reused by every layer and step: even a pool allocation is
@@ -256,10 +259,6 @@ pub struct DeviceCompute {
     exchange: Exchange,
     /// Launch recording for graphs (`None`: every launch goes out at once).
     graphs: Option<Mutex<Recorder>>,
-}
-
-fn lock_rec(r: &Mutex<Recorder>) -> Result<std::sync::MutexGuard<'_, Recorder>> {
-    r.lock().map_err(|_| dev_err("graph recorder poisoned"))
 }
 
 fn u(x: usize) -> Arg {
@@ -306,7 +305,7 @@ impl DeviceCompute {
                 block,
                 args: args.to_vec(),
             };
-            if lock_rec(r)?.record(l).is_none() {
+            if graph::lock(r).record(l).is_none() {
                 return Ok(());
             }
         }
@@ -322,10 +321,16 @@ impl DeviceCompute {
         Ok(self.dev.as_ref())
     }
 
+    /// The device, for work outside this type (loads, flips, hand-offs, the step's
+    /// synchronize): anything recorded is issued first (nothing is, between segments).
+    pub fn device(&self) -> Result<&dyn Device> {
+        self.d()
+    }
+
     /// Issues the launches recorded so far (a no-op without graphs).
     fn flush(&self) -> Result<()> {
         match &self.graphs {
-            Some(r) => lock_rec(r)?.flush(self.dev.as_ref()),
+            Some(r) => graph::lock(r).flush(self.dev.as_ref()),
             None => Ok(()),
         }
     }
@@ -338,9 +343,10 @@ impl DeviceCompute {
         let Some(rec) = &self.graphs else {
             return f();
         };
-        lock_rec(rec)?.begin();
+        // (A panic in `f` drops the scope unfinished: the recorded launches go with it.)
+        let scope = Recorder::enter(rec);
         let r = f();
-        let ended = lock_rec(rec)?.end(self.dev.as_ref(), r.is_ok());
+        let ended = scope.finish(self.dev.as_ref(), r.is_ok());
         let out = r?;
         ended?;
         Ok(out)
@@ -1010,6 +1016,19 @@ impl DeviceCompute {
     pub fn hidden_to_host(&self, x: &Buf, n: usize) -> Result<Vec<f32>> {
         let b: Vec<bf16> = download_vec(self.d()?, x, n)?;
         Ok(b.iter().map(|v| v.to_f32()).collect())
+    }
+
+    /// A hidden state handed over by a peer on this device (its buffer, of `n` bf16
+    /// values), copied into this worker's own hidden-state scratch buffer: the layers
+    /// then launch on the same address every step, so their runs repeat (graphs), where
+    /// a fresh pool buffer per step would change them. The received buffer is freed
+    /// after the copy (stream-ordered).
+    pub fn adopt_hidden(&self, b: Buf, n: usize) -> Result<Arc<Buf>> {
+        let d = self.d()?;
+        wait_ready(d, &b)?;
+        let x = self.scratch("hidden", n * 2)?;
+        d.copy(&x, 0, &b, 0, n * 2)?;
+        Ok(x)
     }
 
     /// A received hidden state, back on this device.
