@@ -1494,3 +1494,64 @@ fn gpu_argmax_top_p() {
         "top-p temp {temp} p {top_p}: gpu {g:?} emulator {h:?}"
     );
 }
+
+/// The grouped q/k/v decode GEMM equals three `gemm_decode_bf16` launches to the bit on
+/// the GPU (each of its blocks runs that kernel's code for its matrix): TinyLlama's q/k/v
+/// shapes at M = 1 and 16 and a ragged small case, with biases; every output written.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_gemm_decode_qkv_equals_three_launches() {
+    let mut rng = Rng::new("gpu_gemm_decode_qkv");
+    let sms = dev().sm_count().unwrap();
+    let cases: [(usize, usize, [usize; 3]); 3] = [
+        (1, 2048, [2048, 256, 256]),
+        (16, 2048, [2048, 256, 256]),
+        (5, 1000, [72, 40, 8]),
+    ];
+    for (m, k, ns) in cases {
+        let x = dev().upload(&rng.bf16(m * k, 1.0)).unwrap();
+        let up = |rng: &mut Rng, len: usize| dev().upload(&rng.bf16(len, 0.5)).unwrap();
+        let ws: Vec<DevBuf> = ns.iter().map(|&n| up(&mut rng, n * k)).collect();
+        let bs: Vec<DevBuf> = ns.iter().map(|&n| up(&mut rng, n)).collect();
+        let out = |n: usize| dev().alloc_poisoned(m * n * 2, 0xFF).unwrap();
+        let launch = |name: &str, gx: u32, args: &[Arg]| {
+            unsafe { dev().launch(name, [gx, 1, 1], dec_block(gx, sms), args) }
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let mut one = vec![];
+        for i in 0..3 {
+            let y = out(ns[i]);
+            let mut args = vec![
+                Arg::Ptr(y.ptr()),
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(ws[i].ptr()),
+                Arg::Ptr(bs[i].ptr()),
+                Arg::Ptr(0),
+            ];
+            args.extend([m, ns[i], k, k, ns[i]].map(|v| Arg::U32(v as u32)));
+            launch("gemm_decode_bf16", (ns[i] as u32).div_ceil(DEC_COLS), &args);
+            one.push(y.download::<u8>().unwrap());
+        }
+        let ys: Vec<DevBuf> = ns.iter().map(|&n| out(n)).collect();
+        let mut args: Vec<Arg> = ys.iter().map(|y| Arg::Ptr(y.ptr())).collect();
+        args.push(Arg::Ptr(x.ptr()));
+        args.extend(ws.iter().map(|w| Arg::Ptr(w.ptr())));
+        args.extend(bs.iter().map(|b| Arg::Ptr(b.ptr())));
+        args.push(Arg::U32(m as u32));
+        args.extend(ns.iter().map(|&n| Arg::U32(n as u32)));
+        args.extend([Arg::U32(k as u32), Arg::U32(k as u32)]);
+        let gx: u32 = ns.iter().map(|&n| (n as u32).div_ceil(DEC_COLS)).sum();
+        launch("gemm_decode_qkv_bf16", gx, &args);
+        for i in 0..3 {
+            let got = ys[i].download::<u8>().unwrap();
+            assert!(
+                got == one[i],
+                "m {m} k {k} n {ns:?}: matrix {i} differs from gemm_decode_bf16"
+            );
+            assert!(
+                !got.chunks(2).any(|c| c == [0xFF, 0xFF]),
+                "m {m} k {k} n {ns:?}: matrix {i} has an output left unwritten"
+            );
+        }
+    }
+}

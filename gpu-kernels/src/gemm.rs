@@ -407,9 +407,11 @@ unsafe fn gemm_decode<O: Elem>(
     red: *mut f32,
     part: *mut f32,
     kchunk: u32,
+    blk: u32,
 ) {
     check_dec_block();
-    let nb = block_idx_x() * DEC_COLS;
+    // this block's 16 columns: column block `blk` (block_idx_x, or its place in a group)
+    let nb = blk * DEC_COLS;
     let vec_ok = decode_vec_ok(k, ldx, [x as usize, w as usize, w as usize]);
     // this block's K range: all of K, or (split-K, `part` not null) elements
     // k0 .. k0 + kchunk of it for split block_idx_y (kchunk % 8 == 0 keeps the
@@ -916,12 +918,32 @@ kernels! {
     /// Decode GEMM, bf16 out. block `dec_block(grid.x, SMs)` (256 or 512), grid.x = ceil(n / DEC_COLS) = ceil(n / 16).
     pub fn gemm_decode_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
-        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0);
+        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0, block_idx_x());
     }
     /// Decode GEMM, f32 out (e.g. logits). block 256 or 512 (`dec_block`), grid.x = ceil(n / 16).
     pub fn gemm_decode_bf16_f32out(y: *mut f32, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
-        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0);
+        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0, block_idx_x());
+    }
+    /// Three decode GEMMs on one x in one launch (the q, k and v projections):
+    /// `y_i[m, n_i] = x[m, k] · W_iᵀ (+ b_i)`, row stride n_i. The first ceil(n0 / 16) blocks
+    /// compute y0, the next ceil(n1 / 16) y1, the rest y2, each running exactly
+    /// `gemm_decode_bf16`'s code for its matrix (same results, to the bit, as three
+    /// launches; two launches fewer per layer). block `dec_block(grid.x, SMs)`, grid.x =
+    /// Σ ceil(n_i / 16).
+    pub fn gemm_decode_qkv_bf16(y0: *mut Bf16, y1: *mut Bf16, y2: *mut Bf16, x: *const Bf16, w0: *const Bf16, w1: *const Bf16, w2: *const Bf16, b0: *const Bf16, b1: *const Bf16, b2: *const Bf16, m: u32, n0: u32, n1: u32, n2: u32, k: u32, ldx: u32) {
+        let red = shared_bytes!(dec_smem, 16384) as *mut f32;
+        let (c0, c1) = (div_ceil(n0, DEC_COLS), div_ceil(n1, DEC_COLS));
+        let b = block_idx_x();
+        // (uniform per block: the whole block takes one branch, barriers stay matched)
+        let (y, w, bias, n, blk) = if b < c0 {
+            (y0, w0, b0, n0, b)
+        } else if b < c0 + c1 {
+            (y1, w1, b1, n1, b - c0)
+        } else {
+            (y2, w2, b2, n2, b - c0 - c1)
+        };
+        gemm_decode(y, x, w, bias, 0 as *const Bf16, m, n, k, ldx, n, red, 0 as *mut f32, 0, blk);
     }
     /// Split-K decode GEMM, partials: `part[s][m][n]` (f32, splits x m x n) = x[m, K_s] · W[n, K_s]ᵀ
     /// over K_s = elements s·kchunk .. (s+1)·kchunk of K (s = block_idx_y; kchunk > 0, multiple
@@ -932,7 +954,7 @@ kernels! {
         if kchunk == 0 || kchunk % 8 != 0 || part as usize == 0 {
             trap();
         }
-        gemm_decode(0 as *mut f32, x, w, 0 as *const Bf16, 0 as *const Bf16, m, n, k, ldx, n, red, part, kchunk);
+        gemm_decode(0 as *mut f32, x, w, 0 as *const Bf16, 0 as *const Bf16, m, n, k, ldx, n, red, part, kchunk, block_idx_x());
     }
     /// Split-K reduce, bf16 out: y = Σ_s part[s] (in order) (+ bias) (+ residual), as the fused
     /// epilogue. Any launch shape (grid-stride); the launchers use block 256, grid ceil(m·n / 256).

@@ -439,6 +439,36 @@ impl DeviceCompute {
         }
     }
 
+    /// The q, k and v projections of a decode-sized step (`m` rows of `x`, `k` wide) in
+    /// one launch of the grouped decode GEMM: the same results, to the bit, as three
+    /// [`DeviceCompute::gemm`] launches, two launches fewer per layer. Each entry is
+    /// (output, weight `[n, k]`, bias pointer or 0, n).
+    fn decode_qkv(
+        &self,
+        qkv: &[(&Arc<Buf>, &Buf, u64, usize); 3],
+        x: &Buf,
+        (m, k): (usize, usize),
+    ) -> Result<()> {
+        for (_, w, _, n) in qkv {
+            if w.len() != n * k * 2 {
+                return Err(dev_err(format!(
+                    "weight of {} B for a {n}x{k} GEMM",
+                    w.len()
+                )));
+            }
+        }
+        let gx: u32 = qkv.iter().map(|e| (e.3 as u32).div_ceil(DEC_COLS)).sum();
+        let block = dec_block(gx, self.dev.sm_count());
+        let mut args: Vec<Arg> = qkv.iter().map(|e| Arg::from(e.0)).collect();
+        args.push(Arg::from(x));
+        args.extend(qkv.iter().map(|e| Arg::from(e.1)));
+        args.extend(qkv.iter().map(|e| Arg::Ptr(e.2)));
+        args.push(u(m));
+        args.extend(qkv.iter().map(|e| u(e.3)));
+        args.extend([u(k), u(k)]);
+        self.launch("gemm_decode_qkv_bf16", [gx, 1, 1], block, &args)
+    }
+
     /// Sums a tensor-parallel group's f32 partials `[rows, cols]` through `comm`, adds
     /// `bias` and rounds to bf16; returns the device buffer of the result.
     fn reduce_partials(
@@ -559,20 +589,32 @@ impl DeviceCompute {
         let q = self.scratch("q", t * nq * hd * 2)?;
         let k = self.scratch("k", t * nkv * hd * 2)?;
         let v = self.scratch("v", t * nkv * hd * 2)?;
-        for (out, w, b, n) in [
-            (&q, TensorKind::Q(l), TensorKind::QBias(l), nq * hd),
-            (&k, TensorKind::K(l), TensorKind::KBias(l), nkv * hd),
-            (&v, TensorKind::V(l), TensorKind::VBias(l), nkv * hd),
-        ] {
-            self.gemm(
-                out.ptr(),
-                xn.ptr(),
-                s.get(w)?,
-                s.ptr(b),
-                0,
-                (t, n, h),
-                false,
-            )?;
+        let qkv = [
+            (
+                &q,
+                s.get(TensorKind::Q(l))?,
+                s.ptr(TensorKind::QBias(l)),
+                nq * hd,
+            ),
+            (
+                &k,
+                s.get(TensorKind::K(l))?,
+                s.ptr(TensorKind::KBias(l)),
+                nkv * hd,
+            ),
+            (
+                &v,
+                s.get(TensorKind::V(l))?,
+                s.ptr(TensorKind::VBias(l)),
+                nkv * hd,
+            ),
+        ];
+        if t <= DECODE_MAX_M || h % 8 != 0 {
+            self.decode_qkv(&qkv, &xn, (t, h))?;
+        } else {
+            for (out, w, b, n) in qkv {
+                self.gemm(out.ptr(), xn.ptr(), w, b, 0, (t, n, h), false)?;
+            }
         }
         self.launch(
             "rope_bf16",
