@@ -2,14 +2,16 @@
 //! and rustc's built-in NVPTX backend: no CUDA toolkit, no extra rustup target. The
 //! crate is `#![no_core]` on nvptx64 and uses unstable features, hence
 //! `RUSTC_BOOTSTRAP=1` for that child rustc only. Output: `$OUT_DIR/kernels_<arch>.ptx`
-//! for every arch in `ARCHS`, embedded by `host/kernels/mod.rs`. A failed compile, or
-//! a PTX that calls an undefined function (`.extern .func`, which would only fail at
-//! module load), fails the build.
+//! for every arch in `ARCHS`, embedded by `host/kernels/mod.rs`. The sm_90a module is
+//! the whole crate again plus the kernels gated on `target_feature = "sm_90a"` (wgmma,
+//! `gemm_wgmma.rs`), which the sm_80 / sm_90 modules must not contain. A failed
+//! compile, a PTX that calls an undefined function (`.extern .func`, which would only
+//! fail at module load), or wgmma in a module other than sm_90a fails the build.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// (name used in the file, rustc target-cpu).
-const ARCHS: &[(&str, &str)] = &[("sm80", "sm_80"), ("sm90", "sm_90")];
+const ARCHS: &[(&str, &str)] = &[("sm80", "sm_80"), ("sm90", "sm_90"), ("sm90a", "sm_90a")];
 
 fn main() {
     println!("cargo:rerun-if-changed=gpu-kernels/src");
@@ -51,6 +53,10 @@ fn main() {
         }
         if !text.contains(".entry") {
             panic!("PTX for {cpu} has no kernels");
+        }
+        let wgmma = text.contains("wgmma.");
+        if wgmma != (*cpu == "sm_90a") {
+            panic!("PTX for {cpu}: wgmma instructions present = {wgmma} (only sm_90a has them)");
         }
     }
 }

@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 use remp::backend::cuda::{Arg, CudaDevice, DevBuf};
 use remp_gpu_kernels::prims::emu::{launch as emu, launch_dyn as emu_dyn};
 use remp_gpu_kernels::prims::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Bf16, F16};
-use remp_gpu_kernels::{attention::*, gemm::*, small::*};
+use remp_gpu_kernels::{attention::*, gemm::*, gemm_wgmma::*, small::*};
 
 const GPU: &str = "needs a CUDA device";
 
@@ -396,9 +396,10 @@ struct Gemm {
     ldy: usize,
 }
 
-/// One GEMM kernel (decode or mma; plain, f32-out or SiLU) on GPU and emulator, launched
-/// with `block` threads (mma: 128; wide mma: `MMA_WIDE_BM` = 256, with its dynamic shared
-/// memory; decode: `DEC_BLOCK` or `DEC_BLOCK_WIDE`).
+/// One GEMM kernel (decode, mma or wgmma; plain, f32-out or SiLU) on GPU and emulator,
+/// launched with `block` threads (mma: 128; wide mma: `MMA_WIDE_BM` = 256, wgmma:
+/// `WG_THREADS` = 256, both with their dynamic shared memory; decode: `DEC_BLOCK` or
+/// `DEC_BLOCK_WIDE`).
 /// `kchunk > 0` (decode `gemm_decode_bf16` / `_f32out` only): split-K instead —
 /// `gemm_decode_splitk_bf16` into an f32 workspace `[splits, m, n]`, grid
 /// (ceil(n / 16), ceil(k / kchunk)), then `gemm_splitk_reduce_bf16` / `_f32out` with
@@ -410,6 +411,12 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: 
     let mma = kernel.contains("mma");
     let bm = if kernel.contains("wide") {
         MMA_WIDE_BM as usize
+    } else {
+        128
+    };
+    // output columns per block (SiLU: half of them)
+    let bn = if kernel.contains("wgmma") {
+        WG_BN as usize
     } else {
         128
     };
@@ -431,8 +438,8 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: 
     let grid = match (mma, silu) {
         (false, false) => [(n as u32).div_ceil(DEC_COLS), 1, 1],
         (false, true) => [(n as u32).div_ceil(DEC_COLS / 2), 1, 1],
-        (true, false) => [n.div_ceil(128) as u32, m.div_ceil(bm) as u32, 1],
-        (true, true) => [n.div_ceil(64) as u32, m.div_ceil(bm) as u32, 1],
+        (true, false) => [n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, 1],
+        (true, true) => [n.div_ceil(bn / 2) as u32, m.div_ceil(bm) as u32, 1],
     };
     let dims = [
         U(m as u32),
@@ -537,6 +544,13 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: 
                 }
                 "gemm_mma_wide_silu_bf16" => {
                     gemm_mma_wide_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy)
+                }
+                "gemm_wgmma_bf16" => gemm_wgmma_bf16(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
+                "gemm_wgmma_bf16_f32out" => {
+                    gemm_wgmma_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy)
+                }
+                "gemm_wgmma_silu_bf16" => {
+                    gemm_wgmma_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy)
                 }
                 _ => unreachable!(),
             })
@@ -842,13 +856,66 @@ fn gpu_gemm_mma_wide_equals_mma() {
     }
 }
 
+/// The sm_90a wgmma GEMMs (128x256 block tiles, two warpgroups, m64n256k16 from
+/// 128-byte-swizzled shared memory through matrix descriptors, 4-stage `cp.async` ring,
+/// 193 KiB of dynamic shared memory) against the emulator (which reproduces descriptor
+/// addressing, swizzle and accumulator fragments), with the mma tests' tolerances:
+/// ragged M/N/K tails, K over the ring twice, 9 block rows (more than a rasterization
+/// group) with two column blocks; then a larger f32-out case against f64. Only on
+/// compute capability 9.0 (the sm_90a module); skipped with a message elsewhere.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_gemm_wgmma() {
+    if dev().compute_capability() != (9, 0) {
+        let (a, b) = dev().compute_capability();
+        eprintln!(
+            "gpu_gemm_wgmma: skipped: wgmma needs sm_90a (compute capability 9.0), this is {a}.{b}"
+        );
+        return;
+    }
+    assert_eq!(
+        dev().arch(),
+        remp::kernels::Arch::Sm90a,
+        "compute capability 9.0 but the sm_90a module is not loaded (its load failed: see the warning above)"
+    );
+    tensor_core_cases(
+        "gpu_gemm_wgmma",
+        &[
+            "gemm_wgmma_bf16",
+            "gemm_wgmma_bf16_f32out",
+            "gemm_wgmma_silu_bf16",
+        ],
+        &[
+            (128, 256, 256),
+            (130, 300, 264),
+            (37, 136, 96),
+            (200, 260, 648),
+            (1100, 300, 128),
+        ],
+        WG_THREADS,
+    );
+    large_vs_f64(
+        "gpu_gemm_wgmma_large",
+        "gemm_wgmma_bf16_f32out",
+        WG_BM,
+        WG_BN,
+        WG_THREADS,
+    );
+}
+
 /// A larger tensor-core GEMM (many blocks, long K pipeline) against a plain f64 dot
 /// product on the CPU: f32-out, so only accumulation order/precision differs (tolerance
 /// 2e-3 + 1e-3·|y| for sums of 1024 products of magnitude ≤ 0.5; a layout bug is O(1)).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_gemm_mma_large_vs_f64() {
-    let mut rng = Rng::new("gpu_gemm_mma_large");
+    large_vs_f64("gpu_gemm_mma_large", "gemm_mma_bf16_f32out", 128, 128, 128);
+}
+
+/// `kernel` (an f32-out tensor-core GEMM with `bm` x `bn` block tiles and `block`
+/// threads) on 384x520x1024 against f64; see `gpu_gemm_mma_large_vs_f64`.
+fn large_vs_f64(seed: &str, kernel: &str, bm: u32, bn: u32, block: u32) {
+    let mut rng = Rng::new(seed);
     let (m, n, k) = (384usize, 520usize, 1024usize);
     let x = rng.bf16(m * k, 1.0);
     let w = rng.bf16(n * k, 0.5);
@@ -866,8 +933,12 @@ fn gpu_gemm_mma_large_vs_f64() {
         Arg::U32(k as u32),
         Arg::U32(n as u32),
     ];
-    let grid = [n.div_ceil(128) as u32, m.div_ceil(128) as u32, 1];
-    unsafe { dev().launch("gemm_mma_bf16_f32out", grid, 128, &args) }.unwrap();
+    let grid = [
+        n.div_ceil(bn as usize) as u32,
+        m.div_ceil(bm as usize) as u32,
+        1,
+    ];
+    unsafe { dev().launch(kernel, grid, block, &args) }.unwrap_or_else(|e| panic!("{e}"));
     let got = y.download::<f32>().unwrap();
     let xf: Vec<f64> = x.iter().map(|&v| bf16_to_f32(v) as f64).collect();
     let wf: Vec<f64> = w.iter().map(|&v| bf16_to_f32(v) as f64).collect();
@@ -877,7 +948,7 @@ fn gpu_gemm_mma_large_vs_f64() {
             let g = got[i * n + j] as f64;
             assert!(
                 (g - want).abs() <= 2e-3 + 1e-3 * want.abs(),
-                "y[{i},{j}] = {g}, want {want}"
+                "{kernel}: y[{i},{j}] = {g}, want {want}"
             );
         }
     }

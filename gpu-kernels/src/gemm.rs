@@ -60,7 +60,7 @@ use crate::prims::*;
 // ---------------------------------------------------------------- epilogue
 
 #[inline(always)]
-unsafe fn store_out<O: Elem>(
+pub(crate) unsafe fn store_out<O: Elem>(
     y: *mut O,
     ldy: u32,
     bias: *const Bf16,
@@ -81,7 +81,7 @@ unsafe fn store_out<O: Elem>(
 }
 
 #[inline(always)]
-fn silu_gate(g: f32, u: f32) -> f32 {
+pub(crate) fn silu_gate(g: f32, u: f32) -> f32 {
     Bf16::round(silu(Bf16::round(g))) * Bf16::round(u)
 }
 
@@ -792,7 +792,7 @@ unsafe fn mma_mainloop<T: MmaTile>(
 }
 
 #[inline(always)]
-unsafe fn check_mma_args(x: *const Bf16, w: *const Bf16, k: u32, ldx: u32) {
+pub(crate) unsafe fn check_mma_args(x: *const Bf16, w: *const Bf16, k: u32, ldx: u32) {
     if k % 8 != 0 || ldx % 8 != 0 || !aligned16(x as usize) || !aligned16(w as usize) {
         trap();
     }

@@ -107,5 +107,8 @@ pub mod prims;
 
 pub mod attention;
 pub mod gemm;
+/// The sm_90a-only kernels (wgmma): in the sm_90a PTX module and the host build only.
+#[cfg(any(not(target_arch = "nvptx64"), target_feature = "sm_90a"))]
+pub mod gemm_wgmma;
 pub mod reshard;
 pub mod small;

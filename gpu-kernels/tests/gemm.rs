@@ -2,11 +2,14 @@
 //! and tensor-core (mma.sync fragment layout, ldmatrix, swizzle, cp.async tails) paths,
 //! with and without bias / residual, bf16 and f32 outputs, the fused SiLU·mul variant;
 //! the wide tensor-core kernels (256x128 tiles, 4 stages, grouped rasterization) also
-//! bit for bit against the 128x128 ones, which do the same mma sequence per output.
+//! bit for bit against the 128x128 ones, which do the same mma sequence per output; the
+//! sm_90a wgmma kernels (128x256 tiles, descriptors over 128-byte-swizzled shared
+//! memory, asynchronous warpgroup MMA) likewise vs f64 and bit for bit vs the mma ones.
 #![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
 mod common;
 use common::*;
 use remp_gpu_kernels::gemm::*;
+use remp_gpu_kernels::gemm_wgmma::*;
 use remp_gpu_kernels::prims::{
     emu::{launch, launch_dyn},
     Bf16,
@@ -103,6 +106,9 @@ enum Path {
     /// `gemm_mma_wide_*`: block 256, grid (ceil(n / 128), ceil(m / 256)), 96 KiB dynamic
     /// shared memory
     Wide,
+    /// `gemm_wgmma_*`: block 256, grid (ceil(n / 256), ceil(m / 128)), 193 KiB dynamic
+    /// shared memory
+    Wgmma,
 }
 
 /// Split-K decode: partials into an f32 workspace `[splits, m, n]` (poisoned with NaN),
@@ -135,14 +141,14 @@ unsafe fn splitk<O: remp_gpu_kernels::prims::Elem>(
 type Gemm<O> =
     unsafe fn(*mut O, *const Bf16, *const Bf16, *const Bf16, *const Bf16, u32, u32, u32, u32, u32);
 type Reduce<O> = unsafe fn(*mut O, *const f32, *const Bf16, *const Bf16, u32, u32, u32, u32);
-/// (decode, split-K reduce, mma, wide mma) kernels of one output type.
-type Kernels<O> = (Gemm<O>, Reduce<O>, Gemm<O>, Gemm<O>);
+/// (decode, split-K reduce, mma, wide mma, wgmma) kernels of one output type.
+type Kernels<O> = (Gemm<O>, Reduce<O>, Gemm<O>, Gemm<O>, Gemm<O>);
 
 /// Launches `path`'s kernels like the host does.
 #[allow(clippy::too_many_arguments)]
 unsafe fn launch_path<O: remp_gpu_kernels::prims::Elem>(
     path: Path,
-    (decode, reduce, mma, wide): Kernels<O>,
+    (decode, reduce, mma, wide, wgmma): Kernels<O>,
     y: *mut O,
     x: *const Bf16,
     w: *const Bf16,
@@ -165,6 +171,12 @@ unsafe fn launch_path<O: remp_gpu_kernels::prims::Elem>(
             MMA_WIDE_BM,
             MMA_WIDE_SMEM,
             || wide(y, x, w, bias, res, m, n, k, ldx, ldy),
+        ),
+        Path::Wgmma => launch_dyn(
+            [n.div_ceil(WG_BN), m.div_ceil(WG_BM), 1],
+            WG_THREADS,
+            WGMMA_SMEM,
+            || wgmma(y, x, w, bias, res, m, n, k, ldx, ldy),
         ),
     }
 }
@@ -209,6 +221,7 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) -> Vec<f32> {
             gemm_splitk_reduce_bf16_f32out,
             gemm_mma_bf16_f32out,
             gemm_mma_wide_bf16_f32out,
+            gemm_wgmma_bf16_f32out,
         );
         unsafe { launch_path(path, kernels, yp, xp, wp, bp, rp, (m, n, k, ldx, ldy)) };
         let want = reference(c, false);
@@ -237,6 +250,7 @@ fn run(c: &Case, path: Path, x_off: usize, f32_out: bool) -> Vec<f32> {
             gemm_splitk_reduce_bf16,
             gemm_mma_bf16,
             gemm_mma_wide_bf16,
+            gemm_wgmma_bf16,
         );
         unsafe { launch_path(path, kernels, yp, xp, wp, bp, rp, (m, n, k, ldx, ldy)) };
         let want = reference(c, true);
@@ -276,6 +290,12 @@ fn run_silu(c: &Case, path: Path) -> Vec<f32> {
                 MMA_WIDE_BM,
                 MMA_WIDE_SMEM,
                 || gemm_mma_wide_silu_bf16(yp, xp, gp, up, m, n, k, ldx, ldy),
+            ),
+            Path::Wgmma => launch_dyn(
+                [n.div_ceil(WG_BN / 2), m.div_ceil(WG_BM), 1],
+                WG_THREADS,
+                WGMMA_SMEM,
+                || gemm_wgmma_silu_bf16(yp, xp, gp, up, m, n, k, ldx, ldy),
             ),
             Path::SplitK(..) => unreachable!("no split-K SiLU kernel"),
         }
@@ -403,7 +423,10 @@ fn mma_gemm_random_shapes() {
 fn assert_same_bits(what: &str, a: &[f32], b: &[f32]) {
     assert_eq!(a.len(), b.len(), "{what}: length");
     if let Some(i) = (0..a.len()).find(|&i| a[i].to_bits() != b[i].to_bits()) {
-        panic!("{what}: element {i}: wide {} vs 128x128 {}", a[i], b[i]);
+        panic!(
+            "{what}: element {i}: new kernel {} vs 128x128 mma {}",
+            a[i], b[i]
+        );
     }
 }
 
@@ -494,6 +517,81 @@ fn mma_wide_gemm_wrong_launch_traps() {
         let r = std::panic::catch_unwind(|| unsafe {
             launch_dyn([1, 1, 1], block, smem, || {
                 gemm_mma_wide_bf16(yp, xp, xp, null(), null(), 8, 8, 8, 8, 8)
+            })
+        });
+        assert!(r.is_err(), "block {block} smem {smem} did not trap");
+    }
+}
+
+/// The sm_90a wgmma kernels (128x256 tiles, two warpgroups, m64n256k16 from 128-byte
+/// swizzled shared memory, 4-stage `cp.async` ring, one wgmma group in flight) vs f64
+/// and bit for bit vs the 128x128 mma kernels (the emulated wgmma sums each k16 step as
+/// the emulated `mma.sync` does, in K order from zero). Ragged M (over two 128-row
+/// blocks), N (over two 256-column blocks) and K tails, K over the ring twice (up to 10
+/// k-tiles of 64), odd ldx / ldy, bias / in-place residual, bf16 and f32 out, SiLU.
+#[test]
+fn wgmma_gemm_random_shapes() {
+    let mut rng = Rng::new("wgmma_gemm");
+    for it in 0..4 {
+        let m = if it == 0 {
+            rng.range(129, 300)
+        } else {
+            rng.range(1, 200)
+        };
+        let n = if it == 1 {
+            rng.range(257, 400)
+        } else {
+            rng.range(1, 260)
+        };
+        let k = if it == 2 {
+            8 * rng.range(40, 80)
+        } else {
+            8 * rng.range(1, 24)
+        };
+        let ldx = k + 8 * rng.range(0, 1);
+        let c = case(&mut rng, m, n, k, ldx);
+        let f32_out = it % 2 == 1;
+        let new = run(&c, Path::Wgmma, 0, f32_out);
+        let old = run(&c, Path::Mma, 0, f32_out);
+        assert_same_bits(
+            &format!("wgmma m {m} n {n} k {k} f32 {f32_out}"),
+            &new,
+            &old,
+        );
+    }
+    let (m, n, k) = (rng.range(1, 200), rng.range(1, 200), 8 * rng.range(1, 20));
+    let c = case(&mut rng, m, n, k, k);
+    let new = run_silu(&c, Path::Wgmma);
+    let old = run_silu(&c, Path::Mma);
+    assert_same_bits(&format!("wgmma silu m {m} n {n} k {k}"), &new, &old);
+}
+
+/// More block rows than a rasterization group (9 or 10 of 128 rows, the last group
+/// short) and two column blocks: every output written once with the right value.
+#[test]
+fn wgmma_gemm_grouped_raster() {
+    let mut rng = Rng::new("wgmma_raster");
+    let m = (WG_GROUP * WG_BM) as usize + rng.range(1, 200);
+    let n = rng.range(257, 300);
+    let c = case(&mut rng, m, n, 16, 16);
+    run(&c, Path::Wgmma, 0, false);
+}
+
+/// The wgmma kernels trap when launched without their dynamic shared memory or with
+/// another block size.
+#[test]
+fn wgmma_gemm_wrong_launch_traps() {
+    let x = ABuf::new(&to_bf16(&[0.5f32; 64]));
+    let y = ABuf::new(&to_bf16(&[0.0f32; 64]));
+    let (xp, yp) = (x.ptr() as *const Bf16, y.ptr());
+    for (block, smem) in [
+        (WG_THREADS, WGMMA_SMEM - 16),
+        (128, WGMMA_SMEM),
+        (WG_THREADS, 0),
+    ] {
+        let r = std::panic::catch_unwind(|| unsafe {
+            launch_dyn([1, 1, 1], block, smem, || {
+                gemm_wgmma_bf16(yp, xp, xp, null(), null(), 8, 8, 8, 8, 8)
             })
         });
         assert!(r.is_err(), "block {block} smem {smem} did not trap");

@@ -5,7 +5,8 @@
 //! - decode GEMM (M = 1, 8, 16; 7B–70B shard shapes): weight bytes / time, % of HBM;
 //! - prefill GEMM 4096³ (`gemm_mma_bf16` and the 256x128-tile `gemm_mma_wide_bf16`) vs
 //!   cuBLAS `cublasGemmEx` (bf16 in/out, f32 compute) → % of cuBLAS TFLOP/s, and the
-//!   wide / old ratio;
+//!   wide / old ratio; on sm_90a devices (compute capability 9.0) also the wgmma kernel
+//!   `gemm_wgmma_bf16` (wgmma / mma ratio, % of cuBLAS);
 //! - decode attention, batch 32 × 4096 context (8 KV heads, 32 q heads, d 128): KV bytes
 //!   read / time (incl. the split-K combine), % of HBM, for `attn_decode_bf16` and the
 //!   `cp.async`-pipelined `attn_decode_pipelined_bf16` side by side on each split size.
@@ -18,15 +19,17 @@
 //!
 //! `--profile`: a short run for Nsight Compute (`tools/gpu-check` runs it under `ncu
 //! --profile-from-start off`): the same set-up, but only decode GEMM M=1 at K=8192 N=1024
-//! and K=4096 N=4096 (plain and split-K), both 4096³ mma GEMMs (no cuBLAS), both decode
-//! attention kernels at their best split from the full run's `$OUT/kernels.json`
-//! (else 1024, run 4's best) and `reshard_copy2d` packed → column; each case one warm-up
-//! call, then one call between `cuProfilerStart` and `cuProfilerStop`, so exactly that
-//! call's launches are profiled. Its timings are single calls: no table, no JSON.
+//! and K=4096 N=4096 (plain and split-K), both 4096³ mma GEMMs and, on sm_90a, the
+//! wgmma one (no cuBLAS), both decode attention kernels at their best split from the
+//! full run's `$OUT/kernels.json` (else 1024, run 4's best) and `reshard_copy2d`
+//! packed → column; each case one warm-up call, then one call between
+//! `cuProfilerStart` and `cuProfilerStop`, so exactly that call's launches are
+//! profiled. Its timings are single calls: no table, no JSON.
 
 use remp::backend::cuda::{Arg, CudaDevice, DevBuf, EventTimer};
 use remp::Result;
 use remp_gpu_kernels::gemm::{dec_block, dec_splitk, MMA_WIDE_BM, MMA_WIDE_SMEM};
+use remp_gpu_kernels::gemm_wgmma::{WGMMA_SMEM, WG_BM, WG_BN, WG_THREADS};
 use serde_json::{json, Value};
 
 const MIB: usize = 1 << 20;
@@ -459,6 +462,50 @@ fn run(profile: bool) -> Result<()> {
         "cublas_tflops": cublas, "pct_of_cublas": pct(tf[1]),
         "speedup_vs_gemm_mma_bf16": tf[1] / tf[0], "dynamic_smem": MMA_WIDE_SMEM}),
     );
+    // the sm_90a wgmma kernel (128x256 tiles, 193 KiB of dynamic shared memory), same
+    // inputs; wgmma / mma decides whether the engine switches to it. A failed launch is
+    // reported, the rest of the bench goes on.
+    if dev.arch() == remp::kernels::Arch::Sm90a {
+        let grid = [
+            n.div_ceil(WG_BN as usize) as u32,
+            m.div_ceil(WG_BM as usize) as u32,
+            1,
+        ];
+        let t = b.time(9, 4, |i| {
+            let args = [
+                Arg::Ptr(yb.ptr()),
+                Arg::Ptr(rot(2 * i, m * k * 2)),
+                Arg::Ptr(rot(2 * i + 1, n * k * 2)),
+                Arg::Ptr(0),
+                Arg::Ptr(0),
+                Arg::U32(m as u32),
+                Arg::U32(n as u32),
+                Arg::U32(k as u32),
+                Arg::U32(k as u32),
+                Arg::U32(n as u32),
+            ];
+            unsafe { dev.launch("gemm_wgmma_bf16", grid, WG_THREADS, &args) }
+        });
+        match t {
+            Ok(t) => {
+                let tw = flops / (t * 1e-3) / 1e12;
+                println!(
+                    "gemm_wgmma 4096^3: wgmma / mma = {:.2}x TFLOP/s ({tw:.0} TFLOP/s){}",
+                    tw / tf[0],
+                    pct(tw)
+                        .map(|p| format!(", = {p:.1}% of cuBLAS"))
+                        .unwrap_or_default()
+                );
+                b.rows
+                    .push(json!({"bench": "gemm_wgmma_bf16", "m": m, "n": n, "k": k,
+                    "ms": t, "tflops": tw, "cublas_tflops": cublas, "pct_of_cublas": pct(tw),
+                    "speedup_vs_gemm_mma_bf16": tw / tf[0], "dynamic_smem": WGMMA_SMEM}));
+            }
+            Err(e) => println!("gemm_wgmma 4096^3: failed: {e}"),
+        }
+    } else {
+        println!("gemm_wgmma 4096^3: skipped (needs sm_90a, compute capability 9.0; this is sm_{cc0}{cc1})");
+    }
 
     // ---- decode attention: batch 32 x 4096 context
     let (seqs, ctx, qh, kvh, d, bs) = (32usize, 4096usize, 32usize, 8usize, 128usize, 16usize);
@@ -619,9 +666,10 @@ fn run(profile: bool) -> Result<()> {
                     .map(|p| format!("{p:.1}% cuBLAS"))
                     .unwrap_or("-".into()),
             ),
-            "gemm_mma_wide_bf16" => (
+            "gemm_mma_wide_bf16" | "gemm_wgmma_bf16" => (
                 format!(
-                    "gemm_mma_wide_bf16 4096^3 ({:.2}x old)",
+                    "{} 4096^3 ({:.2}x old)",
+                    r["bench"].as_str().unwrap(),
                     r["speedup_vs_gemm_mma_bf16"].as_f64().unwrap()
                 ),
                 format!("{:.0} TFLOP/s", r["tflops"].as_f64().unwrap()),

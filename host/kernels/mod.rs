@@ -2,16 +2,22 @@
 //!
 //! One PTX module per architecture holds every kernel; load it once per device
 //! (`cuModuleLoadData`) and look kernels up by name. [`FAMILIES`] lists the kernel names
-//! per family and [`kernel`] finds a kernel's family; launch shapes and argument lists
-//! are documented on each kernel in `gpu-kernels/src/` and in `docs/kernels.md`.
+//! per family (in every module), [`arch_only`] the kernels only one module has (the
+//! sm_90a module's wgmma GEMMs), [`names`] all of a module's; [`kernel`] finds a
+//! kernel's family. Launch shapes and argument lists are documented on each kernel in
+//! `gpu-kernels/src/` and in `docs/kernels.md`.
 
 /// Target architecture of a PTX module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Arch {
     /// Ampere (A100): `sm_80`.
     Sm80,
-    /// Hopper (H100/H200): `sm_90`.
+    /// `sm_90`: Hopper without its arch-specific instructions; also what later GPUs
+    /// (compute capability 9.x other than 9.0, 10.x, 12.x) JIT.
     Sm90,
+    /// Hopper (H100/H200, compute capability 9.0 exactly): `sm_90a`, every kernel of
+    /// the sm_90 module plus the wgmma ones (sm_90a code runs on 9.0 only).
+    Sm90a,
 }
 
 impl Arch {
@@ -19,6 +25,7 @@ impl Arch {
     /// (`None` below sm_80: the kernels need `cp.async`, `ldmatrix` and bf16 `mma`).
     pub fn for_compute_capability(major: u32, minor: u32) -> Option<Arch> {
         match (major, minor) {
+            (9, 0) => Some(Arch::Sm90a),
             (9.., _) => Some(Arch::Sm90),
             (8, _) => Some(Arch::Sm80),
             _ => None,
@@ -28,18 +35,21 @@ impl Arch {
         match self {
             Arch::Sm80 => "sm_80",
             Arch::Sm90 => "sm_90",
+            Arch::Sm90a => "sm_90a",
         }
     }
 }
 
 static PTX_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels_sm80.ptx"));
 static PTX_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels_sm90.ptx"));
+static PTX_SM90A: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels_sm90a.ptx"));
 
 /// The PTX module (all kernels) for `arch`.
 pub fn ptx(arch: Arch) -> &'static str {
     match arch {
         Arch::Sm80 => PTX_SM80,
         Arch::Sm90 => PTX_SM90,
+        Arch::Sm90a => PTX_SM90A,
     }
 }
 
@@ -56,7 +66,7 @@ pub enum Family {
     Small,
 }
 
-/// Every kernel name, per family.
+/// Every kernel name, per family: the kernels every module has.
 pub const FAMILIES: &[(Family, &[&str])] = &[
     (Family::Reshard, RESHARD),
     (Family::Gemm, GEMM),
@@ -80,6 +90,31 @@ const GEMM: &[&str] = &[
     "gemm_mma_wide_bf16_f32out",
     "gemm_mma_wide_silu_bf16",
 ];
+/// The sm_90a module's own kernels (`gpu-kernels/src/gemm_wgmma.rs`, family
+/// [`Family::Gemm`]): not in [`FAMILIES`], which every module and the emulated device
+/// offer.
+pub const SM90A_ONLY: &[&str] = &[
+    "gemm_wgmma_bf16",
+    "gemm_wgmma_bf16_f32out",
+    "gemm_wgmma_silu_bf16",
+];
+
+/// The kernels only `arch`'s module has (beside [`FAMILIES`]).
+pub fn arch_only(arch: Arch) -> &'static [&'static str] {
+    match arch {
+        Arch::Sm90a => SM90A_ONLY,
+        Arch::Sm80 | Arch::Sm90 => &[],
+    }
+}
+
+/// Every kernel of `arch`'s module: [`FAMILIES`], then [`arch_only`].
+pub fn names(arch: Arch) -> impl Iterator<Item = &'static str> {
+    FAMILIES
+        .iter()
+        .flat_map(|(_, names)| names.iter().copied())
+        .chain(arch_only(arch).iter().copied())
+}
+
 const ATTENTION: &[&str] = &[
     "attn_decode_bf16",
     "attn_decode_combine_bf16",
@@ -122,12 +157,18 @@ pub fn dynamic_smem(name: &str) -> u32 {
         "gemm_mma_wide_bf16" | "gemm_mma_wide_bf16_f32out" | "gemm_mma_wide_silu_bf16" => {
             remp_gpu_kernels::gemm::MMA_WIDE_SMEM
         }
+        "gemm_wgmma_bf16" | "gemm_wgmma_bf16_f32out" | "gemm_wgmma_silu_bf16" => {
+            remp_gpu_kernels::gemm_wgmma::WGMMA_SMEM
+        }
         _ => 0,
     }
 }
 
-/// The family of the kernel called `name`, if there is one.
+/// The family of the kernel called `name`, if there is one (in any module).
 pub fn kernel(name: &str) -> Option<Family> {
+    if SM90A_ONLY.contains(&name) {
+        return Some(Family::Gemm);
+    }
     FAMILIES
         .iter()
         .find(|(_, names)| names.contains(&name))
@@ -145,28 +186,43 @@ mod tests {
             .collect()
     }
 
+    const ARCHS: [Arch; 3] = [Arch::Sm80, Arch::Sm90, Arch::Sm90a];
+
     #[test]
     fn every_listed_kernel_is_in_the_ptx_and_back() {
-        for arch in [Arch::Sm80, Arch::Sm90] {
+        for arch in ARCHS {
             let mut found = entries(ptx(arch));
             found.sort_unstable();
-            let mut listed: Vec<&str> = FAMILIES
-                .iter()
-                .flat_map(|(_, n)| n.iter().copied())
-                .collect();
+            let mut listed: Vec<&str> = names(arch).collect();
             listed.sort_unstable();
             assert_eq!(found, listed, "{}", arch.name());
             assert!(!ptx(arch).contains(".extern .func"));
+            assert!(ptx(arch).contains(&format!(".target {}", arch.name())));
+            // wgmma only where the target has it
+            assert_eq!(ptx(arch).contains("wgmma."), arch == Arch::Sm90a);
         }
         assert_eq!(kernel("gemm_mma_bf16"), Some(Family::Gemm));
+        assert_eq!(kernel("gemm_wgmma_bf16"), Some(Family::Gemm));
         assert_eq!(kernel("nope"), None);
+    }
+
+    /// sm_90a code runs only on compute capability 9.0; later GPUs JIT the sm_90 module.
+    #[test]
+    fn arch_per_compute_capability() {
+        let cc = |a, b| Arch::for_compute_capability(a, b);
+        assert_eq!(cc(7, 5), None);
+        assert_eq!(cc(8, 0), Some(Arch::Sm80));
+        assert_eq!(cc(8, 9), Some(Arch::Sm80));
+        assert_eq!(cc(9, 0), Some(Arch::Sm90a));
+        assert_eq!(cc(10, 0), Some(Arch::Sm90));
+        assert_eq!(cc(12, 0), Some(Arch::Sm90));
     }
 
     /// A kernel uses the module's dynamic shared memory exactly when `dynamic_smem`
     /// gives it some (else its launches would trap, or pass memory it ignores).
     #[test]
     fn dynamic_smem_matches_the_ptx() {
-        for arch in [Arch::Sm80, Arch::Sm90] {
+        for arch in ARCHS {
             let text = ptx(arch);
             let mut seen = 0;
             for body in text.split(".visible .entry ").skip(1) {
@@ -175,8 +231,17 @@ mod tests {
                 assert_eq!(uses, dynamic_smem(name) > 0, "{name} ({})", arch.name());
                 seen += 1;
             }
-            assert_eq!(seen, FAMILIES.iter().map(|(_, n)| n.len()).sum::<usize>());
+            assert_eq!(seen, names(arch).count());
         }
+        // every module's kernels fit sm_86/sm_89's 99 KiB per block (they run the sm_80
+        // module); the sm_90a-only ones sm_90's 227 KiB
+        for name in names(Arch::Sm80) {
+            assert!(dynamic_smem(name) <= 99 * 1024, "{name}");
+        }
+        for name in SM90A_ONLY {
+            assert!(dynamic_smem(name) <= 227 * 1024, "{name}");
+        }
+        assert_eq!(dynamic_smem("gemm_wgmma_bf16"), 193 * 1024);
         // over the 48 KiB default, within every sm_80+ GPU's opt-in limit (99 KiB on
         // sm_86/sm_89, 163 KiB A100, 227 KiB H100/H200)
         assert_eq!(dynamic_smem("gemm_mma_wide_bf16"), 96 * 1024);

@@ -21,6 +21,18 @@
 //! and reproduce the PTX fragment layouts exactly. `cp.async` reads its source when
 //! issued but lands in shared memory only at the `cp_async_wait` that retires its
 //! committed group, so a pipeline that reads a stage too early sees stale data.
+//! `wgmma` (sm_90a) is warpgroup-collective and asynchronous as on the GPU: operands
+//! are read from shared memory through their matrix descriptors (start address,
+//! leading / stride byte offsets, 128-byte swizzle applied to the shared-window
+//! address) when the warpgroup issues it, and the products reach the accumulators only
+//! at the `wgmma_wait` that retires their commit group, so reading them earlier sees
+//! the old values; shared memory an in-flight wgmma read that changes before its wait
+//! (a stage overwritten too early) and `cp.async` data read by a wgmma without the
+//! writing thread's `fence.proxy.async` are reported as panics, as is a thread that
+//! ends with wgmma groups not waited for. Shared-window addresses ([`shared_addr`])
+//! start at `SHARED_WINDOW_ORIGIN`, deliberately not 1024-byte aligned, so a kernel
+//! must align its swizzled tiles itself (as on the GPU, where nothing promises the
+//! alignment of dynamic shared memory beyond 16 bytes).
 //! A panic in a kernel thread (a `trap`, a failed assertion) ends the launch and
 //! propagates to the caller.
 extern crate std;
@@ -35,8 +47,15 @@ use std::vec::Vec;
 /// more than 48 KiB of `.shared` per entry.
 pub const STATIC_SHARED_BYTES: usize = 48 * 1024;
 /// Most shared memory (static + dynamic) one block may use: the per-block opt-in limit
-/// of sm_80 (A100, 163 KiB), the smaller of the PTX module's targets (sm_90: 227 KiB).
-pub const MAX_SHARED_BYTES: usize = 163 * 1024;
+/// of sm_90 (H100/H200, 227 KiB), the largest of the PTX modules' targets. Kernels in
+/// every module must stay within 99 KiB (sm_86/sm_89 run the sm_80 module), the
+/// sm_90a-only kernels within 227 KiB: `host/kernels` checks each kernel's
+/// `dynamic_smem` against that.
+pub const MAX_SHARED_BYTES: usize = 227 * 1024;
+/// Shared-window address ([`shared_addr`]) of the first byte of the arena (static
+/// shared memory; dynamic shared memory starts `STATIC_SHARED_BYTES` later). Not a
+/// multiple of 1024 on purpose: swizzled wgmma tiles must be aligned by the kernel.
+pub const SHARED_WINDOW_ORIGIN: u32 = 0x80;
 const MAILBOX_WORDS: usize = 8;
 /// Stack of one emulated GPU thread (kernels keep big register arrays on it).
 const STACK_BYTES: usize = 256 * 1024;
@@ -82,11 +101,22 @@ struct Launch {
     block: u32,
     bar: Barrier,
     warp_bars: Vec<Barrier>,
+    /// One per warpgroup (4 warps) when the block is a whole number of them (wgmma).
+    wg_bars: Vec<Barrier>,
     /// `STATIC_SHARED_BYTES` of static shared memory, then the dynamic part.
     smem: Box<[UnsafeCell<u128>]>,
     /// Dynamic shared memory of the launch (bytes, a multiple of 16).
     dyn_bytes: usize,
     mailbox: Box<[UnsafeCell<[u64; MAILBOX_WORDS]>]>,
+    /// Per 16 bytes of the arena: 0, or the thread (tid + 1) whose `cp.async` (the
+    /// generic proxy) landed it there and has not yet run `fence_proxy_async`: a wgmma
+    /// may not read it then.
+    unfenced: Box<[Cell<u32>]>,
+    /// Per 16 bytes of the arena: how many issued, not yet retired wgmma operations (one
+    /// per thread) read it; a `cp.async` may not write it meanwhile.
+    wg_readers: Box<[Cell<u32>]>,
+    /// `unfenced` or `wg_readers` set in this block (else nothing to reset).
+    proxy_used: Cell<bool>,
     /// Barrier arrivals and finished threads: a scheduling round without any is a
     /// deadlock.
     progress: Cell<u64>,
@@ -104,6 +134,25 @@ struct Ctx {
     /// wait (oldest first).
     async_open: RefCell<AsyncGroup>,
     async_groups: RefCell<Vec<AsyncGroup>>,
+    /// Arena chunks this thread's `cp.async` landed since its last `fence_proxy_async`
+    /// (each once).
+    landed: RefCell<Vec<usize>>,
+    /// wgmma operations issued and not yet committed, and committed groups not yet
+    /// retired by a `wgmma_wait` (oldest first).
+    wg_open: RefCell<Vec<WgOp>>,
+    wg_groups: RefCell<Vec<Vec<WgOp>>>,
+    /// A `wgmma_fence` was executed (PTX wants one before the first wgmma).
+    wg_fenced: Cell<bool>,
+}
+
+/// One issued wgmma, as one thread sees it: its accumulator array, operands and the
+/// product computed at issue (added to / stored into the accumulators at retirement).
+struct WgOp {
+    acc: usize,
+    desc_a: u64,
+    desc_b: u64,
+    scale_d: bool,
+    prod: Vec<f32>,
 }
 
 /// `cp.async` copies of one group: (shared address, the 16 bytes read at issue).
@@ -193,6 +242,7 @@ pub unsafe fn launch_dyn<F: Fn()>(grid: [u32; 3], block: u32, dyn_bytes: u32, f:
         block,
         bar: Barrier::new(block as usize),
         warp_bars: (0..nwarps).map(|_| Barrier::new(32)).collect(),
+        wg_bars: (0..nwarps / 4).map(|_| Barrier::new(128)).collect(),
         smem: (0..(STATIC_SHARED_BYTES + dyn_bytes) / 16)
             .map(|_| UnsafeCell::new(u128::MAX))
             .collect(),
@@ -200,6 +250,13 @@ pub unsafe fn launch_dyn<F: Fn()>(grid: [u32; 3], block: u32, dyn_bytes: u32, f:
         mailbox: (0..block)
             .map(|_| UnsafeCell::new([0; MAILBOX_WORDS]))
             .collect(),
+        unfenced: (0..(STATIC_SHARED_BYTES + dyn_bytes) / 16)
+            .map(|_| Cell::new(0))
+            .collect(),
+        wg_readers: (0..(STATIC_SHARED_BYTES + dyn_bytes) / 16)
+            .map(|_| Cell::new(0))
+            .collect(),
+        proxy_used: Cell::new(false),
         progress: Cell::new(0),
         seed: LAUNCHES.with(|n| {
             let v = n.get();
@@ -216,6 +273,10 @@ pub unsafe fn launch_dyn<F: Fn()>(grid: [u32; 3], block: u32, dyn_bytes: u32, f:
             yielder: Cell::new(core::ptr::null()),
             async_open: RefCell::new(Vec::new()),
             async_groups: RefCell::new(Vec::new()),
+            landed: RefCell::new(Vec::new()),
+            wg_open: RefCell::new(Vec::new()),
+            wg_groups: RefCell::new(Vec::new()),
+            wg_fenced: Cell::new(false),
         })
         .collect();
     let body: &dyn Fn() = &f;
@@ -233,12 +294,22 @@ pub unsafe fn launch_dyn<F: Fn()>(grid: [u32; 3], block: u32, dyn_bytes: u32, f:
                 for cell in &l.smem[STATIC_SHARED_BYTES / 16..] {
                     *cell.get() = u128::MAX;
                 }
+                if l.proxy_used.replace(false) {
+                    for (f, r) in l.unfenced.iter().zip(l.wg_readers.iter()) {
+                        f.set(0);
+                        r.set(0);
+                    }
+                }
                 let mut threads: Vec<Option<Thread>> = Vec::with_capacity(block as usize);
                 for c in &ctxs {
                     c.bidx.set([x, y, z]);
                     c.smem_off.set(0);
                     c.async_open.borrow_mut().clear();
                     c.async_groups.borrow_mut().clear();
+                    c.landed.borrow_mut().clear();
+                    c.wg_open.borrow_mut().clear();
+                    c.wg_groups.borrow_mut().clear();
+                    c.wg_fenced.set(false);
                     let stack = STACKS
                         .with(|s| s.borrow_mut().pop())
                         .unwrap_or_else(|| DefaultStack::new(STACK_BYTES).expect("emulator stack"));
@@ -282,6 +353,11 @@ fn run_block(l: &Launch, ctxs: &[Ctx], threads: &mut [Option<Thread>], bidx: [u3
             let r = t.resume(());
             drop(cur);
             if let CoroutineResult::Return(()) = r {
+                let c = &ctxs[tid];
+                assert!(
+                    c.wg_open.borrow().is_empty() && c.wg_groups.borrow().is_empty(),
+                    "emulator: thread {tid} of block {bidx:?} ended with wgmma operations not waited for (wgmma_commit + wgmma_wait::<0>)"
+                );
                 l.progress.set(l.progress.get() + 1);
                 live -= 1;
                 if let Some(done) = threads[tid].take() {
@@ -523,10 +599,23 @@ pub unsafe fn cp_async_16(dst_shared: *mut u8, src: *const u8, src_bytes: u32) {
     assert!(src_bytes <= 16);
     let mut buf = [0u8; 16];
     core::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), src_bytes as usize);
-    ctx()
-        .async_open
-        .borrow_mut()
-        .push((dst_shared as usize, buf));
+    let c = ctx();
+    check_no_wg_reader(launch_of(c), dst_shared as usize);
+    c.async_open.borrow_mut().push((dst_shared as usize, buf));
+}
+
+/// A `cp.async` may land any time between its issue and its wait: it must not target
+/// shared memory an issued, not yet retired wgmma reads (checked at both ends).
+fn check_no_wg_reader(l: &Launch, dst: usize) {
+    let Some(i) = dst.checked_sub(l.smem.as_ptr() as usize).map(|o| o / 16) else {
+        return;
+    };
+    if i < l.wg_readers.len() {
+        assert!(
+            l.wg_readers[i].get() == 0,
+            "cp.async into shared memory an in-flight wgmma reads (retire it with wgmma_wait first)"
+        );
+    }
 }
 pub fn cp_async_commit() {
     let c = ctx();
@@ -538,10 +627,22 @@ pub fn cp_async_wait<const N: u32>() {
     let c = ctx();
     let mut groups = c.async_groups.borrow_mut();
     let n = groups.len().saturating_sub(N as usize);
+    let l = launch_of(c);
+    let base = l.smem.as_ptr() as usize;
+    let mut landed = c.landed.borrow_mut();
     for g in groups.drain(..n) {
         for (dst, buf) in g {
+            check_no_wg_reader(l, dst);
             // SAFETY: `dst` was checked aligned at issue and is in the launch's arena.
             unsafe { core::ptr::copy_nonoverlapping(buf.as_ptr(), dst as *mut u8, 16) };
+            // (a cp.async into memory outside the arena is not shared memory: no proxy)
+            if let Some(i) = dst.checked_sub(base).map(|o| o / 16) {
+                if i < l.unfenced.len() && l.unfenced[i].get() != c.tid + 1 {
+                    l.unfenced[i].set(c.tid + 1);
+                    l.proxy_used.set(true);
+                    landed.push(i);
+                }
+            }
         }
     }
 }
@@ -605,6 +706,234 @@ pub fn mma_bf16_16816(c: [f32; 4], a: [u32; 4], b: [u32; 2]) -> [f32; 4] {
         }
         d
     })
+}
+
+/// Shared-window address of `p` (a pointer into the launch's shared memory): what
+/// `cvta.to.shared` gives on the GPU and what wgmma matrix descriptors hold. The arena's
+/// first byte is at [`SHARED_WINDOW_ORIGIN`].
+pub fn shared_addr(p: *const u8) -> u32 {
+    let l = launch_of(ctx());
+    let base = l.smem.as_ptr() as usize;
+    let off = (p as usize).wrapping_sub(base);
+    assert!(
+        off < l.smem.len() * 16,
+        "shared_addr of a pointer outside shared memory"
+    );
+    SHARED_WINDOW_ORIGIN + off as u32
+}
+
+/// The host pointer of shared-window address `a` (see [`shared_addr`]).
+fn window_ptr(l: &Launch, a: u32) -> *const u8 {
+    let off = a.checked_sub(SHARED_WINDOW_ORIGIN).map(|o| o as usize);
+    match off {
+        Some(o) if o < l.smem.len() * 16 => unsafe { (l.smem.as_ptr() as *const u8).add(o) },
+        _ => panic!("wgmma: shared address {a:#x} outside the block's shared memory"),
+    }
+}
+
+/// `fence.proxy.async.shared::cta`: this thread's earlier shared-memory writes (here:
+/// its landed `cp.async` copies) become visible to the async proxy (wgmma).
+pub fn fence_proxy_async() {
+    let c = ctx();
+    let l = launch_of(c);
+    for i in c.landed.borrow_mut().drain(..) {
+        if l.unfenced[i].get() == c.tid + 1 {
+            l.unfenced[i].set(0);
+        }
+    }
+}
+
+/// The wgmma accumulator registers of one thread for m64n256: 128 f32.
+pub type WgAcc = [f32; 128];
+
+/// Zeroed accumulators.
+pub fn wg_acc_zero() -> WgAcc {
+    [0.0; 128]
+}
+
+/// `wgmma.fence.sync.aligned` (orders earlier accumulator register writes before the
+/// next wgmma; PTX requires one before a thread's first wgmma).
+pub fn wgmma_fence(acc: &mut WgAcc) {
+    let _ = acc;
+    ctx().wg_fenced.set(true);
+}
+
+/// `wgmma.commit_group.sync.aligned`: the wgmma operations issued since the last commit
+/// form one group.
+pub fn wgmma_commit() {
+    let c = ctx();
+    let g = core::mem::take(&mut *c.wg_open.borrow_mut());
+    c.wg_groups.borrow_mut().push(g);
+}
+
+/// `wgmma.wait_group.sync.aligned N`: retires all but the newest `N` committed groups,
+/// whose products only now reach `acc` (in issue order: `acc = prod` or `acc += prod`).
+/// Panics when the shared memory an operation read changed since it was issued (a
+/// stage overwritten while the wgmma reading it may still run).
+pub fn wgmma_wait<const N: u32>(acc: &mut WgAcc) {
+    let c = ctx();
+    let l = launch_of(c);
+    let mut groups = c.wg_groups.borrow_mut();
+    let n = groups.len().saturating_sub(N as usize);
+    for g in groups.drain(..n) {
+        for op in g {
+            assert_eq!(
+                op.acc, acc as *mut WgAcc as usize,
+                "wgmma_wait: another accumulator array than the wgmma's"
+            );
+            let again = wg_product(l, c.tid, op.desc_a, op.desc_b, acc.len() * 2, false);
+            let same = again
+                .iter()
+                .zip(&op.prod)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "wgmma: shared memory read by an in-flight wgmma changed before the wgmma_wait that retires it"
+            );
+            for (d, p) in acc.iter_mut().zip(&op.prod) {
+                *d = if op.scale_d { *d + *p } else { *p };
+            }
+            wg_chunks(l, op.desc_a, op.desc_b, 256, |r| r.set(r.get() - 1));
+        }
+    }
+}
+
+/// Decoded wgmma shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format":
+/// bits 0-13 start address >> 4, 16-29 leading dimension byte offset >> 4, 32-45 stride
+/// dimension byte offset >> 4, 49-51 base offset, 62-63 swizzle mode: 0 none
+/// (interleave), 1 128-byte, 2 64-byte, 3 32-byte).
+struct Desc {
+    start: u32,
+    lbo: u32,
+    sbo: u32,
+    swizzle: u64,
+}
+
+fn decode_desc(d: u64) -> Desc {
+    let base_offset = (d >> 49) & 7;
+    assert_eq!(base_offset, 0, "wgmma descriptor base offset not emulated");
+    let swizzle = d >> 62;
+    assert!(
+        swizzle <= 1,
+        "wgmma descriptor swizzle mode {swizzle} not emulated (0 none, 1 128-byte)"
+    );
+    Desc {
+        start: ((d & 0x3fff) as u32) << 4,
+        lbo: (((d >> 16) & 0x3fff) as u32) << 4,
+        sbo: (((d >> 32) & 0x3fff) as u32) << 4,
+        swizzle,
+    }
+}
+
+/// Shared-window address of element (`r`, `k`) (row of M or N, K index 0..16) of a
+/// K-major bf16 operand: the PTX ISA's canonical K-major layouts (CUTLASS
+/// `make_gmma_desc<Major::K>` spells them out in units of 16 bytes): no swizzle,
+/// `((8,m),(8,2)):((16 B, SBO),(2 B, LBO))` (8x16-byte core matrices); 128-byte swizzle,
+/// `((8,m),(64)):((128 B, SBO),(2 B))` then bits 4-6 of the address XORed with bits 7-9
+/// (the 16-byte chunk index with the row's position in its 1024-byte atom).
+fn operand_addr(d: &Desc, r: u32, k: u32) -> u32 {
+    if d.swizzle == 0 {
+        d.start + (r / 8) * d.sbo + (k / 8) * d.lbo + (r % 8) * 16 + (k % 8) * 2
+    } else {
+        let a = d.start + (r / 8) * d.sbo + (r % 8) * 128 + k * 2;
+        a ^ (((a >> 7) & 7) << 4)
+    }
+}
+
+/// Calls `f` on the in-flight reader count of every 16-byte chunk of shared memory the
+/// warpgroup's m64nNk16 (N = `n`) with these descriptors reads (all of A's 64 and B's N
+/// rows, K 0..16: two chunks per row).
+fn wg_chunks(l: &Launch, da: u64, db: u64, n: u32, mut f: impl FnMut(&Cell<u32>)) {
+    let base = l.smem.as_ptr() as usize;
+    for (d, rows) in [(decode_desc(da), 64), (decode_desc(db), n)] {
+        for r in 0..rows {
+            for k in [0, 8] {
+                let p = window_ptr(l, operand_addr(&d, r, k)) as usize;
+                f(&l.wg_readers[(p - base) / 16]);
+            }
+        }
+    }
+}
+
+/// Thread `tid`'s share of one m64nNk16 product (N = `n`), in the accumulator fragment
+/// layout: register `4j + i` holds row `16·warp + lane/4 + 8·(i/2)`, column
+/// `8j + 2·(lane%4) + i%2` (PTX ISA "wgmma .m64nNk16 register fragment layout for
+/// accumulator matrix D"; CUTLASS `CLayout_64xN`). Each value is the 16-term dot product
+/// summed in K order in f32 from +0, as the `mma.sync` emulation does per k16 step.
+fn wg_product(l: &Launch, tid: u32, da: u64, db: u64, n: usize, check_fence: bool) -> Vec<f32> {
+    let (a, b) = (decode_desc(da), decode_desc(db));
+    let load = |d: &Desc, r: u32, k: u32| {
+        let addr = operand_addr(d, r, k);
+        let p = window_ptr(l, addr);
+        if check_fence {
+            let i = (p as usize - l.smem.as_ptr() as usize) / 16;
+            assert!(
+                l.unfenced[i].get() == 0,
+                "wgmma reads shared memory (address {addr:#x}) that cp.async wrote without a fence_proxy_async (fence.proxy.async) by the writing thread"
+            );
+        }
+        let h = unsafe { (p as *const u16).read() };
+        f32::from_bits((h as u32) << 16)
+    };
+    let (w, lane) = ((tid % 128) / 32, tid % 32);
+    let (g, t) = (lane / 4, lane % 4);
+    let mut out = std::vec![0.0f32; n / 2];
+    for (v, o) in out.iter_mut().enumerate() {
+        let (j, i) = (v as u32 / 4, v as u32 % 4);
+        let row = 16 * w + g + 8 * (i / 2);
+        let col = 8 * j + 2 * t + i % 2;
+        let mut s = 0.0f32;
+        for k in 0..16 {
+            s += load(&a, row, k) * load(&b, col, k);
+        }
+        *o = s;
+    }
+    out
+}
+
+/// `wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16` with A and B in shared
+/// memory (K-major, no transpose, scale 1): `D = A·Bᵀ (+ D when scale_d)`, A 64x16 and B
+/// 256x16 described by `desc_a` / `desc_b`. Warpgroup-collective (all 128 threads, the
+/// same descriptors); asynchronous: see [`wgmma_wait`].
+pub fn wgmma_m64n256k16_bf16(acc: &mut WgAcc, desc_a: u64, desc_b: u64, scale_d: bool) {
+    let c = ctx();
+    let l = launch_of(c);
+    assert!(
+        l.block % 128 == 0,
+        "wgmma needs whole warpgroups (block of {} threads)",
+        l.block
+    );
+    assert!(
+        c.wg_fenced.get(),
+        "wgmma before any wgmma_fence (wgmma.fence.sync.aligned) in this thread"
+    );
+    let wg = (c.tid / 128) as usize;
+    let base = wg * 128;
+    unsafe {
+        let mine = &mut *l.mailbox[c.tid as usize].get();
+        mine[0] = desc_a;
+        mine[1] = desc_b;
+        mine[2] = scale_d as u64;
+    }
+    l.wg_bars[wg].wait();
+    for t in base..base + 128 {
+        let theirs = unsafe { &*l.mailbox[t].get() };
+        assert!(
+            theirs[..3] == [desc_a, desc_b, scale_d as u64],
+            "wgmma: threads of warpgroup {wg} disagree on descriptors / scale-d"
+        );
+    }
+    let prod = wg_product(l, c.tid, desc_a, desc_b, 256, true);
+    wg_chunks(l, desc_a, desc_b, 256, |r| r.set(r.get() + 1));
+    l.proxy_used.set(true);
+    l.wg_bars[wg].wait();
+    c.wg_open.borrow_mut().push(WgOp {
+        acc: acc as *mut WgAcc as usize,
+        desc_a,
+        desc_b,
+        scale_d,
+        prod,
+    });
 }
 
 pub fn trap() -> ! {

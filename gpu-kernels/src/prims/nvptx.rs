@@ -273,6 +273,90 @@ pub fn mma_bf16_16816(c: [f32; 4], a: [u32; 4], b: [u32; 2]) -> [f32; 4] {
     }
     [d0, d1, d2, d3]
 }
+/// 32-bit shared-window address of a generic pointer into shared memory (what
+/// `ld.shared` and wgmma matrix descriptors take).
+#[inline(always)]
+pub fn shared_addr(p: *const u8) -> u32 {
+    let r: u32;
+    unsafe {
+        asm!("{{ .reg .u64 s; cvta.to.shared.u64 s, {p}; cvt.u32.u64 {r}, s; }}",
+             p = in(reg64) p, r = out(reg32) r, options(pure, nomem, nostack))
+    };
+    r
+}
+/// `fence.proxy.async.shared::cta` (sm_90): this thread's earlier writes to shared
+/// memory (incl. landed `cp.async` copies) become visible to the async proxy, which
+/// wgmma reads its shared-memory operands through.
+#[inline(always)]
+pub fn fence_proxy_async() {
+    unsafe { asm!("fence.proxy.async.shared::cta;", options(nostack)) };
+}
+
+/// The wgmma accumulator registers of one thread for m64n256: 128 f32.
+pub type WgAcc = [f32; 128];
+
+/// Zeroed accumulators. (From a `[0u32; 128]`, which becomes a memset the compiler
+/// splits into registers; a `[0.0f32; 128]` becomes a store loop that keeps the array
+/// in local memory.)
+#[inline(always)]
+pub fn wg_acc_zero() -> WgAcc {
+    unsafe { transmute::<[u32; 128], WgAcc>([0u32; 128]) }
+}
+
+// The wgmma primitives (sm_90a) name every accumulator register as an in-out operand,
+// the fence and the wait too (in a PTX comment): the asm statements then order every
+// use of the accumulators in the compiler's view as the hardware needs it, like
+// CUTLASS's `warpgroup_fence_operand`: nothing reads them between the issue and the
+// wait that makes the results visible, or writes them between the fence and the issue.
+macro_rules! acc_asm {
+    (@ [$i0:literal $($i:literal)*] $acc:ident, $head:literal, $tail:literal, $($rest:tt)*) => {
+        asm!(
+            concat!($head, "{", $i0, "}" $(, ", {", $i, "}")*, $tail),
+            inout(reg32) $acc[$i0], $(inout(reg32) $acc[$i],)*
+            $($rest)*
+        )
+    };
+}
+macro_rules! acc128_asm {
+    ($($args:tt)*) => {
+        acc_asm!(@ [0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63 64 65 66 67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90 91 92 93 94 95 96 97 98 99 100 101 102 103 104 105 106 107 108 109 110 111 112 113 114 115 116 117 118 119 120 121 122 123 124 125 126 127] $($args)*)
+    };
+}
+
+/// `wgmma.fence.sync.aligned`: orders this thread's earlier register accesses (the
+/// accumulators' zeroing, reads of earlier results) before the next wgmma. All 128
+/// threads of the warpgroup execute it.
+#[inline(always)]
+pub fn wgmma_fence(acc: &mut WgAcc) {
+    unsafe { acc128_asm!(acc, "wgmma.fence.sync.aligned; // ", "", options(nostack)) };
+}
+/// `wgmma.commit_group.sync.aligned`: the wgmma operations issued since the last commit
+/// form one group.
+#[inline(always)]
+pub fn wgmma_commit() {
+    unsafe { asm!("wgmma.commit_group.sync.aligned;", options(nostack)) };
+}
+/// `wgmma.wait_group.sync.aligned N`: waits until at most `N` committed groups are in
+/// flight; only then do the retired groups' results stand in `acc`.
+#[inline(always)]
+pub fn wgmma_wait<const N: u32>(acc: &mut WgAcc) {
+    unsafe {
+        acc128_asm!(acc, "wgmma.wait_group.sync.aligned {n}; // ", "", n = const N, options(nostack))
+    };
+}
+/// `wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16`, A and B from shared memory
+/// through matrix descriptors (both K-major: no transpose; scales 1):
+/// `acc = A·Bᵀ (+ acc when scale_d)`. Asynchronous: see [`wgmma_wait`].
+#[inline(always)]
+pub fn wgmma_m64n256k16_bf16(acc: &mut WgAcc, desc_a: u64, desc_b: u64, scale_d: bool) {
+    unsafe {
+        acc128_asm!(acc,
+            "{{ .reg .pred p; setp.ne.b32 p, {sd}, 0; wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {{",
+            "}}, {da}, {db}, p, 1, 1, 0, 0; }}",
+            da = in(reg64) desc_a, db = in(reg64) desc_b, sd = in(reg32) scale_d as u32,
+            options(nostack))
+    };
+}
 /// Abort the kernel.
 #[inline(always)]
 pub fn trap() -> ! {

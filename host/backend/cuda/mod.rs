@@ -376,8 +376,8 @@ fn load_module(ctx: &CudaContext, arch: Arch) -> std::result::Result<Module, Str
     // kernel's code is loaded onto the device at its first lookup, which could come
     // after the KV cache and the pool (which keeps its memory) took the device's memory.
     let mut funcs = HashMap::new();
-    for name in kernels::FAMILIES.iter().flat_map(|(_, names)| names.iter()) {
-        let cname = CString::new(*name).map_err(|e| e.to_string())?;
+    for name in kernels::names(arch) {
+        let cname = CString::new(name).map_err(|e| e.to_string())?;
         let mut f = std::ptr::null_mut();
         // SAFETY: a module loaded above and a NUL-terminated name.
         let r = unsafe { sys::cuModuleGetFunction(&mut f, raw, cname.as_ptr()) };
@@ -396,7 +396,7 @@ fn load_module(ctx: &CudaContext, arch: Arch) -> std::result::Result<Module, Str
                 ));
             }
         }
-        funcs.insert(*name, f);
+        funcs.insert(name, f);
     }
     Ok(Module { raw, funcs })
 }
@@ -470,7 +470,8 @@ const STAGING_SLOTS: usize = 8;
 struct Module {
     #[allow(dead_code)] // kept with its functions: the module is never unloaded
     raw: sys::CUmodule,
-    /// Every kernel of [`kernels::FAMILIES`], resolved at load (read-only after).
+    /// Every kernel of the module ([`kernels::names`]), resolved at load (read-only
+    /// after).
     funcs: HashMap<&'static str, sys::CUfunction>,
 }
 // SAFETY: CUmodule / CUfunction handles are usable from any thread with the context
@@ -509,7 +510,16 @@ impl CudaDevice {
         // (for its CudaSlice) would only add a context-wide synchronize per new stream.
         // SAFETY: no CudaSlice is used on this context.
         unsafe { ctx.disable_event_tracking() };
-        let module = shared_module(&ctx, arch)?;
+        let (arch, module) = match shared_module(&ctx, arch) {
+            // The sm_90a module is the sm_90 one plus the wgmma kernels, which no GPU run
+            // has loaded yet: should it fail to load, the device runs the sm_90 module
+            // (everything the engine uses) and says so, rather than not opening.
+            Err(e) if arch == Arch::Sm90a => {
+                eprintln!("remp: {name}: the sm_90a kernel module did not load, using sm_90 (no wgmma kernels): {e}");
+                (Arch::Sm90, shared_module(&ctx, Arch::Sm90)?)
+            }
+            r => (arch, r?),
+        };
         let stream = ctx.new_stream().map_err(|e| derr("cuStreamCreate", e))?;
         let lane = Arc::new(Lane {
             stream: stream.clone(),
@@ -753,11 +763,12 @@ impl CudaDevice {
     }
 
     fn function(&self, name: &str) -> Result<sys::CUfunction> {
-        self.module()?
-            .funcs
-            .get(name)
-            .copied()
-            .ok_or_else(|| Error::Device(format!("unknown kernel `{name}`")))
+        self.module()?.funcs.get(name).copied().ok_or_else(|| {
+            Error::Device(format!(
+                "unknown kernel `{name}` (in the {} module)",
+                self.arch.name()
+            ))
+        })
     }
 
     /// Launch kernel `name` on the device's stream with `grid` blocks of `block` threads
@@ -1116,7 +1127,7 @@ mod tests {
     #[test]
     fn open_without_gpu_is_an_error_not_a_panic() {
         match CudaDevice::open(0) {
-            Ok(d) => assert!(matches!(d.arch(), Arch::Sm80 | Arch::Sm90)),
+            Ok(d) => assert!(matches!(d.arch(), Arch::Sm80 | Arch::Sm90 | Arch::Sm90a)),
             Err(e) => {
                 assert!(matches!(e, Error::Device(_)), "{e}");
                 assert!(e.to_string().starts_with("device: "), "{e}");
