@@ -156,9 +156,10 @@ pub fn check_heads(cfg: &ModelConfig, tp: usize, idx: usize) -> Result<()> {
 }
 
 /// Per-step inputs on the device: token ids, positions, KV slots and the paged
-/// attention metadata, uploaded by each device worker at the start of a step (into its
-/// scratch buffers: an upload is queued on the stream, after the previous step's
-/// kernels that read them).
+/// attention metadata, uploaded by each device worker before its first segment of a
+/// step, all eight arrays in one upload into one scratch buffer (one staged copy per
+/// step instead of eight; queued on the stream, after the previous step's kernels that
+/// read them). The fields are device pointers into that buffer (16-byte aligned).
 pub struct StepInputs {
     /// The step's number: tags its messages (see [`Tag::step`]).
     pub step: u64,
@@ -170,14 +171,16 @@ pub struct StepInputs {
     /// Most new tokens of any sequence.
     pub max_q: usize,
     pub max_blocks: usize,
-    ids: Arc<Buf>,
-    pos: Arc<Buf>,
-    slots: Arc<Buf>,
-    tables: Arc<Buf>,
-    ctx_lens: Arc<Buf>,
-    q_starts: Arc<Buf>,
-    q_lens: Arc<Buf>,
-    logit_rows: Arc<Buf>,
+    /// The scratch buffer the arrays below point into.
+    _buf: Arc<Buf>,
+    ids: u64,
+    pos: u64,
+    slots: u64,
+    tables: u64,
+    ctx_lens: u64,
+    q_starts: u64,
+    q_lens: u64,
+    logit_rows: u64,
     pub num_logit_rows: usize,
 }
 
@@ -219,6 +222,19 @@ impl StepInputs {
             }
         }
         let rows: Vec<u32> = plan.logit_rows().iter().map(|&r| r as u32).collect();
+        // One buffer: each array at a 16-byte-aligned offset (the kernels may load 16 B).
+        let arrays: [&[u32]; 8] = [
+            &ids, &pos, &slots, &tables, &ctx_lens, &q_starts, &q_lens, &rows,
+        ];
+        let mut packed: Vec<u32> = Vec::new();
+        let mut offs = [0usize; 8];
+        for (o, a) in offs.iter_mut().zip(arrays) {
+            *o = packed.len() * 4;
+            packed.extend_from_slice(a);
+            packed.resize(packed.len().next_multiple_of(4), 0);
+        }
+        let buf = dc.scratch_upload("step_inputs", &packed)?;
+        let at = |i: usize| buf.ptr() + offs[i] as u64;
 
         Ok(StepInputs {
             step: plan.step,
@@ -228,15 +244,16 @@ impl StepInputs {
             max_ctx: ctx_lens.iter().copied().max().unwrap_or(0) as usize,
             max_q: q_lens.iter().copied().max().unwrap_or(0) as usize,
             max_blocks,
-            ids: dc.scratch_upload("in_ids", &ids)?,
-            pos: dc.scratch_upload("in_pos", &pos)?,
-            slots: dc.scratch_upload("in_slots", &slots)?,
-            tables: dc.scratch_upload("in_tables", &tables)?,
-            ctx_lens: dc.scratch_upload("in_ctx_lens", &ctx_lens)?,
-            q_starts: dc.scratch_upload("in_q_starts", &q_starts)?,
-            q_lens: dc.scratch_upload("in_q_lens", &q_lens)?,
-            logit_rows: dc.scratch_upload("in_logit_rows", &rows)?,
+            ids: at(0),
+            pos: at(1),
+            slots: at(2),
+            tables: at(3),
+            ctx_lens: at(4),
+            q_starts: at(5),
+            q_lens: at(6),
+            logit_rows: at(7),
             num_logit_rows: rows.len(),
+            _buf: buf,
         })
     }
 }
@@ -520,7 +537,7 @@ impl DeviceCompute {
             &[
                 Arg::from(&x),
                 Arg::from(s.get(TensorKind::Embed)?),
-                Arg::from(&inp.ids),
+                Arg::Ptr(inp.ids),
                 u(h),
                 u(vocab.start),
                 u(vocab.end),
@@ -623,7 +640,7 @@ impl DeviceCompute {
             &[
                 Arg::from(&q),
                 Arg::from(&k),
-                Arg::from(&inp.pos),
+                Arg::Ptr(inp.pos),
                 Arg::from(&self.inv_freq),
                 u(nq),
                 u(nkv),
@@ -641,7 +658,7 @@ impl DeviceCompute {
                 Arg::from(&kv.v),
                 Arg::from(&k),
                 Arg::from(&v),
-                Arg::from(&inp.slots),
+                Arg::Ptr(inp.slots),
                 u(nkv),
                 u(hd),
                 u(nkv * hd),
@@ -947,10 +964,10 @@ impl DeviceCompute {
                 Arg::from(q),
                 Arg::from(&kv.k),
                 Arg::from(&kv.v),
-                Arg::from(&inp.tables),
-                Arg::from(&inp.ctx_lens),
-                Arg::from(&inp.q_starts),
-                Arg::from(&inp.q_lens),
+                Arg::Ptr(inp.tables),
+                Arg::Ptr(inp.ctx_lens),
+                Arg::Ptr(inp.q_starts),
+                Arg::Ptr(inp.q_lens),
             ];
             args.extend_from_slice(&common);
             args.push(scale);
@@ -982,8 +999,8 @@ impl DeviceCompute {
             Arg::from(q),
             Arg::from(&kv.k),
             Arg::from(&kv.v),
-            Arg::from(&inp.tables),
-            Arg::from(&inp.ctx_lens),
+            Arg::Ptr(inp.tables),
+            Arg::Ptr(inp.ctx_lens),
         ];
         args.extend_from_slice(&common);
         args.push(u(split_tokens));
@@ -1003,7 +1020,7 @@ impl DeviceCompute {
                     Arg::from(out),
                     p(&o_part),
                     p(&ml_part),
-                    Arg::from(&inp.ctx_lens),
+                    Arg::Ptr(inp.ctx_lens),
                     u(nq),
                     u(hd),
                     u(splits),
@@ -1032,7 +1049,7 @@ impl DeviceCompute {
                 &[
                     Arg::from(&sel),
                     Arg::from(x),
-                    Arg::from(&inp.logit_rows),
+                    Arg::Ptr(inp.logit_rows),
                     u(h),
                     u(0),
                     u(inp.tokens),
