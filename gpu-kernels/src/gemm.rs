@@ -663,14 +663,15 @@ fn cp_async_wait_n(n: u32) {
     }
 }
 
-struct MmaArgs {
-    x: *const u16,
-    w: *const u16,
-    w2: *const u16, // up projection for the gated variant, else null
-    m: u32,
-    n: u32,
-    k: u32,
-    ldx: u32,
+/// A tensor-core GEMM's operands (also the wgmma kernels').
+pub(crate) struct MmaArgs {
+    pub(crate) x: *const u16,
+    pub(crate) w: *const u16,
+    pub(crate) w2: *const u16, // up projection for the gated variant, else null
+    pub(crate) m: u32,
+    pub(crate) n: u32,
+    pub(crate) k: u32,
+    pub(crate) ldx: u32,
 }
 
 /// Global row of W feeding shared B row `r` of the block starting at output column n0.

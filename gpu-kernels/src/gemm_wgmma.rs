@@ -54,6 +54,8 @@
 //! `WGMMA_SMEM` bytes (`kernels::dynamic_smem`); another block size or less shared
 //! memory traps. In the emulator the products are exactly the `mma.sync` path's (same
 //! k16 steps in K order), so the tests compare bit for bit with `gemm_mma_*`.
+// The operands as the mma kernels take them (W_up in `w2` for the gated variant).
+use crate::gemm::MmaArgs as WgArgs;
 use crate::gemm::{check_mma_args, raster, silu_gate, store_out};
 use crate::prims::*;
 
@@ -81,16 +83,6 @@ pub const WGMMA_SMEM: u32 = WG_ST * STAGE_BYTES + 1024;
 #[inline(always)]
 pub fn wg_desc(addr: u32) -> u64 {
     (((addr & 0x3ffff) >> 4) as u64) | (1u64 << 16) | ((1024u64 >> 4) << 32) | (1u64 << 62)
-}
-
-struct WgArgs {
-    x: *const u16,
-    w: *const u16,
-    w2: *const u16, // W_up for the gated variant, else null
-    m: u32,
-    n: u32,
-    k: u32,
-    ldx: u32,
 }
 
 /// Global row of W for shared B row `r` (0..256) of the block whose first output
