@@ -24,6 +24,7 @@
 use std::sync::OnceLock;
 
 use remp::backend::cuda::{Arg, CudaDevice, DevBuf};
+use remp::kernels::gemm_args;
 use remp_gpu_kernels::prims::emu::{launch as emu, launch_dyn as emu_dyn};
 use remp_gpu_kernels::prims::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, Bf16, F16};
 use remp_gpu_kernels::{attention::*, gemm::*, gemm_wgmma::*, small::*};
@@ -921,18 +922,7 @@ fn large_vs_f64(seed: &str, kernel: &str, bm: u32, bn: u32, block: u32) {
     let w = rng.bf16(n * k, 0.5);
     let (xd, wd) = (dev().upload(&x).unwrap(), dev().upload(&w).unwrap());
     let y = dev().alloc_poisoned(m * n * 4, 0xFF).unwrap();
-    let args = [
-        Arg::Ptr(y.ptr()),
-        Arg::Ptr(xd.ptr()),
-        Arg::Ptr(wd.ptr()),
-        Arg::Ptr(0),
-        Arg::Ptr(0),
-        Arg::U32(m as u32),
-        Arg::U32(n as u32),
-        Arg::U32(k as u32),
-        Arg::U32(k as u32),
-        Arg::U32(n as u32),
-    ];
+    let args = gemm_args([y.ptr(), xd.ptr(), wd.ptr(), 0, 0], (m, n, k), (k, n));
     let grid = [
         n.div_ceil(bn as usize) as u32,
         m.div_ceil(bm as usize) as u32,

@@ -27,6 +27,7 @@
 //! profiled. Its timings are single calls: no table, no JSON.
 
 use remp::backend::cuda::{Arg, CudaDevice, DevBuf, EventTimer};
+use remp::kernels::gemm_args;
 use remp::Result;
 use remp_gpu_kernels::gemm::{dec_block, dec_splitk, MMA_WIDE_BM, MMA_WIDE_SMEM};
 use remp_gpu_kernels::gemm_wgmma::{WGMMA_SMEM, WG_BM, WG_BN, WG_THREADS};
@@ -310,18 +311,7 @@ fn run(profile: bool) -> Result<()> {
             let t = b.time(21, 8, |i| {
                 let w = rot(i, wbytes);
                 let x = rot(i + 7, m * k * 2);
-                let args = [
-                    Arg::Ptr(y.ptr()),
-                    Arg::Ptr(x),
-                    Arg::Ptr(w),
-                    Arg::Ptr(0),
-                    Arg::Ptr(0),
-                    Arg::U32(m as u32),
-                    Arg::U32(n as u32),
-                    Arg::U32(k as u32),
-                    Arg::U32(k as u32),
-                    Arg::U32(n as u32),
-                ];
+                let args = gemm_args([y.ptr(), x, w, 0, 0], (m, n, k), (k, n));
                 unsafe { dev.launch("gemm_decode_bf16", grid, block, &args) }
             })?;
             let g = gbs(wbytes as f64, t);
@@ -402,18 +392,8 @@ fn run(profile: bool) -> Result<()> {
     {
         let grid = [n.div_ceil(128) as u32, m.div_ceil(bm) as u32, 1];
         let t = b.time(9, 4, |i| {
-            let args = [
-                Arg::Ptr(yb.ptr()),
-                Arg::Ptr(rot(2 * i, m * k * 2)),
-                Arg::Ptr(rot(2 * i + 1, n * k * 2)),
-                Arg::Ptr(0),
-                Arg::Ptr(0),
-                Arg::U32(m as u32),
-                Arg::U32(n as u32),
-                Arg::U32(k as u32),
-                Arg::U32(k as u32),
-                Arg::U32(n as u32),
-            ];
+            let (x, w) = (rot(2 * i, m * k * 2), rot(2 * i + 1, n * k * 2));
+            let args = gemm_args([yb.ptr(), x, w, 0, 0], (m, n, k), (k, n));
             unsafe { dev.launch(kernel, grid, block, &args) }
         })?;
         ms[ki] = t;
@@ -472,18 +452,8 @@ fn run(profile: bool) -> Result<()> {
             1,
         ];
         let t = b.time(9, 4, |i| {
-            let args = [
-                Arg::Ptr(yb.ptr()),
-                Arg::Ptr(rot(2 * i, m * k * 2)),
-                Arg::Ptr(rot(2 * i + 1, n * k * 2)),
-                Arg::Ptr(0),
-                Arg::Ptr(0),
-                Arg::U32(m as u32),
-                Arg::U32(n as u32),
-                Arg::U32(k as u32),
-                Arg::U32(k as u32),
-                Arg::U32(n as u32),
-            ];
+            let (x, w) = (rot(2 * i, m * k * 2), rot(2 * i + 1, n * k * 2));
+            let args = gemm_args([yb.ptr(), x, w, 0, 0], (m, n, k), (k, n));
             unsafe { dev.launch("gemm_wgmma_bf16", grid, WG_THREADS, &args) }
         });
         match t {

@@ -149,6 +149,29 @@ const SMALL: &[&str] = &[
 
 /// Dynamic shared memory (bytes) every launch of kernel `name` needs: CUDA's
 /// `sharedMemBytes`, which the backends pass by kernel name (the CUDA backend also
+/// The argument list of the plain GEMM kernels (`gemm_decode_bf16*`, `gemm_mma*_bf16*`,
+/// `gemm_wgmma_bf16*`): `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias) (+ residual)` with row
+/// strides `ldx` (x) and `ldy` (y, residual); device pointers, 0 for no bias / residual.
+pub fn gemm_args(
+    [y, x, w, bias, residual]: [u64; 5],
+    (m, n, k): (usize, usize, usize),
+    (ldx, ldy): (usize, usize),
+) -> [crate::backend::device::Arg; 10] {
+    use crate::backend::device::Arg::{Ptr, U32};
+    [
+        Ptr(y),
+        Ptr(x),
+        Ptr(w),
+        Ptr(bias),
+        Ptr(residual),
+        U32(m as u32),
+        U32(n as u32),
+        U32(k as u32),
+        U32(ldx as u32),
+        U32(ldy as u32),
+    ]
+}
+
 /// raises the function's `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` to it at
 /// module load, as it is over the default 48 KiB). 0 for kernels whose shared memory is
 /// all static. Such kernels trap when launched with less.

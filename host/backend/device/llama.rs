@@ -433,18 +433,7 @@ impl DeviceCompute {
                 w.len()
             )));
         }
-        let args = [
-            Arg::Ptr(y),
-            Arg::Ptr(x),
-            Arg::from(w),
-            Arg::Ptr(bias),
-            Arg::Ptr(residual),
-            u(m),
-            u(n),
-            u(k),
-            u(k),
-            u(n),
-        ];
+        let args = crate::kernels::gemm_args([y, x, w.ptr(), bias, residual], (m, n, k), (k, n));
         let out = if f32out { "_f32out" } else { "" };
         if m <= DECODE_MAX_M || k % 8 != 0 {
             let gx = (n as u32).div_ceil(DEC_COLS);
