@@ -1256,6 +1256,116 @@ fn gpu_kv_write_and_attn_prefill() {
     }
 }
 
+/// `attn_prefill_mma_bf16` (tensor-core causal prefill) on the GPU against the emulator
+/// on the same inputs: several sequences with cached prefixes (chunked prefill), q_len
+/// and ctx not multiples of the 64-query / 32-key tiles, GQA groups 1, 4 and 8, head_dim
+/// 64 and 128, block sizes 16 and 12, a padding output row that must stay poisoned.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_attn_prefill_mma() {
+    let mut rng = Rng::new("gpu_attn_prefill_mma");
+    for case in 0..6 {
+        let kvh = rng.range(1, 2);
+        let group = [1usize, 4, 8][case % 3];
+        let qh = kvh * group;
+        let d = [64usize, 128][case % 2];
+        let bs = rng.pick(&[16usize, 12]);
+        let nseq = rng.range(2, 4);
+        let qlen: Vec<usize> = (0..nseq).map(|_| rng.range(1, 300)).collect();
+        let ctx: Vec<usize> = qlen
+            .iter()
+            .map(|&q| {
+                q + if rng.range(0, 1) == 0 {
+                    0
+                } else {
+                    rng.range(1, 500)
+                }
+            })
+            .collect();
+        let c = paged(&mut rng, &ctx, kvh, d, bs);
+        let stride = (qh + 2 * kvh) * d;
+        let tokens: usize = qlen.iter().sum();
+        let mut starts = vec![];
+        let mut row = 0;
+        for &ql in &qlen {
+            starts.push(row as u32);
+            row += ql;
+        }
+        let mut p = Pair::new();
+        let qkv = p.bytes(&rng.bf16((tokens + 1) * stride, 1.0));
+        let kc = p.bytes(&rng.bf16(c.nblocks * bs * kvh * d, 1.0));
+        let vc = p.bytes(&rng.bf16(c.nblocks * bs * kvh * d, 1.0));
+        let tb = p.bytes(&c.tables);
+        let ctx32: Vec<u32> = ctx.iter().map(|&x| x as u32).collect();
+        let qlen32: Vec<u32> = qlen.iter().map(|&x| x as u32).collect();
+        let (cl, st, ql) = (p.bytes(&ctx32), p.bytes(&starts), p.bytes(&qlen32));
+        let out = p.out((tokens + 1) * qh * d, 2);
+        let scale = 1.0 / (d as f32).sqrt();
+        let maxq = *qlen.iter().max().unwrap() as u32;
+        let grid = [qh as u32, maxq.div_ceil(FA_BM), nseq as u32];
+        p.gpu(
+            "attn_prefill_mma_bf16",
+            grid,
+            FA_THREADS,
+            &[
+                B(out),
+                B(qkv),
+                B(kc),
+                B(vc),
+                B(tb),
+                B(cl),
+                B(st),
+                B(ql),
+                U(qh as u32),
+                U(kvh as u32),
+                U(d as u32),
+                U(bs as u32),
+                U(c.max_blocks as u32),
+                U(stride as u32),
+                F(scale),
+            ],
+        );
+        let (o, qp, kp, vp) = (
+            p.h::<Bf16>(out),
+            p.h::<Bf16>(qkv),
+            p.h::<Bf16>(kc),
+            p.h::<Bf16>(vc),
+        );
+        let (tp, cp, stp, qlp) = (
+            p.h::<u32>(tb),
+            p.h::<u32>(cl),
+            p.h::<u32>(st),
+            p.h::<u32>(ql),
+        );
+        unsafe {
+            emu(grid, FA_THREADS, || {
+                attn_prefill_mma_bf16(
+                    o,
+                    qp,
+                    kp,
+                    vp,
+                    tp,
+                    cp,
+                    stp,
+                    qlp,
+                    qh as u32,
+                    kvh as u32,
+                    d as u32,
+                    bs as u32,
+                    c.max_blocks as u32,
+                    stride as u32,
+                    scale,
+                )
+            });
+        }
+        let what = format!(
+            "attn_prefill_mma kvh {kvh} group {group} d {d} bs {bs} qlen {qlen:?} ctx {ctx:?}"
+        );
+        let n = tokens * qh * d;
+        p.check(&what, out, Kind::Bf16, &|i| i < n);
+    }
+}
+
 // ------------------------------------------------------------------ small ops
 
 macro_rules! rms_case {

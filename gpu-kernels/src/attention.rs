@@ -45,6 +45,32 @@
 //!   at position `ctx_lens[s] - 1`; their K/V must already be in the cache, see
 //!   `kv_cache_write_bf16`). grid = (kv_heads * ceil(G / 4), ceil(max_q_len / 4),
 //!   num_seqs), block 128, one query per warp.
+//! - `attn_prefill_mma_bf16`: the same prefill (arguments, paged layout, GQA mapping,
+//!   causal varlen semantics, scale, bf16 output) on tensor cores, FlashAttention-2
+//!   style; prepared for long prompts, unmeasured on a GPU (the engine keeps
+//!   `attn_prefill_bf16`). head_dim 64 or 128 only (a const-generic body per size; any
+//!   other head_dim traps: use `attn_prefill_bf16`), block 128 (`FA_THREADS`), K/V cache
+//!   16-byte aligned. One block per (q head, 64-query tile, sequence): grid = (q_heads,
+//!   ceil(max_q_len / 64), num_seqs), tiles with the most keys launched first; the q
+//!   heads of a GQA group are neighbours in grid.x, so their K/V reads meet in L2. Each
+//!   of the 4 warps owns 16 query rows. Q (64 x D) is copied to shared memory once
+//!   (`cp.async` when q and q_stride are 16-byte aligned, else plain loads) and kept
+//!   in registers as `ldmatrix` A fragments; K and V tiles of 32 keys are gathered from
+//!   the paged cache (one block-table lookup per row, any block_size) by `cp.async`
+//!   into XOR-swizzled tiles (chunk ^ row % 8), keys past the last query zero-filled.
+//!   Per K/V tile (FlashAttention-2's two-buffer pipeline): issue V(j); S = Q·Kᵀ with
+//!   `mma.sync.m16n8k16` (K fragments by `ldmatrix`); scale to base 2, causal mask only
+//!   on tiles reaching past the block's first query; online softmax in f32 (row max
+//!   over the 4 lanes of a row by shuffles, running max and per-lane partial sums,
+//!   O rescaled); P packed to bf16 A fragments in registers (the S accumulator layout
+//!   is the A layout); barrier; issue K(j + 1); O += P·V (V fragments by
+//!   `ldmatrix.trans` from the row-major tile); barrier. A warp whose rows all precede
+//!   a tile (or lie past the last query) skips its math; tiles past the block's last
+//!   query are not visited. Static shared memory 32 KiB (Q 64, K 32, V 32 rows x 128
+//!   bf16). 32-key tiles, not 64: with 64, sm_90's ptxas spills at head_dim 128 (the
+//!   causal mask is a branch-free compare against a per-row limit for the same reason).
+//!   Registers (ptx-report): 210 (sm_80) / 246 (sm_90), no spills.
+//!   O / l rounded to bf16 at the end; rows past the sequence's queries not stored.
 //! - `kv_cache_write_bf16`: scatter new K/V rows `[tokens, kv_heads, head_dim]` into
 //!   their cache slots (`slot = block * block_size + offset`, `u32::MAX` = skip).
 //!   grid.x = tokens, block 128.
@@ -696,6 +722,316 @@ unsafe fn attn_prefill(
     }
 }
 
+// ---------------------------------------------------------------- tensor-core prefill
+
+/// Query rows per block of `attn_prefill_mma_bf16` (16 per warp).
+pub const FA_BM: u32 = 64;
+/// Keys per K/V tile of `attn_prefill_mma_bf16` (32: with 64, sm_90's ptxas spills at
+/// head_dim 128 — 255 registers — while 32 gives 210 (sm_80) / 246 (sm_90), no spills).
+/// The code takes 32 or 64.
+pub const FA_BN: u32 = 32;
+/// Block size of `attn_prefill_mma_bf16` (4 warps); other sizes trap.
+pub const FA_THREADS: u32 = 128;
+/// Largest head_dim of `attn_prefill_mma_bf16` (it takes 64 and 128).
+const FA_MAXD: u32 = 128;
+/// Its static shared memory: the Q tile (64 rows), K and V tiles (32 rows each) of up
+/// to 128 bf16 per row (32 KiB).
+const FA_SMEM: u32 = (FA_BM + 2 * FA_BN) * FA_MAXD * 2;
+
+/// Byte offset of 16-byte chunk `c` of row `r` in a tile of `D`-element rows (`D` 64
+/// or 128: 128- or 256-byte rows, all starting in bank 0): the chunk is XORed with
+/// `r % 8`, so the 8 rows one `ldmatrix` matrix reads (same logical chunk, consecutive
+/// rows) and the rows a warp's `cp.async` copies fill hit 8 different bank groups.
+#[inline(always)]
+fn fa_swz<const D: u32>(r: u32, c: u32) -> u32 {
+    r * (D * 2) + ((c ^ (r & 7)) << 4)
+}
+
+/// Issue the `cp.async` copies of K (or V) tile rows `t0 .. t0 + FA_BN` of kv head
+/// `kvh_idx` from the paged cache `src` into the swizzled tile `dst`; keys at or past
+/// `kend` are zero-filled without reading memory (so masked V is 0, never stale NaN).
+#[inline(always)]
+unsafe fn fa_load_kv<const D: u32>(
+    dst: *mut u8,
+    src: *const u16,
+    table: *const u32,
+    kvh: u32,
+    kvh_idx: u32,
+    bs: u32,
+    t0: u32,
+    kend: u32,
+) {
+    let cpr = D / 8; // 16-byte chunks per row
+    let tid = thread_idx();
+    unroll!(i in 0..8 => {
+        let id = tid + i as u32 * FA_THREADS;
+        if id < FA_BN * cpr {
+            let (r, c) = (id / cpr, id % cpr);
+            let t = t0 + r;
+            let ok = t < kend;
+            let p = if ok {
+                let blk = *table.add((t / bs) as usize);
+                let slot = (blk * bs + t % bs) as usize;
+                src.add((slot * kvh as usize + kvh_idx as usize) * D as usize + (c * 8) as usize)
+            } else {
+                src
+            };
+            cp_async_16(dst.add(fa_swz::<D>(r, c) as usize), p as *const u8, if ok { 16 } else { 0 });
+        }
+    });
+}
+
+/// Copy query rows `row0 .. row0 + nrows` (head `h`) into the swizzled Q tile `dst`,
+/// rows past `nrows` zero: `cp.async` when `vec` (q and q_stride 16-byte aligned), else
+/// plain 2-byte loads and shared stores (visible after the caller's barrier).
+#[inline(always)]
+unsafe fn fa_load_q<const D: u32>(
+    dst: *mut u8,
+    q: *const u16,
+    q_stride: u32,
+    row0: u32,
+    nrows: u32,
+    h: u32,
+    vec: bool,
+) {
+    let cpr = D / 8;
+    let tid = thread_idx();
+    unroll!(i in 0..8 => {
+        let id = tid + i as u32 * FA_THREADS;
+        if id < FA_BM * cpr {
+            let (r, c) = (id / cpr, id % cpr);
+            let ok = r < nrows;
+            let p = q.add((row0 + r) as usize * q_stride as usize + (h * D + c * 8) as usize);
+            let d = dst.add(fa_swz::<D>(r, c) as usize);
+            if vec {
+                let s = if ok { p } else { q };
+                cp_async_16(d, s as *const u8, if ok { 16 } else { 0 });
+            } else {
+                let d = d as *mut u16;
+                unroll!(e in 0..8 => {
+                    *d.add(e) = if ok { *p.add(e) } else { 0 };
+                });
+            }
+        }
+    });
+}
+
+/// The body of `attn_prefill_mma_bf16` for head dim `D` (64 or 128); see the module
+/// comment for the design. `smem` holds the Q, K and V tiles (`3 * FA_BM * D * 2` bytes).
+#[inline(always)]
+unsafe fn attn_prefill_mma<const D: u32>(
+    out: *mut Bf16,
+    q: *const Bf16,
+    kc: *const Bf16,
+    vc: *const Bf16,
+    tables: *const u32,
+    ctx_lens: *const u32,
+    q_starts: *const u32,
+    q_lens: *const u32,
+    q_heads: u32,
+    kvh: u32,
+    bs: u32,
+    max_blocks: u32,
+    q_stride: u32,
+    scale: f32,
+    smem: *mut u8,
+) {
+    let seq = block_idx_z();
+    let qlen = *q_lens.add(seq as usize);
+    // the query tiles with the most keys (the last ones) are launched first
+    let qt = grid_dim_y() - 1 - block_idx_y();
+    let q0 = qt * FA_BM;
+    if q0 >= qlen {
+        return; // whole block, before any barrier
+    }
+    let h = block_idx_x();
+    let kvh_idx = h / (q_heads / kvh);
+    let ctx = *ctx_lens.add(seq as usize);
+    let first = ctx - qlen + q0; // position of the block's first query
+    let nq = umin(FA_BM, qlen - q0); // valid query rows in the tile
+    let kend = first + nq; // keys 0 .. kend: the last query's position + 1
+    let row0 = *q_starts.add(seq as usize) + q0;
+    let table = tables.add((seq * max_blocks) as usize);
+    let (kc, vc) = (kc as *const u16, vc as *const u16);
+    let (qbytes, kvbytes) = ((FA_BM * D * 2) as usize, (FA_BN * D * 2) as usize);
+    let (sq, sk, sv) = (smem, smem.add(qbytes), smem.add(qbytes + kvbytes));
+
+    // prologue: Q tile and K tile 0 in flight together
+    let vec_q = (q as usize) % 16 == 0 && q_stride % 8 == 0;
+    fa_load_q::<D>(sq, q as *const u16, q_stride, row0, nq, h, vec_q);
+    fa_load_kv::<D>(sk, kc, table, kvh, kvh_idx, bs, 0, kend);
+    cp_async_commit();
+    cp_async_wait::<0>();
+    sync_threads();
+
+    let lane = lane_id();
+    let wr = warp_id() * 16; // the warp's first row in the tile
+    let (j, r) = (lane >> 3, lane & 7); // ldmatrix roles: matrix j, row r
+    let t = lane & 3; // accumulator column pair 2t, 2t + 1 of each n8 tile
+                      // accumulator rows g, g + 8
+    let g = lane >> 2;
+    // Q fragments of the warp's 16 rows, D / 16 k16 steps, for the whole kernel
+    let mut qf = [[0u32; 4]; 8];
+    unroll!(kk in 0..8 => {
+        if (kk as u32) < D / 16 {
+            let row = wr + (j & 1) * 8 + r;
+            qf[kk] = ldmatrix_x4(sq.add(fa_swz::<D>(row, kk as u32 * 2 + (j >> 1)) as usize));
+        }
+    });
+    // positions of this lane's rows (rows past the valid queries take the last valid
+    // position: computed, never stored) and the last one among the warp's rows
+    let pos = [
+        first + umin(wr + g, nq - 1),
+        first + umin(wr + g + 8, nq - 1),
+    ];
+    let warp_rows = wr < nq;
+    let warp_last = first + umin(wr + 15, nq - 1);
+    let sl2 = scale * LOG2E;
+    let mut acc = [[0.0f32; 4]; 16]; // O: D / 8 n8 tiles of the warp's 16 rows
+    let mut m = [NEG_INF; 2]; // running max (base 2, scaled) of rows g, g + 8
+    let mut l = [0.0f32; 2]; // this lane's part of the running sums
+    let nkt = div_ceil(kend, FA_BN);
+    let mut kt = 0;
+    while kt < nkt {
+        let k0 = kt * FA_BN;
+        fa_load_kv::<D>(sv, vc, table, kvh, kvh_idx, bs, k0, kend);
+        // V(kt) lands while S is computed
+        cp_async_commit();
+        // a warp whose rows all end before the tile skips its math (causal tiles past
+        // the diagonal; rows past the last query)
+        let live = warp_rows && k0 <= warp_last;
+        let mut pf = [[0u32; 4]; 4]; // P as A fragments, one per k16 step of the tile
+        if live {
+            // S = Q Kᵀ (16 x 64 per warp)
+            let mut s = [[0.0f32; 4]; 8];
+            unroll!(kk in 0..8 => {
+                if (kk as u32) < D / 16 {
+                    let a = qf[kk];
+                    unroll!(p in 0..4 => {
+                        if (p as u32) < FA_BN / 16 {
+                            let row = p as u32 * 16 + (j >> 1) * 8 + r;
+                            let b = ldmatrix_x4(sk.add(fa_swz::<D>(row, kk as u32 * 2 + (j & 1)) as usize));
+                            s[2 * p] = mma_bf16_16816(s[2 * p], a, [b[0], b[1]]);
+                            s[2 * p + 1] = mma_bf16_16816(s[2 * p + 1], a, [b[2], b[3]]);
+                        }
+                    });
+                }
+            });
+            // scale to base 2; causal mask only on tiles that reach past the block's
+            // first query (zero-filled keys past `kend` are masked there too)
+            // (branch-free: key k0 + 8n + 2t + e is masked when 8n + e > lim, lim = pos -
+            // k0 - 2t; lim is out of reach on the other tiles)
+            let diag = k0 + FA_BN - 1 > first;
+            let base = (k0 + 2 * t) as i32;
+            let lim = [
+                if diag {
+                    pos[0] as i32 - base
+                } else {
+                    FA_BN as i32
+                },
+                if diag {
+                    pos[1] as i32 - base
+                } else {
+                    FA_BN as i32
+                },
+            ];
+            unroll!(n in 0..8 => {
+                if (n as u32) < FA_BN / 8 {
+                    unroll!(i in 0..4 => {
+                        let v = s[n][i] * sl2;
+                        s[n][i] = if (n * 8 + (i & 1)) as i32 > lim[i / 2] { NEG_INF } else { v };
+                    });
+                }
+            });
+            // online softmax: row max over the 4 lanes of a row; every row sees key 0
+            // in tile 0, so the max is finite from the first tile on
+            let mut mx = m;
+            unroll!(n in 0..8 => {
+                if (n as u32) < FA_BN / 8 {
+                    mx[0] = fmax(mx[0], fmax(s[n][0], s[n][1]));
+                    mx[1] = fmax(mx[1], fmax(s[n][2], s[n][3]));
+                }
+            });
+            unroll!(hh in 0..2 => {
+                mx[hh] = fmax(mx[hh], shfl_xor_f32(mx[hh], 1));
+                mx[hh] = fmax(mx[hh], shfl_xor_f32(mx[hh], 2));
+            });
+            let alpha = [exp2(m[0] - mx[0]), exp2(m[1] - mx[1])];
+            m = mx;
+            let mut ps = [0.0f32; 2];
+            unroll!(n in 0..8 => {
+                if (n as u32) < FA_BN / 8 {
+                unroll!(i in 0..4 => {
+                    let p = exp2(s[n][i] - mx[i / 2]);
+                    s[n][i] = p;
+                    ps[i / 2] += p;
+                });
+                }
+            });
+            l[0] = fma(l[0], alpha[0], ps[0]);
+            l[1] = fma(l[1], alpha[1], ps[1]);
+            unroll!(n in 0..16 => {
+                if (n as u32) < D / 8 {
+                    acc[n][0] *= alpha[0];
+                    acc[n][1] *= alpha[0];
+                    acc[n][2] *= alpha[1];
+                    acc[n][3] *= alpha[1];
+                }
+            });
+            // the accumulator layout of S is the A layout of P: bf16 pairs in registers
+            unroll!(kk in 0..4 => {
+                if (kk as u32) < FA_BN / 16 {
+                pf[kk] = [
+                    pack_bf16x2(s[2 * kk][0], s[2 * kk][1]),
+                    pack_bf16x2(s[2 * kk][2], s[2 * kk][3]),
+                    pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                    pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]),
+                ];
+                }
+            });
+        }
+        cp_async_wait::<0>();
+        sync_threads(); // V(kt) is visible, and every warp is done reading K(kt)
+        if kt + 1 < nkt {
+            fa_load_kv::<D>(sk, kc, table, kvh, kvh_idx, bs, k0 + FA_BN, kend);
+        }
+        cp_async_commit(); // K(kt + 1) lands while P·V is computed
+        if live {
+            // O += P V: V fragments by ldmatrix.trans from the row-major [key][dim] tile
+            unroll!(kk in 0..4 => {
+                unroll!(dp in 0..8 => {
+                    if (kk as u32) < FA_BN / 16 && (dp as u32) < D / 16 {
+                        let key = kk as u32 * 16 + (j & 1) * 8 + r;
+                        let b = ldmatrix_x4_trans(sv.add(fa_swz::<D>(key, dp as u32 * 2 + (j >> 1)) as usize));
+                        acc[2 * dp] = mma_bf16_16816(acc[2 * dp], pf[kk], [b[0], b[1]]);
+                        acc[2 * dp + 1] = mma_bf16_16816(acc[2 * dp + 1], pf[kk], [b[2], b[3]]);
+                    }
+                });
+            });
+        }
+        cp_async_wait::<0>();
+        sync_threads(); // K(kt + 1) is visible, and every warp is done reading V(kt)
+        kt += 1;
+    }
+    // row sums over the 4 lanes of each row, then normalise and round to bf16
+    unroll!(hh in 0..2 => {
+        l[hh] += shfl_xor_f32(l[hh], 1);
+        l[hh] += shfl_xor_f32(l[hh], 2);
+    });
+    unroll!(hh in 0..2 => {
+        let rl = wr + g + 8 * hh as u32;
+        if rl < nq {
+            let o = out.add((((row0 + rl) * q_heads + h) * D + 2 * t) as usize);
+            unroll!(n in 0..16 => {
+                if (n as u32) < D / 8 {
+                    *o.add(n * 8) = Bf16::from_f32(normalise(acc[n][2 * hh], l[hh]));
+                    *o.add(n * 8 + 1) = Bf16::from_f32(normalise(acc[n][2 * hh + 1], l[hh]));
+                }
+            });
+        }
+    });
+}
+
 kernels! {
     /// Paged decode attention (one query per sequence), split-K; see the module comment.
     pub fn attn_decode_bf16(
@@ -737,6 +1073,29 @@ kernels! {
     ) {
         attn_prefill(out, q, k_cache, v_cache, block_tables, ctx_lens, q_starts, q_lens, q_heads,
             kv_heads, head_dim, block_size, max_blocks, q_stride, scale);
+    }
+    /// `attn_prefill_bf16` on tensor cores (FlashAttention-2 style; see the module
+    /// comment): same arguments and results, head_dim 64 or 128 (others trap), launch
+    /// grid = (q_heads, ceil(max_q_len / 64), num_seqs), block 128 (`FA_THREADS`).
+    pub fn attn_prefill_mma_bf16(
+        out: *mut Bf16, q: *const Bf16, k_cache: *const Bf16, v_cache: *const Bf16,
+        block_tables: *const u32, ctx_lens: *const u32, q_starts: *const u32, q_lens: *const u32,
+        q_heads: u32, kv_heads: u32, head_dim: u32, block_size: u32, max_blocks: u32,
+        q_stride: u32, scale: f32,
+    ) {
+        let smem = shared_bytes!(attn_fa_smem, FA_SMEM as usize);
+        if block_dim() != FA_THREADS || (k_cache as usize) % 16 != 0 || (v_cache as usize) % 16 != 0 {
+            trap();
+        }
+        if head_dim == 128 {
+            attn_prefill_mma::<128>(out, q, k_cache, v_cache, block_tables, ctx_lens, q_starts, q_lens,
+                q_heads, kv_heads, block_size, max_blocks, q_stride, scale, smem);
+        } else if head_dim == 64 {
+            attn_prefill_mma::<64>(out, q, k_cache, v_cache, block_tables, ctx_lens, q_starts, q_lens,
+                q_heads, kv_heads, block_size, max_blocks, q_stride, scale, smem);
+        } else {
+            trap();
+        }
     }
     /// Write new K/V rows into their paged-cache slots. grid.x = tokens, block 128.
     pub fn kv_cache_write_bf16(

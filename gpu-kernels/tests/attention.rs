@@ -362,3 +362,120 @@ fn causal_prefill_varlen_with_cache_write() {
         assert_close(&what, &from_bf16(&out.to_vec()), &want, 4e-3, 1.6e-2);
     }
 }
+
+/// `attn_prefill_mma_bf16` (tensor cores) against the f64 reference: several sequences
+/// per launch with different cached prefixes and new-token counts (chunked prefill:
+/// q_len < ctx), q_len and ctx not multiples of the 64-query / 32-key tiles, GQA group
+/// sizes 1, 4 and 8, head_dim 64 and 128, KV block sizes 16 and 12, q from a fused qkv
+/// row (q_stride > q_heads * head_dim) and, in some rounds, a q_stride that is not
+/// 16-byte aligned (the plain-load path for Q). The tolerance is the SIMT prefill
+/// test's: both kernels round the output to bf16, but the mma kernel sums scores and
+/// P·V in a different f32 order than the SIMT kernel (and feeds P to the tensor cores
+/// as bf16), so it is compared with the exact f64 result, not bit for bit with
+/// `attn_prefill_bf16`. Output rows past the tokens must stay unwritten.
+#[test]
+fn causal_prefill_mma_varlen() {
+    let mut rng = Rng::new("attn_prefill_mma");
+    for round in 0..4 {
+        let kvh = rng.range(1, 2);
+        let group = [1usize, 4, 8][round % 3];
+        let qh = kvh * group;
+        let d = [64usize, 128][(round / 2) % 2];
+        let bs = rng.pick(&[16usize, 12]);
+        let nseq = rng.range(2, 3);
+        let qlen: Vec<usize> = (0..nseq)
+            .map(|_| rng.pick(&[1usize, 17, 64, 70, 100, 130]))
+            .collect();
+        let ctx: Vec<usize> = qlen
+            .iter()
+            .map(|&q| q + rng.pick(&[0usize, 5, 31, 40, 77]))
+            .collect();
+        let c = Cache::new(&mut rng, &ctx, kvh, d, bs);
+        let tokens: usize = qlen.iter().sum();
+        // q rows of a fused qkv projection; odd extra stride: not 16-byte aligned
+        let q_stride = (qh + 2 * kvh) * d + rng.pick(&[0usize, 3]);
+        let qf: Vec<f32> = rng
+            .vec_f32((tokens + 1) * q_stride, 1.0)
+            .into_iter()
+            .map(rbf16)
+            .collect();
+        let qb = ABuf::new(&to_bf16(&qf));
+        let mut starts = vec![];
+        let mut row = 0;
+        for &ql in &qlen {
+            starts.push(row as u32);
+            row += ql;
+        }
+        // one padding row past the last token: must stay NaN
+        let out = ABuf::new(&to_bf16(&vec![f32::NAN; (tokens + 1) * qh * d]));
+        let scale = 1.0 / (d as f32).sqrt();
+        let ctx32: Vec<u32> = ctx.iter().map(|&x| x as u32).collect();
+        let qlen32: Vec<u32> = qlen.iter().map(|&x| x as u32).collect();
+        let maxq = *qlen.iter().max().unwrap() as u32;
+        let (op, qp, kp, vp) = (
+            out.ptr(),
+            qb.ptr() as *const Bf16,
+            c.k.ptr() as *const Bf16,
+            c.v.ptr() as *const Bf16,
+        );
+        let (tp, cp, stp, qlp) = (
+            c.tables.as_ptr(),
+            ctx32.as_ptr(),
+            starts.as_ptr(),
+            qlen32.as_ptr(),
+        );
+        unsafe {
+            launch(
+                [qh as u32, maxq.div_ceil(FA_BM), nseq as u32],
+                FA_THREADS,
+                || {
+                    attn_prefill_mma_bf16(
+                        op,
+                        qp,
+                        kp,
+                        vp,
+                        tp,
+                        cp,
+                        stp,
+                        qlp,
+                        qh as u32,
+                        kvh as u32,
+                        d as u32,
+                        bs as u32,
+                        c.max_blocks as u32,
+                        q_stride as u32,
+                        scale,
+                    )
+                },
+            );
+        }
+        let mut want = vec![];
+        for s in 0..nseq {
+            for i in 0..qlen[s] {
+                let r = starts[s] as usize + i;
+                for h in 0..qh {
+                    let n = ctx[s] - qlen[s] + i + 1;
+                    want.extend(attend_ref(
+                        &c,
+                        s,
+                        &qf[r * q_stride + h * d..][..d],
+                        h,
+                        group,
+                        n,
+                        scale,
+                    ));
+                }
+            }
+        }
+        let what = format!(
+            "prefill_mma kvh {kvh} group {group} d {d} bs {bs} q_stride {q_stride} \
+             qlen {qlen:?} ctx {ctx:?}"
+        );
+        let got = from_bf16(&out.to_vec());
+        assert_close(&what, &got[..tokens * qh * d], &want, 4e-3, 1.6e-2);
+        assert!(
+            got[tokens * qh * d..].iter().all(|x| x.is_nan()),
+            "{what}: wrote past the last token"
+        );
+    }
+}

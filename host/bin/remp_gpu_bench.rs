@@ -9,7 +9,11 @@
 //!   `gemm_wgmma_bf16` (wgmma / mma ratio, % of cuBLAS);
 //! - decode attention, batch 32 × 4096 context (8 KV heads, 32 q heads, d 128): KV bytes
 //!   read / time (incl. the split-K combine), % of HBM, for `attn_decode_bf16` and the
-//!   `cp.async`-pipelined `attn_decode_pipelined_bf16` side by side on each split size.
+//!   `cp.async`-pipelined `attn_decode_pipelined_bf16` side by side on each split size;
+//! - causal prefill attention, 4 sequences × 2048 new tokens (no cache, 32 q / 8 KV
+//!   heads, d 128): `attn_prefill_bf16` (SIMT) and `attn_prefill_mma_bf16` (tensor
+//!   cores) in the same run: ms, TFLOP/s (causal: half the FLOPs), mma / SIMT speed-up
+//!   (also in `--profile`, one call each).
 //!
 //! Method: inputs are random bf16 (never zeros) in a 1 GiB pool; operands rotate through
 //! the pool so every timed working set is ≥ 256 MiB (L2 is 50–60 MB); CUDA events
@@ -29,6 +33,7 @@
 use remp::backend::cuda::{Arg, CudaDevice, DevBuf, EventTimer};
 use remp::kernels::gemm_args;
 use remp::Result;
+use remp_gpu_kernels::attention::{FA_BM, FA_THREADS};
 use remp_gpu_kernels::gemm::{dec_block, dec_splitk, MMA_WIDE_BM, MMA_WIDE_SMEM};
 use remp_gpu_kernels::gemm_wgmma::{WGMMA_SMEM, WG_BM, WG_BN, WG_THREADS};
 use serde_json::{json, Value};
@@ -593,6 +598,74 @@ fn run(profile: bool) -> Result<()> {
             "splits": per_split[ki]}));
     }
 
+    // ---- prefill attention: 4 sequences x 2048 new tokens (no cache), SIMT vs mma
+    {
+        let (seqs, len, qh, kvh, d, bs) = (4usize, 2048usize, 32usize, 8usize, 128usize, 16usize);
+        let max_blocks = len / bs;
+        let tokens = seqs * len;
+        let tables = dev.upload(&ids[..seqs * max_blocks])?;
+        let lens = dev.upload(&vec![len as u32; seqs])?;
+        let starts: Vec<u32> = (0..seqs).map(|s| (s * len) as u32).collect();
+        let starts = dev.upload(&starts)?;
+        let q = dev.alloc(tokens * qh * d * 2)?;
+        dev.copy_dtod(q.ptr(), pool.at(POOL - q.len()), q.len())?;
+        let out = dev.alloc(tokens * qh * d * 2)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        // causal: half of the 4·L²·d FLOPs per (sequence, head) of full attention
+        let flops = 2.0 * (len * len * d * qh * seqs) as f64;
+        let args = [
+            Arg::Ptr(out.ptr()),
+            Arg::Ptr(q.ptr()),
+            Arg::Ptr(kc),
+            Arg::Ptr(vc),
+            Arg::Ptr(tables.ptr()),
+            Arg::Ptr(lens.ptr()),
+            Arg::Ptr(starts.ptr()),
+            Arg::Ptr(lens.ptr()),
+            Arg::U32(qh as u32),
+            Arg::U32(kvh as u32),
+            Arg::U32(d as u32),
+            Arg::U32(bs as u32),
+            Arg::U32(max_blocks as u32),
+            Arg::U32((qh * d) as u32),
+            Arg::F32(scale),
+        ];
+        let old_grid = [
+            (kvh * (qh / kvh).div_ceil(4)) as u32,
+            len.div_ceil(4) as u32,
+            seqs as u32,
+        ];
+        let old_t = b.time(5, 2, |_| unsafe {
+            dev.launch("attn_prefill_bf16", old_grid, 128, &args)
+        })?;
+        let old_tf = flops / (old_t * 1e-3) / 1e12;
+        println!(
+            "attn_prefill_bf16 {seqs} x {len} tokens, {qh}/{kvh} heads, d {d}: {:.2} ms, {old_tf:.1} TFLOP/s",
+            old_t
+        );
+        let new_grid = [qh as u32, len.div_ceil(FA_BM as usize) as u32, seqs as u32];
+        let new_t = b.time(5, 2, |_| unsafe {
+            dev.launch("attn_prefill_mma_bf16", new_grid, FA_THREADS, &args)
+        });
+        let mut row = json!({"bench": "attn_prefill", "seqs": seqs, "new_tokens": len,
+            "cached": 0, "q_heads": qh, "kv_heads": kvh, "head_dim": d, "block_size": bs,
+            "causal_flops": flops, "simt_ms": old_t, "simt_tflops": old_tf});
+        match new_t {
+            Ok(t) => {
+                let tf = flops / (t * 1e-3) / 1e12;
+                println!(
+                    "attn_prefill_mma_bf16 same shape: {t:.2} ms, {tf:.1} TFLOP/s, mma / SIMT = {:.2}x",
+                    old_t / t
+                );
+                row["mma_ms"] = json!(t);
+                row["mma_tflops"] = json!(tf);
+                row["speedup_vs_attn_prefill_bf16"] = json!(old_t / t);
+            }
+            Err(e) => println!("attn_prefill_mma_bf16: failed: {e}"),
+        }
+        b.rows.push(row);
+    }
+
     if profile {
         println!("--profile: done (no table, no JSON)");
         return Ok(());
@@ -661,6 +734,20 @@ fn run(profile: bool) -> Result<()> {
                 ),
                 format!("{:.0} GB/s", r["kv_gb_s"].as_f64().unwrap()),
                 format!("{:.1}% HBM", r["pct_of_hbm"].as_f64().unwrap()),
+            ),
+            "attn_prefill" => (
+                format!(
+                    "attn_prefill_mma 4x2048 causal ({})",
+                    r["speedup_vs_attn_prefill_bf16"]
+                        .as_f64()
+                        .map(|x| format!("{x:.2}x SIMT"))
+                        .unwrap_or("failed".into())
+                ),
+                r["mma_tflops"]
+                    .as_f64()
+                    .map(|x| format!("{x:.1} TFLOP/s"))
+                    .unwrap_or("-".into()),
+                format!("SIMT {:.1} TFLOP/s", r["simt_tflops"].as_f64().unwrap()),
             ),
             _ => continue,
         };

@@ -120,6 +120,7 @@ const ATTENTION: &[&str] = &[
     "attn_decode_combine_bf16",
     "attn_decode_pipelined_bf16",
     "attn_prefill_bf16",
+    "attn_prefill_mma_bf16",
     "kv_cache_write_bf16",
 ];
 const SMALL: &[&str] = &[

@@ -663,6 +663,25 @@ pub unsafe fn ldmatrix_x4(row: *const u8) -> [u32; 4] {
     })
 }
 
+/// # Safety
+/// As [`ldmatrix_x4`]; lane `l` receives rows `2(l%4)`, `2(l%4)+1` of column `l/4` of
+/// each 8x8 matrix (`ldmatrix .trans`).
+pub unsafe fn ldmatrix_x4_trans(row: *const u8) -> [u32; 4] {
+    assert!((row as usize).is_multiple_of(16), "misaligned ldmatrix row");
+    let lane = ctx().tid % 32;
+    warp_exchange(&[row as u64], |get| {
+        let mut r = [0u32; 4];
+        for (j, rj) in r.iter_mut().enumerate() {
+            let rr = j as u32 * 8 + 2 * (lane % 4);
+            let c = (lane / 4) as usize;
+            let lo = *(get(rr, 0) as *const u16).add(c);
+            let hi = *(get(rr + 1, 0) as *const u16).add(c);
+            *rj = (lo as u32) | ((hi as u32) << 16);
+        }
+        r
+    })
+}
+
 fn bf16_lo_hi(w: u32, hi: bool) -> f32 {
     let h = if hi { w >> 16 } else { w & 0xffff };
     f32::from_bits(h << 16)

@@ -261,6 +261,17 @@ pub unsafe fn ldmatrix_x4(row: *const u8) -> [u32; 4] {
          options(readonly, nostack));
     [a, b, c, d]
 }
+/// `ldmatrix .x4 .trans`: the same addressing as [`ldmatrix_x4`], each 8x8 matrix
+/// transposed: lane `l` receives elements (rows `2(l%4)`, `2(l%4)+1`; column `l/4`) of
+/// each matrix (low half first) — a B fragment of `mma` from a row-major `[k][n]` tile.
+#[inline(always)]
+pub unsafe fn ldmatrix_x4_trans(row: *const u8) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    asm!("{{ .reg .u64 s; cvta.to.shared.u64 s, {p}; ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{a}, {b}, {c}, {d}}}, [s]; }}",
+         p = in(reg64) row, a = out(reg32) a, b = out(reg32) b, c = out(reg32) c, d = out(reg32) d,
+         options(readonly, nostack));
+    [a, b, c, d]
+}
 /// D = A·B + C for one warp, A 16x16 bf16 (row), B 16x8 bf16 (col), C/D 16x8 f32.
 #[inline(always)]
 pub fn mma_bf16_16816(c: [f32; 4], a: [u32; 4], b: [u32; 2]) -> [f32; 4] {
