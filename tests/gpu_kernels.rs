@@ -1666,17 +1666,20 @@ fn gpu_argmax_top_p() {
     );
 }
 
-/// The grouped q/k/v decode GEMM equals three `gemm_decode_bf16` launches to the bit on
-/// the GPU (each of its blocks runs that kernel's code for its matrix): TinyLlama's q/k/v
-/// shapes at M = 1 and 16 and a ragged small case, with biases; every output written.
+/// The grouped q/k/v decode GEMM equals three `gemm_decode_bf16` launches with the same
+/// block size (the grouped grid's `dec_block`: it sets how many warps split K) to the bit
+/// on the GPU (each of its blocks runs that kernel's code for its matrix): TinyLlama's and
+/// Llama-8B's q/k/v shapes at M = 1 and 16 and a ragged small case, with biases; every
+/// output written.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gpu_gemm_decode_qkv_equals_three_launches() {
     let mut rng = Rng::new("gpu_gemm_decode_qkv");
     let sms = dev().sm_count().unwrap();
-    let cases: [(usize, usize, [usize; 3]); 3] = [
+    let cases: [(usize, usize, [usize; 3]); 4] = [
         (1, 2048, [2048, 256, 256]),
         (16, 2048, [2048, 256, 256]),
+        (1, 4096, [4096, 1024, 1024]),
         (5, 1000, [72, 40, 8]),
     ];
     for (m, k, ns) in cases {
@@ -1685,8 +1688,10 @@ fn gpu_gemm_decode_qkv_equals_three_launches() {
         let ws: Vec<DevBuf> = ns.iter().map(|&n| up(&mut rng, n * k)).collect();
         let bs: Vec<DevBuf> = ns.iter().map(|&n| up(&mut rng, n)).collect();
         let out = |n: usize| dev().alloc_poisoned(m * n * 2, 0xFF).unwrap();
-        let launch = |name: &str, gx: u32, args: &[Arg]| {
-            unsafe { dev().launch(name, [gx, 1, 1], dec_block(gx, sms), args) }
+        let gx: u32 = ns.iter().map(|&n| (n as u32).div_ceil(DEC_COLS)).sum();
+        let block = dec_block(gx, sms);
+        let launch = |name: &str, grid: u32, args: &[Arg]| {
+            unsafe { dev().launch(name, [grid, 1, 1], block, args) }
                 .unwrap_or_else(|e| panic!("{name}: {e}"))
         };
         let mut one = vec![];
@@ -1711,7 +1716,6 @@ fn gpu_gemm_decode_qkv_equals_three_launches() {
         args.push(Arg::U32(m as u32));
         args.extend(ns.iter().map(|&n| Arg::U32(n as u32)));
         args.extend([Arg::U32(k as u32), Arg::U32(k as u32)]);
-        let gx: u32 = ns.iter().map(|&n| (n as u32).div_ceil(DEC_COLS)).sum();
         launch("gemm_decode_qkv_bf16", gx, &args);
         for i in 0..3 {
             let got = ys[i].download::<u8>().unwrap();

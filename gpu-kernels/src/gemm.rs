@@ -929,9 +929,10 @@ kernels! {
     /// Three decode GEMMs on one x in one launch (the q, k and v projections):
     /// `y_i[m, n_i] = x[m, k] · W_iᵀ (+ b_i)`, row stride n_i. The first ceil(n0 / 16) blocks
     /// compute y0, the next ceil(n1 / 16) y1, the rest y2, each running exactly
-    /// `gemm_decode_bf16`'s code for its matrix (same results, to the bit, as three
-    /// launches; two launches fewer per layer). block `dec_block(grid.x, SMs)`, grid.x =
-    /// Σ ceil(n_i / 16).
+    /// `gemm_decode_bf16`'s code for its matrix: the results of three launches with the
+    /// same block size, to the bit (the block size sets how many warps split K, hence the
+    /// summation order); two launches fewer per layer. block `dec_block(grid.x, SMs)`,
+    /// grid.x = Σ ceil(n_i / 16).
     pub fn gemm_decode_qkv_bf16(y0: *mut Bf16, y1: *mut Bf16, y2: *mut Bf16, x: *const Bf16, w0: *const Bf16, w1: *const Bf16, w2: *const Bf16, b0: *const Bf16, b1: *const Bf16, b2: *const Bf16, m: u32, n0: u32, n1: u32, n2: u32, k: u32, ldx: u32) {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
         let (c0, c1) = (div_ceil(n0, DEC_COLS), div_ceil(n1, DEC_COLS));

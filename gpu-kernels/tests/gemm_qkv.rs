@@ -1,6 +1,7 @@
 //! The grouped decode GEMM (`gemm_decode_qkv_bf16`: the q, k and v projections of a
 //! layer in one launch) under the emulator: bit for bit equal to three
-//! `gemm_decode_bf16` launches (each block runs that kernel's code for its matrix), on
+//! `gemm_decode_bf16` launches with the same block size (each block runs that kernel's
+//! code for its matrix; the block size sets the K split, hence the summation order), on
 //! fresh random shapes with ragged column counts (n_i not multiples of the 16-column
 //! block, so matrix boundaries fall inside the grid's block order), with and without
 //! biases, aligned (tensor-core path) and misaligned (scalar path) activations, both

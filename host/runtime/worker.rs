@@ -380,6 +380,15 @@ impl Worker {
         if pieces.dev_bytes > 0 {
             self.mem.meter.free(pieces.dev_bytes);
         }
+        // What the failed step queued before it stopped still runs: wait for it here (a
+        // worker that queues nothing in the next steps skips their synchronize), so a
+        // fault in it is reported with this failure and a pre-copy of this worker's KV
+        // reads finished writes.
+        if let Some(dc) = &self.device {
+            if let Err(e) = dc.device().and_then(|d| d.synchronize()) {
+                eprintln!("remp: worker {}: after a failed step: {e}", self.id.0);
+            }
+        }
     }
 
     fn err(&self, msg: impl Into<String>) -> Error {

@@ -319,20 +319,29 @@ fn bind_in_drop(ctx: &CudaContext) -> bool {
 /// keeps its context retained, so the module handle stays valid for the process.
 static MODULES: Mutex<Vec<LoadedModule>> = Mutex::new(Vec::new());
 
-/// (context address, arch, the context kept retained, the module).
-type LoadedModule = (usize, Arch, Arc<CudaContext>, Arc<Module>);
+/// (context address, arch, the context kept retained, the module or why it did not
+/// load: a failure is remembered, not retried by every handle that opens).
+type LoadedModule = (
+    usize,
+    Arch,
+    Arc<CudaContext>,
+    std::result::Result<Arc<Module>, String>,
+);
 
 /// The kernel module of `ctx` for `arch`, loading it on first use.
 fn shared_module(ctx: &Arc<CudaContext>, arch: Arch) -> Result<Arc<Module>> {
     let mut all = MODULES.lock().unwrap_or_else(|e| e.into_inner());
     let key = ctx.cu_ctx() as usize;
     if let Some((_, _, _, m)) = all.iter().find(|(k, a, _, _)| *k == key && *a == arch) {
-        return Ok(m.clone());
+        return m.clone().map_err(Error::Device);
     }
-    let m = Arc::new(load_module(ctx, arch).map_err(Error::Device)?);
+    let m = load_module(ctx, arch).map(Arc::new);
     all.push((key, arch, ctx.clone(), m.clone()));
-    Ok(m)
+    m.map_err(Error::Device)
 }
+
+/// The sm_90a module's load failure was reported (once per process).
+static SM90A_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn load_module(ctx: &CudaContext, arch: Arch) -> std::result::Result<Module, String> {
     ctx.bind_to_thread()
@@ -375,11 +384,24 @@ fn load_module(ctx: &CudaContext, arch: Arch) -> std::result::Result<Module, Str
     // Every kernel resolved now: with CUDA's lazy loading (the default since 12.2) a
     // kernel's code is loaded onto the device at its first lookup, which could come
     // after the KV cache and the pool (which keeps its memory) took the device's memory.
+    let funcs = resolve_kernels(raw, arch).inspect_err(|_| {
+        // SAFETY: loaded above, used by nothing yet.
+        let _ = unsafe { sys::cuModuleUnload(raw) };
+    })?;
+    Ok(Module { raw, funcs })
+}
+
+/// Every kernel of `arch`'s module `raw` by name, with its dynamic shared memory
+/// opt-in set.
+fn resolve_kernels(
+    raw: sys::CUmodule,
+    arch: Arch,
+) -> std::result::Result<HashMap<&'static str, sys::CUfunction>, String> {
     let mut funcs = HashMap::new();
     for name in kernels::names(arch) {
         let cname = CString::new(name).map_err(|e| e.to_string())?;
         let mut f = std::ptr::null_mut();
-        // SAFETY: a module loaded above and a NUL-terminated name.
+        // SAFETY: a loaded module and a NUL-terminated name.
         let r = unsafe { sys::cuModuleGetFunction(&mut f, raw, cname.as_ptr()) };
         if r != sys::CUresult::CUDA_SUCCESS {
             return Err(format!("cuModuleGetFunction({name}): {r:?}"));
@@ -398,7 +420,7 @@ fn load_module(ctx: &CudaContext, arch: Arch) -> std::result::Result<Module, Str
         }
         funcs.insert(name, f);
     }
-    Ok(Module { raw, funcs })
+    Ok(funcs)
 }
 
 /// Registers `lane` among its context's streams (setting the context up on first use:
@@ -515,7 +537,9 @@ impl CudaDevice {
             // has loaded yet: should it fail to load, the device runs the sm_90 module
             // (everything the engine uses) and says so, rather than not opening.
             Err(e) if arch == Arch::Sm90a => {
-                eprintln!("remp: {name}: the sm_90a kernel module did not load, using sm_90 (no wgmma kernels): {e}");
+                if !SM90A_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    eprintln!("remp: {name}: the sm_90a kernel module did not load, using sm_90 (no wgmma kernels): {e}");
+                }
                 (Arch::Sm90, shared_module(&ctx, Arch::Sm90)?)
             }
             r => (arch, r?),

@@ -446,9 +446,12 @@ impl DeviceCompute {
     }
 
     /// The q, k and v projections of a decode-sized step (`m` rows of `x`, `k` wide) in
-    /// one launch of the grouped decode GEMM: the same results, to the bit, as three
-    /// [`DeviceCompute::gemm`] launches, two launches fewer per layer. Each entry is
-    /// (output, weight `[n, k]`, bias pointer or 0, n).
+    /// one launch of the grouped decode GEMM, two launches fewer per layer. Its block size
+    /// is chosen for the whole grid, so where that differs from what three
+    /// [`DeviceCompute::gemm`] launches would pick (small k/v grids on a GPU with few
+    /// SMs) the K split, and so the last bits of the sums, differ from theirs; at equal
+    /// block size the results are identical. Each entry is (output, weight `[n, k]`,
+    /// bias pointer or 0, n).
     fn decode_qkv(
         &self,
         qkv: &[(&Arc<Buf>, &Buf, u64, usize); 3],
