@@ -57,6 +57,40 @@ impl Cache {
     }
 }
 
+/// The causal prefill reference: for every sequence's new tokens (row `starts[s] + i`
+/// of `q`, stride `q_stride`) and every q head, attention over the sequence's positions
+/// up to its own (`ctx - qlen + i`), rows in token order, heads within.
+fn prefill_ref(
+    c: &Cache,
+    q: &[f32],
+    q_stride: usize,
+    qh: usize,
+    group: usize,
+    (ctx, qlen, starts): (&[usize], &[usize], &[u32]),
+    scale: f32,
+) -> Vec<f32> {
+    let d = c.d;
+    let mut want = vec![];
+    for s in 0..ctx.len() {
+        for i in 0..qlen[s] {
+            let r = starts[s] as usize + i;
+            for h in 0..qh {
+                let n = ctx[s] - qlen[s] + i + 1;
+                want.extend(attend_ref(
+                    c,
+                    s,
+                    &q[r * q_stride + h * d..][..d],
+                    h,
+                    group,
+                    n,
+                    scale,
+                ));
+            }
+        }
+    }
+    want
+}
+
 /// softmax(q·K[0..n]ᵀ · scale) · V[0..n] for one query row of head h.
 fn attend_ref(
     c: &Cache,
@@ -339,24 +373,7 @@ fn causal_prefill_varlen_with_cache_write() {
                 },
             );
         }
-        let mut want = vec![];
-        for s in 0..nseq {
-            for i in 0..qlen[s] {
-                let r = starts[s] as usize + i;
-                for h in 0..qh {
-                    let n = ctx[s] - qlen[s] + i + 1;
-                    want.extend(attend_ref(
-                        &c,
-                        s,
-                        &qkv[r * stride + h * d..][..d],
-                        h,
-                        group,
-                        n,
-                        scale,
-                    ));
-                }
-            }
-        }
+        let want = prefill_ref(&c, &qkv, stride, qh, group, (&ctx, &qlen, &starts), scale);
         let what =
             format!("prefill kvh {kvh} group {group} d {d} bs {bs} qlen {qlen:?} ctx {ctx:?}");
         assert_close(&what, &from_bf16(&out.to_vec()), &want, 4e-3, 1.6e-2);
@@ -469,24 +486,7 @@ fn causal_prefill_mma_varlen() {
                 },
             );
         }
-        let mut want = vec![];
-        for s in 0..nseq {
-            for i in 0..qlen[s] {
-                let r = starts[s] as usize + i;
-                for h in 0..qh {
-                    let n = ctx[s] - qlen[s] + i + 1;
-                    want.extend(attend_ref(
-                        &c,
-                        s,
-                        &qf[r * q_stride + h * d..][..d],
-                        h,
-                        group,
-                        n,
-                        scale,
-                    ));
-                }
-            }
-        }
+        let want = prefill_ref(&c, &qf, q_stride, qh, group, (&ctx, &qlen, &starts), scale);
         let what = format!(
             "prefill_mma kvh {kvh} group {group} d {d} bs {bs} q_stride {q_stride} \
              qlen {qlen:?} ctx {ctx:?}"
