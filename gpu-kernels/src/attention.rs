@@ -76,6 +76,40 @@
 //!   grid.x = tokens, block 128.
 use crate::prims::*;
 
+/// Block `block_idx_x` copies token row t's K and V (`[kv_heads * head_dim]`, rows
+/// `k_stride` / `v_stride` apart) into its paged-cache slot (`slots[t]`; `U32_MAX`:
+/// none, e.g. a padding row).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kv_write_row(
+    k_cache: *mut Bf16,
+    v_cache: *mut Bf16,
+    k: *const Bf16,
+    v: *const Bf16,
+    slots: *const u32,
+    kv_heads: u32,
+    head_dim: u32,
+    k_stride: u32,
+    v_stride: u32,
+) {
+    let t = block_idx_x();
+    let slot = *slots.add(t as usize);
+    if slot != U32_MAX {
+        let n = kv_heads * head_dim;
+        let (kd, vd) = (
+            k_cache.add(slot as usize * n as usize),
+            v_cache.add(slot as usize * n as usize),
+        );
+        let (ks, vs) = (k.add((t * k_stride) as usize), v.add((t * v_stride) as usize));
+        let mut i = thread_idx();
+        while i < n {
+            *kd.add(i as usize) = *ks.add(i as usize);
+            *vd.add(i as usize) = *vs.add(i as usize);
+            i += block_dim();
+        }
+    }
+}
+
 const MAXG: u32 = 4;
 const MAXD: u32 = 256;
 const NEG_INF: f32 = -1.0 / 0.0;
@@ -1102,18 +1136,19 @@ kernels! {
         k_cache: *mut Bf16, v_cache: *mut Bf16, k: *const Bf16, v: *const Bf16, slots: *const u32,
         kv_heads: u32, head_dim: u32, k_stride: u32, v_stride: u32,
     ) {
-        let t = block_idx_x();
-        let slot = *slots.add(t as usize);
-        if slot != U32_MAX {
-            let n = kv_heads * head_dim;
-            let (kd, vd) = (k_cache.add(slot as usize * n as usize), v_cache.add(slot as usize * n as usize));
-            let (ks, vs) = (k.add((t * k_stride) as usize), v.add((t * v_stride) as usize));
-            let mut i = thread_idx();
-            while i < n {
-                *kd.add(i as usize) = *ks.add(i as usize);
-                *vd.add(i as usize) = *vs.add(i as usize);
-                i += block_dim();
-            }
-        }
+        kv_write_row(k_cache, v_cache, k, v, slots, kv_heads, head_dim, k_stride, v_stride);
+    }
+    /// `rope_bf16` then `kv_cache_write_bf16` in one launch (one token row per block:
+    /// the row's rotation, a barrier, then its K/V written to the cache; the same results
+    /// as the two launches, one launch fewer per layer). grid.x = tokens, block 128.
+    pub fn rope_kv_write_bf16(
+        q: *mut Bf16, k: *mut Bf16, v: *const Bf16, pos: *const u32, inv_freq: *const f32,
+        k_cache: *mut Bf16, v_cache: *mut Bf16, slots: *const u32,
+        q_heads: u32, kv_heads: u32, head_dim: u32, q_stride: u32, k_stride: u32, v_stride: u32,
+    ) {
+        let cs = shared_bytes!(rkv_cs, 2048) as *mut f32;
+        crate::small::rope(q, k, pos, inv_freq, q_heads, kv_heads, head_dim, q_stride, k_stride, cs);
+        sync_threads(); // the row's rotated K, written by other threads, is read below
+        kv_write_row(k_cache, v_cache, k, v, slots, kv_heads, head_dim, k_stride, v_stride);
     }
 }

@@ -110,7 +110,7 @@ pub fn sincos(x: f32) -> (f32, f32) {
 }
 
 #[inline(always)]
-unsafe fn rope<T: Elem>(
+pub(crate) unsafe fn rope<T: Elem>(
     q: *mut T,
     k: *mut T,
     pos: *const u32,

@@ -499,3 +499,64 @@ fn causal_prefill_mma_varlen() {
         );
     }
 }
+
+/// `rope_kv_write_bf16` (one launch) equals `rope_bf16` then `kv_cache_write_bf16` to the
+/// bit: rotated q and k rows and every cache slot, on fresh random rows with GQA, strided
+/// rows of a fused qkv buffer, scattered slots and a padding row (slot `U32_MAX`, not
+/// written).
+#[test]
+fn rope_kv_write_equals_two_launches() {
+    use remp_gpu_kernels::small::rope_bf16;
+    let mut rng = Rng::new("rope_kv_write");
+    for _ in 0..4 {
+        let (kvh, group) = (rng.range(1, 3), rng.pick(&[1usize, 4]));
+        let (qh, d) = (kvh * group, rng.pick(&[64usize, 128]));
+        let tokens = rng.range(1, 9);
+        let stride = (qh + 2 * kvh) * d; // rows of a fused [q | k | v] projection
+        let qkv = to_bf16(&rng.vec_f32(tokens * stride, 2.0));
+        let pos: Vec<u32> = (0..tokens).map(|_| rng.range(0, 4000) as u32).collect();
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+            .collect();
+        let nslots = 2 * tokens + 3;
+        let mut slots: Vec<u32> = (0..nslots as u32).collect();
+        for i in (1..slots.len()).rev() {
+            slots.swap(i, rng.range(0, i));
+        }
+        slots.truncate(tokens);
+        slots[rng.range(0, tokens - 1)] = u32::MAX;
+        let cache = to_bf16(&rng.vec_f32(nslots * kvh * d, 1.0));
+        // (q, k, v rows in one buffer, k cache, v cache) after each way
+        let run = |fused: bool| {
+            let (x, kc, vc) = (ABuf::new(&qkv), ABuf::new(&cache), ABuf::new(&cache));
+            let q = x.ptr();
+            // SAFETY: in-bounds row pointers of the buffers above.
+            let (k, v) = unsafe { (q.add(qh * d), q.add((qh + kvh) * d)) };
+            let (pp, ip, sp) = (pos.as_ptr(), inv.as_ptr(), slots.as_ptr());
+            let (kp, vp) = (kc.ptr(), vc.ptr());
+            let (qh, kvh, d, s) = (qh as u32, kvh as u32, d as u32, stride as u32);
+            // SAFETY: buffers sized for the launches (emulated threads).
+            unsafe {
+                if fused {
+                    launch([tokens as u32, 1, 1], 128, || {
+                        rope_kv_write_bf16(q, k, v, pp, ip, kp, vp, sp, qh, kvh, d, s, s, s)
+                    });
+                } else {
+                    launch([tokens as u32, 1, 1], 128, || {
+                        rope_bf16(q, k, pp, ip, qh, kvh, d, s, s)
+                    });
+                    launch([tokens as u32, 1, 1], 128, || {
+                        kv_cache_write_bf16(kp, vp, k, v, sp, kvh, d, s, s)
+                    });
+                }
+            }
+            (x.to_vec(), kc.to_vec(), vc.to_vec())
+        };
+        let bits = |v: &[Bf16]| from_bf16(v).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (a, b) = (run(false), run(true));
+        assert_eq!(bits(&a.0), bits(&b.0), "rotated q/k rows");
+        assert_eq!(bits(&a.1), bits(&b.1), "k cache");
+        assert_eq!(bits(&a.2), bits(&b.2), "v cache");
+        assert_ne!(bits(&a.1), bits(&cache), "nothing was written");
+    }
+}

@@ -122,6 +122,7 @@ const ATTENTION: &[&str] = &[
     "attn_prefill_bf16",
     "attn_prefill_mma_bf16",
     "kv_cache_write_bf16",
+    "rope_kv_write_bf16",
 ];
 const SMALL: &[&str] = &[
     "rmsnorm_bf16",

@@ -415,6 +415,7 @@ emulated! {
         q_heads kv_heads head_dim block_size max_blocks q_stride scale);
     attention::attn_prefill_mma_bf16(out q k_cache v_cache block_tables ctx_lens q_starts q_lens q_heads kv_heads head_dim block_size max_blocks q_stride scale);
     attention::kv_cache_write_bf16(k_cache v_cache k v slots kv_heads head_dim k_stride v_stride);
+    attention::rope_kv_write_bf16(q k v pos inv_freq k_cache v_cache slots q_heads kv_heads head_dim q_stride k_stride v_stride);
     small::rmsnorm_bf16(out x w cols eps);
     small::rmsnorm_f16(out x w cols eps);
     small::rmsnorm_f32(out x w cols eps);

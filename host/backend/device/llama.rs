@@ -625,34 +625,24 @@ impl DeviceCompute {
                 self.gemm(out.ptr(), xn.ptr(), w, b, 0, (t, n, h), false)?;
             }
         }
+        // RoPE on q and k in place, then k and v into their KV-cache slots: one launch.
         self.launch(
-            "rope_bf16",
+            "rope_kv_write_bf16",
             rows,
             BLOCK,
             &[
                 Arg::from(&q),
                 Arg::from(&k),
+                Arg::from(&v),
                 Arg::Ptr(inp.pos),
                 Arg::from(&self.inv_freq),
+                Arg::from(&kv.k),
+                Arg::from(&kv.v),
+                Arg::Ptr(inp.slots),
                 u(nq),
                 u(nkv),
                 u(hd),
                 u(nq * hd),
-                u(nkv * hd),
-            ],
-        )?;
-        self.launch(
-            "kv_cache_write_bf16",
-            rows,
-            BLOCK,
-            &[
-                Arg::from(&kv.k),
-                Arg::from(&kv.v),
-                Arg::from(&k),
-                Arg::from(&v),
-                Arg::Ptr(inp.slots),
-                u(nkv),
-                u(hd),
                 u(nkv * hd),
                 u(nkv * hd),
             ],
