@@ -75,11 +75,27 @@ pub fn rf16(x: f32) -> f32 {
 /// Assert |got - want| <= atol + rtol * |want| elementwise, with a helpful message.
 #[track_caller]
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    let scale: Vec<f32> = want.iter().map(|w| w.abs()).collect();
+    assert_close_scaled(what, got, want, atol, rtol, &scale);
+}
+
+/// [`assert_close`] with the relative part of element i's tolerance taken from
+/// `scale[i]` instead of |want[i]| (where an intermediate larger than the result was
+/// rounded, e.g. before a cancelling residual add).
+pub fn assert_close_scaled(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    atol: f32,
+    rtol: f32,
+    scale: &[f32],
+) {
     assert_eq!(got.len(), want.len(), "{what}: length");
+    assert_eq!(scale.len(), want.len(), "{what}: scale length");
     let mut worst = (0usize, 0.0f32);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
-        let tol = atol + rtol * w.abs();
+        let tol = atol + rtol * scale[i];
         if !(err <= tol) {
             let excess = if err.is_nan() {
                 f32::INFINITY
@@ -96,7 +112,8 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
         let bad = got
             .iter()
             .zip(want)
-            .filter(|(g, w)| !((*g - *w).abs() <= atol + rtol * w.abs()))
+            .zip(scale)
+            .filter(|((g, w), s)| !((*g - *w).abs() <= atol + rtol * *s))
             .count();
         panic!(
             "{what}: {bad}/{} elements out of tolerance; worst at {i}: got {} want {}",
