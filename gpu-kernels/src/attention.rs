@@ -100,7 +100,10 @@ unsafe fn kv_write_row(
             k_cache.add(slot as usize * n as usize),
             v_cache.add(slot as usize * n as usize),
         );
-        let (ks, vs) = (k.add((t * k_stride) as usize), v.add((t * v_stride) as usize));
+        let (ks, vs) = (
+            k.add((t * k_stride) as usize),
+            v.add((t * v_stride) as usize),
+        );
         let mut i = thread_idx();
         while i < n {
             *kd.add(i as usize) = *ks.add(i as usize);
