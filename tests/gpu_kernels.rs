@@ -1171,7 +1171,7 @@ fn gpu_kv_write_and_attn_prefill() {
                 U(stride as u32),
             ],
         );
-        let (kp, vp, qp) = (p.h::<Bf16>(kc), p.h::<Bf16>(vc), p.h::<Bf16>(qkv));
+        let (kp, vp) = (p.h::<Bf16>(kc), p.h::<Bf16>(vc));
         let (kin, vin) = (
             p.hat::<Bf16>(qkv, qh * d),
             p.hat::<Bf16>(qkv, (qh + kvh) * d),
@@ -1201,58 +1201,60 @@ fn gpu_kv_write_and_attn_prefill() {
             maxq.div_ceil(4),
             nseq as u32,
         ];
-        p.gpu(
-            "attn_prefill_bf16",
-            grid,
-            128,
-            &[
-                B(out),
-                B(qkv),
-                B(kc),
-                B(vc),
-                B(tb),
-                B(cl),
-                B(st),
-                B(ql),
-                U(qh as u32),
-                U(kvh as u32),
-                U(d as u32),
-                U(bs as u32),
-                U(c.max_blocks as u32),
-                U(stride as u32),
-                F(scale),
-            ],
-        );
-        let (o, tp, cp, stp, qlp) = (
-            p.h::<Bf16>(out),
-            p.h::<u32>(tb),
-            p.h::<u32>(cl),
-            p.h::<u32>(st),
-            p.h::<u32>(ql),
-        );
-        unsafe {
-            emu(grid, 128, || {
-                attn_prefill_bf16(
-                    o,
-                    qp,
-                    kp,
-                    vp,
-                    tp,
-                    cp,
-                    stp,
-                    qlp,
-                    qh as u32,
-                    kvh as u32,
-                    d as u32,
-                    bs as u32,
-                    c.max_blocks as u32,
-                    stride as u32,
-                    scale,
-                )
-            });
-        }
+        let a = Prefill {
+            bufs: [out, qkv, kc, vc, tb, cl, st, ql],
+            dims: [qh, kvh, d, bs, c.max_blocks, stride],
+            scale,
+        };
+        prefill_on_both(&p, "attn_prefill_bf16", attn_prefill_bf16, grid, 128, &a);
         let what = format!("attn_prefill kvh {kvh} group {group} d {d} qlen {qlen:?} ctx {ctx:?}");
         p.check(&what, out, Kind::Bf16, &all);
+    }
+}
+
+/// A paged prefill launch: buffers (out, qkv, K cache, V cache, tables, ctx_lens,
+/// q_starts, q_lens; `Pair` ids) and q heads, kv heads, head_dim, block size,
+/// max_blocks, q stride.
+struct Prefill {
+    bufs: [usize; 8],
+    dims: [usize; 6],
+    scale: f32,
+}
+
+/// Prefill kernel `name` on the GPU and `kernel`, its host build, on the emulator, on
+/// the same inputs (compared by the caller's `Pair::check`).
+fn prefill_on_both(
+    p: &Pair,
+    name: &str,
+    kernel: PrefillKernel,
+    grid: [u32; 3],
+    block: u32,
+    a: &Prefill,
+) {
+    let [out, qkv, kc, vc, tb, cl, st, ql] = a.bufs;
+    let [qh, kvh, d, bs, mb, stride] = a.dims.map(|v| v as u32);
+    let mut args: Vec<A> = a.bufs.iter().map(|&b| B(b)).collect();
+    args.extend([qh, kvh, d, bs, mb, stride].map(U));
+    args.push(F(a.scale));
+    p.gpu(name, grid, block, &args);
+    let (o, qp, kp, vp) = (
+        p.h::<Bf16>(out),
+        p.h::<Bf16>(qkv),
+        p.h::<Bf16>(kc),
+        p.h::<Bf16>(vc),
+    );
+    let (tp, cp, stp, qlp) = (
+        p.h::<u32>(tb),
+        p.h::<u32>(cl),
+        p.h::<u32>(st),
+        p.h::<u32>(ql),
+    );
+    unsafe {
+        emu(grid, block, || {
+            kernel(
+                o, qp, kp, vp, tp, cp, stp, qlp, qh, kvh, d, bs, mb, stride, a.scale,
+            )
+        });
     }
 }
 
@@ -1303,61 +1305,19 @@ fn gpu_attn_prefill_mma() {
         let scale = 1.0 / (d as f32).sqrt();
         let maxq = *qlen.iter().max().unwrap() as u32;
         let grid = [qh as u32, maxq.div_ceil(FA_BM), nseq as u32];
-        p.gpu(
+        let a = Prefill {
+            bufs: [out, qkv, kc, vc, tb, cl, st, ql],
+            dims: [qh, kvh, d, bs, c.max_blocks, stride],
+            scale,
+        };
+        prefill_on_both(
+            &p,
             "attn_prefill_mma_bf16",
+            attn_prefill_mma_bf16,
             grid,
             FA_THREADS,
-            &[
-                B(out),
-                B(qkv),
-                B(kc),
-                B(vc),
-                B(tb),
-                B(cl),
-                B(st),
-                B(ql),
-                U(qh as u32),
-                U(kvh as u32),
-                U(d as u32),
-                U(bs as u32),
-                U(c.max_blocks as u32),
-                U(stride as u32),
-                F(scale),
-            ],
+            &a,
         );
-        let (o, qp, kp, vp) = (
-            p.h::<Bf16>(out),
-            p.h::<Bf16>(qkv),
-            p.h::<Bf16>(kc),
-            p.h::<Bf16>(vc),
-        );
-        let (tp, cp, stp, qlp) = (
-            p.h::<u32>(tb),
-            p.h::<u32>(cl),
-            p.h::<u32>(st),
-            p.h::<u32>(ql),
-        );
-        unsafe {
-            emu(grid, FA_THREADS, || {
-                attn_prefill_mma_bf16(
-                    o,
-                    qp,
-                    kp,
-                    vp,
-                    tp,
-                    cp,
-                    stp,
-                    qlp,
-                    qh as u32,
-                    kvh as u32,
-                    d as u32,
-                    bs as u32,
-                    c.max_blocks as u32,
-                    stride as u32,
-                    scale,
-                )
-            });
-        }
         let what = format!(
             "attn_prefill_mma kvh {kvh} group {group} d {d} bs {bs} qlen {qlen:?} ctx {ctx:?}"
         );

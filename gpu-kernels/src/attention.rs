@@ -76,6 +76,27 @@
 //!   grid.x = tokens, block 128.
 use crate::prims::*;
 
+/// The signature `attn_prefill_bf16` and `attn_prefill_mma_bf16` share (their host
+/// builds, for tests that run either on the emulator).
+#[cfg(not(target_arch = "nvptx64"))]
+pub type PrefillKernel = unsafe fn(
+    *mut Bf16,
+    *const Bf16,
+    *const Bf16,
+    *const Bf16,
+    *const u32,
+    *const u32,
+    *const u32,
+    *const u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    f32,
+);
+
 /// Block `block_idx_x` copies token row t's K and V (`[kv_heads * head_dim]`, rows
 /// `k_stride` / `v_stride` apart) into its paged-cache slot (`slots[t]`; `U32_MAX`:
 /// none, e.g. a padding row).

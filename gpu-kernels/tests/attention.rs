@@ -57,6 +57,43 @@ impl Cache {
     }
 }
 
+/// Launches paged prefill kernel `kernel` over cache `c` on the emulator: `qh` query
+/// heads per row at `q` (rows `q_stride` apart) into `out`, sequences given as (ctx_lens,
+/// q_lens, q_starts).
+#[allow(clippy::too_many_arguments)]
+fn run_prefill(
+    kernel: PrefillKernel,
+    grid: [u32; 3],
+    block: u32,
+    out: *mut Bf16,
+    q: *const Bf16,
+    q_stride: usize,
+    qh: usize,
+    c: &Cache,
+    (ctx, qlen, starts): (&[usize], &[usize], &[u32]),
+    scale: f32,
+) {
+    let ctx32: Vec<u32> = ctx.iter().map(|&x| x as u32).collect();
+    let qlen32: Vec<u32> = qlen.iter().map(|&x| x as u32).collect();
+    let (kp, vp) = (c.k.ptr() as *const Bf16, c.v.ptr() as *const Bf16);
+    let (tp, cp, stp, qlp) = (
+        c.tables.as_ptr(),
+        ctx32.as_ptr(),
+        starts.as_ptr(),
+        qlen32.as_ptr(),
+    );
+    let dims = [qh, c.kvh, c.d, c.bs, c.max_blocks, q_stride].map(|v| v as u32);
+    let [qh, kvh, d, bs, mb, qs] = dims;
+    // SAFETY: the caller's buffers are sized for the launch (emulated threads).
+    unsafe {
+        launch(grid, block, || {
+            kernel(
+                out, q, kp, vp, tp, cp, stp, qlp, qh, kvh, d, bs, mb, qs, scale,
+            )
+        });
+    }
+}
+
 /// The causal prefill reference: for every sequence's new tokens (row `starts[s] + i`
 /// of `q`, stride `q_stride`) and every q head, attention over the sequence's positions
 /// up to its own (`ctx - qlen + i`), rows in token order, heads within.
@@ -337,42 +374,22 @@ fn causal_prefill_varlen_with_cache_write() {
         assert_eq!(from_bf16(&c.v.to_vec()), c.vf, "kv_cache_write V");
         let out = ABuf::new(&to_bf16(&vec![f32::NAN; tokens * qh * d]));
         let scale = 1.0 / (d as f32).sqrt();
-        let ctx32: Vec<u32> = ctx.iter().map(|&x| x as u32).collect();
-        let qlen32: Vec<u32> = qlen.iter().map(|&x| x as u32).collect();
         let gchunks = group.div_ceil(4) as u32;
         let maxq = *qlen.iter().max().unwrap() as u32;
-        let (op, tp, cp, stp, qlp) = (
+        let grid = [kvh as u32 * gchunks, maxq.div_ceil(4), nseq as u32];
+        let seqs = (&ctx[..], &qlen[..], &starts[..]);
+        run_prefill(
+            attn_prefill_bf16,
+            grid,
+            128,
             out.ptr(),
-            c.tables.as_ptr(),
-            ctx32.as_ptr(),
-            starts.as_ptr(),
-            qlen32.as_ptr(),
+            qp,
+            stride,
+            qh,
+            &c,
+            seqs,
+            scale,
         );
-        unsafe {
-            launch(
-                [kvh as u32 * gchunks, maxq.div_ceil(4), nseq as u32],
-                128,
-                || {
-                    attn_prefill_bf16(
-                        op,
-                        qp,
-                        kp,
-                        vp,
-                        tp,
-                        cp,
-                        stp,
-                        qlp,
-                        qh as u32,
-                        kvh as u32,
-                        d as u32,
-                        bs as u32,
-                        c.max_blocks as u32,
-                        stride as u32,
-                        scale,
-                    )
-                },
-            );
-        }
         let want = prefill_ref(&c, &qkv, stride, qh, group, (&ctx, &qlen, &starts), scale);
         let what =
             format!("prefill kvh {kvh} group {group} d {d} bs {bs} qlen {qlen:?} ctx {ctx:?}");
@@ -446,46 +463,22 @@ fn causal_prefill_mma_varlen() {
         // one padding row past the last token: must stay NaN
         let out = ABuf::new(&to_bf16(&vec![f32::NAN; (tokens + 1) * qh * d]));
         let scale = 1.0 / (d as f32).sqrt();
-        let ctx32: Vec<u32> = ctx.iter().map(|&x| x as u32).collect();
-        let qlen32: Vec<u32> = qlen.iter().map(|&x| x as u32).collect();
         let maxq = *qlen.iter().max().unwrap() as u32;
-        let (op, qp, kp, vp) = (
+        let grid = [qh as u32, maxq.div_ceil(FA_BM), nseq as u32];
+        let seqs = (&ctx[..], &qlen[..], &starts[..]);
+        let qp = qb.ptr() as *const Bf16;
+        run_prefill(
+            attn_prefill_mma_bf16,
+            grid,
+            FA_THREADS,
             out.ptr(),
-            qb.ptr() as *const Bf16,
-            c.k.ptr() as *const Bf16,
-            c.v.ptr() as *const Bf16,
+            qp,
+            q_stride,
+            qh,
+            &c,
+            seqs,
+            scale,
         );
-        let (tp, cp, stp, qlp) = (
-            c.tables.as_ptr(),
-            ctx32.as_ptr(),
-            starts.as_ptr(),
-            qlen32.as_ptr(),
-        );
-        unsafe {
-            launch(
-                [qh as u32, maxq.div_ceil(FA_BM), nseq as u32],
-                FA_THREADS,
-                || {
-                    attn_prefill_mma_bf16(
-                        op,
-                        qp,
-                        kp,
-                        vp,
-                        tp,
-                        cp,
-                        stp,
-                        qlp,
-                        qh as u32,
-                        kvh as u32,
-                        d as u32,
-                        bs as u32,
-                        c.max_blocks as u32,
-                        q_stride as u32,
-                        scale,
-                    )
-                },
-            );
-        }
         let want = prefill_ref(&c, &qf, q_stride, qh, group, (&ctx, &qlen, &starts), scale);
         let what = format!(
             "prefill_mma kvh {kvh} group {group} d {d} bs {bs} q_stride {q_stride} \
