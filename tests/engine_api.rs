@@ -153,26 +153,48 @@ fn events_stream_tokens_in_order_and_end_with_finished() {
 }
 
 /// Every byte between workers goes through the communication layer and is counted:
-/// one prefill step of tp2pp2 moves exactly what the placement implies.
+/// one prefill step of tp2pp2 moves exactly what the placement implies. A greedy
+/// request's step gathers each vocabulary half's pick; one that returns its logits, the
+/// logits.
 #[test]
 fn comm_layer_counts_every_inter_worker_byte() {
     let model = Model::random_tiny();
     let cfg = &model.config;
-    let mut e = Engine::new(&model, EngineConfig::new(Topology::new(2, 2))).unwrap();
-    let t = 7; // prompt tokens, all processed in the first step
-    e.add_request(Request::greedy(prompt(6, t), 3)).unwrap();
-    let before = e.compute_bytes();
-    e.step().unwrap();
-    let moved = e.compute_bytes() - before;
     let (h, v, l) = (cfg.hidden_size, cfg.vocab_size, cfg.num_layers);
-    // Hidden-state floats: each all-reduce in a group of 2 sends T×H to the one peer from
-    // both members; the embedding has one, every layer two (attention out, MLP down).
-    let all_reduces = 2 * t * h * (1 + 2 * l);
-    // Stage hand-off: each of the 2 members of the next stage receives T×H once.
-    let handoff = 2 * t * h;
-    // Logits of the last position, gathered from both vocabulary halves to the driver.
-    let logits = v;
-    assert_eq!(moved as usize, 4 * (all_reduces + handoff + logits));
+    let t = 7; // prompt tokens, all processed in the first step
+    let mut tokens = Vec::new();
+    for return_logits in [false, true] {
+        let mut e = Engine::new(&model, EngineConfig::new(Topology::new(2, 2))).unwrap();
+        let mut req = Request::greedy(prompt(6, t), 3);
+        req.return_logits = return_logits;
+        e.add_request(req).unwrap();
+        let before = e.compute_bytes();
+        let events = e.step().unwrap();
+        let moved = e.compute_bytes() - before;
+        // Hidden-state floats: each all-reduce in a group of 2 sends T×H to the one peer
+        // from both members; the embedding has one, every layer two (attention out, MLP
+        // down).
+        let all_reduces = 2 * t * h * (1 + 2 * l);
+        // Stage hand-off: each of the 2 members of the next stage receives T×H once.
+        let handoff = 2 * t * h;
+        // From both vocabulary halves to the driver: the logits of every position, or
+        // the last position's pick (a value and an index).
+        let head = if return_logits { t * v } else { 2 * 2 };
+        assert_eq!(
+            moved as usize,
+            4 * (all_reduces + handoff + head),
+            "return_logits {return_logits}"
+        );
+        tokens.push(events.iter().find_map(|ev| match ev {
+            Event::Token { token, .. } => Some(*token),
+            _ => None,
+        }));
+    }
+    assert!(tokens[0].is_some());
+    assert_eq!(
+        tokens[0], tokens[1],
+        "picked on the ranks vs from all logits"
+    );
 }
 
 /// A switch moves exactly the bytes its plan says (here with no KV cached, weights only),

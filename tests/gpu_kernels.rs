@@ -1580,22 +1580,37 @@ fn gpu_argmax_top_p() {
     let vocab = rng.pick(&[1000usize, 32000, 128256]);
     let lb = p.bytes(&rng.bf16(rows * vocab, 8.0));
     let lf = p.bytes(&rng.f32(rows * vocab, 8.0));
-    let (ob, of) = (p.out(rows, 4), p.out(rows, 4));
+    let (ob, of, vf) = (p.out(rows, 4), p.out(rows, 4), p.out(rows, 4));
     let grid = [rows as u32, 1, 1];
-    p.gpu("argmax_bf16", grid, 128, &[B(ob), B(lb), U(vocab as u32)]);
-    p.gpu("argmax_f32", grid, 128, &[B(of), B(lf), U(vocab as u32)]);
-    let (obp, ofp, lbp, lfp) = (
+    // bf16 without values (null), f32 with them (what the engine's LM head uses).
+    p.gpu(
+        "argmax_bf16",
+        grid,
+        128,
+        &[B(ob), Null, B(lb), U(vocab as u32)],
+    );
+    p.gpu(
+        "argmax_f32",
+        grid,
+        128,
+        &[B(of), B(vf), B(lf), U(vocab as u32)],
+    );
+    let (obp, ofp, vfp, lbp, lfp) = (
         p.h::<u32>(ob),
         p.h::<u32>(of),
+        p.h::<f32>(vf),
         p.h::<Bf16>(lb),
         p.h::<f32>(lf),
     );
     unsafe {
-        emu(grid, 128, || argmax_bf16(obp, lbp, vocab as u32));
-        emu(grid, 128, || argmax_f32(ofp, lfp, vocab as u32));
+        emu(grid, 128, || {
+            argmax_bf16(obp, std::ptr::null_mut(), lbp, vocab as u32)
+        });
+        emu(grid, 128, || argmax_f32(ofp, vfp, lfp, vocab as u32));
     }
     p.check("argmax_bf16", ob, Kind::Exact(4), &all);
     p.check("argmax_f32", of, Kind::Exact(4), &all);
+    p.check("argmax_f32 values", vf, Kind::Exact(4), &all);
     // top-p
     let uni: Vec<f32> = (0..rows).map(|_| rng.sym(0.5) + 0.5).collect();
     let ub = p.bytes(&uni);

@@ -274,17 +274,30 @@ unsafe fn block_argmax<T: Elem>(x: *const T, n: u32, sv: *mut f32, si: *mut u32)
     }
     sync_threads();
     if bi == U32_MAX {
-        bi = 0; // all NaN / -inf: pick index 0
+        // Every value NaN (-inf ties to the lowest index like any value): index 0, and a
+        // NaN value, so that a driver picking across vocabulary slices skips the row.
+        bi = 0;
+        bv = f32_from_bits(0x7fc0_0000);
     }
     (bv, bi)
 }
 
 #[inline(always)]
-unsafe fn argmax<T: Elem>(out: *mut u32, logits: *const T, vocab: u32, sv: *mut f32, si: *mut u32) {
+unsafe fn argmax<T: Elem>(
+    out: *mut u32,
+    values: *mut f32,
+    logits: *const T,
+    vocab: u32,
+    sv: *mut f32,
+    si: *mut u32,
+) {
     let row = block_idx_x() as usize;
-    let (_, i) = block_argmax(logits.add(row * vocab as usize), vocab, sv, si);
+    let (v, i) = block_argmax(logits.add(row * vocab as usize), vocab, sv, si);
     if thread_idx() == 0 {
         *out.add(row) = i;
+        if values as usize != 0 {
+            *values.add(row) = v;
+        }
     }
 }
 
@@ -429,11 +442,15 @@ macro_rules! small_ops {
             pub fn $emb(out: *mut $T, table: *const $T, ids: *const u32, dim: u32, vocab_start: u32, vocab_end: u32) {
                 embedding(out, table, ids, dim, vocab_start, vocab_end);
             }
-            /// Greedy sampling, ties to the lowest index. grid.x = rows, block 128.
-            pub fn $argmax(out: *mut u32, logits: *const $T, vocab: u32) {
+            /// Greedy sampling, ties to the lowest index, NaN never wins (a row of NaN
+            /// gives 0): out[row] = the index; values[row] = that logit as f32 (NaN
+            /// for a row of NaN) unless `values` is null (a vocabulary-parallel LM
+            /// head's ranks send both, the driver picks across them). grid.x = rows,
+            /// block 128.
+            pub fn $argmax(out: *mut u32, values: *mut f32, logits: *const $T, vocab: u32) {
                 let sv = shared_bytes!(am_v, 128) as *mut f32;
                 let si = shared_bytes!(am_i, 128) as *mut u32;
-                argmax(out, logits, vocab, sv, si);
+                argmax(out, values, logits, vocab, sv, si);
             }
         }
     };

@@ -248,10 +248,11 @@ fn argmax_ties_lowest() {
     }
     let xb = to_bf16(&x);
     let mut out = vec![u32::MAX; rows];
-    let out_p = out.as_mut_ptr();
+    let mut vals = vec![f32::NAN; rows];
+    let (out_p, vals_p) = (out.as_mut_ptr(), vals.as_mut_ptr());
     unsafe {
         launch([rows as u32, 1, 1], 128, || {
-            argmax_bf16(out_p, xb.as_ptr(), vocab as u32)
+            argmax_bf16(out_p, vals_p, xb.as_ptr(), vocab as u32)
         })
     };
     for r in 0..rows {
@@ -263,7 +264,17 @@ fn argmax_ties_lowest() {
             }
         }
         assert_eq!(out[r] as usize, best, "row {r}");
+        assert_eq!(vals[r], row[best], "row {r}'s value");
     }
+    // Without `values` (null) only the indices are written.
+    let mut again = vec![u32::MAX; rows];
+    let again_p = again.as_mut_ptr();
+    unsafe {
+        launch([rows as u32, 1, 1], 128, || {
+            argmax_bf16(again_p, std::ptr::null_mut(), xb.as_ptr(), vocab as u32)
+        })
+    };
+    assert_eq!(again, out);
 }
 
 #[test]

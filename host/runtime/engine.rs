@@ -26,10 +26,10 @@ use crate::reshard::executor::{Controller, CopyCmd, CopyWorker, ReconfigEvent, R
 use crate::reshard::planner::{plan_topology, ReshardPlan};
 use crate::runtime::kv_cache::{BlockAllocator, KvGeometry};
 use crate::runtime::live_placement::{FlipHook, LivePlacement};
-use crate::runtime::sampling::{sample, Rng, Sampling};
+use crate::runtime::sampling::{merge_picks, sample, Rng, Sampling};
 use crate::runtime::scheduler::{Scheduler, Seq};
 use crate::runtime::worker::{
-    Cmd, MemMeter, Reply, SeqWork, StepDelay, StepPlan, Worker, WorkerMem,
+    Cmd, HeadOutput, MemMeter, Reply, SeqWork, StepDelay, StepPlan, Worker, WorkerMem,
 };
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use std::collections::HashMap;
@@ -193,6 +193,14 @@ impl FinishReason {
             FinishReason::Cancelled => "cancelled",
         }
     }
+}
+
+/// What the driver gathered from a step's LM head (see [`HeadOutput`]).
+enum HeadResult {
+    /// `[rows, vocab]` in vocabulary order.
+    Logits(Vec<f32>),
+    /// One greedy token per row.
+    Tokens(Vec<u32>),
 }
 
 /// What a step produced, in order.
@@ -655,10 +663,23 @@ impl Engine {
                 all_logits: s.req.return_logits,
             })
             .collect();
+        // Greedy steps that return no logits get each row's pick from the head instead of
+        // its logits; a step with any other request gathers all logits.
+        let head = if self
+            .sched
+            .running
+            .iter()
+            .all(|s| s.req.sampling == Sampling::Greedy && !s.req.return_logits)
+        {
+            HeadOutput::Argmax
+        } else {
+            HeadOutput::Logits
+        };
         let plan = Arc::new(StepPlan {
             step: self.step_no,
             live: self.pool.live.clone(),
             seqs,
+            head,
         });
         let _nvtx = nvtx::range_with(|| {
             let (n, t) = (plan.seqs.len(), plan.num_tokens());
@@ -666,7 +687,7 @@ impl Engine {
         });
         // A failed step still consumes its number: the placement's per-step decisions
         // (flips included) are never replayed under the same number.
-        let logits = self.run_plan(&plan).inspect_err(|_| self.step_no += 1)?;
+        let out = self.run_plan(&plan).inspect_err(|_| self.step_no += 1)?;
         let vocab = self.cfg.vocab_size;
 
         let mut events = Vec::new();
@@ -675,10 +696,21 @@ impl Engine {
         for (i, s) in self.sched.running.iter_mut().enumerate() {
             let n = plan.seqs[i].tokens.len();
             let rows = if s.req.return_logits { n } else { 1 };
-            let mine = &logits[row * vocab..(row + rows) * vocab];
+            let (tok, logits) = match &out {
+                HeadResult::Tokens(t) => {
+                    let tok = *t.get(row).ok_or_else(|| {
+                        Error::Comm(format!("step {}: no greedy pick for row {row}", plan.step))
+                    })?;
+                    (tok, None)
+                }
+                HeadResult::Logits(l) => {
+                    let mine = &l[row * vocab..(row + rows) * vocab];
+                    let last = &mine[(rows - 1) * vocab..];
+                    let tok = sample(last, &s.req.sampling, &mut s.rng);
+                    (tok, s.req.return_logits.then(|| mine.to_vec()))
+                }
+            };
             row += rows;
-            let last = &mine[(rows - 1) * vocab..];
-            let tok = sample(last, &s.req.sampling, &mut s.rng);
             s.cached = s.tokens.len();
             s.tokens.push(tok);
             let out = self
@@ -689,7 +721,7 @@ impl Engine {
             events.push(Event::Token {
                 id: s.id,
                 token: tok,
-                logits: s.req.return_logits.then(|| mine.to_vec()),
+                logits,
             });
             let eos = !s.req.ignore_eos && self.cfg.eos_token_ids.contains(&tok);
             let reason = if eos {
@@ -720,8 +752,9 @@ impl Engine {
         Ok(events)
     }
 
-    /// Sends `plan` to every worker and gathers the logits `[rows, vocab]` in vocab order.
-    fn run_plan(&mut self, plan: &Arc<StepPlan>) -> Result<Vec<f32>> {
+    /// Sends `plan` to every worker and gathers what the head sends: the logits
+    /// `[rows, vocab]` in vocab order, or each row's greedy token.
+    fn run_plan(&mut self, plan: &Arc<StepPlan>) -> Result<HeadResult> {
         let pool = &self.pool;
         if let Ok(mut cur) = pool.ctrl.current_plan.lock() {
             *cur = Some(plan.clone());
@@ -758,6 +791,26 @@ impl Engine {
         let vocab = self.cfg.vocab_size;
         let head = pool.live.group_for(plan.step, Segment::Head, false)?;
         let head = &head.group;
+        if plan.head == HeadOutput::Argmax {
+            let mut parts = Vec::with_capacity(head.len());
+            for (r, w) in head.workers().iter().enumerate() {
+                let part = pool.driver.recv(w.0, Tag::Logits(plan.step))?;
+                parts.push((crate::parallel::split_range(vocab, head.len(), r), part));
+            }
+            return Ok(HeadResult::Tokens(merge_picks(&parts, rows)?));
+        }
+        if let [w] = head.workers() {
+            // One slice is the whole vocabulary: its rows are the logits.
+            let part = pool.driver.recv(w.0, Tag::Logits(plan.step))?;
+            if part.len() != rows * vocab {
+                return Err(Error::Comm(format!(
+                    "logits from {w}: {} floats, expected {}",
+                    part.len(),
+                    rows * vocab
+                )));
+            }
+            return Ok(HeadResult::Logits(part));
+        }
         let mut logits = vec![0.0f32; rows * vocab];
         for (r, w) in head.workers().iter().enumerate() {
             let part = pool.driver.recv(w.0, Tag::Logits(plan.step))?;
@@ -774,7 +827,7 @@ impl Engine {
                     .copy_from_slice(&part[i * vr.len()..(i + 1) * vr.len()]);
             }
         }
-        Ok(logits)
+        Ok(HeadResult::Logits(logits))
     }
 
     /// Why the engine refuses to serve until [`Engine::restart`] (a flip that did not
@@ -997,6 +1050,7 @@ impl Engine {
             step: self.step_no,
             live: self.pool.live.clone(),
             seqs,
+            head: HeadOutput::Logits,
         })
     }
 

@@ -3,7 +3,9 @@
 //! run is reproducible.
 
 use crate::backend::cpu::ops;
+use crate::error::{Error, Result};
 use crate::model::random::mix64;
+use std::ops::Range;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Sampling {
@@ -69,9 +71,126 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
     }
 }
 
+/// Each row's greedy pick within one vocabulary slice, as an LM head rank sends it to the
+/// driver when a step wants no logits ([`crate::runtime::worker::HeadOutput::Argmax`]):
+/// per row its largest logit, then that logit's index in the slice as raw bits (exact
+/// for any index: these floats are carried, never computed with). 8 bytes a row
+/// instead of 4 × the slice's width.
+pub fn pack_picks(values: &[f32], indices: &[u32]) -> Vec<f32> {
+    values
+        .iter()
+        .zip(indices)
+        .flat_map(|(&v, &i)| [v, f32::from_bits(i)])
+        .collect()
+}
+
+/// [`pack_picks`] of the rows of `logits` (`[rows, width]`, one vocabulary slice).
+pub fn pick_rows(logits: &[f32], width: usize) -> Vec<f32> {
+    let (values, indices): (Vec<f32>, Vec<u32>) = logits
+        .chunks_exact(width.max(1))
+        .map(|row| {
+            let i = ops::argmax(row);
+            (row[i], i as u32)
+        })
+        .unzip();
+    pack_picks(&values, &indices)
+}
+
+/// The greedy token of each of `rows` rows from every head rank's [`pack_picks`], given
+/// with the vocabulary range of its slice, slices in vocabulary order: the largest
+/// value, ties to the lowest vocabulary index (the earlier slice), a NaN never winning,
+/// so the token is the one [`ops::argmax`] picks over the gathered logits. Malformed
+/// parts (wrong length, an index outside its slice) are errors.
+pub fn merge_picks(parts: &[(Range<usize>, Vec<f32>)], rows: usize) -> Result<Vec<u32>> {
+    let mut best: Vec<Option<(f32, usize)>> = vec![None; rows];
+    for (slice, part) in parts {
+        if part.len() != 2 * rows {
+            return Err(Error::Comm(format!(
+                "greedy picks of vocabulary {slice:?}: {} floats, expected {}",
+                part.len(),
+                2 * rows
+            )));
+        }
+        for (b, pick) in best.iter_mut().zip(part.chunks_exact(2)) {
+            let (v, i) = (pick[0], pick[1].to_bits() as usize);
+            if i >= slice.len() {
+                return Err(Error::Comm(format!(
+                    "greedy pick {i} outside vocabulary slice {slice:?}"
+                )));
+            }
+            // A slice of NaN sends NaN: any later slice's value replaces it.
+            if b.is_none_or(|(bv, _)| v > bv || (bv.is_nan() && !v.is_nan())) {
+                *b = Some((v, slice.start + i));
+            }
+        }
+    }
+    Ok(best
+        .into_iter()
+        .map(|b| b.map_or(0, |(_, i)| i as u32))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Logits drawn from a few values (ties across and within slices, -inf, NaN rows),
+    /// split into vocabulary slices as a TP head would: merging each slice's picks gives
+    /// the argmax of the whole row.
+    #[test]
+    fn merged_slice_picks_equal_the_full_argmax() {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(3, |d| d.as_nanos() as u64);
+        let mut rng = Rng::new(seed);
+        let pool = [-3.0, 0.5, 0.5, 4.0, f32::NEG_INFINITY, f32::NAN];
+        for _ in 0..300 {
+            let vocab = 1 + (rng.next_u64() % 40) as usize;
+            let tp = 1 + (rng.next_u64() % 4) as usize;
+            let rows = 1 + (rng.next_u64() % 3) as usize;
+            let nan_heavy = rng.next_u64().is_multiple_of(5);
+            let logits: Vec<f32> = (0..rows * vocab)
+                .map(|_| {
+                    let v = pool[(rng.next_u64() % pool.len() as u64) as usize];
+                    if nan_heavy && rng.next_u64().is_multiple_of(2) {
+                        f32::NAN
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let parts: Vec<(Range<usize>, Vec<f32>)> = (0..tp)
+                .map(|r| crate::parallel::split_range(vocab, tp, r))
+                .filter(|sl| !sl.is_empty())
+                .map(|sl| {
+                    let local: Vec<f32> = (0..rows)
+                        .flat_map(|i| logits[i * vocab..][sl.clone()].to_vec())
+                        .collect();
+                    let picks = pick_rows(&local, sl.len());
+                    (sl, picks)
+                })
+                .collect();
+            let got = merge_picks(&parts, rows).unwrap();
+            for (i, &g) in got.iter().enumerate() {
+                let row = &logits[i * vocab..(i + 1) * vocab];
+                assert_eq!(
+                    g as usize,
+                    ops::argmax(row),
+                    "seed {seed}, tp {tp}: {row:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_picks_are_errors() {
+        assert!(merge_picks(&[(0..4, vec![1.0])], 1).is_err());
+        assert!(merge_picks(&[(0..4, pack_picks(&[1.0], &[4]))], 1).is_err());
+        assert_eq!(
+            merge_picks(&[(0..4, pack_picks(&[1.0], &[3]))], 1).unwrap(),
+            vec![3]
+        );
+    }
 
     #[test]
     fn top_p_keeps_only_the_nucleus() {

@@ -434,9 +434,9 @@ emulated! {
     small::embedding_bf16(out table ids dim vocab_start vocab_end);
     small::embedding_f16(out table ids dim vocab_start vocab_end);
     small::embedding_f32(out table ids dim vocab_start vocab_end);
-    small::argmax_bf16(out logits vocab);
-    small::argmax_f16(out logits vocab);
-    small::argmax_f32(out logits vocab);
+    small::argmax_bf16(out values logits vocab);
+    small::argmax_f16(out values logits vocab);
+    small::argmax_f32(out values logits vocab);
     small::top_p_sample_f32(out logits vocab temperature top_p uniforms);
 }
 

@@ -41,7 +41,8 @@ use crate::model::{ModelConfig, TensorSource};
 use crate::parallel::shard::HeadShard;
 use crate::parallel::{Group, LayerId, Segment, TensorKind};
 use crate::runtime::kv_cache::KvGeometry;
-use crate::runtime::worker::{segment_tensors, StepPlan};
+use crate::runtime::sampling;
+use crate::runtime::worker::{segment_tensors, HeadOutput, StepPlan};
 use crate::{Error, Result};
 use half::bf16;
 use remp_gpu_kernels::gemm::{dec_block, DEC_COLS};
@@ -182,6 +183,8 @@ pub struct StepInputs {
     q_lens: u64,
     logit_rows: u64,
     pub num_logit_rows: usize,
+    /// What the LM head sends the driver (the plan's).
+    pub head: HeadOutput,
 }
 
 impl StepInputs {
@@ -253,6 +256,7 @@ impl StepInputs {
             q_lens: at(6),
             logit_rows: at(7),
             num_logit_rows: rows.len(),
+            head: plan.head,
             _buf: buf,
         })
     }
@@ -1013,14 +1017,16 @@ impl DeviceCompute {
         Ok(())
     }
 
-    /// The LM head on this worker's vocabulary slice: f32 logits of the wanted rows,
-    /// sent to the driver (which gathers the slices) through the Comm layer.
+    /// The LM head on this worker's vocabulary slice: f32 logits of the wanted rows, or
+    /// only each row's greedy pick in the slice (`argmax_f32` on the device, see
+    /// [`HeadOutput`]), sent to the driver (which gathers the slices) through the Comm
+    /// layer.
     pub fn head(&self, comm: &Comm, s: &DevShards, inp: &StepInputs, x: &Buf) -> Result<()> {
         let _nvtx = nvtx::range("lm head");
         let h = self.cfg.hidden_size;
         let r = inp.num_logit_rows;
         let v_local = s.get(TensorKind::LmHead)?.len() / (2 * h);
-        let mut logits = vec![0.0f32; r * v_local];
+        let mut sent = Vec::new();
         if r > 0 {
             // The embedding kernel is a row gather: rows `logit_rows` of x.
             let sel = self.scratch("sel", r * h * 2)?;
@@ -1048,9 +1054,29 @@ impl DeviceCompute {
                 (r, v_local, h),
                 true,
             )?;
-            logits = download_vec(self.d()?, &out, r * v_local)?;
+            sent = match inp.head {
+                HeadOutput::Logits => download_vec(self.d()?, &out, r * v_local)?,
+                HeadOutput::Argmax => {
+                    // Indices, then values, in one buffer: one download.
+                    let picks = self.scratch("picks", r * 8)?;
+                    self.launch(
+                        "argmax_f32",
+                        [r as u32, 1, 1],
+                        BLOCK,
+                        &[
+                            Arg::from(&picks),
+                            Arg::Ptr(picks.at(r * 4)?),
+                            Arg::from(&out),
+                            u(v_local),
+                        ],
+                    )?;
+                    let p: Vec<u32> = download_vec(self.d()?, &picks, 2 * r)?;
+                    let values: Vec<f32> = p[r..].iter().map(|&b| f32::from_bits(b)).collect();
+                    sampling::pack_picks(&values, &p[..r])
+                }
+            };
         }
-        comm.send(comm.driver(), Tag::Logits(inp.step), logits)
+        comm.send(comm.driver(), Tag::Logits(inp.step), sent)
     }
 
     /// The hidden state for a hand-off: downloaded as f32 (bf16 values, exact).
