@@ -29,6 +29,8 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream, DriverError};
@@ -901,10 +903,27 @@ impl CudaDevice {
         &self,
         run: &[crate::backend::device::Launch],
     ) -> Result<Option<CudaGraph>> {
+        // cudarc resolves a driver function at its first call and panics where the
+        // driver lacks it (cuGraphAddKernelNode_v2 came with CUDA 12.0): an error here,
+        // so that the caller launches kernel by kernel; remembered, so that the panic
+        // (and its message) happens once, not at every run.
+        static GRAPHS_MISSING: AtomicBool = AtomicBool::new(false);
+        const MISSING: &str =
+            "the CUDA driver lacks the graph functions remp uses (CUDA 12.0 or later)";
+        if GRAPHS_MISSING.load(Ordering::Relaxed) {
+            return Err(Error::Device(MISSING.into()));
+        }
+        let missing = |_| {
+            GRAPHS_MISSING.store(true, Ordering::Relaxed);
+            Error::Device(MISSING.into())
+        };
         self.bind()?;
         let mut graph: sys::CUgraph = std::ptr::null_mut();
-        check(sys::cuGraphCreate(&mut graph, 0), || "cuGraphCreate".into())?;
-        let built = (|| {
+        catch_unwind(AssertUnwindSafe(|| {
+            check(sys::cuGraphCreate(&mut graph, 0), || "cuGraphCreate".into())
+        }))
+        .unwrap_or_else(|p| Err(missing(p)))?;
+        let built = catch_unwind(AssertUnwindSafe(|| {
             let mut prev: Option<sys::CUgraphNode> = None;
             for l in run {
                 let mut vals = arg_slots(&l.args);
@@ -938,8 +957,9 @@ impl CudaDevice {
                 || format!("cuGraphInstantiate ({} kernels)", run.len()),
             )?;
             Ok(exec)
-        })();
-        // The executable graph does not need its template.
+        }))
+        .unwrap_or_else(|p| Err(missing(p)));
+        // The executable graph does not need its template (nor does a failed build).
         let _ = sys::cuGraphDestroy(graph);
         Ok(Some(CudaGraph {
             exec: built?,
@@ -993,6 +1013,10 @@ pub struct EventTimer {
     start: sys::CUevent,
     stop: sys::CUevent,
     stream: sys::CUstream,
+    /// Bound before every call: the raw event calls need the device's context current
+    /// on the calling thread (another device's buffer dropped there may have left its
+    /// own).
+    ctx: Arc<CudaContext>,
 }
 
 impl EventTimer {
@@ -1005,30 +1029,81 @@ impl EventTimer {
             start,
             stop,
             stream: dev.cu_stream(),
+            ctx: dev.ctx.clone(),
         })
     }
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| derr("cuCtxSetCurrent", e))
+    }
     pub fn start(&self) -> Result<()> {
+        self.bind()?;
         // SAFETY: live event and stream.
         unsafe { result::event::record(self.start, self.stream) }
             .map_err(|e| derr("cuEventRecord", e))
     }
     /// Record the stop event, wait for it, and return the elapsed milliseconds.
     pub fn stop_ms(&self) -> Result<f32> {
+        self.bind()?;
         // SAFETY: live events and stream.
         unsafe {
             result::event::record(self.stop, self.stream).map_err(|e| derr("cuEventRecord", e))?;
             result::event::synchronize(self.stop).map_err(|e| derr("cuEventSynchronize", e))?;
-            result::event::elapsed(self.start, self.stop).map_err(|e| derr("cuEventElapsedTime", e))
+            event_elapsed_ms(self.start, self.stop)
         }
     }
 }
 
+/// `cuEventElapsedTime` between two completed events. cudarc (built for CUDA 13) calls
+/// `cuEventElapsedTime_v2`, which drivers before CUDA 12.8 lack (cudarc panics on a
+/// missing symbol): there the original function, same signature, is looked up in the
+/// loaded driver library instead (once).
+///
+/// # Safety
+/// Both events recorded and complete, their context current.
+unsafe fn event_elapsed_ms(start: sys::CUevent, stop: sys::CUevent) -> Result<f32> {
+    type Elapsed = unsafe extern "C" fn(*mut f32, sys::CUevent, sys::CUevent) -> sys::CUresult;
+    static V1: std::sync::OnceLock<Option<Elapsed>> = std::sync::OnceLock::new();
+    static V2_MISSING: AtomicBool = AtomicBool::new(false);
+    if !V2_MISSING.load(Ordering::Relaxed) {
+        match catch_unwind(|| result::event::elapsed(start, stop)) {
+            Ok(r) => return r.map_err(|e| derr("cuEventElapsedTime", e)),
+            Err(_) => V2_MISSING.store(true, Ordering::Relaxed),
+        }
+    }
+    let v1 = V1.get_or_init(|| {
+        ["libcuda.so.1", "libcuda.so"].iter().find_map(|name| {
+            let name = CString::new(*name).ok()?;
+            // SAFETY: RTLD_NOLOAD only finds the library cudarc already loaded; the
+            // handle is kept (never closed) as the library stays loaded anyway.
+            let lib = libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+            if lib.is_null() {
+                return None;
+            }
+            let f = libc::dlsym(lib, c"cuEventElapsedTime".as_ptr());
+            // SAFETY: the driver API's signature of cuEventElapsedTime.
+            (!f.is_null()).then(|| std::mem::transmute::<*mut c_void, Elapsed>(f))
+        })
+    });
+    let f = v1.ok_or_else(|| {
+        Error::Device(
+            "the CUDA driver has neither cuEventElapsedTime_v2 nor cuEventElapsedTime".into(),
+        )
+    })?;
+    let mut ms = 0.0f32;
+    check(f(&mut ms, start, stop), || "cuEventElapsedTime".into())?;
+    Ok(ms)
+}
+
 impl Drop for EventTimer {
     fn drop(&mut self) {
-        // SAFETY: created by new, destroyed once.
-        unsafe {
-            let _ = result::event::destroy(self.start);
-            let _ = result::event::destroy(self.stop);
+        if bind_in_drop(&self.ctx) {
+            // SAFETY: created by new, destroyed once, their context current.
+            unsafe {
+                let _ = result::event::destroy(self.start);
+                let _ = result::event::destroy(self.stop);
+            }
         }
     }
 }
@@ -1116,21 +1191,8 @@ impl crate::backend::device::Device for CudaDevice {
         &self,
         run: &[crate::backend::device::Launch],
     ) -> Result<Option<crate::backend::device::Graph>> {
-        // cudarc resolves a driver function at its first call and panics where the
-        // driver lacks it (cuGraphAddKernelNode_v2 came with CUDA 12.0): an error here,
-        // so that the caller launches kernel by kernel instead.
-        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            CudaDevice::build_graph(self, run)
-        }))
-        .unwrap_or_else(|_| {
-            Err(Error::Device(
-                "the CUDA driver lacks the graph functions remp uses (CUDA 12.0 or later)".into(),
-            ))
-        })?;
-        Ok(
-            built
-                .map(|g| crate::backend::device::Graph(crate::backend::device::GraphKind::Cuda(g))),
-        )
+        Ok(CudaDevice::build_graph(self, run)?
+            .map(|g| crate::backend::device::Graph(crate::backend::device::GraphKind::Cuda(g))))
     }
     fn launch_graph(&self, g: &crate::backend::device::Graph) -> Result<()> {
         let crate::backend::device::GraphKind::Cuda(g) = &g.0 else {
