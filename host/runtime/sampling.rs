@@ -121,7 +121,8 @@ pub fn pick_rows(logits: &[f32], width: usize) -> Vec<f32> {
 /// parts (wrong length, an index outside its slice) are errors.
 pub fn merge_picks(parts: &[(Range<usize>, Vec<f32>)], rows: usize) -> Result<Vec<u32>> {
     let mut best: Vec<Option<(f32, usize)>> = vec![None; rows];
-    for (slice, part) in parts {
+    // (An empty slice has no pick; `Topology::validate` keeps tp <= vocab anyway.)
+    for (slice, part) in parts.iter().filter(|(slice, _)| !slice.is_empty()) {
         if part.len() != 2 * rows {
             return Err(Error::Comm(format!(
                 "greedy picks of vocabulary {slice:?}: {} floats, expected {}",

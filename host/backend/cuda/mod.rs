@@ -913,9 +913,20 @@ impl CudaDevice {
         if GRAPHS_MISSING.load(Ordering::Relaxed) {
             return Err(Error::Device(MISSING.into()));
         }
-        let missing = |_| {
-            GRAPHS_MISSING.store(true, Ordering::Relaxed);
-            Error::Device(MISSING.into())
+        let missing = |panic: Box<dyn std::any::Any + Send>| {
+            // cudarc's loader panics with "Missing symbol …"; any other panic is a bug of
+            // this build, reported as such and not remembered.
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("");
+            if msg.contains("Missing symbol") {
+                GRAPHS_MISSING.store(true, Ordering::Relaxed);
+                Error::Device(MISSING.into())
+            } else {
+                Error::Device(format!("building a CUDA graph panicked: {msg}"))
+            }
         };
         self.bind()?;
         let mut graph: sys::CUgraph = std::ptr::null_mut();
