@@ -1706,6 +1706,52 @@ fn gpu_gemm_decode_qkv_equals_three_launches() {
     }
 }
 
+/// The register-capped decode GEMM (`gemm_decode_bf16`: all 16 loads per lane issued
+/// before its mmas, see `gpu-kernels/src/maxnreg.txt`) equals the uncapped build of the
+/// same code (`gemm_decode64_bf16`) to the bit on the GPU: the cap moves loads, not the
+/// order of the sums. Both block sizes, M = 1, 8 and 16, ragged N and K tails, bias and
+/// residual; every output written.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_gemm_decode_capped_equals_uncapped() {
+    let mut rng = Rng::new("gpu_gemm_decode_capped");
+    for (m, k, n, block) in [
+        (1usize, 4096usize, 1024usize, 512u32),
+        (8, 2048, 2560, 256),
+        (16, 8192, 1000, 512),
+        (3, 1032, 72, 256),
+    ] {
+        let x = dev().upload(&rng.bf16(m * k, 1.0)).unwrap();
+        let w = dev().upload(&rng.bf16(n * k, 0.5)).unwrap();
+        let b = dev().upload(&rng.bf16(n, 0.5)).unwrap();
+        let r = dev().upload(&rng.bf16(m * n, 1.0)).unwrap();
+        let mut outs = vec![];
+        for name in ["gemm_decode_bf16", "gemm_decode64_bf16"] {
+            let y = dev().alloc_poisoned(m * n * 2, 0xFF).unwrap();
+            let mut args = vec![
+                Arg::Ptr(y.ptr()),
+                Arg::Ptr(x.ptr()),
+                Arg::Ptr(w.ptr()),
+                Arg::Ptr(b.ptr()),
+                Arg::Ptr(r.ptr()),
+            ];
+            args.extend([m, n, k, k, n].map(|v| Arg::U32(v as u32)));
+            let grid = [(n as u32).div_ceil(DEC_COLS), 1, 1];
+            unsafe { dev().launch(name, grid, block, &args) }
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            outs.push(y.download::<u8>().unwrap());
+        }
+        assert!(
+            outs[0] == outs[1],
+            "m {m} k {k} n {n} block {block}: capped != uncapped"
+        );
+        assert!(
+            !outs[0].chunks(2).any(|c| c == [0xFF, 0xFF]),
+            "m {m} k {k} n {n}: an output left unwritten"
+        );
+    }
+}
+
 /// `rope_kv_write_bf16` equals `rope_bf16` then `kv_cache_write_bf16` to the bit on the
 /// GPU: rotated q/k rows of a fused qkv buffer and every cache slot (GQA 32/8 heads,
 /// head_dim 128, 7 tokens with scattered slots and one padding row).

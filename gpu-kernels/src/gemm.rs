@@ -921,6 +921,14 @@ kernels! {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
         gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0, block_idx_x());
     }
+    /// `gemm_decode_bf16` as ptxas compiles it without a register cap (same code, arguments,
+    /// launch and results, to the bit): 64 registers, and ptxas then sinks an iteration's
+    /// loads between its mmas. `remp-gpu-bench`'s same-run baseline for the cap (see
+    /// `maxnreg.txt`; the name does not start with `gemm_decode_`, so it is not capped).
+    pub fn gemm_decode64_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+        let red = shared_bytes!(dec_smem, 16384) as *mut f32;
+        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0, block_idx_x());
+    }
     /// Decode GEMM, f32 out (e.g. logits). block 256 or 512 (`dec_block`), grid.x = ceil(n / 16).
     pub fn gemm_decode_bf16_f32out(y: *mut f32, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;

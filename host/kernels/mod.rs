@@ -77,6 +77,7 @@ pub const FAMILIES: &[(Family, &[&str])] = &[
 const RESHARD: &[&str] = &["reshard_copy2d", "reshard_copy2d_batched"];
 const GEMM: &[&str] = &[
     "gemm_decode_bf16",
+    "gemm_decode64_bf16",
     "gemm_decode_bf16_f32out",
     "gemm_decode_qkv_bf16",
     "gemm_decode_silu_bf16",

@@ -395,6 +395,7 @@ emulated! {
     reshard::reshard_copy2d(dst dst_offset dst_stride src src_offset src_stride rows cols elem_bytes);
     reshard::reshard_copy2d_batched(descs n);
     gemm::gemm_decode_bf16(y x w bias residual m n k ldx ldy);
+    gemm::gemm_decode64_bf16(y x w bias residual m n k ldx ldy);
     gemm::gemm_decode_bf16_f32out(y x w bias residual m n k ldx ldy);
     gemm::gemm_decode_qkv_bf16(y0 y1 y2 x w0 w1 w2 b0 b1 b2 m n0 n1 n2 k ldx);
     gemm::gemm_decode_silu_bf16(y x w_gate w_up m n k ldx ldy);
