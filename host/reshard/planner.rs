@@ -532,9 +532,25 @@ fn segment_overlap_bytes(
         .sum()
 }
 
+/// The most workers the planner accepts (`num_workers` of [`affinity`],
+/// [`choose_assignment`], [`plan_topology`]): more is refused with [`Error::Reconfig`]
+/// instead of allocating a `ranks x workers` matrix (and, for the assignment, an O(n³)
+/// search) of that size. No model this crate serves has a topology of that many ranks.
+pub const MAX_WORKERS: usize = 4096;
+
+fn check_worker_count(num_workers: usize) -> Result<()> {
+    if num_workers > MAX_WORKERS {
+        return Err(Error::Reconfig(format!(
+            "{num_workers} workers: the planner takes at most {MAX_WORKERS}"
+        )));
+    }
+    Ok(())
+}
+
 /// The affinity matrix `A[rank][worker]`: bytes of new rank `rank`'s shards (weights and
 /// KV) that `worker` already holds under `current`. `rank < target.world_size()`,
-/// `worker < num_workers`. Validates like [`choose_assignment`].
+/// `worker < num_workers`. Validates like [`choose_assignment`] (at most
+/// [`MAX_WORKERS`] workers).
 pub fn affinity(
     cfg: &ModelConfig,
     current: &Placement,
@@ -544,6 +560,7 @@ pub fn affinity(
     kv_bytes_per_head: &[u64],
 ) -> Result<Vec<Vec<u64>>> {
     target.validate(cfg)?;
+    check_worker_count(num_workers)?;
     let world = target.world_size();
     if world > num_workers {
         return Err(Error::Topology(format!(
@@ -588,8 +605,41 @@ pub fn affinity(
 ///
 /// Errors if `target` is invalid for the model, needs more than `num_workers` workers,
 /// or `current` / `kv_bytes_per_head` do not fit the model or the worker count, or
-/// `weight_elem_bytes` is 0.
+/// `weight_elem_bytes` is 0, or `num_workers` exceeds [`MAX_WORKERS`].
+///
+/// Workers beyond `max(ranks of target, highest worker of current + 1)` are never
+/// chosen (they hold nothing, are no rank's own number, and a lower idle worker always
+/// wins the low-id tier), so the search runs on that many workers only: its cost follows
+/// the placements, not `num_workers`.
 pub fn choose_assignment(
+    cfg: &ModelConfig,
+    current: &Placement,
+    target: Topology,
+    num_workers: usize,
+    weight_elem_bytes: u64,
+    kv_bytes_per_head: &[u64],
+) -> Result<Vec<WorkerId>> {
+    check_worker_count(num_workers)?;
+    let used = current
+        .workers()
+        .iter()
+        .map(|w| w.0.saturating_add(1))
+        .max()
+        .unwrap_or(0);
+    // Never more than `num_workers`: affinity's own checks then report what is missing.
+    let n = num_workers.min(target.world_size().max(used));
+    assign_among(
+        cfg,
+        current,
+        target,
+        n,
+        weight_elem_bytes,
+        kv_bytes_per_head,
+    )
+}
+
+/// [`choose_assignment`] searching all of `num_workers` workers.
+fn assign_among(
     cfg: &ModelConfig,
     current: &Placement,
     target: Topology,
@@ -1191,6 +1241,59 @@ mod tests {
         // Nothing held anywhere useful beyond identity: extra workers stay idle.
         let a = choose_assignment(&cfg, &p, Topology::new(4, 1), 8, 4, &[]).unwrap();
         assert!(a.iter().all(|w| w.0 < 4), "{a:?}");
+    }
+
+    /// Searching only the workers the placements can use gives the assignment a search
+    /// over every available worker gives; huge counts are an error, not an allocation.
+    #[test]
+    fn extra_workers_change_nothing_and_huge_counts_are_refused() {
+        let cfg = tiny_config();
+        let topos = [
+            (1, 1),
+            (2, 1),
+            (1, 2),
+            (2, 2),
+            (4, 1),
+            (1, 3),
+            (2, 3),
+            (4, 2),
+        ];
+        for &(ft, fp) in &topos {
+            let from = Topology::new(ft, fp);
+            let cur = Placement::static_topology(from, &cfg).unwrap();
+            for &(tt, tp_) in &topos {
+                let to = Topology::new(tt, tp_);
+                let need = from.world_size().max(to.world_size());
+                for extra in [0, 1, 3, 7] {
+                    let n = need + extra;
+                    for kv in [&[][..], &[64; 6][..]] {
+                        let got = choose_assignment(&cfg, &cur, to, n, 4, kv).unwrap();
+                        let full = assign_among(&cfg, &cur, to, n, 4, kv).unwrap();
+                        assert_eq!(got, full, "{from} -> {to} on {n} workers");
+                    }
+                }
+            }
+        }
+        // A current placement on scattered workers (5, 2, 7, 0).
+        let ws = [5, 2, 7, 0].map(WorkerId);
+        let cur = Placement::from_topology(Topology::new(2, 2), &cfg, &ws).unwrap();
+        for &(tt, tp_) in &topos {
+            let to = Topology::new(tt, tp_);
+            for n in [8, 9, 12] {
+                let got = choose_assignment(&cfg, &cur, to, n, 4, &[]).unwrap();
+                assert_eq!(got, assign_among(&cfg, &cur, to, n, 4, &[]).unwrap());
+            }
+        }
+        let cur = Placement::static_topology(Topology::new(2, 2), &cfg).unwrap();
+        for n in [MAX_WORKERS + 1, 1_000_000, usize::MAX] {
+            let t = Topology::new(4, 1);
+            let e = choose_assignment(&cfg, &cur, t, n, 4, &[]).unwrap_err();
+            assert!(e.to_string().contains(&format!("{n} workers")), "{e}");
+            assert!(affinity(&cfg, &cur, t, n, 4, &[]).is_err());
+            assert!(plan_topology(&cfg, &cur, t, n, 4, &[]).is_err());
+        }
+        let a = choose_assignment(&cfg, &cur, Topology::new(4, 1), MAX_WORKERS, 4, &[]);
+        assert!(a.unwrap().iter().all(|w| w.0 < 4));
     }
 
     #[test]
