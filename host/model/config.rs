@@ -100,11 +100,26 @@ impl ModelConfig {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let mut cfg = Self::from_json_str(&text, &path)?;
-        if cfg.eos_token_ids.is_empty() {
-            let gen = dir.join("generation_config.json");
-            if let Ok(text) = std::fs::read_to_string(&gen) {
-                if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                    cfg.eos_token_ids = token_ids(v.get("eos_token_id"));
+        // generation_config.json is optional, but one that is there must be valid: a
+        // corrupt file silently ignored left the model without an EOS id.
+        let gen = dir.join("generation_config.json");
+        match std::fs::read_to_string(&gen) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&gen, e)),
+            Ok(text) => {
+                let err = |msg: String| Error::Config {
+                    path: gen.clone(),
+                    msg,
+                };
+                let v: Value =
+                    serde_json::from_str(&text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+                if !v.is_object() {
+                    return Err(err("expected a JSON object".into()));
+                }
+                let eos = token_ids(&v, "eos_token_id", cfg.vocab_size, &gen)?;
+                token_ids(&v, "bos_token_id", cfg.vocab_size, &gen)?;
+                if cfg.eos_token_ids.is_empty() {
+                    cfg.eos_token_ids = eos;
                 }
             }
         }
@@ -194,7 +209,17 @@ impl ModelConfig {
         let num_layers = req("num_hidden_layers")?;
         let num_heads = req("num_attention_heads")?;
         let num_kv_heads = opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
-        let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+        let head_dim = match opt_usize("head_dim")? {
+            Some(d) => d,
+            None if hidden_size % num_heads != 0 => {
+                return Err(err(format!(
+                    "hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads} \
+                     (head_dim would be {}) and `head_dim` is not given",
+                    hidden_size / num_heads
+                )))
+            }
+            None => hidden_size / num_heads,
+        };
         if num_heads % num_kv_heads != 0 {
             return Err(err(format!(
                 "num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"
@@ -205,11 +230,30 @@ impl ModelConfig {
                 "head_dim ({head_dim}) must be even for rotary embeddings"
             )));
         }
-        let rms_norm_eps = opt_f64(&v, "rms_norm_eps")?.unwrap_or(1e-6) as f32;
+        let rms_norm_eps = match opt_f64(&v, "rms_norm_eps")? {
+            None => 1e-6,
+            Some(e) => {
+                let e32 = e as f32;
+                if !(e32.is_finite() && e32 > 0.0) {
+                    return Err(err(format!(
+                        "`rms_norm_eps` {e} is {e32} in f32 (must be a finite number > 0)"
+                    )));
+                }
+                e32
+            }
+        };
         let max_position_embeddings = opt_usize("max_position_embeddings")?.unwrap_or(4096);
 
         // Rotary: transformers >= 5 writes `rope_parameters`, older files `rope_theta` +
         // `rope_scaling`.
+        for key in ["rope_parameters", "rope_scaling"] {
+            match v.get(key) {
+                None | Some(Value::Null) | Some(Value::Object(_)) => {}
+                Some(x) => {
+                    return Err(err(format!("`{key}` must be an object (or null), got {x}")))
+                }
+            }
+        }
         let rope_obj = v
             .get("rope_parameters")
             .filter(|x| x.is_object())
@@ -225,11 +269,16 @@ impl ModelConfig {
         let rope_scaling = match rope_obj {
             None => RopeScaling::None,
             Some(o) => {
-                let ty = o
-                    .get("rope_type")
-                    .or_else(|| o.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
+                let ty_key = if o.get("rope_type").is_some_and(|x| !x.is_null()) {
+                    "rope_type"
+                } else {
+                    "type"
+                };
+                let ty = match o.get(ty_key) {
+                    None | Some(Value::Null) => "default",
+                    Some(Value::String(s)) => s.as_str(),
+                    Some(x) => return Err(err(format!("`{ty_key}` must be a string, got {x}"))),
+                };
                 let need = |key: &str| -> Result<f64> {
                     opt_f64(o, key)?
                         .ok_or_else(|| err(format!("rope scaling `{ty}` needs `{key}`")))
@@ -271,24 +320,36 @@ impl ModelConfig {
             }
             _ => None,
         };
-        let act = v
-            .get("hidden_act")
-            .and_then(Value::as_str)
-            .unwrap_or("silu");
+        let act = match v.get("hidden_act") {
+            None | Some(Value::Null) => "silu",
+            Some(Value::String(s)) => s.as_str(),
+            Some(x) => return Err(err(format!("`hidden_act` must be a string, got {x}"))),
+        };
         if act != "silu" {
             return Err(Error::Unsupported(format!(
                 "{}: hidden_act `{act}` (only silu)",
                 path.display()
             )));
         }
-        let dtype = match v
-            .get("dtype")
-            .or_else(|| v.get("torch_dtype"))
-            .and_then(Value::as_str)
-        {
-            Some("bfloat16") => CheckpointDType::BF16,
-            Some("float16") => CheckpointDType::F16,
-            _ => CheckpointDType::F32,
+        // `dtype` (transformers >= 5) or `torch_dtype`; absent means float32, as in
+        // transformers. An unknown value is an error, not float32.
+        let dtype_key = if v.get("dtype").is_some_and(|x| !x.is_null()) {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
+        let dtype = match v.get(dtype_key) {
+            None | Some(Value::Null) => CheckpointDType::F32,
+            Some(x) => match x.as_str().map(|s| s.strip_prefix("torch.").unwrap_or(s)) {
+                Some("float32" | "float") => CheckpointDType::F32,
+                Some("bfloat16") => CheckpointDType::BF16,
+                Some("float16" | "half") => CheckpointDType::F16,
+                _ => {
+                    return Err(err(format!(
+                        "`{dtype_key}` {x} is not supported (float32, bfloat16, float16)"
+                    )))
+                }
+            },
         };
         let tie_word_embeddings = opt_bool("tie_word_embeddings", false)?;
         let cfg = ModelConfig {
@@ -310,8 +371,10 @@ impl ModelConfig {
             o_bias,
             mlp_bias,
             sliding_window,
-            bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
-            eos_token_ids: token_ids(v.get("eos_token_id")),
+            bos_token_id: token_ids(&v, "bos_token_id", vocab_size, path)?
+                .first()
+                .copied(),
+            eos_token_ids: token_ids(&v, "eos_token_id", vocab_size, path)?,
         };
         Ok(cfg)
     }
@@ -346,14 +409,24 @@ impl ModelConfig {
     }
 }
 
-fn token_ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
-        _ => Vec::new(),
+/// `obj[key]`: a token id or a list of them (absent or null: none), each an integer
+/// below `vocab_size`. An id that is not one is an error naming `key` and the file (a
+/// 64-bit id was once truncated to 32 bits, stopping at an unrelated token).
+fn token_ids(obj: &Value, key: &str, vocab_size: usize, path: &Path) -> Result<Vec<u32>> {
+    let one = |x: &Value| -> Result<u32> {
+        x.as_u64()
+            .filter(|&id| id < vocab_size as u64)
+            .and_then(|id| u32::try_from(id).ok())
+            .ok_or_else(|| Error::Config {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "`{key}` {x} is not a token id (an integer below vocab_size {vocab_size})"
+                ),
+            })
+    };
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) => a.iter().map(one).collect(),
+        Some(x) => Ok(vec![one(x)?]),
     }
 }

@@ -59,6 +59,9 @@ pub struct SafetensorsSource {
     files: Vec<(PathBuf, Mmap)>,
     entries: HashMap<String, Entry>,
     cfg: ModelConfig,
+    /// What names the tensors: model.safetensors or model.safetensors.index.json (the
+    /// file a missing tensor's error names).
+    listing: PathBuf,
 }
 
 impl SafetensorsSource {
@@ -66,39 +69,57 @@ impl SafetensorsSource {
     pub fn open(dir: &Path, cfg: &ModelConfig) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
-        let file_names: Vec<PathBuf> = if single.exists() {
-            vec![single]
+        // The shard each tensor of a sharded checkpoint's index is said to be in.
+        let mut index_map: Vec<(String, usize)> = Vec::new();
+        let (listing, file_names): (PathBuf, Vec<PathBuf>) = if single.exists() {
+            (single.clone(), vec![single])
         } else if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            let bad = |msg: String| Error::Checkpoint {
                 file: index.clone(),
-                msg: format!("not valid JSON: {e}"),
-            })?;
+                msg,
+            };
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: Value =
+                serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(Value::as_object)
-                .ok_or_else(|| Error::Checkpoint {
-                    file: index.clone(),
-                    msg: "missing `weight_map` object".into(),
-                })?;
+                .ok_or_else(|| bad("missing `weight_map` object".into()))?;
+            if map.is_empty() {
+                return Err(bad("`weight_map` is empty: it names no tensor".into()));
+            }
             let mut names: Vec<PathBuf> = Vec::new();
-            for f in map.values() {
-                let f = f.as_str().ok_or_else(|| Error::Checkpoint {
-                    file: index.clone(),
-                    msg: "`weight_map` values must be file names".into(),
+            for (tensor, f) in map {
+                let f = f.as_str().ok_or_else(|| {
+                    bad(format!(
+                        "`weight_map` value for `{tensor}` must be a file name, got {f}"
+                    ))
                 })?;
-                if f.contains('/') || f.contains("..") {
-                    return Err(Error::Checkpoint {
-                        file: index.clone(),
-                        msg: format!("shard file name `{f}` must be a plain file name"),
-                    });
+                let why = if f.is_empty() {
+                    Some("is empty")
+                } else if f == "." || f.contains("..") {
+                    Some("is not a file name")
+                } else if f.contains('/') || f.contains('\\') {
+                    Some("must be a plain file name in the model directory")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(bad(format!(
+                        "shard file name `{f}` (for tensor `{tensor}`) {why}"
+                    )));
                 }
                 let p = dir.join(f);
-                if !names.contains(&p) {
-                    names.push(p);
-                }
+                let i = match names.iter().position(|n| *n == p) {
+                    Some(i) => i,
+                    None => {
+                        names.push(p);
+                        names.len() - 1
+                    }
+                };
+                index_map.push((tensor.clone(), i));
             }
-            names
+            (index, names)
         } else {
             return Err(Error::Checkpoint {
                 file: dir.to_path_buf(),
@@ -110,16 +131,73 @@ impl SafetensorsSource {
         let mut entries = HashMap::new();
         for (fi, path) in file_names.into_iter().enumerate() {
             let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let meta = f.metadata().map_err(|e| Error::io(&path, e))?;
+            if !meta.is_file() {
+                return Err(Error::Checkpoint {
+                    file: path,
+                    msg: format!(
+                        "not a regular file (named as a shard by {})",
+                        listing.display()
+                    ),
+                });
+            }
             // SAFETY: the checkpoint is treated as read-only for the life of the source;
             // mutating it underneath a running engine is outside what remp supports.
             let mmap = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(&path, e))?;
-            parse_header(&path, &mmap, fi, &mut entries)?;
+            parse_header(&path, &mmap, fi, &files, &mut entries)?;
             files.push((path, mmap));
+        }
+        // A sharded index must agree with its shards: a tensor it places in one shard
+        // but that is in another (or in none) is a broken checkpoint.
+        for (tensor, fi) in &index_map {
+            match entries.get(tensor) {
+                Some(e) if e.file == *fi => {}
+                Some(e) => {
+                    return Err(Error::Tensor {
+                        file: listing.clone(),
+                        tensor: tensor.clone(),
+                        msg: format!(
+                            "the index places it in {}, but it is in {}",
+                            files[*fi].0.display(),
+                            files[e.file].0.display()
+                        ),
+                    })
+                }
+                None => {
+                    return Err(Error::Tensor {
+                        file: files[*fi].0.clone(),
+                        tensor: tensor.clone(),
+                        msg: format!(
+                            "missing from this shard (where {} places it)",
+                            listing.display()
+                        ),
+                    })
+                }
+            }
+        }
+        // A layer the config does not have: the checkpoint is for another config (a
+        // config with fewer layers than the weights once ran on the first few silently).
+        if let Some((layer, name)) = entries
+            .keys()
+            .filter_map(|n| layer_index(n).map(|l| (l, n)))
+            .filter(|&(l, _)| l >= cfg.num_layers)
+            .min()
+        {
+            return Err(Error::Tensor {
+                file: files[entries[name].file].0.clone(),
+                tensor: name.clone(),
+                msg: format!(
+                    "layer {layer}, but config.json has num_hidden_layers {} \
+                     (the checkpoint does not match its config)",
+                    cfg.num_layers
+                ),
+            });
         }
         let src = SafetensorsSource {
             files,
             entries,
             cfg: cfg.clone(),
+            listing,
         };
         // Checked lazily, layer by layer (not via `all_tensors`): a config.json claiming
         // absurdly many layers then fails fast on the first missing layer instead of
@@ -132,6 +210,21 @@ impl SafetensorsSource {
         }
         src.check(TensorKind::FinalNorm)?;
         src.check(TensorKind::LmHead)?;
+        // Norm weights and biases are small: read them whole now, so a non-finite value
+        // fails the load instead of the first forward pass. (Matrices are checked as
+        // ranks read their regions, see `read`.)
+        let mut small = vec![TensorKind::FinalNorm];
+        for l in 0..cfg.num_layers {
+            small.extend(
+                TensorKind::layer_tensors(cfg, LayerId(l))
+                    .into_iter()
+                    .filter(|k| k.is_1d(cfg)),
+            );
+        }
+        for kind in small {
+            let [rows, cols] = kind.shape(cfg);
+            src.read(kind, &Region::new(0..rows, 0..cols))?;
+        }
         Ok(src)
     }
 
@@ -139,7 +232,7 @@ impl SafetensorsSource {
         let name = kind.hf_name(&self.cfg);
         let [rows, cols] = kind.shape(&self.cfg);
         let e = self.entries.get(&name).ok_or_else(|| Error::Tensor {
-            file: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
+            file: self.listing.clone(),
             tensor: name.clone(),
             msg: "missing from the checkpoint".into(),
         })?;
@@ -164,6 +257,7 @@ fn parse_header(
     path: &Path,
     buf: &[u8],
     file: usize,
+    earlier: &[(PathBuf, Mmap)],
     entries: &mut HashMap<String, Entry>,
 ) -> Result<()> {
     let bad = |msg: String| Error::Checkpoint {
@@ -183,13 +277,22 @@ fn parse_header(
             buf.len()
         )));
     }
-    let header: Value = serde_json::from_slice(&buf[8..8 + n])
+    // Parsed as a list of (name, value), not a map: a map keeps the last of two entries
+    // with one name, which accepted a header naming a tensor twice.
+    let header: Header = serde_json::from_slice(&buf[8..8 + n])
         .map_err(|e| bad(format!("corrupt safetensors header: {e}")))?;
-    let obj = header
-        .as_object()
-        .ok_or_else(|| bad("corrupt safetensors header: not an object".into()))?;
     let data_len = buf.len() - 8 - n;
-    for (name, v) in obj {
+    let mut seen: HashMap<&str, ()> = HashMap::new();
+    // (start, end, name) of each tensor's bytes in the data buffer.
+    let mut ranges: Vec<(usize, usize, &str)> = Vec::new();
+    for (name, v) in &header.0 {
+        if seen.insert(name.as_str(), ()).is_some() {
+            return Err(Error::Tensor {
+                file: path.to_path_buf(),
+                tensor: name.clone(),
+                msg: "named twice in the safetensors header".into(),
+            });
+        }
         if name == "__metadata__" {
             continue;
         }
@@ -241,6 +344,19 @@ fn parse_header(
                 offs[1]
             )));
         }
+        if offs[0] % dtype.size() != 0 {
+            return Err(tbad(format!(
+                "data_offsets {offs:?}: start not aligned to its {}-byte elements",
+                dtype.size()
+            )));
+        }
+        if entries.contains_key(name) {
+            return Err(tbad(format!(
+                "also in {}: a tensor must be in one shard",
+                earlier[entries[name].file].0.display()
+            )));
+        }
+        ranges.push((offs[0], offs[1], name));
         entries.insert(
             name.clone(),
             Entry {
@@ -251,14 +367,81 @@ fn parse_header(
             },
         );
     }
+    // The format lays the tensors out back to back, in order, covering the data buffer:
+    // two ranges that overlap (one tensor read as another's bytes), a gap or trailing
+    // bytes mean a corrupt header.
+    ranges.sort_unstable();
+    let mut end = 0usize;
+    let mut prev: Option<&str> = None;
+    for &(s, e, name) in &ranges {
+        let tbad = |msg: String| Error::Tensor {
+            file: path.to_path_buf(),
+            tensor: name.to_owned(),
+            msg,
+        };
+        if s < end {
+            return Err(tbad(format!(
+                "data_offsets [{s}, {e}] overlap tensor `{}` (which ends at {end})",
+                prev.unwrap_or_default()
+            )));
+        }
+        if s > end {
+            return Err(tbad(format!(
+                "data_offsets [{s}, {e}] leave a gap after byte {end}: tensors must be \
+                 contiguous"
+            )));
+        }
+        end = e;
+        prev = Some(name);
+    }
+    if end != data_len {
+        return Err(bad(format!(
+            "tensors cover {end} of the {data_len} data bytes (the rest is not any tensor's)"
+        )));
+    }
     Ok(())
+}
+
+/// `N` of a tensor named `model.layers.N.…`.
+fn layer_index(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A safetensors header's entries in file order, duplicates kept (to be reported).
+struct Header(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Header {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Header;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Header, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = map.next_entry::<String, Value>()? {
+                    v.push(e);
+                }
+                Ok(Header(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl TensorSource for SafetensorsSource {
     fn read(&self, kind: TensorKind, region: &Region) -> Result<Vec<f32>> {
         let name = kind.hf_name(&self.cfg);
         let e = self.entries.get(&name).ok_or_else(|| Error::Tensor {
-            file: PathBuf::new(),
+            file: self.listing.clone(),
             tensor: name.clone(),
             msg: "missing from the checkpoint".into(),
         })?;
@@ -290,6 +473,22 @@ impl TensorSource for SafetensorsSource {
                         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
                 ),
             }
+        }
+        // A NaN or infinite weight would run on as garbage (a NaN norm weight gave token
+        // 0 with exit status 0). Chunked so the scan vectorizes: about as cheap as the
+        // conversion above.
+        if !out
+            .chunks(1024)
+            .all(|c| c.iter().fold(true, |ok, x| ok & x.is_finite()))
+        {
+            let i = out.iter().position(|x| !x.is_finite()).unwrap_or(0);
+            let w = region.cols.len();
+            let (r, c) = (region.rows.start + i / w, region.cols.start + i % w);
+            return Err(Error::Tensor {
+                file: self.files[e.file].0.clone(),
+                tensor: name,
+                msg: format!("non-finite value {} at [{r}, {c}]", out[i]),
+            });
         }
         Ok(out)
     }
