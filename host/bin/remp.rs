@@ -1,6 +1,7 @@
 //! The `remp` command line: `generate` runs prompts as one continuously batched job on a
 //! chosen topology. Every error is one line on stderr and exit status 2.
 
+use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use remp::backend::device::Exchange;
 use remp::model::{Model, ModelConfig};
@@ -53,10 +54,12 @@ struct BenchDecodeArgs {
     tp: usize,
     #[arg(long, default_value_t = 1)]
     pp: usize,
-    /// Sequences decoding together.
+    /// Sequences decoding together (1 to 1024).
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Decode steps timed.
+    /// Decode steps timed (at least 1). Each sequence holds a 32-token synthetic prompt,
+    /// 4 warm-up steps and the timed steps: together at most the model's context
+    /// (max_position_embeddings), checked before anything runs.
     #[arg(long, default_value_t = 32)]
     steps: usize,
     /// Device: cpu (default), cuda, or emu.
@@ -84,11 +87,14 @@ struct PlanArgs {
     from: String,
     #[arg(long)]
     to: String,
-    /// Workers available (default: the larger world size).
+    /// Workers available (default: the larger world size). At most the two world sizes
+    /// added (enough for the two topologies on disjoint workers): more cannot change the
+    /// plan, and is an error.
     #[arg(long)]
     workers: Option<usize>,
     /// Bytes of one weight element on the wire: 4 (f32: the CPU backend, host-staged
-    /// device transfers) or 2 (bf16: device workers with the same-device exchange).
+    /// device transfers) or 2 (bf16: device workers with the same-device exchange);
+    /// anything else is an error.
     #[arg(long, default_value_t = 4)]
     elem_bytes: u64,
     #[arg(long)]
@@ -104,20 +110,21 @@ struct BenchArgs {
     from: String,
     #[arg(long, default_value = "tp4pp1")]
     to: String,
-    /// Live requests decoding during the switch.
+    /// Live requests decoding during the switch (1 to 1024).
     #[arg(long, default_value_t = 8)]
     requests: usize,
-    /// Segments (layers) in flight during the online switch.
+    /// Segments (layers) in flight during the online switch (at least 1).
     #[arg(long, default_value_t = 2)]
     window: usize,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
-    /// Write an SVG of step latency over time with the switch windows marked.
+    /// Write an SVG of step latency over time with the switch windows marked (its
+    /// directory must exist and be writable: checked before the bench runs).
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// Run the three modes this many times (round robin) and report each figure's
-    /// median, which damps noise from other work on the machine.
+    /// Run the three modes this many times (round robin, at least 1) and report each
+    /// figure's median, which damps noise from other work on the machine.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
     /// Device: cpu (default), cuda (GPU 0; the default model is then a random 1.1B),
@@ -156,10 +163,11 @@ struct GenerateArgs {
     /// Sampling temperature; 0 (default) is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
-    /// Nucleus sampling mass (with --temperature > 0).
+    /// Nucleus sampling mass, 0 < P <= 1 (checked always; used with --temperature > 0,
+    /// ignored with a warning when greedy).
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
-    /// Seed of the sampler (request i uses seed + i).
+    /// Seed of the sampler (request i uses seed + i; ignored with a warning when greedy).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// KV-cache blocks (of 16 tokens) per layer. Default: 512 on cpu and emu; on cuda,
@@ -171,7 +179,10 @@ struct GenerateArgs {
     /// GPU kernels on the host emulator: the CUDA code path without a GPU, slow).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Switch topology when decode step STEP begins, e.g. `8:tp4pp1` (repeatable).
+    /// Switch topology when decode step STEP begins, e.g. `8:tp4pp1` (repeatable, one
+    /// switch per step). A switch due while another runs waits for it; one still pending
+    /// when the run ends is not performed, and a warning says so (--json:
+    /// `skipped_reconfigurations`).
     #[arg(long = "reconfigure")]
     reconfigure: Vec<String>,
     /// Record each segment's kernel launches and replay repeated runs as graphs
@@ -206,17 +217,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_model(dir: &Option<PathBuf>, quiet: bool) -> Result<Model> {
+/// The checkpoint in `dir`, or the built-in random tiny model. Prints nothing: callers
+/// report the load ([`report_loaded`]) once every input check passed, so that a bad
+/// checkpoint's or argument's stderr is exactly the one error line.
+fn load_model(dir: &Option<PathBuf>) -> Result<Model> {
     match dir {
-        Some(d) => {
-            // Progress is reported only after a successful load, so that a bad
-            // checkpoint's stderr is exactly the one error line (issue 2's CLI contract).
-            let model = Model::load(d)?;
-            if !quiet {
-                eprintln!("loaded {}", d.display());
-            }
-            Ok(model)
-        }
+        Some(d) => Model::load(d),
         None => Ok(Model::random_tiny()),
     }
 }
@@ -349,9 +355,30 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
             a.temperature
         )));
     }
+    // Checked even when greedy: a value that could never be used is still a mistake.
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        return Err(Error::Request(format!(
+            "--top-p {} must be in (0, 1]",
+            a.top_p
+        )));
+    }
+    // Sampling flags given to a greedy run: not an error, but said once (after every
+    // input check, so that a refused run's stderr stays its one error line).
+    let given = |id: &str| m.and_then(|m| m.value_source(id)) == Some(ValueSource::CommandLine);
+    let unused: Vec<&str> = [("top_p", "--top-p"), ("seed", "--seed")]
+        .into_iter()
+        .filter(|(id, _)| a.temperature == 0.0 && given(id))
+        .map(|(_, flag)| flag)
+        .collect();
+    let sampling_warning = (!unused.is_empty()).then(|| {
+        format!(
+            "warning: {} ignored: decoding is greedy without --temperature > 0",
+            unused.join(" and ")
+        )
+    });
     // No progress line: a bad topology or prompt found after loading must leave exactly
     // one line (the error) on stderr; the summary line names the model on success.
-    let model = load_model(&a.model, true)?;
+    let model = load_model(&a.model)?;
     let topo = Topology::new(a.tp, a.pp);
     topo.validate(&model.config)?;
     let mut switches = Vec::new();
@@ -368,6 +395,14 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
         switches.push((step, t));
     }
     switches.sort_by_key(|s| s.0);
+    // Two switches requested at the same step cannot both begin then: refuse the schedule
+    // rather than perform one and defer the other behind it.
+    if let Some(w) = switches.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(Error::Request(format!(
+            "--reconfigure: two switches at step {} ({}:{} and {}:{}); give each step once",
+            w[0].0, w[0].0, w[0].1, w[1].0, w[1].1
+        )));
+    }
     let prompts: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| match p {
@@ -448,6 +483,9 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
     if let (Some(note), false) = (&kv_note, a.json) {
         eprintln!("{note}");
     }
+    if let Some(w) = &sampling_warning {
+        eprintln!("{w}");
+    }
 
     let t0 = Instant::now();
     let mut next_switch = 0;
@@ -466,12 +504,29 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
         engine.step()?;
         ends.push(t0.elapsed().as_secs_f64() * 1e3);
         if !engine.has_work() && next_switch < switches.len() && !engine.reconfig_in_progress() {
-            // Requests finished before the remaining switch steps: skip them.
+            // Requests finished before the remaining switch steps: reported below.
             break;
         }
     }
     let elapsed_ms = t0.elapsed().as_secs_f64() * 1e3;
     let reconfigs = reconfig_report(&mut engine, &asked, &ends);
+    // Every scheduled switch either happened or is reported: those still pending when the
+    // requests finished (a step past the run's end, or deferred behind another switch).
+    let last_step = engine.steps();
+    let skipped: Vec<serde_json::Value> = switches[next_switch..]
+        .iter()
+        .map(|&(at, t)| {
+            let reason = if at >= last_step {
+                format!("the run ended after {last_step} steps, before step {at}")
+            } else {
+                format!(
+                    "deferred behind an earlier switch until the run ended after {last_step} steps"
+                )
+            };
+            eprintln!("warning: --reconfigure {at}:{t} not performed: {reason}");
+            json!({"to": t.to_string(), "scheduled_at_step": at, "reason": reason})
+        })
+        .collect();
 
     let mut reqs = Vec::new();
     for id in &ids {
@@ -496,6 +551,7 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
             "steps": engine.steps(),
             "elapsed_ms": elapsed_ms,
             "reconfigurations": reconfigs,
+            "skipped_reconfigurations": skipped,
             "graphs": graphs.then(|| {
                 let g = engine.graph_counts();
                 json!({"graph_runs": g.graph_runs, "graph_kernels": g.graph_kernels,
@@ -599,12 +655,26 @@ fn reconfig_report(
 }
 
 fn plan(a: PlanArgs) -> Result<()> {
-    let model = load_model(&a.model, true)?;
-    let cfg = &model.config;
+    if a.elem_bytes != 4 && a.elem_bytes != 2 {
+        return Err(Error::Request(format!(
+            "--elem-bytes {}: must be 4 (f32) or 2 (bf16)",
+            a.elem_bytes
+        )));
+    }
     let from: Topology = a.from.parse()?;
     let to: Topology = a.to.parse()?;
+    let model = load_model(&a.model)?;
+    let cfg = &model.config;
     from.validate(cfg)?;
     to.validate(cfg)?;
+    // Enough for the two topologies on disjoint workers: the planner never picks a worker
+    // beyond both (it holds nothing and is no rank's own number), so more changes nothing.
+    let max_workers = from.world_size() + to.world_size();
+    if let Some(n) = a.workers.filter(|&n| n > max_workers) {
+        return Err(Error::Request(format!(
+            "--workers {n}: at most {max_workers} for {from} -> {to} (the two world sizes added; more workers cannot change the plan)"
+        )));
+    }
     let workers = a.workers.unwrap_or(from.world_size().max(to.world_size()));
     let current = Placement::static_topology(from, cfg)?;
     let (_, p) = plan_topology(
@@ -633,19 +703,19 @@ fn check_graphs(graphs: bool, device: DeviceKind) -> Result<bool> {
     Ok(graphs)
 }
 
+/// "loaded DIR" on stderr (not with --json): printed only once every input check passed,
+/// so that bad input leaves exactly its one error line.
+fn report_loaded(dir: &Option<PathBuf>, json: bool) {
+    if let (Some(d), false) = (dir, json) {
+        eprintln!("loaded {}", d.display());
+    }
+}
+
 fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     use remp::runtime::decode_bench::{run, DecodeBenchConfig};
+    // Every check that needs no model comes before loading it.
     let device = check_device(&a.device)?;
-    let model = match &a.model {
-        Some(d) => load_model(&Some(d.clone()), a.json)?,
-        None => match device {
-            DeviceKind::Cuda => Model::random_gpu_bench(),
-            DeviceKind::Emulated => Model::random_tiny(),
-            DeviceKind::Cpu => Model::random_bench(),
-        },
-    };
     let topo = Topology::new(a.tp, a.pp);
-    topo.validate(&model.config)?;
     let mut bc = DecodeBenchConfig::new(topo, device);
     bc.graphs = check_graphs(a.graphs, device)?;
     bc.batch = a.batch;
@@ -659,6 +729,18 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
             )))
         }
     };
+    bc.validate()?;
+    let model = match &a.model {
+        Some(d) => load_model(&Some(d.clone()))?,
+        None => match device {
+            DeviceKind::Cuda => Model::random_gpu_bench(),
+            DeviceKind::Emulated => Model::random_tiny(),
+            DeviceKind::Cpu => Model::random_bench(),
+        },
+    };
+    topo.validate(&model.config)?;
+    bc.check(&model.config)?;
+    report_loaded(&a.model, a.json);
     if !a.json {
         eprintln!(
             "{} ({:.0}M parameters) on {}, {topo}, batch {}: {} decode steps ...",
@@ -697,25 +779,62 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench_reconfig(a: BenchArgs) -> Result<()> {
-    let device = check_device(&a.device)?;
-    let model = match &a.model {
-        Some(d) => load_model(&Some(d.clone()), a.json)?,
-        None if device == DeviceKind::Cuda => Model::random_gpu_bench(),
-        None => Model::random_bench(),
+/// `--plot FILE`: its directory must exist and take a new file, checked before the bench
+/// runs (by creating and removing a probe file there) rather than after it.
+fn check_plot_path(path: &std::path::Path) -> Result<()> {
+    let bad = |msg: &str| Error::Request(format!("--plot {}: {msg}", path.display()));
+    if path.is_dir() {
+        return Err(bad("is a directory"));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
     };
+    if !dir.is_dir() {
+        return Err(bad(&format!("directory {} does not exist", dir.display())));
+    }
+    let probe = dir.join(format!(".remp-plot-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(bad(&format!("cannot write in {}: {e}", dir.display()))),
+    }
+}
+
+fn bench_reconfig(a: BenchArgs) -> Result<()> {
+    // Every check that needs no model comes before loading it.
+    let device = check_device(&a.device)?;
     let from: Topology = a.from.parse()?;
     let to: Topology = a.to.parse()?;
-    from.validate(&model.config)?;
-    to.validate(&model.config)?;
-    if a.requests == 0 {
-        return Err(Error::Request("--requests must be at least 1".into()));
+    if a.repeat == 0 {
+        return Err(Error::Request(
+            "--repeat 0: the modes must run at least once".into(),
+        ));
     }
     let mut bc = BenchConfig::new(from, to);
     bc.requests = a.requests;
-    bc.window = a.window.max(1);
+    bc.window = a.window;
     bc.device = device;
     bc.graphs = check_graphs(a.graphs, device)?;
+    bc.validate()?;
+    if let Some(p) = &a.plot {
+        check_plot_path(p)?;
+    }
+    let model = match &a.model {
+        Some(d) => load_model(&Some(d.clone()))?,
+        None if device == DeviceKind::Cuda => Model::random_gpu_bench(),
+        None => Model::random_bench(),
+    };
+    from.validate(&model.config)?;
+    to.validate(&model.config)?;
+    bc.check(&model.config)?;
+    report_loaded(&a.model, a.json);
     // Bytes copied per second where the pieces move: on a GPU cuMemcpyDtoD (its
     // read + written figure halved), else one thread's memcpy.
     let (bw, bw_source) = match device {
@@ -736,15 +855,10 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
     }
     let modes = [Mode::Online, Mode::StopTheWorld, Mode::Restart];
     let mut all: Vec<Vec<SwitchMetrics>> = vec![Vec::new(); modes.len()];
-    for rep in 0..a.repeat.max(1) {
+    for rep in 0..a.repeat {
         for (i, mode) in modes.iter().enumerate() {
             if !a.json {
-                eprintln!(
-                    "running {} ({}/{}) ...",
-                    mode.name(),
-                    rep + 1,
-                    a.repeat.max(1)
-                );
+                eprintln!("running {} ({}/{}) ...", mode.name(), rep + 1, a.repeat);
             }
             all[i].push(run_mode(&model, &bc, *mode, bw)?);
         }

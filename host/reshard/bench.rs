@@ -12,7 +12,7 @@
 //! worker copies it.
 
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{Model, ModelConfig};
 use crate::parallel::Topology;
 use crate::reshard::executor::ReconfigEvent;
 use crate::runtime::{DeviceKind, Engine, EngineConfig, Request};
@@ -104,6 +104,63 @@ impl BenchConfig {
     }
 }
 
+/// The most live requests `bench-reconfig` decodes ([`BenchConfig::requests`]): more is
+/// refused rather than sizing a KV cache for them.
+pub const MAX_REQUESTS: usize = 1024;
+
+impl BenchConfig {
+    /// New tokens each synthetic request asks for: the steps before the switch, after it,
+    /// and room for the switch itself.
+    fn max_new(&self) -> Option<usize> {
+        self.warmup_steps
+            .checked_add(self.after_steps)?
+            .checked_add(200)
+    }
+
+    /// Checks what needs no model: 1 to [`MAX_REQUESTS`] requests, a window of at least
+    /// one segment, a non-empty synthetic prompt.
+    pub fn validate(&self) -> Result<()> {
+        if self.requests == 0 || self.requests > MAX_REQUESTS {
+            return Err(Error::Request(format!(
+                "bench-reconfig --requests {}: must be 1 to {MAX_REQUESTS}",
+                self.requests
+            )));
+        }
+        if self.window == 0 {
+            return Err(Error::Request(
+                "bench-reconfig --window 0: at least 1 segment must be in flight".into(),
+            ));
+        }
+        if self.prompt_len == 0 || self.max_new().is_none() {
+            return Err(Error::Request(format!(
+                "bench-reconfig: a synthetic prompt of {} tokens with {} + {} steps around the switch is not a workload",
+                self.prompt_len, self.warmup_steps, self.after_steps
+            )));
+        }
+        Ok(())
+    }
+
+    /// [`validate`](Self::validate), then that the bench's synthetic requests fit the
+    /// model's context (`max_position_embeddings`): the prompt and a token for every
+    /// step before the switch, the switch's step, and every step after it.
+    pub fn check(&self, cfg: &ModelConfig) -> Result<()> {
+        self.validate()?;
+        let ctx = cfg.max_position_embeddings;
+        let need = self
+            .prompt_len
+            .checked_add(self.warmup_steps)
+            .and_then(|n| n.checked_add(self.after_steps))
+            .and_then(|n| n.checked_add(2));
+        if need.is_none_or(|n| n > ctx) {
+            return Err(Error::Request(format!(
+                "bench-reconfig: the bench's synthetic prompt of {} tokens, {} steps before the switch and {} after it need more than the model's context of {ctx} tokens (max_position_embeddings)",
+                self.prompt_len, self.warmup_steps, self.after_steps
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Single-thread memcpy bandwidth in bytes per second (best of a few 64 MiB copies).
 pub fn copy_bandwidth() -> f64 {
     let n = 16 << 20; // f32 elements: 64 MiB
@@ -142,7 +199,11 @@ pub fn add_synthetic_requests(
             .collect();
         let mut req = Request::greedy(prompt, max_new);
         req.ignore_eos = true;
-        engine.add_request(req)?;
+        // The prompt is the bench's, not the user's: say so.
+        engine.add_request(req).map_err(|e| match e {
+            Error::Request(msg) => Error::Request(format!("the bench's synthetic request: {msg}")),
+            e => e,
+        })?;
     }
     Ok(())
 }
@@ -155,7 +216,13 @@ pub fn run_mode(
     copy_bw: f64,
 ) -> Result<SwitchMetrics> {
     let cfg = &model.config;
-    let max_new = bc.warmup_steps + bc.after_steps + 200;
+    bc.check(cfg)?;
+    // The engine stops a request at the context anyway: ask no more than fits, so the
+    // KV cache is sized for what runs (the check above leaves room for the run).
+    let max_new = bc
+        .max_new()
+        .unwrap_or(usize::MAX)
+        .min(cfg.max_position_embeddings - bc.prompt_len);
     let per_seq = (bc.prompt_len + max_new).div_ceil(16);
     let mut econf = EngineConfig::new(bc.from);
     econf.workers = Some(bc.from.world_size().max(bc.to.world_size()));

@@ -17,7 +17,7 @@
 use crate::backend::device::graph::GraphCounts;
 use crate::backend::device::Exchange;
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{Model, ModelConfig};
 use crate::parallel::Topology;
 use crate::reshard::bench::add_synthetic_requests;
 use crate::runtime::{DeviceKind, Engine, EngineConfig, Event};
@@ -50,6 +50,65 @@ impl DecodeBenchConfig {
             warmup: 4,
             exchange: Exchange::default(),
             graphs: false,
+        }
+    }
+}
+
+/// The most sequences `bench-decode` decodes together ([`DecodeBenchConfig::batch`]):
+/// more is refused rather than sizing a KV cache (and a prefill) for them.
+pub const MAX_BATCH: usize = 1024;
+
+impl DecodeBenchConfig {
+    /// Checks what needs no model: a batch of 1 to [`MAX_BATCH`] sequences, at least
+    /// one timed step, a non-empty synthetic prompt.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch == 0 || self.steps == 0 {
+            return Err(Error::Request(
+                "bench-decode needs --batch and --steps of at least 1".into(),
+            ));
+        }
+        if self.batch > MAX_BATCH {
+            return Err(Error::Request(format!(
+                "bench-decode --batch {}: at most {MAX_BATCH} sequences",
+                self.batch
+            )));
+        }
+        if self.prompt_len == 0 {
+            return Err(Error::Request(
+                "bench-decode: the synthetic prompt needs at least 1 token".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Tokens each sequence reaches: the synthetic prompt, the prefill's token, the
+    /// warm-up steps and the timed steps (`None` on overflow).
+    fn tokens_per_seq(&self) -> Option<usize> {
+        self.prompt_len
+            .checked_add(self.warmup)?
+            .checked_add(self.steps)?
+            .checked_add(1)
+    }
+
+    /// [`validate`](Self::validate), then that every sequence fits the model's context
+    /// (`max_position_embeddings`): else a timed step would decode nothing. Checked
+    /// before anything runs, with the largest `--steps` that fits.
+    pub fn check(&self, cfg: &ModelConfig) -> Result<()> {
+        self.validate()?;
+        let ctx = cfg.max_position_embeddings;
+        let fixed = self
+            .prompt_len
+            .saturating_add(self.warmup)
+            .saturating_add(1);
+        match self.tokens_per_seq() {
+            Some(n) if n <= ctx => Ok(()),
+            _ => Err(Error::Request(format!(
+                "bench-decode --steps {}: a {}-token synthetic prompt, {} warm-up steps and the steps timed need more than the model's context of {ctx} tokens (max_position_embeddings); at most --steps {}",
+                self.steps,
+                self.prompt_len,
+                self.warmup,
+                ctx.saturating_sub(fixed)
+            ))),
         }
     }
 }
@@ -116,17 +175,14 @@ pub fn cuda_copy_bandwidth() -> Result<f64> {
 
 /// Runs the bench on a fresh engine.
 pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
-    if bc.batch == 0 || bc.steps == 0 {
-        return Err(Error::Request(
-            "bench-decode needs --batch and --steps of at least 1".into(),
-        ));
-    }
     let cfg = &model.config;
+    bc.check(cfg)?;
     let (bandwidth, elem_bytes) = match bc.device {
         DeviceKind::Cuda => (cuda_copy_bandwidth()?, 2),
         DeviceKind::Emulated => (2.0 * crate::reshard::bench::copy_bandwidth(), 2),
         DeviceKind::Cpu => (2.0 * crate::reshard::bench::copy_bandwidth(), 4),
     };
+    // Fits the context (checked above), so none of this overflows.
     let max_new = bc.warmup + bc.steps + 1;
     let per_seq = (bc.prompt_len + max_new).div_ceil(16);
     let mut econf = EngineConfig::new(bc.topology);
