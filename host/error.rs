@@ -40,6 +40,9 @@ pub enum Error {
     Reconfig(String),
     #[error("device: {0}")]
     Device(String),
+    /// The model computed something unusable (a row of logits that is all NaN).
+    #[error("numerics: {0}")]
+    Numerics(String),
 }
 
 /// Runs `f`, turning a panic into the error `wrap` makes of its message: a worker or copy

@@ -222,3 +222,57 @@ fn a_switch_moves_exactly_the_planned_bytes() {
         .unwrap();
     assert_eq!(finished, plan.bytes_moved);
 }
+
+/// A KV cache the engine cannot hold is refused when the engine is built, with a message
+/// saying why, instead of wrapping its size or allocating until the host runs out of
+/// memory: more token slots than 32-bit slot ids address, or more host memory than is
+/// available (the CPU backend keeps K and V in f32).
+#[test]
+fn an_impossible_kv_cache_is_refused_up_front() {
+    let model = Model::random_tiny();
+    for (blocks, want) in [
+        (usize::MAX, "32-bit"),
+        (1usize << 53, "32-bit"),
+        // remp-tiny: 6 layers x 4 KV heads x 32 x 16 tokens x K+V x f32 = 96 KiB a block,
+        // so 2^27 blocks want 12 TiB.
+        (1 << 27, "GiB of host memory"),
+    ] {
+        let mut cfg = EngineConfig::new(Topology::new(1, 1));
+        cfg.kv_blocks = blocks;
+        let err = Engine::new(&model, cfg).err().expect("refused").to_string();
+        assert!(err.contains(want), "kv_blocks {blocks}: {err}");
+    }
+}
+
+/// A model whose logits come out all NaN (here: a NaN final norm) fails the step with a
+/// numerics error on both head paths (the greedy picks and the gathered logits), instead
+/// of emitting token 0.
+#[test]
+fn all_nan_logits_fail_the_step() {
+    use remp::model::TensorSource;
+    use remp::parallel::{Region, TensorKind};
+    use std::sync::Arc;
+    struct NanNorm(Arc<dyn TensorSource>);
+    impl TensorSource for NanNorm {
+        fn read(&self, kind: TensorKind, region: &Region) -> remp::Result<Vec<f32>> {
+            let mut v = self.0.read(kind, region)?;
+            if kind == TensorKind::FinalNorm {
+                v.fill(f32::NAN);
+            }
+            Ok(v)
+        }
+    }
+    let mut model = Model::random_tiny();
+    model.source = Arc::new(NanNorm(model.source.clone()));
+    for (tp, return_logits) in [(1, false), (2, false), (1, true), (2, true)] {
+        let mut e = Engine::new(&model, EngineConfig::new(Topology::new(tp, 1))).unwrap();
+        let mut req = Request::greedy(prompt(3, 4), 2);
+        req.return_logits = return_logits;
+        e.add_request(req).unwrap();
+        let err = e.step().err().expect("a NaN step fails").to_string();
+        assert!(
+            err.contains("NaN"),
+            "tp{tp} return_logits {return_logits}: {err}"
+        );
+    }
+}

@@ -195,6 +195,68 @@ impl FinishReason {
     }
 }
 
+/// Refuses a KV cache the engine cannot hold, before anything is allocated: more token
+/// slots than the `u32` slot ids address (`u32::MAX` is the kernels' "skip" marker), or,
+/// on the host (the CPU backend and the emulator keep the cache in host memory), more
+/// bytes than the host has available (`MemAvailable` of /proc/meminfo, where readable).
+/// A CUDA cache is sized from free device memory by the caller and fails its
+/// allocation cleanly otherwise.
+fn check_kv_size(cfg: &ModelConfig, topo: Topology, econf: &EngineConfig) -> Result<()> {
+    let (blocks, bs) = (econf.kv_blocks, econf.block_size);
+    let max_blocks = (u32::MAX as usize - 1) / bs;
+    if blocks > max_blocks {
+        return Err(Error::Request(format!(
+            "kv_blocks {blocks}: at most {max_blocks} blocks of {bs} tokens (token slots are 32-bit)"
+        )));
+    }
+    if econf.device == DeviceKind::Cuda {
+        return Ok(());
+    }
+    // The CPU backend holds K and V in f32 (twice the bf16 bytes counted here); the
+    // emulator in bf16.
+    let elem_factor = if econf.device == DeviceKind::Cpu {
+        2
+    } else {
+        1
+    };
+    let per_block = crate::parallel::devices::kv_bytes_per_block(cfg, topo, bs)?;
+    let bytes = per_block
+        .checked_mul(blocks as u64)
+        .and_then(|b| b.checked_mul(elem_factor));
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match (bytes, host_available_bytes()) {
+        (None, _) => Err(Error::Request(format!(
+            "kv_blocks {blocks}: the KV cache's size overflows 64 bits"
+        ))),
+        (Some(b), Some(avail)) if b > avail => Err(Error::Request(format!(
+            "kv_blocks {blocks}: the KV cache needs {:.2} GiB of host memory for {topo}, {:.2} GiB are available; use fewer blocks",
+            gib(b),
+            gib(avail)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A row of logits that is all NaN (a broken checkpoint or overflow in the forward pass)
+/// is an error rather than token 0, as on the greedy path ([`merge_picks`]).
+fn check_logits(logits: &[f32], vocab: usize) -> Result<()> {
+    match logits
+        .chunks_exact(vocab.max(1))
+        .position(|row| row.iter().all(|v| v.is_nan()))
+    {
+        Some(r) => Err(Error::Numerics(format!("row {r}: every logit is NaN"))),
+        None => Ok(()),
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo in bytes (`None` where it cannot be read).
+fn host_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// What the driver gathered from a step's LM head (see [`HeadOutput`]).
 enum HeadResult {
     /// `[rows, vocab]` in vocabulary order.
@@ -452,6 +514,7 @@ impl Engine {
                 "block_size, kv_blocks and max_running must be positive".into(),
             ));
         }
+        check_kv_size(&cfg, topo, &econf)?;
         let placement = Placement::static_topology(topo, &cfg)?;
         let geom = KvGeometry {
             num_blocks: econf.kv_blocks,
@@ -809,6 +872,7 @@ impl Engine {
                     rows * vocab
                 )));
             }
+            check_logits(&part, vocab)?;
             return Ok(HeadResult::Logits(part));
         }
         let mut logits = vec![0.0f32; rows * vocab];
@@ -827,6 +891,7 @@ impl Engine {
                     .copy_from_slice(&part[i * vr.len()..(i + 1) * vr.len()]);
             }
         }
+        check_logits(&logits, vocab)?;
         Ok(HeadResult::Logits(logits))
     }
 

@@ -45,8 +45,7 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
         Sampling::Random {
             temperature, top_p, ..
         } => {
-            let mut p: Vec<f32> = logits.iter().map(|&x| x / temperature).collect();
-            ops::softmax(&mut p);
+            let p = probabilities(logits, temperature);
             let n = p.len();
             // Most probable first, ties to the lower index: a total order, so the first k
             // after a partial selection and a sort of those k are exactly the first k of
@@ -143,10 +142,23 @@ pub fn merge_picks(parts: &[(Range<usize>, Vec<f32>)], rows: usize) -> Result<Ve
             }
         }
     }
-    Ok(best
-        .into_iter()
-        .map(|b| b.map_or(0, |(_, i)| i as u32))
-        .collect())
+    best.into_iter()
+        .enumerate()
+        .map(|(r, b)| match b {
+            Some((v, i)) if !v.is_nan() => Ok(i as u32),
+            _ => Err(Error::Numerics(format!("row {r}: every logit is NaN"))),
+        })
+        .collect()
+}
+
+/// The sampling probabilities of a row of logits at `temperature`: softmax of
+/// `(x - max) / temperature`, the max subtracted first, so that a tiny temperature
+/// sends the other logits to -inf (probability 0) instead of every logit to ±inf (NaN).
+fn probabilities(logits: &[f32], temperature: f32) -> Vec<f32> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut p: Vec<f32> = logits.iter().map(|&x| (x - max) / temperature).collect();
+    ops::softmax(&mut p);
+    p
 }
 
 #[cfg(test)]
@@ -189,7 +201,19 @@ mod tests {
                     (sl, picks)
                 })
                 .collect();
-            let got = merge_picks(&parts, rows).unwrap();
+            let all_nan = |i: usize| {
+                logits[i * vocab..(i + 1) * vocab]
+                    .iter()
+                    .all(|v| v.is_nan())
+            };
+            let Ok(got) = merge_picks(&parts, rows) else {
+                assert!(
+                    (0..rows).any(all_nan),
+                    "seed {seed}: error without a NaN row"
+                );
+                continue;
+            };
+            assert!(!(0..rows).any(all_nan), "seed {seed}: a NaN row picked");
             for (i, &g) in got.iter().enumerate() {
                 let row = &logits[i * vocab..(i + 1) * vocab];
                 assert_eq!(
@@ -203,8 +227,7 @@ mod tests {
 
     /// `sample`'s top-p as it was: a full sort of the vocabulary (the reference).
     fn top_p_full_sort(logits: &[f32], temperature: f32, top_p: f32, rng: &mut Rng) -> u32 {
-        let mut p: Vec<f32> = logits.iter().map(|&x| x / temperature).collect();
-        ops::softmax(&mut p);
+        let p = probabilities(logits, temperature);
         let mut idx: Vec<usize> = (0..p.len()).collect();
         idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
         let mut keep = 0;
@@ -262,10 +285,31 @@ mod tests {
         }
     }
 
+    /// A temperature so small that logits / temperature overflow still samples the
+    /// largest logit (it gave NaN probabilities, and the last token, before).
+    #[test]
+    fn a_tiny_temperature_samples_the_max() {
+        let logits = [0.5f32, 3.0, -1.0, 2.9];
+        for temperature in [1e-38f32, 1e-45, 1e-30] {
+            let s = Sampling::Random {
+                temperature,
+                top_p: 0.9,
+                seed: 0,
+            };
+            let mut rng = Rng::new(3);
+            for _ in 0..20 {
+                assert_eq!(sample(&logits, &s, &mut rng), 1, "T {temperature}");
+            }
+        }
+    }
+
     #[test]
     fn malformed_picks_are_errors() {
         assert!(merge_picks(&[(0..4, vec![1.0])], 1).is_err());
         assert!(merge_picks(&[(0..4, pack_picks(&[1.0], &[4]))], 1).is_err());
+        // A row whose logits are all NaN (the kernel sends NaN at 0): an error, not 0.
+        let nan = merge_picks(&[(0..4, pack_picks(&[f32::NAN], &[0]))], 1);
+        assert!(matches!(nan, Err(Error::Numerics(_))), "{nan:?}");
         assert_eq!(
             merge_picks(&[(0..4, pack_picks(&[1.0], &[3]))], 1).unwrap(),
             vec![3]
