@@ -819,3 +819,299 @@ fn generate_reconfigure_reports_the_switch_and_keeps_the_tokens() {
         ids(&p["requests"][0]["output_ids"])
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Bad input: plan, bench-decode, bench-reconfig, sampling and switch flags
+
+/// Runs `args` (plain and with `--json`) and checks it succeeds.
+fn expect_ok(args: &[&str]) -> Run {
+    let r = remp(args);
+    assert!(
+        !r.stderr.contains("panicked"),
+        "remp {args:?}: {}",
+        r.stderr
+    );
+    assert_eq!(r.code, Some(0), "remp {args:?}: {}", r.stderr);
+    r
+}
+
+/// `plan --workers` is bounded (the two world sizes added) and `--elem-bytes` is 4 or 2:
+/// huge values are refused by name, not a panic, an allocation or a minutes-long search.
+#[test]
+fn plan_workers_and_elem_bytes() {
+    let base = ["plan", "--from", "tp2pp2", "--to", "tp4pp1"];
+    for n in ["18446744073709551615", "1000000", "5000", "9"] {
+        let mut a = base.to_vec();
+        a.extend(["--workers", n]);
+        expect_bad(&a, &[&format!("--workers {n}"), "at most 8"]);
+    }
+    for b in ["3", "0", "1", "8", "18446744073709551615"] {
+        let mut a = base.to_vec();
+        a.extend(["--elem-bytes", b]);
+        expect_bad(&a, &[&format!("--elem-bytes {b}"), "4", "2"]);
+    }
+    // The bound itself, and both element sizes, still plan.
+    let mut a = base.to_vec();
+    a.extend(["--workers", "8", "--elem-bytes", "2", "--json"]);
+    let v = parse_one_object(&expect_ok(&a).stdout);
+    assert!(v.is_object());
+    let mut a = base.to_vec();
+    a.extend(["--elem-bytes", "4"]);
+    expect_ok(&a);
+}
+
+/// bench-decode checks its arguments before loading or running anything: a bad batch or
+/// step count is the one stderr line (no "loaded" line first), and steps that would run
+/// past the model's context are refused up front with the largest count that fits.
+#[test]
+fn bench_decode_checks_up_front() {
+    let m = tiny();
+    let bd = |extra: &[&'static str]| -> Vec<String> {
+        ["bench-decode", "--model", &m]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let cases: [(&[&str], &[&str]); 5] = [
+        (&["--batch", "0"], &["--batch", "at least 1"]),
+        (&["--steps", "0"], &["--steps", "at least 1"]),
+        (&["--batch", "5000"], &["--batch 5000", "1024"]),
+        // steps + warm-up + prompt + 1 overflows usize: no capacity-overflow panic.
+        (
+            &["--steps", "18446744073709551615"],
+            &[
+                "--steps 18446744073709551615",
+                "1024",
+                "at most --steps 987",
+            ],
+        ),
+        (
+            &["--steps", "2000"],
+            &["--steps 2000", "context of 1024", "at most --steps 987"],
+        ),
+    ];
+    for (extra, names) in cases {
+        let a = bd(extra);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        expect_bad(&a, names);
+    }
+    // The built-in model too (no --model).
+    expect_bad(
+        &["bench-decode", "--steps", "18446744073709551615"],
+        &["--steps 18446744073709551615", "at most --steps"],
+    );
+    // At the limit exactly (32 + 4 + 11 + 1 = 48 tokens) it runs; one more is refused.
+    let d = tiny_copy("bench-ctx");
+    edit_config(&d.0, |c| {
+        c.insert("max_position_embeddings".into(), 48.into());
+    });
+    expect_bad(
+        &["bench-decode", "--model", d.path(), "--steps", "12"],
+        &["--steps 12", "context of 48", "at most --steps 11"],
+    );
+    let r = expect_ok(&[
+        "bench-decode",
+        "--model",
+        d.path(),
+        "--steps",
+        "11",
+        "--json",
+    ]);
+    let v = parse_one_object(&r.stdout);
+    assert!(v["median_step_ms"].as_f64().is_some(), "{v}");
+}
+
+/// bench-reconfig refuses a zero window, repeat or request count (they used to become 1
+/// silently), checks that --plot can be written and that its synthetic requests fit the
+/// context, all before loading the model or running a mode.
+#[test]
+fn bench_reconfig_checks_up_front() {
+    let m = tiny();
+    let cases: [(&[&str], &[&str]); 6] = [
+        (&["--window", "0"], &["--window 0"]),
+        (&["--repeat", "0"], &["--repeat 0"]),
+        (&["--requests", "0"], &["--requests 0"]),
+        (&["--requests", "100000"], &["--requests 100000", "1024"]),
+        (
+            &["--plot", "/nonexistent/dir/x.svg"],
+            &[
+                "--plot /nonexistent/dir/x.svg",
+                "/nonexistent/dir",
+                "does not exist",
+            ],
+        ),
+        (&["--plot", "/"], &["--plot /", "directory"]),
+    ];
+    for (extra, names) in cases {
+        let mut a = vec!["bench-reconfig", "--model", &m];
+        a.extend_from_slice(extra);
+        let t0 = Instant::now();
+        expect_bad(&a, names);
+        // Refused before any mode runs (a run takes seconds even on remp-tiny).
+        assert!(t0.elapsed() < Duration::from_secs(20), "{a:?} ran first");
+    }
+    // The bench's own prompt (32 tokens) and steps around the switch (12 + 6) need more
+    // than a 40-token context: the message says whose prompt it is.
+    let d = tiny_copy("reconfig-ctx");
+    edit_config(&d.0, |c| {
+        c.insert("max_position_embeddings".into(), 40.into());
+    });
+    expect_bad(
+        &["bench-reconfig", "--model", d.path(), "--requests", "1"],
+        &["synthetic prompt of 32 tokens", "context of 40"],
+    );
+}
+
+/// --top-p is range-checked even when decoding is greedy; --top-p and --seed given to a
+/// greedy run are a warning line on stderr, not an error, and change nothing.
+#[test]
+fn sampling_flags() {
+    for p in ["1.5", "nan", "0", "-0.5", "inf"] {
+        let flag = format!("--top-p={p}");
+        expect_bad(
+            &["generate", "--prompt-ids", "1,2", &flag],
+            &["--top-p", "(0, 1]"],
+        );
+        expect_bad(
+            &[
+                "generate",
+                "--prompt-ids",
+                "1,2",
+                "--temperature",
+                "0.7",
+                &flag,
+            ],
+            &["--top-p", "(0, 1]"],
+        );
+    }
+    let base = [
+        "generate",
+        "--prompt-ids",
+        "1,2",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ];
+    let plain = expect_ok(&base);
+    assert!(plain.stderr.is_empty(), "{}", plain.stderr);
+    for (extra, named) in [
+        (&["--seed", "5"][..], &["--seed"][..]),
+        (&["--top-p", "0.5"][..], &["--top-p"][..]),
+        (
+            &["--seed", "5", "--top-p", "0.5"][..],
+            &["--seed", "--top-p"][..],
+        ),
+    ] {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        let r = expect_ok(&a);
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{}", r.stderr);
+        assert!(lines[0].starts_with("warning:"), "{}", r.stderr);
+        for n in named {
+            assert!(lines[0].contains(n), "{}", r.stderr);
+        }
+        // Greedy all the same: the tokens of the plain run.
+        let (v, p) = (parse_one_object(&r.stdout), parse_one_object(&plain.stdout));
+        assert_eq!(
+            ids(&v["requests"][0]["output_ids"]),
+            ids(&p["requests"][0]["output_ids"])
+        );
+    }
+    // With sampling on, the flags apply: no warning.
+    let mut a = base.to_vec();
+    a.extend(["--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]);
+    let r = expect_ok(&a);
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+}
+
+/// Every `--reconfigure` either happens or is reported: two at one step are refused up
+/// front; one due after the run ended, or still deferred behind another switch when it
+/// ended, is a warning line and a `skipped_reconfigurations` entry.
+#[test]
+fn reconfigure_schedules_are_kept_or_reported() {
+    expect_bad(
+        &[
+            "generate",
+            "--prompt-ids",
+            "1,2",
+            "--reconfigure",
+            "2:tp2",
+            "--reconfigure",
+            "1:tp4",
+            "--reconfigure",
+            "2:pp2",
+        ],
+        &["--reconfigure", "step 2", "tp2pp1", "tp1pp2"],
+    );
+    let base = [
+        "generate",
+        "--prompt-ids",
+        "1,2",
+        "--max-new-tokens",
+        "4",
+        "--ignore-eos",
+    ];
+    let mut a = base.to_vec();
+    a.extend(["--reconfigure", "18446744073709551615:tp2"]);
+    let r = expect_ok(&a);
+    let warn: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(warn.len(), 1, "{}", r.stderr);
+    assert!(
+        warn[0].contains("18446744073709551615:tp2pp1") && warn[0].contains("not performed"),
+        "{}",
+        r.stderr
+    );
+    a.push("--json");
+    let r = expect_ok(&a);
+    let v = parse_one_object(&r.stdout);
+    assert_eq!(v["final_topology"], "tp1pp1", "{v}");
+    assert_eq!(
+        v["reconfigurations"].as_array().map(Vec::len),
+        Some(0),
+        "{v}"
+    );
+    let sk = &v["skipped_reconfigurations"];
+    assert_eq!(sk.as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(sk[0]["scheduled_at_step"], 18446744073709551615u64, "{v}");
+    assert_eq!(sk[0]["to"], "tp2pp1", "{v}");
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    // Three switches on a short run: however many the run had time for, the rest are
+    // each reported (the count of both lists is the schedule's).
+    let mut a = base.to_vec();
+    a.extend([
+        "--reconfigure",
+        "1:tp2",
+        "--reconfigure",
+        "2:tp4",
+        "--reconfigure",
+        "3:pp6",
+        "--json",
+    ]);
+    let r = expect_ok(&a);
+    let v = parse_one_object(&r.stdout);
+    let done = v["reconfigurations"].as_array().map_or(0, Vec::len);
+    let skipped = v["skipped_reconfigurations"].as_array().map_or(0, Vec::len);
+    assert_eq!(done + skipped, 3, "{v}");
+    let warns = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("not performed"))
+        .count();
+    assert_eq!(warns, skipped, "{}", r.stderr);
+    // And on a run long enough for all of them, none is skipped.
+    let mut a = a.clone();
+    a[4] = "40";
+    let v = parse_one_object(&expect_ok(&a).stdout);
+    assert_eq!(
+        v["reconfigurations"].as_array().map(Vec::len),
+        Some(3),
+        "{v}"
+    );
+    assert_eq!(v["final_topology"], "tp1pp6", "{v}");
+}
