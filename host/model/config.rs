@@ -236,7 +236,7 @@ impl ModelConfig {
                 let e32 = e as f32;
                 if !(e32.is_finite() && e32 > 0.0) {
                     return Err(err(format!(
-                        "`rms_norm_eps` {e} is {e32} in f32 (must be a finite number > 0)"
+                        "`rms_norm_eps` {e:e} is {e32} in f32 (must be a finite number > 0)"
                     )));
                 }
                 e32

@@ -371,28 +371,36 @@ fn parse_header(
     // two ranges that overlap (one tensor read as another's bytes), a gap or trailing
     // bytes mean a corrupt header.
     ranges.sort_unstable();
+    // Overlaps first (the sharper diagnosis: a range moved onto another tensor's bytes
+    // also leaves a gap where it was).
     let mut end = 0usize;
-    let mut prev: Option<&str> = None;
+    let mut prev = "";
     for &(s, e, name) in &ranges {
-        let tbad = |msg: String| Error::Tensor {
-            file: path.to_path_buf(),
-            tensor: name.to_owned(),
-            msg,
-        };
         if s < end {
-            return Err(tbad(format!(
-                "data_offsets [{s}, {e}] overlap tensor `{}` (which ends at {end})",
-                prev.unwrap_or_default()
-            )));
-        }
-        if s > end {
-            return Err(tbad(format!(
-                "data_offsets [{s}, {e}] leave a gap after byte {end}: tensors must be \
-                 contiguous"
-            )));
+            return Err(Error::Tensor {
+                file: path.to_path_buf(),
+                tensor: name.to_owned(),
+                msg: format!(
+                    "data_offsets [{s}, {e}] overlap tensor `{prev}`'s bytes (which end at {end})"
+                ),
+            });
         }
         end = e;
-        prev = Some(name);
+        prev = name;
+    }
+    let mut end = 0usize;
+    for &(s, e, name) in &ranges {
+        if s > end {
+            return Err(Error::Tensor {
+                file: path.to_path_buf(),
+                tensor: name.to_owned(),
+                msg: format!(
+                    "data_offsets [{s}, {e}] leave bytes {end}..{s} unused: tensors must be \
+                     contiguous"
+                ),
+            });
+        }
+        end = e;
     }
     if end != data_len {
         return Err(bad(format!(
