@@ -13,7 +13,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use remp::backend::cpu::ops;
-use remp::runtime::sampling::{sample, Rng, Sampling};
+use remp::runtime::sampling::{sample, top_p_by_full_sort, Rng, Sampling};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -32,29 +32,10 @@ fn argmax_one_chain(x: &[f32]) -> usize {
     best
 }
 
-/// Top-p as `sample` did it before: softmax, a full sort, the nucleus, one draw.
+/// Top-p as `sample` did it before (softmax, a full sort, the nucleus, one draw), at
+/// temperature 1.
 fn top_p_full_sort(logits: &[f32], rng: &mut Rng) -> u32 {
-    let mut p = logits.to_vec();
-    ops::softmax(&mut p);
-    let mut idx: Vec<usize> = (0..p.len()).collect();
-    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-    let (mut keep, mut cum) = (0, 0.0f64);
-    for &i in &idx {
-        cum += p[i] as f64;
-        keep += 1;
-        if cum >= TOP_P as f64 {
-            break;
-        }
-    }
-    let r = rng.next_f64() * cum;
-    let mut acc = 0.0f64;
-    for &i in &idx[..keep] {
-        acc += p[i] as f64;
-        if r < acc {
-            return i as u32;
-        }
-    }
-    idx[keep - 1] as u32
+    top_p_by_full_sort(logits, 1.0, TOP_P, rng)
 }
 
 /// Seconds per call of `f` over all rows (20 calls), for the printed ratios.

@@ -56,36 +56,63 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut Rng) -> u32 {
             let order = |a: &usize, b: &usize| p[*b].total_cmp(&p[*a]).then(a.cmp(b));
             let mut idx: Vec<usize> = (0..n).collect();
             let mut k = n.min(64);
-            let (keep, cum) = loop {
+            loop {
                 if k < n {
                     idx.select_nth_unstable_by(k, order);
                 }
                 idx[..k].sort_by(order);
-                let mut keep = 0;
-                let mut cum = 0.0f64;
-                for &i in &idx[..k] {
-                    cum += p[i] as f64;
-                    keep += 1;
-                    if cum >= top_p as f64 {
-                        break;
-                    }
-                }
-                if cum >= top_p as f64 || k == n {
-                    break (keep, cum);
+                if let Some(tok) = draw_from_nucleus(&p, &idx[..k], top_p, k == n, rng) {
+                    return tok;
                 }
                 k = n.min(16 * k);
-            };
-            let r = rng.next_f64() * cum;
-            let mut acc = 0.0f64;
-            for &i in &idx[..keep] {
-                acc += p[i] as f64;
-                if r < acc {
-                    return i as u32;
-                }
             }
-            idx[keep - 1] as u32
         }
     }
+}
+
+/// The draw of top-p sampling from probabilities `p` with `sorted` their most probable
+/// indices in order: keeps the shortest prefix whose mass reaches `top_p` and draws from
+/// it. `None` when `sorted` is short of that mass and not `all` of the vocabulary (the
+/// caller sorts more); with `all`, the whole of it is the nucleus.
+fn draw_from_nucleus(
+    p: &[f32],
+    sorted: &[usize],
+    top_p: f32,
+    all: bool,
+    rng: &mut Rng,
+) -> Option<u32> {
+    let mut keep = 0;
+    let mut cum = 0.0f64;
+    for &i in sorted {
+        cum += p[i] as f64;
+        keep += 1;
+        if cum >= top_p as f64 {
+            break;
+        }
+    }
+    if cum < top_p as f64 && !all {
+        return None;
+    }
+    let r = rng.next_f64() * cum;
+    let mut acc = 0.0f64;
+    for &i in &sorted[..keep] {
+        acc += p[i] as f64;
+        if r < acc {
+            return Some(i as u32);
+        }
+    }
+    Some(sorted[keep - 1] as u32)
+}
+
+/// Top-p by a full sort of the vocabulary: what [`sample`] did before it selected the
+/// nucleus partially, kept as the reference its tests and `benches/sampling.rs` compare
+/// against (the same draws, seed for seed).
+#[doc(hidden)]
+pub fn top_p_by_full_sort(logits: &[f32], temperature: f32, top_p: f32, rng: &mut Rng) -> u32 {
+    let p = probabilities(logits, temperature);
+    let mut idx: Vec<usize> = (0..p.len()).collect();
+    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    draw_from_nucleus(&p, &idx, top_p, true, rng).unwrap_or(0)
 }
 
 /// Each row's greedy pick within one vocabulary slice, as an LM head rank sends it to the
@@ -225,31 +252,6 @@ mod tests {
         }
     }
 
-    /// `sample`'s top-p as it was: a full sort of the vocabulary (the reference).
-    fn top_p_full_sort(logits: &[f32], temperature: f32, top_p: f32, rng: &mut Rng) -> u32 {
-        let p = probabilities(logits, temperature);
-        let mut idx: Vec<usize> = (0..p.len()).collect();
-        idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-        let mut keep = 0;
-        let mut cum = 0.0f64;
-        for &i in &idx {
-            cum += p[i] as f64;
-            keep += 1;
-            if cum >= top_p as f64 {
-                break;
-            }
-        }
-        let r = rng.next_f64() * cum;
-        let mut acc = 0.0f64;
-        for &i in &idx[..keep] {
-            acc += p[i] as f64;
-            if r < acc {
-                return i as u32;
-            }
-        }
-        idx[keep - 1] as u32
-    }
-
     /// The partial selection draws exactly the tokens the full sort drew, seed for seed:
     /// flat and peaked rows (nuclei of a few tokens to most of the vocabulary), ties, and
     /// vocabularies below and above the first selection's 64.
@@ -278,7 +280,7 @@ mod tests {
             for _ in 0..5 {
                 assert_eq!(
                     sample(&logits, &s, &mut a),
-                    top_p_full_sort(&logits, temperature, top_p, &mut b),
+                    top_p_by_full_sort(&logits, temperature, top_p, &mut b),
                     "seed {seed}: vocab {vocab}, T {temperature}, top_p {top_p}"
                 );
             }
