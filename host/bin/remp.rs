@@ -563,7 +563,7 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
     } else {
         for r in &reconfigs {
             eprintln!(
-                "switch {} -> {}: steps {} -> {}, {:.1} ms, {} bytes moved, peak extra {} bytes, max gap {:.1} ms (median step {:.1} ms)",
+                "switch {} -> {}: steps {} -> {}, {:.1} ms, {} bytes moved, peak extra {} bytes, max gap {:.1} ms (median step {})",
                 r["from"].as_str().unwrap_or(""),
                 r["to"].as_str().unwrap_or(""),
                 r["requested_at_step"],
@@ -572,7 +572,9 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
                 r["bytes_moved"],
                 r["peak_extra_bytes"],
                 r["max_step_gap_ms"].as_f64().unwrap_or(0.0),
-                r["median_step_ms"].as_f64().unwrap_or(0.0),
+                r["median_step_ms"]
+                    .as_f64()
+                    .map_or("n/a: no step outside the switch".into(), |m| format!("{m:.1} ms")),
             );
         }
         for (i, r) in reqs.iter().enumerate() {
@@ -638,7 +640,8 @@ fn reconfig_report(
             .map(|(_, g)| *g)
             .collect();
         outside.sort_by(|a, b| a.total_cmp(b));
-        let median = outside.get(outside.len() / 2).copied().unwrap_or(0.0);
+        // (None: every step of the run overlapped the switch; there is nothing to compare)
+        let median = outside.get(outside.len() / 2).copied();
         out.push(json!({
             "from": from,
             "to": to.to_string(),
