@@ -344,7 +344,7 @@ fn parse_header(
                 offs[1]
             )));
         }
-        if offs[0] % dtype.size() != 0 {
+        if !offs[0].is_multiple_of(dtype.size()) {
             return Err(tbad(format!(
                 "data_offsets {offs:?}: start not aligned to its {}-byte elements",
                 dtype.size()
