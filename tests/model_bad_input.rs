@@ -187,6 +187,38 @@ fn checkpoint_with_more_layers_than_the_config() {
 }
 
 #[test]
+fn tensors_the_config_does_not_use() {
+    // A q_proj bias with `attention_bias: false`: once ignored (run without it).
+    let d = tiny_copy("extra-bias");
+    let (mut e, mut data) = read_raw(&d.0);
+    let name = "model.layers.2.self_attn.q_proj.bias";
+    let end = data.len() as u64;
+    e.push((
+        name.into(),
+        json!({"dtype": "BF16", "shape": [256], "data_offsets": [end, end + 512]}),
+    ));
+    data.extend([0u8; 512]);
+    write_raw(&d.0, &e, &data);
+    expect_err(&d.0, &[name, "attention_bias", "model.safetensors"]);
+    // With the config asking for the biases, the checkpoint must hold all of them.
+    edit_config(&d.0, |c| {
+        c.insert("attention_bias".into(), true.into());
+    });
+    expect_err(&d.0, &["model.layers.0.self_attn.q_proj.bias", "missing"]);
+    // An exported rotary buffer is tolerated.
+    let d = tiny_copy("inv-freq");
+    let (mut e, mut data) = read_raw(&d.0);
+    let end = data.len() as u64;
+    e.push((
+        "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+        json!({"dtype": "F32", "shape": [16], "data_offsets": [end, end + 64]}),
+    ));
+    data.extend([0u8; 64]);
+    write_raw(&d.0, &e, &data);
+    Model::load(&d.0).unwrap();
+}
+
+#[test]
 fn non_finite_weights() {
     // A NaN norm weight once gave token 0 with exit status 0: fails the load.
     let d = tiny_copy("nan-norm");

@@ -210,6 +210,7 @@ impl SafetensorsSource {
         }
         src.check(TensorKind::FinalNorm)?;
         src.check(TensorKind::LmHead)?;
+        src.check_no_extra()?;
         // Norm weights and biases are small: read them whole now, so a non-finite value
         // fails the load instead of the first forward pass. (Matrices are checked as
         // ranks read their regions, see `read`.)
@@ -226,6 +227,46 @@ impl SafetensorsSource {
             src.read(kind, &Region::new(0..rows, 0..cols))?;
         }
         Ok(src)
+    }
+
+    /// Every tensor of the checkpoint is one the config uses: biases the config does not
+    /// enable (or any other stray tensor) would otherwise be ignored silently and the
+    /// model run without them. Tolerated: the rotary `inv_freq` buffers older exports
+    /// saved (recomputed here), and `lm_head.weight` beside tied embeddings (transformers
+    /// ties it away too).
+    fn check_no_extra(&self) -> Result<()> {
+        let cfg = &self.cfg;
+        let expected: std::collections::HashSet<String> = all_tensors(cfg)
+            .into_iter()
+            .map(|k| k.hf_name(cfg))
+            .collect();
+        let extra = self
+            .entries
+            .keys()
+            .filter(|n| !expected.contains(*n))
+            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+            .filter(|n| !(cfg.tie_word_embeddings && *n == "lm_head.weight"))
+            .min();
+        let Some(name) = extra else {
+            return Ok(());
+        };
+        let hint = if name.ends_with("_proj.bias") {
+            if name.contains(".mlp.") {
+                " (config.json has no `mlp_bias: true`)"
+            } else {
+                " (config.json has no `attention_bias: true`)"
+            }
+        } else {
+            ""
+        };
+        Err(Error::Tensor {
+            file: self.files[self.entries[name].file].0.clone(),
+            tensor: name.clone(),
+            msg: format!(
+                "not a tensor this model's config uses{hint}: the checkpoint does not match \
+                 its config"
+            ),
+        })
     }
 
     fn check(&self, kind: TensorKind) -> Result<()> {
