@@ -269,7 +269,7 @@ fn all_nan_logits_fail_the_step() {
         let mut req = Request::greedy(prompt(3, 4), 2);
         req.return_logits = return_logits;
         e.add_request(req).unwrap();
-        let err = e.step().err().expect("a NaN step fails").to_string();
+        let err = e.step().expect_err("a NaN step fails").to_string();
         assert!(
             err.contains("NaN"),
             "tp{tp} return_logits {return_logits}: {err}"
