@@ -928,7 +928,9 @@ fn bench_decode_checks_up_front() {
 #[test]
 fn bench_reconfig_checks_up_front() {
     let m = tiny();
-    let cases: [(&[&str], &[&str]); 6] = [
+    let trailing = std::env::temp_dir().join("remp-plot-trailing.svg/");
+    let trailing = trailing.to_str().unwrap();
+    let cases: [(&[&str], &[&str]); 7] = [
         (&["--window", "0"], &["--window 0"]),
         (&["--repeat", "0"], &["--repeat 0"]),
         (&["--requests", "0"], &["--requests 0"]),
@@ -942,6 +944,8 @@ fn bench_reconfig_checks_up_front() {
             ],
         ),
         (&["--plot", "/"], &["--plot /", "directory"]),
+        // A file name with a trailing separator (its parent exists) names a directory.
+        (&["--plot", trailing], &["directory"]),
     ];
     for (extra, names) in cases {
         let mut a = vec!["bench-reconfig", "--model", &m];
@@ -961,6 +965,32 @@ fn bench_reconfig_checks_up_front() {
         &["bench-reconfig", "--model", d.path(), "--requests", "1"],
         &["synthetic prompt of 32 tokens", "context of 40"],
     );
+    // 52 tokens pass that check (32 + 12 + 6 + 2), but an online switch one segment at a
+    // time takes more steps than that leaves: the requests reach the context during the
+    // switch, and the bench says so instead of timing an idle engine after it (a
+    // failure while running: the progress lines before the error line are fine).
+    edit_config(&d.0, |c| {
+        c.insert("max_position_embeddings".into(), 52.into());
+    });
+    let r = remp(&[
+        "bench-reconfig",
+        "--model",
+        d.path(),
+        "--requests",
+        "1",
+        "--window",
+        "1",
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    let last = r.stderr.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error:")
+            && last.contains("decoded 0 tokens, not 1")
+            && last.contains("context of 52"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
 }
 
 /// --top-p is range-checked even when decoding is greedy; --top-p and --seed given to a

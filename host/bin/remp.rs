@@ -782,11 +782,18 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     Ok(())
 }
 
-/// `--plot FILE`: its directory must exist and take a new file, checked before the bench
-/// runs (by creating and removing a probe file there) rather than after it.
+/// `--plot FILE`: checked before the bench runs rather than after it: not a directory
+/// (nor a path ending in a separator), in an existing directory, and writable: the
+/// file itself is opened for writing without truncating it (created if missing, and then
+/// removed again, so a failed bench leaves nothing behind).
 fn check_plot_path(path: &std::path::Path) -> Result<()> {
     let bad = |msg: &str| Error::Request(format!("--plot {}: {msg}", path.display()));
-    if path.is_dir() {
+    if path.is_dir()
+        || path
+            .as_os_str()
+            .to_string_lossy()
+            .ends_with(std::path::MAIN_SEPARATOR)
+    {
         return Err(bad("is a directory"));
     }
     let dir = match path.parent() {
@@ -796,17 +803,20 @@ fn check_plot_path(path: &std::path::Path) -> Result<()> {
     if !dir.is_dir() {
         return Err(bad(&format!("directory {} does not exist", dir.display())));
     }
-    let probe = dir.join(format!(".remp-plot-probe-{}", std::process::id()));
+    let existed = path.exists();
     match std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
-        .open(&probe)
+        .create(true)
+        .truncate(false)
+        .open(path)
     {
         Ok(_) => {
-            let _ = std::fs::remove_file(&probe);
+            if !existed {
+                let _ = std::fs::remove_file(path);
+            }
             Ok(())
         }
-        Err(e) => Err(bad(&format!("cannot write in {}: {e}", dir.display()))),
+        Err(e) => Err(bad(&format!("cannot be written: {e}"))),
     }
 }
 

@@ -227,6 +227,9 @@ pub fn run_mode(
     let mut econf = EngineConfig::new(bc.from);
     econf.workers = Some(bc.from.world_size().max(bc.to.world_size()));
     econf.kv_blocks = per_seq * bc.requests;
+    // every request admitted in the one prefill step and decoding in every step after it
+    econf.max_running = bc.requests;
+    econf.max_prefill_tokens = bc.requests * bc.prompt_len;
     econf.device = bc.device;
     econf.graphs = bc.graphs;
     let mut engine = Engine::new(model, econf)?;
@@ -239,11 +242,30 @@ pub fn run_mode(
     )?;
     let t0 = Instant::now();
     let ms = |t: Instant| t.duration_since(t0).as_secs_f64() * 1e3;
+    // A timed step must decode a token of every request: if the requests reached the
+    // context during a long switch, the steps after it would time an idle engine.
+    let step = |engine: &mut Engine| -> Result<()> {
+        let events = engine.step()?;
+        let tokens = events
+            .iter()
+            .filter(|e| matches!(e, crate::runtime::Event::Token { .. }))
+            .count();
+        if tokens == bc.requests {
+            Ok(())
+        } else {
+            Err(Error::Request(format!(
+                "bench-reconfig ({}): a step decoded {tokens} tokens, not {}: the synthetic requests reached the model's context of {} tokens (use fewer steps or a larger --window)",
+                mode.name(),
+                bc.requests,
+                cfg.max_position_embeddings
+            )))
+        }
+    };
     let mut ends = vec![0.0f64];
-    engine.step()?; // prefill; its end is the first token
+    step(&mut engine)?; // prefill; its end is the first token
     ends[0] = ms(Instant::now());
     for _ in 0..bc.warmup_steps {
-        engine.step()?;
+        step(&mut engine)?;
         ends.push(ms(Instant::now()));
     }
     let (_, plan) = engine.plan_reconfigure(bc.to)?;
@@ -263,7 +285,7 @@ pub fn run_mode(
                 },
             )?;
             while engine.reconfig_in_progress() {
-                engine.step()?;
+                step(&mut engine)?;
                 ends.push(ms(Instant::now()));
                 if ends.len() > switch_at + 10_000 {
                     return Err(Error::Reconfig("online switch does not finish".into()));
@@ -274,7 +296,7 @@ pub fn run_mode(
         Mode::Restart => {
             engine.restart(bc.to)?;
             // The first step after a restart re-prefills every live request.
-            engine.step()?;
+            step(&mut engine)?;
             ends.push(ms(Instant::now()));
             total_ms = req_t.elapsed().as_secs_f64() * 1e3;
             // the checkpoint loaded again: f32 on the CPU backend, bf16 on a device
@@ -318,7 +340,7 @@ pub fn run_mode(
     }
     let last_switch_step = ends.len();
     for _ in 0..bc.after_steps {
-        engine.step()?;
+        step(&mut engine)?;
         ends.push(ms(Instant::now()));
     }
     let gaps: Vec<f64> = ends.windows(2).map(|w| w[1] - w[0]).collect();
