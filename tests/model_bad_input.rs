@@ -131,7 +131,14 @@ fn shifted_data_offsets() {
     let [s, t] = offsets(v);
     v["data_offsets"] = json!([s + 1, t + 1]);
     write_raw(&d.0, &e, &data);
-    expect_err(&d.0, &["model.safetensors", "model.norm.weight", "data ends at byte"]);
+    expect_err(
+        &d.0,
+        &[
+            "model.safetensors",
+            "model.norm.weight",
+            "data ends at byte",
+        ],
+    );
     // The tester's [1, 513]: inside lm_head's bytes.
     let mut e = orig;
     entry(&mut e, "model.norm.weight")["data_offsets"] = json!([1, 513]);
