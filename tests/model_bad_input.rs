@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::TempDir;
+use common::{tiny_dir, TempDir};
 use remp::model::Model;
 use remp::parallel::{LayerId, Region, TensorKind};
 use serde_json::{json, Map, Value};
@@ -479,4 +479,23 @@ fn heads_that_do_not_divide_hidden_size() {
         ],
     );
     assert!(!msg.contains("q_proj"), "{msg}");
+}
+
+/// Sizes no tensor can have: num_attention_heads x head_dim wrapped to 0 in release
+/// builds (the error then blamed q_proj's shape); now the config is refused.
+#[test]
+fn sizes_too_large_for_a_tensor() {
+    let d = tiny_copy("sizes");
+    for (key, value) in [
+        ("num_attention_heads", 1u64 << 62),
+        ("hidden_size", 1 << 60),
+        ("intermediate_size", 1 << 61),
+    ] {
+        std::fs::copy(tiny_dir().join("config.json"), d.0.join("config.json")).unwrap();
+        edit_config(&d.0, |c| {
+            c.insert(key.into(), value.into());
+        });
+        let msg = expect_err(&d.0, &["config.json", "too large for a tensor", key]);
+        assert!(!msg.contains("q_proj"), "{msg}");
+    }
 }

@@ -230,6 +230,38 @@ impl ModelConfig {
                 "head_dim ({head_dim}) must be even for rotary embeddings"
             )));
         }
+        // Every weight's element count (and its bytes as f32) must be a number: sizes a
+        // checkpoint can never have would otherwise wrap in the shape arithmetic.
+        let q_dim = num_heads.checked_mul(head_dim);
+        let kv_dim = num_kv_heads.checked_mul(head_dim);
+        for (what, rows, cols) in [
+            ("vocab_size x hidden_size", Some(vocab_size), hidden_size),
+            (
+                "intermediate_size x hidden_size",
+                Some(intermediate_size),
+                hidden_size,
+            ),
+            (
+                "num_attention_heads x head_dim x hidden_size",
+                q_dim,
+                hidden_size,
+            ),
+            (
+                "num_key_value_heads x head_dim x hidden_size",
+                kv_dim,
+                hidden_size,
+            ),
+        ] {
+            let fits = rows
+                .and_then(|r| r.checked_mul(cols))
+                .and_then(|n| n.checked_mul(4))
+                .is_some_and(|b| b <= isize::MAX as usize);
+            if !fits {
+                return Err(err(format!(
+                    "{what} is too large for a tensor (vocab_size {vocab_size}, hidden_size {hidden_size}, intermediate_size {intermediate_size}, num_attention_heads {num_heads}, num_key_value_heads {num_kv_heads}, head_dim {head_dim})"
+                )));
+            }
+        }
         let rms_norm_eps = match opt_f64(&v, "rms_norm_eps")? {
             None => 1e-6,
             Some(e) => {
