@@ -993,6 +993,20 @@ fn bench_reconfig_checks_up_front() {
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
 }
 
+/// --exchange picks how device ranks exchange: refused on the CPU backend (it would be
+/// ignored there and the result labelled with it), an unknown value refused anywhere.
+#[test]
+fn exchange_needs_a_device() {
+    expect_bad(
+        &["bench-decode", "--exchange", "host"],
+        &["--exchange", "--device cuda or emu"],
+    );
+    expect_bad(
+        &["bench-decode", "--device", "emu", "--exchange", "nccl"],
+        &["--exchange `nccl`"],
+    );
+}
+
 /// --top-p is range-checked even when decoding is greedy; --top-p and --seed given to a
 /// greedy run are a warning line on stderr, not an error, and change nothing.
 #[test]

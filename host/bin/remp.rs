@@ -67,8 +67,9 @@ struct BenchDecodeArgs {
     device: String,
     /// How device ranks exchange partial sums and hand-offs: same-device (device
     /// buffers + a reduce kernel, the default) or host (staged through host memory).
-    #[arg(long, default_value = "same-device")]
-    exchange: String,
+    /// Needs --device cuda or emu.
+    #[arg(long)]
+    exchange: Option<String>,
     /// Record each segment's kernel launches and replay repeated runs as graphs
     /// (CUDA graphs on a GPU): fewer launch calls per step. Needs --device cuda or emu.
     #[arg(long)]
@@ -723,15 +724,22 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     bc.graphs = check_graphs(a.graphs, device)?;
     bc.batch = a.batch;
     bc.steps = a.steps;
-    bc.exchange = match a.exchange.as_str() {
-        "same-device" => Exchange::SameDevice,
-        "host" => Exchange::HostStaged,
-        other => {
+    bc.exchange = match a.exchange.as_deref() {
+        None | Some("same-device") => Exchange::SameDevice,
+        Some("host") => Exchange::HostStaged,
+        Some(other) => {
             return Err(Error::Request(format!(
                 "unknown --exchange `{other}` (same-device, host)"
             )))
         }
     };
+    if a.exchange.is_some() && device == DeviceKind::Cpu {
+        // (the CPU backend's workers always exchange host floats: the flag would be
+        // ignored, and the result mislabelled)
+        return Err(Error::Request(
+            "--exchange chooses how device ranks exchange: it needs --device cuda or emu".into(),
+        ));
+    }
     bc.validate()?;
     let model = match &a.model {
         Some(d) => load_model(&Some(d.clone()))?,
@@ -760,7 +768,12 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         v["model"] = serde_json::json!(model.name);
         v["topology"] = serde_json::json!(topo.to_string());
         v["batch"] = serde_json::json!(bc.batch);
-        v["exchange"] = serde_json::json!(a.exchange);
+        // (null on the CPU backend, whose workers have no device exchange)
+        v["exchange"] = match (device, bc.exchange) {
+            (DeviceKind::Cpu, _) => serde_json::Value::Null,
+            (_, Exchange::SameDevice) => serde_json::json!("same-device"),
+            (_, Exchange::HostStaged) => serde_json::json!("host"),
+        };
         println!("{v}");
     } else {
         println!(
