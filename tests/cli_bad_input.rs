@@ -62,6 +62,18 @@ fn remp(args: &[&str]) -> Run {
     }
 }
 
+/// Runs `remp ARGS` and checks it succeeds (exit 0, no panic).
+fn expect_ok(args: &[&str]) -> Run {
+    let r = remp(args);
+    assert!(
+        !r.stderr.contains("panicked"),
+        "remp {args:?}: {}",
+        r.stderr
+    );
+    assert_eq!(r.code, Some(0), "remp {args:?}: {}", r.stderr);
+    r
+}
+
 /// Checks the bad-input contract for `args`, plain and with `--json`; `names` must all
 /// appear in the error line (the file, tensor or value at fault).
 fn expect_bad(args: &[&str], names: &[&str]) {
@@ -226,7 +238,7 @@ fn json_contract_builtin_model() {
     }
 
     // Reversed flags give the reversed order, and tp1pp1 the same greedy tokens.
-    let r2 = remp(&[
+    let r2 = expect_ok(&[
         "generate",
         "--prompt",
         "hi",
@@ -236,7 +248,6 @@ fn json_contract_builtin_model() {
         "5",
         "--json",
     ]);
-    assert_eq!(r2.code, Some(0), "{}", r2.stderr);
     let v2 = parse_one_object(&r2.stdout);
     assert_eq!(v2["topology"], "tp1pp1");
     let reqs2 = v2["requests"].as_array().unwrap();
@@ -258,7 +269,7 @@ fn json_contract_matches_oracle_on_remp_tiny() {
     let want = &case.tokens[case.prompt.len()..];
     let model = tiny();
     for (tp, pp) in [("1", "1"), ("2", "3")] {
-        let r = remp(&[
+        let r = expect_ok(&[
             "generate",
             "--model",
             &model,
@@ -273,7 +284,6 @@ fn json_contract_matches_oracle_on_remp_tiny() {
             pp,
             "--json",
         ]);
-        assert_eq!(r.code, Some(0), "{}", r.stderr);
         let v = parse_one_object(&r.stdout);
         assert_eq!(v["topology"], format!("tp{tp}pp{pp}"));
         assert_eq!(v["model"].as_str(), Some(model.as_str()));
@@ -552,7 +562,7 @@ fn prompt_longer_than_context() {
     // One short of it still runs (and stops at the context).
     let ok: Vec<String> = (2..17).map(|i| i.to_string()).collect();
     let ok = ok.join(",");
-    let r = remp(&[
+    let r = expect_ok(&[
         "generate",
         "--model",
         d.path(),
@@ -563,7 +573,6 @@ fn prompt_longer_than_context() {
         "--ignore-eos",
         "--json",
     ]);
-    assert_eq!(r.code, Some(0), "{}", r.stderr);
     let v = parse_one_object(&r.stdout);
     assert_eq!(ids(&v["requests"][0]["output_ids"]).len(), 1, "{v}");
 }
@@ -598,7 +607,7 @@ fn bad_prompts() {
 #[test]
 fn kv_blocks_flag() {
     // An explicit size is used as given: 2 blocks of 16 tokens hold a 3 + 5 token request.
-    let r = remp(&[
+    let r = expect_ok(&[
         "generate",
         "--prompt-ids",
         "1,2,3",
@@ -609,7 +618,6 @@ fn kv_blocks_flag() {
         "2",
         "--json",
     ]);
-    assert_eq!(r.code, Some(0), "{}", r.stderr);
     let v = parse_one_object(&r.stdout);
     assert_eq!(ids(&v["requests"][0]["output_ids"]).len(), 5, "{v}");
     assert!(r.stderr.is_empty(), "{}", r.stderr);
@@ -713,7 +721,7 @@ fn graphs_need_a_device() {
 #[test]
 fn bench_reconfig_json_contract() {
     let m = tiny();
-    let r = remp(&[
+    let r = expect_ok(&[
         "bench-reconfig",
         "--model",
         &m,
@@ -725,7 +733,6 @@ fn bench_reconfig_json_contract() {
         "2",
         "--json",
     ]);
-    assert_eq!(r.code, Some(0), "{}", r.stderr);
     let v = parse_one_object(&r.stdout);
     for mode in ["online", "stop_the_world", "restart"] {
         let b = v[mode]["bytes_moved"].as_u64().unwrap_or(0);
@@ -822,18 +829,6 @@ fn generate_reconfigure_reports_the_switch_and_keeps_the_tokens() {
 
 // ---------------------------------------------------------------------------------------
 // Bad input: plan, bench-decode, bench-reconfig, sampling and switch flags
-
-/// Runs `args` (plain and with `--json`) and checks it succeeds.
-fn expect_ok(args: &[&str]) -> Run {
-    let r = remp(args);
-    assert!(
-        !r.stderr.contains("panicked"),
-        "remp {args:?}: {}",
-        r.stderr
-    );
-    assert_eq!(r.code, Some(0), "remp {args:?}: {}", r.stderr);
-    r
-}
 
 /// `plan --workers` is bounded (the two world sizes added) and `--elem-bytes` is 4 or 2:
 /// huge values are refused by name, not a panic, an allocation or a minutes-long search.
