@@ -186,6 +186,20 @@ unsafe fn ring() -> *mut u8 {
     p.add(pad as usize)
 }
 
+/// Row and column of this thread's first accumulator in the block tile at (`m0`, `n0`):
+/// warpgroup `t / 128` owns 64 rows, its warp `(t / 32) % 4` 16 of them, a lane rows
+/// `lane / 4` (+ 8) and columns `2 (lane % 4)` (+ 1) of each n8 slice (the wgmma m64
+/// accumulator layout). Accumulator `4 j + i` is at row + 8 (i / 2), col + 8 j + i % 2.
+#[inline(always)]
+fn acc_origin(m0: u32, n0: u32) -> (u32, u32) {
+    let t = thread_idx();
+    let lane = t & 31;
+    (
+        m0 + (t >> 7) * 64 + ((t >> 5) & 3) * 16 + (lane >> 2),
+        n0 + (lane & 3) * 2,
+    )
+}
+
 #[inline(always)]
 fn tile() -> (u32, u32) {
     raster(
@@ -225,10 +239,7 @@ unsafe fn gemm_wgmma<O: Elem>(
     let (n0, m0) = (bx * WG_BN, by * WG_BM);
     let mut acc = wg_acc_zero();
     mainloop(&a, ring, m0, n0, &mut acc);
-    let t = thread_idx();
-    let lane = t & 31;
-    let rbase = m0 + (t >> 7) * 64 + ((t >> 5) & 3) * 16 + (lane >> 2);
-    let cbase = n0 + (lane & 3) * 2;
+    let (rbase, cbase) = acc_origin(m0, n0);
     unroll!(jh in 0..2 => {
         unroll!(jl in 0..16 => {
             unroll!(i in 0..4 => {
@@ -271,10 +282,7 @@ unsafe fn gemm_wgmma_silu(
     let (n0, m0) = (bx * (WG_BN / 2), by * WG_BM);
     let mut acc = wg_acc_zero();
     mainloop(&a, ring, m0, n0, &mut acc);
-    let t = thread_idx();
-    let lane = t & 31;
-    let rbase = m0 + (t >> 7) * 64 + ((t >> 5) & 3) * 16 + (lane >> 2);
-    let cbase = n0 + (lane & 3) * 2;
+    let (rbase, cbase) = acc_origin(m0, n0);
     unroll!(p in 0..16 => {
         unroll!(i in 0..4 => {
             let row = rbase + 8 * (i as u32 >> 1);
