@@ -246,15 +246,21 @@ pub fn kv_blocks_from_free_memory(
     Ok(usize::try_from(blocks).unwrap_or(usize::MAX))
 }
 
+/// The most KV blocks of `block_size` tokens the `u32` slot ids of the attention kernels
+/// address (slot `block * block_size + offset` stays below `u32::MAX`, their "skip"
+/// marker).
+pub fn kv_blocks_addressable(block_size: usize) -> usize {
+    u32::MAX as usize / block_size.max(1)
+}
+
 /// The most KV blocks worth allocating: `max_running` sequences at the model's full
-/// context, and never more than the `u32` slot ids of the attention kernels address
-/// (`u32::MAX` is their "skip" marker).
+/// context, and never more than [`kv_blocks_addressable`].
 pub fn kv_blocks_cap(cfg: &ModelConfig, block_size: usize, max_running: usize) -> usize {
     let bs = block_size.max(1);
     let per_seq = cfg.max_position_embeddings.div_ceil(bs);
     max_running
         .saturating_mul(per_seq)
-        .min(u32::MAX as usize / bs)
+        .min(kv_blocks_addressable(bs))
         .max(1)
 }
 

@@ -203,7 +203,7 @@ impl FinishReason {
 /// allocation cleanly otherwise.
 fn check_kv_size(cfg: &ModelConfig, topo: Topology, econf: &EngineConfig) -> Result<()> {
     let (blocks, bs) = (econf.kv_blocks, econf.block_size);
-    let max_blocks = (u32::MAX as usize - 1) / bs;
+    let max_blocks = crate::parallel::devices::kv_blocks_addressable(bs);
     if blocks > max_blocks {
         return Err(Error::Request(format!(
             "kv_blocks {blocks}: at most {max_blocks} blocks of {bs} tokens (token slots are 32-bit)"
