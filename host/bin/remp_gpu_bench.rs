@@ -319,12 +319,16 @@ fn run(profile: bool, no_wgmma: bool) -> Result<()> {
             // threads (DEC_BLOCK_WIDE) under 2 blocks per SM, else 256 (DEC_BLOCK)
             let grid = [n.div_ceil(16) as u32, 1, 1];
             let block = dec_block(grid[0], sms);
-            let t = b.time(21, 8, |i| {
-                let w = rot(i, wbytes);
-                let x = rot(i + 7, m * k * 2);
-                let args = gemm_args([y.ptr(), x, w, 0, 0], (m, n, k), (k, n));
-                unsafe { dev.launch("gemm_decode_bf16", grid, block, &args) }
-            })?;
+            // (the same launch for the capped kernel and its uncapped build)
+            let time_decode = |b: &Bench, kernel: &str| {
+                b.time(21, 8, |i| {
+                    let w = rot(i, wbytes);
+                    let x = rot(i + 7, m * k * 2);
+                    let args = gemm_args([y.ptr(), x, w, 0, 0], (m, n, k), (k, n));
+                    unsafe { dev.launch(kernel, grid, block, &args) }
+                })
+            };
+            let t = time_decode(&b, "gemm_decode_bf16")?;
             let g = gbs(wbytes as f64, t);
             println!(
                 "gemm_decode M={m:2} {label} block {block}: {:.1} us, {g:.0} GB/s weights = {:.1}% of HBM",
@@ -338,12 +342,7 @@ fn run(profile: bool, no_wgmma: bool) -> Result<()> {
             // the same code without the register cap (maxnreg.txt): ptxas sinks its loads
             // between the mmas; capped / uncapped says whether the cap pays
             if !profile {
-                let t64 = b.time(21, 8, |i| {
-                    let w = rot(i, wbytes);
-                    let x = rot(i + 7, m * k * 2);
-                    let args = gemm_args([y.ptr(), x, w, 0, 0], (m, n, k), (k, n));
-                    unsafe { dev.launch("gemm_decode64_bf16", grid, block, &args) }
-                })?;
+                let t64 = time_decode(&b, "gemm_decode64_bf16")?;
                 let g64 = gbs(wbytes as f64, t64);
                 println!(
                     "gemm_decode M={m:2} {label} uncapped (64 registers): {:.1} us, {:.1}% of HBM; capped / uncapped = {:.2}x",
