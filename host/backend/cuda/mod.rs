@@ -1120,6 +1120,9 @@ impl Drop for EventTimer {
 }
 
 impl crate::backend::device::Device for CudaDevice {
+    fn as_cuda(&self) -> Option<&CudaDevice> {
+        Some(self)
+    }
     fn describe(&self) -> String {
         format!("{} ({})", self.name(), self.arch().name())
     }

@@ -188,7 +188,7 @@ impl EmuDevice {
         EmuDevice { queue }
     }
 
-    fn enqueue(&self, op: impl FnOnce() -> Result<()> + 'static) {
+    pub(crate) fn enqueue(&self, op: impl FnOnce() -> Result<()> + 'static) {
         self.queue.push(Op(Box::new(op)));
     }
 }
@@ -542,6 +542,9 @@ impl Device for EmuDevice {
             }
         }
         Ok(Some(Graph(GraphKind::Emu(run.to_vec()))))
+    }
+    fn as_emu(&self) -> Option<&EmuDevice> {
+        Some(self)
     }
     fn launch_graph(&self, g: &Graph) -> Result<()> {
         let GraphKind::Emu(run) = &g.0 else {

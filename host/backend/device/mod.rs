@@ -268,6 +268,14 @@ pub trait Device: Send + Sync {
         let _ = g;
         Err(Error::Device("this device does not run graphs".into()))
     }
+    /// This handle as the emulator (for the emulated collectives), if it is one.
+    fn as_emu(&self) -> Option<&emu::EmuDevice> {
+        None
+    }
+    /// This handle as a CUDA device (for NCCL), if it is one.
+    fn as_cuda(&self) -> Option<&crate::backend::cuda::CudaDevice> {
+        None
+    }
 }
 
 /// How device workers exchange partial sums and hidden states with their group.

@@ -1,0 +1,246 @@
+//! Collectives between device workers on different GPUs: NCCL on CUDA ([`nccl`], the
+//! library loaded at run time like the driver) and an emulated twin on the emulator
+//! ([`emu`]) that keeps NCCL's matching and blocking rules, so the engine's multi-GPU
+//! path runs in CI without a GPU.
+//!
+//! - A [`Communicator`] is one rank's handle on one communicator. The engine makes one
+//!   world communicator over all workers ([`world`], one thread for all ranks) and splits
+//!   it per group of a placement ([`split`], `ncclCommSplit`: color = the group's, key =
+//!   the member's index, so a member's rank in the split is its index in the group; the
+//!   colors come from [`crate::parallel::devices::comm_plan`]).
+//! - [`Communicator::queue`] queues a list of [`CollOp`]s on a device handle's stream as
+//!   one NCCL group (`ncclGroupStart` / `ncclGroupEnd`): the ops of a group progress
+//!   together, so a group may send to and receive from the same peers. Outside a group,
+//!   an op blocks its stream until its peers have posted their side (NCCL's rule, which
+//!   the emulator enforces: two ranks that each send to the other first, ungrouped,
+//!   deadlock on a GPU and fail with an error on the emulator).
+//! - Collective ops on a communicator match by order (every member's k-th collective is
+//!   the same op with the same size); point-to-point ops match per ordered pair in order.
+//! - Nothing here counts bytes: the engine moves every collective's bytes under a notice
+//!   through the counted [`crate::backend::comm::Comm`] layer, which also checks the
+//!   protocol (tags, steps).
+//!
+//! Data layout: buffers are plain device bytes; an all-gather is in place, over `size`
+//! consecutive slots of `bytes` bytes, slot `rank` holding this rank's contribution.
+
+pub mod emu;
+pub mod nccl;
+
+use crate::backend::cuda::CudaDevice;
+use crate::backend::device::{check_range, Buf, Device};
+use crate::{Error, Result};
+use std::time::Duration;
+
+/// One rank's handle on one communicator.
+pub struct Communicator {
+    pub(crate) kind: Kind,
+    rank: usize,
+    size: usize,
+}
+
+pub(crate) enum Kind {
+    Emu(emu::EmuComm),
+    Nccl(nccl::NcclComm),
+}
+
+/// One operation of a group queued by [`Communicator::queue`].
+#[derive(Clone, Copy)]
+pub enum CollOp<'a> {
+    /// In place over `size` slots of `bytes` bytes at the start of `buf`: slot `rank`
+    /// holds this rank's data before; every slot `i` holds rank `i`'s after
+    /// (`ncclAllGather` with the send buffer inside the receive buffer).
+    AllGather { buf: &'a Buf, bytes: usize },
+    /// `bytes` bytes from byte `off` of `buf` to rank `peer`.
+    Send {
+        buf: &'a Buf,
+        off: usize,
+        bytes: usize,
+        peer: usize,
+    },
+    /// `bytes` bytes from rank `peer` into byte `off` of `buf`.
+    Recv {
+        buf: &'a Buf,
+        off: usize,
+        bytes: usize,
+        peer: usize,
+    },
+}
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            Kind::Emu(_) => "emulated",
+            Kind::Nccl(_) => "nccl",
+        };
+        write!(f, "Communicator({kind}, rank {} of {})", self.rank, self.size)
+    }
+}
+
+impl Communicator {
+    pub(crate) fn new(kind: Kind, rank: usize, size: usize) -> Self {
+        Communicator { kind, rank, size }
+    }
+
+    /// This handle's rank in the communicator.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Ranks in the communicator.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Queues `ops` as one group on `dev`'s stream, after the work already queued there
+    /// (the host does not wait). `dev` must be this rank's device (the emulator for an
+    /// emulated communicator, the GPU the rank was created on for NCCL). Ranges and
+    /// peers are checked here; a mismatch with the peers' ops (sizes, kinds) surfaces at
+    /// the stream's next synchronizing call on the emulator, and is undefined on NCCL.
+    pub fn queue(&self, dev: &dyn Device, ops: &[CollOp]) -> Result<()> {
+        for op in ops {
+            self.check(op)?;
+        }
+        match &self.kind {
+            Kind::Emu(c) => {
+                let d = dev.as_emu().ok_or_else(|| {
+                    Error::Device("an emulated communicator on a non-emulated device".into())
+                })?;
+                c.queue(d, ops)
+            }
+            Kind::Nccl(c) => {
+                let d = dev
+                    .as_cuda()
+                    .ok_or_else(|| Error::Device("an NCCL communicator on a non-CUDA device".into()))?;
+                c.queue(d, ops)
+            }
+        }
+    }
+
+    fn check(&self, op: &CollOp) -> Result<()> {
+        let peer_ok = |p: usize| {
+            if p < self.size {
+                Ok(())
+            } else {
+                Err(Error::Device(format!(
+                    "peer {p} of a {}-rank communicator",
+                    self.size
+                )))
+            }
+        };
+        match *op {
+            CollOp::AllGather { buf, bytes } => {
+                let total = bytes.checked_mul(self.size).ok_or_else(|| {
+                    Error::Device(format!("all-gather of {bytes} B x {} ranks", self.size))
+                })?;
+                check_range(buf, 0, total, "all-gather")
+            }
+            CollOp::Send {
+                buf,
+                off,
+                bytes,
+                peer,
+            } => {
+                peer_ok(peer)?;
+                check_range(buf, off, bytes, "send")
+            }
+            CollOp::Recv {
+                buf,
+                off,
+                bytes,
+                peer,
+            } => {
+                peer_ok(peer)?;
+                check_range(buf, off, bytes, "recv")
+            }
+        }
+    }
+}
+
+/// World communicators over `devs` (rank `i` on `devs[i]`), made by one thread for all
+/// ranks. Every handle must be of one kind: all emulated (then `timeout` bounds how long
+/// an emulated op waits for its peers before it fails, where NCCL would hang) or all
+/// CUDA (NCCL; an error naming the library when it cannot be loaded).
+pub fn world(devs: &[&dyn Device], timeout: Duration) -> Result<Vec<Communicator>> {
+    if devs.is_empty() {
+        return Err(Error::Device("a communicator needs at least one rank".into()));
+    }
+    if devs.iter().all(|d| d.as_emu().is_some()) {
+        return Ok(emu::world(devs.len(), timeout));
+    }
+    let cuda: Option<Vec<&CudaDevice>> = devs.iter().map(|d| d.as_cuda()).collect();
+    match cuda {
+        Some(c) => nccl::world(&c),
+        None => Err(Error::Device(
+            "communicator ranks must all be CUDA devices or all emulated".into(),
+        )),
+    }
+}
+
+/// Splits communicator `parents` (rank `i`'s handle at `parents[i]`; every rank of it,
+/// made by one thread): rank `i` joins the split of color `c` with key `k` when
+/// `args[i]` is `Some((c, k))` (new ranks ordered by key, then by parent rank) and
+/// gets `None` otherwise (`NCCL_SPLIT_NOCOLOR`).
+pub fn split(
+    parents: &[&Communicator],
+    args: &[Option<(u32, u32)>],
+) -> Result<Vec<Option<Communicator>>> {
+    let n = parents.len();
+    if n == 0 || args.len() != n {
+        return Err(Error::Device(format!(
+            "split of {n} handles with {} arguments",
+            args.len()
+        )));
+    }
+    for (i, p) in parents.iter().enumerate() {
+        if p.rank != i || p.size != n {
+            return Err(Error::Device(format!(
+                "split: handle {i} is rank {} of {} (every rank of one communicator, in order)",
+                p.rank, p.size
+            )));
+        }
+    }
+    if let Some((c, _)) = args.iter().flatten().find(|(c, _)| *c > i32::MAX as u32) {
+        return Err(Error::Device(format!("split color {c} beyond i32")));
+    }
+    let emu: Option<Vec<&emu::EmuComm>> = parents
+        .iter()
+        .map(|p| match &p.kind {
+            Kind::Emu(c) => Some(c),
+            Kind::Nccl(_) => None,
+        })
+        .collect();
+    if let Some(e) = emu {
+        return Ok(emu::split(&e, args));
+    }
+    let nccl: Option<Vec<&nccl::NcclComm>> = parents
+        .iter()
+        .map(|p| match &p.kind {
+            Kind::Nccl(c) => Some(c),
+            Kind::Emu(_) => None,
+        })
+        .collect();
+    match nccl {
+        Some(c) => nccl::split(&c, args),
+        None => Err(Error::Device(
+            "split: handles of one communicator must be of one kind".into(),
+        )),
+    }
+}
+
+/// Orders `args`' members of one color as a split does: by key, then by parent rank.
+/// Returns, per color in first-appearance order, the parent ranks in new-rank order.
+pub(crate) fn split_members(args: &[Option<(u32, u32)>]) -> Vec<(u32, Vec<usize>)> {
+    let mut colors: Vec<(u32, Vec<usize>)> = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        if let Some((c, _)) = a {
+            match colors.iter_mut().find(|(cc, _)| cc == c) {
+                Some((_, m)) => m.push(i),
+                None => colors.push((*c, vec![i])),
+            }
+        }
+    }
+    for (_, m) in colors.iter_mut() {
+        m.sort_by_key(|&i| (args[i].map_or(0, |(_, k)| k), i));
+    }
+    colors
+}
