@@ -579,6 +579,10 @@ impl CudaDevice {
     pub fn compute_capability(&self) -> (i32, i32) {
         self.cc
     }
+    /// The device's ordinal (every handle of one GPU shares it).
+    pub fn ordinal(&self) -> usize {
+        self.ctx.ordinal()
+    }
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
