@@ -19,16 +19,21 @@
 //! it at its owner's next synchronizing call. Waiting blocks the thread that runs the
 //! stream (its owner, or another stream's event wait), as a GPU stream stalls.
 //!
-//! Sequence numbers are taken when the op RUNS, not when it is queued. That is the same
-//! order because a rank uses a communicator from one stream only (NCCL's own rule: one
-//! communicator's ops on one rank are serialized); ops of one rank queued on two streams
-//! would be numbered in whatever order those streams happen to run.
+//! Sequence numbers are taken when the op RUNS, and again when it is queued (to find a
+//! peer's queued op, below): the same order because a rank uses a communicator from one
+//! stream only (NCCL's own rule: one communicator's ops on one rank are serialized).
+//!
+//! Emulated streams are lazy (their work runs when the owner synchronizes), GPU streams
+//! are not: an op waiting for a peer whose matching op is queued but not run yet runs the
+//! peer's stream up to that op itself, as the peer's GPU would have without its host.
+//! Otherwise a peer whose host blocks on this rank before synchronizing (the engine's
+//! flip waiting for a reshard piece) would look like a deadlock no GPU has.
 //!
 //! The shared state stays bounded: an all-gather's contributions go once every rank has
 //! left it, a mailbox entry once its recv took it.
 
 use super::{CollOp, Communicator, Kind};
-use crate::backend::device::emu::EmuDevice;
+use crate::backend::device::emu::{EmuDevice, Mark};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -65,6 +70,26 @@ struct State {
     recv_next: Vec<u64>,
     /// Sent bytes not yet received, by (from, to, pair sequence).
     mail: HashMap<(usize, usize, u64), Vec<u8>>,
+    /// Where each op not yet run sits in its stream, numbered when QUEUED (the same
+    /// numbers the run gives it, one stream per handle): an op waiting for a peer whose
+    /// matching op is queued runs the peer's stream up to it, as a GPU would have run it
+    /// by itself. Without this, the emulator's lazy streams would report deadlocks that a
+    /// GPU never has (a peer whose host waits on this rank before it synchronizes).
+    queued: Queued,
+}
+
+#[derive(Default)]
+struct Queued {
+    /// Per rank: collectives queued (the next one's number).
+    coll_next: Vec<u64>,
+    /// Per ordered pair `from * size + to`: sends and recvs queued.
+    send_next: Vec<u64>,
+    recv_next: Vec<u64>,
+    /// (rank, collective number) → the point after its op.
+    gathers: HashMap<(usize, u64), Mark>,
+    /// (from, to, pair sequence) → the point after the send's / recv's op.
+    sends: HashMap<(usize, usize, u64), Mark>,
+    recvs: HashMap<(usize, usize, u64), Mark>,
 }
 
 struct Gather {
@@ -173,10 +198,38 @@ impl EmuComm {
             })
             .collect();
         let (shared, rank) = (self.shared.clone(), self.rank);
+        let n = shared.size;
+        // Numbered and marked under the lock, so a peer never sees the op queued but not
+        // marked.
+        let mut st = lock(&self.shared.state);
         // SAFETY (of the addresses the op uses): `Communicator::queue` checked every
         // range against its buffer, and emulated memory is freed only once every
         // stream has run past the free, so it outlives this queued op.
-        dev.enqueue(move || shared.run(rank, &ops));
+        let (run, run_ops) = (shared.clone(), ops.clone());
+        dev.enqueue(move || run.run(rank, &run_ops));
+        let mark = dev.mark();
+        let q = &mut st.queued;
+        for op in &ops {
+            match *op {
+                Op::Gather { .. } => {
+                    let k = q.coll_next[rank];
+                    q.coll_next[rank] += 1;
+                    q.gathers.insert((rank, k), mark.clone());
+                }
+                Op::Send { peer, .. } => {
+                    let seq = q.send_next[rank * n + peer];
+                    q.send_next[rank * n + peer] += 1;
+                    q.sends.insert((rank, peer, seq), mark.clone());
+                }
+                Op::Recv { peer, .. } => {
+                    let seq = q.recv_next[peer * n + rank];
+                    q.recv_next[peer * n + rank] += 1;
+                    q.recvs.insert((peer, rank, seq), mark.clone());
+                }
+            }
+        }
+        drop(st);
+        shared.posted.notify_all();
         Ok(())
     }
 }
@@ -191,6 +244,12 @@ impl Shared {
                 coll_next: vec![0; size],
                 send_next: vec![0; size * size],
                 recv_next: vec![0; size * size],
+                queued: Queued {
+                    coll_next: vec![0; size],
+                    send_next: vec![0; size * size],
+                    recv_next: vec![0; size * size],
+                    ..Default::default()
+                },
                 ..Default::default()
             }),
             posted: Condvar::new(),
@@ -220,6 +279,7 @@ impl Shared {
                 Op::Gather { at, bytes } => {
                     let k = st.coll_next[me];
                     st.coll_next[me] += 1;
+                    st.queued.gathers.remove(&(me, k));
                     let g = st.gathers.entry(k).or_insert_with(|| Gather {
                         parts: vec![None; n],
                         left: n,
@@ -230,12 +290,14 @@ impl Shared {
                 Op::Send { bytes, peer, .. } => {
                     let seq = st.send_next[me * n + peer];
                     st.send_next[me * n + peer] += 1;
+                    st.queued.sends.remove(&(me, peer, seq));
                     st.mail.insert((me, peer, seq), data);
                     Posted::Send { seq, bytes, peer }
                 }
                 Op::Recv { at, bytes, peer } => {
                     let seq = st.recv_next[peer * n + me];
                     st.recv_next[peer * n + me] += 1;
+                    st.queued.recvs.remove(&(peer, me, seq));
                     Posted::Recv {
                         seq,
                         at,
@@ -271,11 +333,32 @@ impl Shared {
                 self.abandon(&mut st, me, &posted);
                 return Err(e);
             }
-            st = self
-                .posted
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            // A peer's matching op already queued runs now (on this thread), as the
+            // peer's GPU stream would have run it without waiting for its host; one not
+            // queued yet waits for the peer's host to queue it.
+            let peers = self.partners(&st, me, p);
+            if peers.is_empty() {
+                st = self
+                    .posted
+                    .wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            } else {
+                drop(st);
+                for m in &peers {
+                    m.drive(deadline);
+                }
+                st = lock(&self.state);
+                let now = Instant::now();
+                if !peers.is_empty() && now < deadline {
+                    // (A driven peer may be stuck behind its own waits: do not spin.)
+                    st = self
+                        .posted
+                        .wait_timeout(st, (deadline - now).min(Duration::from_millis(2)))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
         }
 
         // 3. Complete: the peers' bytes land in this rank's buffers.
@@ -302,6 +385,29 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// The points in the peers' streams after their ops that `p` waits for and that
+    /// are queued but not yet posted.
+    fn partners(&self, st: &State, me: usize, p: &Posted) -> Vec<Mark> {
+        let q = &st.queued;
+        match *p {
+            Posted::Gather { k, .. } => {
+                let missing = st.gathers.get(&k).map_or(Vec::new(), |g| {
+                    (0..self.size).filter(|&i| g.parts[i].is_none()).collect()
+                });
+                missing
+                    .into_iter()
+                    .filter_map(|i| q.gathers.get(&(i, k)).cloned())
+                    .collect()
+            }
+            Posted::Send { seq, peer, .. } => {
+                q.recvs.get(&(me, peer, seq)).cloned().into_iter().collect()
+            }
+            Posted::Recv { seq, peer, .. } => {
+                q.sends.get(&(peer, me, seq)).cloned().into_iter().collect()
+            }
+        }
     }
 
     /// Whether `p` is matched; an error for a match of the wrong size.
@@ -473,6 +579,11 @@ mod tests {
         let st = lock(&shared(c).state);
         assert!(st.gathers.is_empty(), "all-gathers left behind");
         assert!(st.mail.is_empty(), "mail left behind");
+        let q = &st.queued;
+        assert!(
+            q.gathers.is_empty() && q.sends.is_empty() && q.recvs.is_empty(),
+            "queued-op marks left behind"
+        );
     }
 
     /// Runs `f(rank, handle)` for every handle, each on its own thread.
@@ -742,15 +853,19 @@ mod tests {
         assert_eq!(download_vec::<u32>(&dev, &buf, 8).unwrap(), data(1));
     }
 
-    /// The engine's case: rank 0 queues a send and synchronizes only later, on its own
-    /// thread; rank 1's synchronize waits for rank 0's stream to get there.
+    /// A peer's op that is queued but not run (its host has not synchronized, and will
+    /// not until this rank is done) still runs: a GPU stream runs queued work without
+    /// its host, and the emulated collective drives the peer's stream up to the op as
+    /// a GPU would have. Without that, this would be a deadlock (reported after the
+    /// timeout) that no GPU has.
     #[test]
-    fn a_lazy_sender_is_waited_for() {
+    fn a_queued_peer_op_runs_without_its_host() {
         let comms = world(2, Duration::from_secs(5));
         let data = random(5, 32);
         std::thread::scope(|s| {
             let (c0, c1) = (&comms[0], &comms[1]);
-            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let (queued_tx, queued_rx) = std::sync::mpsc::channel::<()>();
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
             let data0 = &data;
             let sender = s.spawn(move || {
                 let dev = EmuDevice::new();
@@ -762,8 +877,9 @@ mod tests {
                     peer: 1,
                 };
                 c0.queue(&dev, &[send]).unwrap();
-                tx.send(()).unwrap();
-                std::thread::sleep(Duration::from_millis(100));
+                queued_tx.send(()).unwrap();
+                // This host synchronizes only after the receiver is done.
+                done_rx.recv().unwrap();
                 dev.synchronize()
             });
             let dev = EmuDevice::new();
@@ -774,12 +890,11 @@ mod tests {
                 bytes: 128,
                 peer: 0,
             };
-            rx.recv().unwrap(); // the send is queued, not run
+            queued_rx.recv().unwrap(); // the send is queued, not run
             c1.queue(&dev, &[recv]).unwrap();
-            let t = Instant::now();
             dev.synchronize().unwrap();
-            assert!(t.elapsed() >= Duration::from_millis(50), "did not wait");
             assert_eq!(download_vec::<u32>(&dev, &dst, 32).unwrap(), data);
+            done_tx.send(()).unwrap();
             sender.join().unwrap().unwrap();
         });
         assert_drained(&comms[0]);

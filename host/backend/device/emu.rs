@@ -99,8 +99,17 @@ impl Queue {
     /// that runner may go on past `upto` into work that waits for the caller's own
     /// stream. Events only point back in time, so this never waits in a cycle.
     fn run_until(&self, upto: u64) {
+        self.run_until_or(upto, None);
+    }
+
+    /// [`Queue::run_until`], giving up at `deadline` when another thread runs this
+    /// stream and has not got there by then.
+    fn run_until_or(&self, upto: u64, deadline: Option<std::time::Instant>) {
         loop {
             if self.done.load(Ordering::Acquire) >= upto {
+                return;
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                 return;
             }
             let running = match self.run.try_lock() {
@@ -164,6 +173,13 @@ impl Queue {
 }
 
 impl Mark {
+    /// Runs the marked stream up to the mark now, as a GPU would have by itself (the
+    /// emulated collectives drive a peer's queued op this way), giving up at `deadline`
+    /// when another thread runs that stream and has not got there.
+    pub(crate) fn drive(&self, deadline: std::time::Instant) {
+        self.queue.run_until_or(self.upto, Some(deadline));
+    }
+
     /// Runs the marked stream up to the mark (from the waiting stream's runner).
     fn reach(&self) -> Result<()> {
         self.queue.run_until(self.upto);
@@ -190,6 +206,14 @@ impl EmuDevice {
 
     pub(crate) fn enqueue(&self, op: impl FnOnce() -> Result<()> + 'static) {
         self.queue.push(Op(Box::new(op)));
+    }
+
+    /// The point after everything queued so far (what an event records).
+    pub(crate) fn mark(&self) -> Mark {
+        Mark {
+            queue: self.queue.clone(),
+            upto: lock(&self.queue.state).pushed,
+        }
     }
 }
 
@@ -508,11 +532,7 @@ impl Device for EmuDevice {
         self.queue.flush()
     }
     fn record(&self) -> Result<Event> {
-        let upto = lock(&self.queue.state).pushed;
-        Ok(Event(EventKind::Emu(Mark {
-            queue: self.queue.clone(),
-            upto,
-        })))
+        Ok(Event(EventKind::Emu(self.mark())))
     }
     fn wait(&self, e: &Event) -> Result<()> {
         let EventKind::Emu(m) = &e.0 else {
