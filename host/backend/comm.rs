@@ -77,6 +77,9 @@ pub enum Lane {
 enum Payload {
     Host(Vec<f32>),
     Device(Buf),
+    /// Bytes a collective (NCCL across GPUs) moved, or is about to move, from the sender
+    /// to the receiver: the notice that counts them and checks the protocol.
+    Wire(u64),
 }
 
 struct Msg {
@@ -89,7 +92,7 @@ impl Msg {
     fn dev_bytes(&self) -> usize {
         match &self.data {
             Payload::Device(b) => b.len(),
-            Payload::Host(_) => 0,
+            Payload::Host(_) | Payload::Wire(_) => 0,
         }
     }
 }
@@ -107,6 +110,7 @@ pub struct CommStats {
     n: usize,
     bytes: Vec<AtomicU64>,
     reshard: AtomicU64,
+    collective: AtomicU64,
 }
 
 impl CommStats {
@@ -115,6 +119,7 @@ impl CommStats {
             n,
             bytes: (0..n * n * 2).map(|_| AtomicU64::new(0)).collect(),
             reshard: AtomicU64::new(0),
+            collective: AtomicU64::new(0),
         }
     }
 
@@ -134,6 +139,12 @@ impl CommStats {
     /// Bytes of reshard traffic (weights and KV moved by reconfigurations), any lane.
     pub fn reshard_bytes(&self) -> u64 {
         self.reshard.load(Ordering::Relaxed)
+    }
+
+    /// Bytes moved by collectives (NCCL between GPUs), any lane: counted in the pairs'
+    /// totals too, through their notices ([`Comm::send_wire`]).
+    pub fn collective_bytes(&self) -> u64 {
+        self.collective.load(Ordering::Relaxed)
     }
 
     /// Bytes sent on `lane` in total.
@@ -225,7 +236,15 @@ impl Comm {
         self.post(to, tag, Payload::Device(buf), bytes)
     }
 
+    /// Tells endpoint `to` that a collective on another transport (NCCL between GPUs)
+    /// moves `bytes` bytes to it for `tag`, and counts them: the bytes themselves never
+    /// pass through here, but every one is counted and the receiver checks the tag.
+    pub fn send_wire(&self, to: usize, tag: Tag, bytes: u64) -> Result<()> {
+        self.post(to, tag, Payload::Wire(bytes), bytes)
+    }
+
     fn post(&self, to: usize, tag: Tag, data: Payload, bytes: u64) -> Result<()> {
+        let wire = matches!(data, Payload::Wire(_));
         self.to[to].send(Msg { tag, data }).map_err(|_| {
             Error::Comm(format!(
                 "endpoint {to} is gone ({:?} from {})",
@@ -238,19 +257,16 @@ impl Comm {
         if matches!(tag, Tag::Reshard(_)) {
             self.stats.reshard.fetch_add(bytes, Ordering::Relaxed);
         }
+        if wire {
+            self.stats.collective.fetch_add(bytes, Ordering::Relaxed);
+        }
         Ok(())
     }
 
     pub fn recv(&self, from: usize, tag: Tag) -> Result<Vec<f32>> {
         match self.take(from, tag)? {
             Payload::Host(v) => Ok(v),
-            data @ Payload::Device(_) => {
-                self.drop_msg(Msg { tag, data });
-                Err(Error::Comm(format!(
-                    "endpoint {} expected host data ({tag:?}) from {from}, got a device buffer",
-                    self.me
-                )))
-            }
+            data => Err(self.unexpected("host data", from, Msg { tag, data })),
         }
     }
 
@@ -258,11 +274,32 @@ impl Comm {
     pub fn recv_buf(&self, from: usize, tag: Tag) -> Result<Buf> {
         match self.take(from, tag)? {
             Payload::Device(b) => Ok(b),
-            Payload::Host(_) => Err(Error::Comm(format!(
-                "endpoint {} expected a device buffer ({tag:?}) from {from}, got host data",
-                self.me
-            ))),
+            data => Err(self.unexpected("a device buffer", from, Msg { tag, data })),
         }
+    }
+
+    /// Receives a notice sent with [`Comm::send_wire`]: the bytes the collective moves.
+    pub fn recv_wire(&self, from: usize, tag: Tag) -> Result<u64> {
+        match self.take(from, tag)? {
+            Payload::Wire(n) => Ok(n),
+            data => Err(self.unexpected("a collective's notice", from, Msg { tag, data })),
+        }
+    }
+
+    /// A message of the wrong form: dropped (its device bytes remembered, as for any
+    /// dropped reshard piece), and the error that names both forms.
+    fn unexpected(&self, wanted: &str, from: usize, m: Msg) -> Error {
+        let got = match &m.data {
+            Payload::Host(_) => "host data",
+            Payload::Device(_) => "a device buffer",
+            Payload::Wire(_) => "a collective's notice",
+        };
+        let tag = m.tag;
+        self.drop_msg(m);
+        Error::Comm(format!(
+            "endpoint {} expected {wanted} ({tag:?}) from {from}, got {got}",
+            self.me
+        ))
     }
 
     /// The next message from `from`, which must be tagged `tag`. Waiting for reshard job

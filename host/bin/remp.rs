@@ -186,6 +186,12 @@ struct GenerateArgs {
     /// `skipped_reconfigurations`).
     #[arg(long = "reconfigure")]
     reconfigure: Vec<String>,
+    /// GPUs the workers spread over (cuda, emu; default 1). With more than one, each
+    /// worker has a GPU of its own (at most N workers, the larger topology's ranks):
+    /// partials and hand-offs go through NCCL (on emu, its emulated twin), reshard
+    /// pieces through host memory.
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
     /// Record each segment's kernel launches and replay repeated runs as graphs
     /// (CUDA graphs on a GPU): fewer launch calls per step. Needs --device cuda or emu.
     #[arg(long)]
@@ -414,6 +420,7 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
     let mut econf = EngineConfig::new(topo);
     econf.device = device;
     econf.graphs = check_graphs(a.graphs, device)?;
+    econf.gpus = check_gpus(a.gpus, device)?;
     let graphs = econf.graphs;
     // Today's default (EngineConfig's 512) on cpu and emu; from free memory on cuda.
     let mut kv_note = None;
@@ -548,6 +555,7 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
             "topology": topo.to_string(),
             "final_topology": engine.topology_name(),
             "device": a.device,
+            "gpus": a.gpus,
             "requests": reqs,
             "steps": engine.steps(),
             "elapsed_ms": elapsed_ms,
@@ -695,6 +703,19 @@ fn plan(a: PlanArgs) -> Result<()> {
         print!("{p}");
     }
     Ok(())
+}
+
+/// `--gpus` spreads device workers: at least 1, and more than 1 only on cuda or emu.
+fn check_gpus(gpus: usize, device: DeviceKind) -> Result<usize> {
+    if gpus == 0 {
+        return Err(Error::Request("--gpus must be at least 1".into()));
+    }
+    if gpus > 1 && device == DeviceKind::Cpu {
+        return Err(Error::Request(
+            "--gpus spreads device workers over GPUs: it needs --device cuda or emu".into(),
+        ));
+    }
+    Ok(gpus)
 }
 
 /// `--graphs` is for the device kernel path: an error with the CPU backend.

@@ -13,6 +13,7 @@
 //! budget are reserved when it is admitted; a request that does not fit waits in the
 //! queue, and one that could never fit is refused at `add_request`.
 
+use crate::backend::collective::Collectives;
 use crate::backend::comm::{fabric, Comm, CommStats, Lane, Tag};
 use crate::backend::cuda::{nvtx, CudaDevice};
 use crate::backend::device::emu::EmuDevice;
@@ -21,6 +22,7 @@ use crate::backend::device::llama::{check_heads, DeviceCompute};
 use crate::backend::device::{Device, Exchange};
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelConfig, TensorSource, Tokenizer};
+use crate::parallel::devices::{DeviceId, DeviceMap};
 use crate::parallel::{Placement, Segment, Topology, WorkerId};
 use crate::reshard::executor::{Controller, CopyCmd, CopyWorker, ReconfigEvent, ReconfigOptions};
 use crate::reshard::planner::{plan_topology, ReshardPlan};
@@ -57,6 +59,14 @@ pub struct EngineConfig {
     pub device: DeviceKind,
     /// How device workers exchange partial sums and hidden states (ignored on the CPU).
     pub exchange: Exchange,
+    /// GPUs the device workers spread over (worker `w` on GPU `w % gpus`; default 1,
+    /// every worker on GPU 0). With more than one, each worker needs a GPU of its own
+    /// (NCCL's rule: at most `gpus` workers) under the same-device exchange, whose
+    /// partials and hand-offs then go through communicators (NCCL on CUDA, its
+    /// emulated twin on the emulator) and whose reshard pieces through host memory; the
+    /// host-staged exchange takes any number of workers. On the emulator the GPUs are
+    /// emulated too (each worker's memory is its own either way).
+    pub gpus: usize,
     /// Device workers record each segment's launches and replay repeated runs as
     /// graphs (CUDA graphs on a GPU; see [`crate::backend::device::graph`]). Off by
     /// default until a GPU run shows where it pays; ignored on the CPU.
@@ -92,14 +102,13 @@ impl DeviceKind {
     /// into graphs counted in that.
     fn open(
         self,
+        gpu: DeviceId,
         cfg: &Arc<ModelConfig>,
         exchange: Exchange,
         graphs: Option<&Arc<GraphStats>>,
     ) -> Result<Option<DeviceCompute>> {
-        let dev: Box<dyn Device> = match self {
-            DeviceKind::Cpu => return Ok(None),
-            DeviceKind::Emulated => Box::new(EmuDevice::new()),
-            DeviceKind::Cuda => Box::new(CudaDevice::open(0)?),
+        let Some(dev) = self.open_copy(gpu)? else {
+            return Ok(None);
         };
         let dc = DeviceCompute::new(dev, cfg.clone())?.with_exchange(exchange);
         Ok(Some(match graphs {
@@ -109,13 +118,17 @@ impl DeviceKind {
         }))
     }
 
-    /// The copy thread's own handle on the device (`None` on the CPU): on CUDA a second
-    /// stream, so reshard copies overlap the compute stream's steps.
-    fn open_copy(self) -> Result<Option<Box<dyn Device>>> {
+    /// A handle of its own on GPU `gpu` (`None` on the CPU): each worker's compute
+    /// thread has one, and its copy thread another (on CUDA a second stream, so reshard
+    /// copies overlap the compute stream's steps).
+    fn open_copy(self, gpu: DeviceId) -> Result<Option<Box<dyn Device>>> {
         Ok(match self {
             DeviceKind::Cpu => None,
             DeviceKind::Emulated => Some(Box::new(EmuDevice::new())),
-            DeviceKind::Cuda => Some(Box::new(CudaDevice::open(0)?)),
+            DeviceKind::Cuda => Some(Box::new(
+                CudaDevice::open(gpu.0)
+                    .map_err(|e| Error::Device(format!("GPU {}: {e}", gpu.0)))?,
+            )),
         })
     }
 }
@@ -146,6 +159,7 @@ impl EngineConfig {
             comm_timeout: Duration::from_secs(60),
             device: DeviceKind::Cpu,
             exchange: Exchange::default(),
+            gpus: 1,
             graphs: false,
             step_delay: None,
         }
@@ -312,7 +326,32 @@ struct Pool {
     meter: Arc<MemMeter>,
     /// Graph counters of every device worker (all zero without graphs).
     graphs: Arc<GraphStats>,
+    /// Workers on GPUs of their own: the world communicator and its splits.
+    coll: Option<Collectives>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// Which GPU each worker runs on, checked against the exchange: under the same-device
+/// exchange, workers on several GPUs need one each (NCCL takes one rank per GPU, and a
+/// device buffer cannot pass between GPUs).
+fn device_map(n_workers: usize, econf: &EngineConfig) -> Result<DeviceMap> {
+    let gpus = econf.gpus;
+    if gpus == 0 {
+        return Err(Error::Request("gpus must be at least 1".into()));
+    }
+    if gpus > 1 && econf.device == DeviceKind::Cpu {
+        return Err(Error::Request(
+            "gpus spreads device workers over GPUs: it needs the cuda or emu device".into(),
+        ));
+    }
+    if gpus > 1 && econf.exchange == Exchange::SameDevice && n_workers > gpus {
+        return Err(Error::Request(format!(
+            "{n_workers} workers on {gpus} GPUs: the same-device exchange needs a GPU per \
+             worker when there are several GPUs (NCCL takes one rank per GPU); use at most \
+             {gpus} workers, or the host-staged exchange"
+        )));
+    }
+    DeviceMap::round_robin(n_workers, gpus)
 }
 
 impl Pool {
@@ -325,6 +364,7 @@ impl Pool {
         econf: &EngineConfig,
     ) -> Result<Self> {
         let (timeout, device, exchange) = (econf.comm_timeout, econf.device, econf.exchange);
+        let devices = device_map(n_workers, econf)?;
         let (compute, copy, stats) = fabric(n_workers, timeout);
         let mut compute: Vec<Option<Comm>> = compute.into_iter().map(Some).collect();
         let mut copy: Vec<Option<Comm>> = copy.into_iter().map(Some).collect();
@@ -362,7 +402,30 @@ impl Pool {
             worker: w,
             msg: format!("cannot start thread: {e}"),
         };
-        for (w, rx) in copy_rx.into_iter().enumerate() {
+        let graphs = econf.graphs.then_some(&graph_stats);
+        let mut dcs = Vec::new();
+        for w in 0..n_workers {
+            dcs.push(device.open(devices.device(WorkerId(w)), cfg, exchange, graphs)?);
+        }
+        // Workers on GPUs of their own exchange through communicators: the world's, split
+        // per group; their reshard pieces go through host memory.
+        let mut coll = None;
+        let mut copy_exchange = exchange;
+        if econf.gpus > 1 && exchange == Exchange::SameDevice {
+            let handles: Option<Vec<&dyn Device>> = dcs
+                .iter()
+                .map(|d| d.as_ref().and_then(|d| d.device().ok()))
+                .collect();
+            let handles =
+                handles.ok_or_else(|| Error::Device("a worker without a device".into()))?;
+            let c = Collectives::new(&handles, devices.clone(), placement, timeout)?;
+            for d in dcs.iter_mut() {
+                *d = d.take().map(|d| d.with_collectives(c.book().clone()));
+            }
+            coll = Some(c);
+            copy_exchange = Exchange::HostStaged;
+        }
+        for ((w, rx), dc) in copy_rx.into_iter().enumerate().zip(dcs) {
             let comm = compute[w]
                 .take()
                 .ok_or_else(|| Error::Comm("endpoint taken".into()))?;
@@ -374,8 +437,7 @@ impl Pool {
                 comm,
                 geom,
             );
-            let graphs = econf.graphs.then_some(&graph_stats);
-            if let Some(dc) = device.open(cfg, exchange, graphs)? {
+            if let Some(dc) = dc {
                 worker = worker.with_device(dc);
             }
             worker = worker.with_step_delay(econf.step_delay);
@@ -400,8 +462,8 @@ impl Pool {
                     .ok_or_else(|| Error::Comm("endpoint taken".into()))?,
                 geom,
                 ctrl: ctrl.clone(),
-                dev: device.open_copy()?,
-                exchange,
+                dev: device.open_copy(devices.device(WorkerId(w)))?,
+                exchange: copy_exchange,
             };
             threads.push(
                 std::thread::Builder::new()
@@ -424,6 +486,7 @@ impl Pool {
             ctrl,
             meter,
             graphs: graph_stats,
+            coll,
             threads,
         };
         let placement = Arc::new(placement.clone());
@@ -436,6 +499,15 @@ impl Pool {
         }
         pool.collect_replies(n_workers, true)?;
         Ok(pool)
+    }
+
+    /// Splits for the groups of `placement` not split yet (workers on GPUs of their
+    /// own), before any of its layers can flip.
+    fn add_communicators(&mut self, placement: &Placement) -> Result<()> {
+        match &mut self.coll {
+            Some(c) => c.add_placement(placement),
+            None => Ok(()),
+        }
     }
 
     fn collect_replies(&self, n: usize, load: bool) -> Result<()> {
@@ -956,6 +1028,10 @@ impl Engine {
     pub fn reshard_elem_bytes(&self) -> u64 {
         match (self.econf.device, self.econf.exchange) {
             (DeviceKind::Cpu, _) | (_, Exchange::HostStaged) => std::mem::size_of::<f32>() as u64,
+            // (Workers on GPUs of their own move reshard pieces through host memory.)
+            (_, Exchange::SameDevice) if self.pool.coll.is_some() => {
+                std::mem::size_of::<f32>() as u64
+            }
             (_, Exchange::SameDevice) => std::mem::size_of::<half::bf16>() as u64,
         }
     }
@@ -996,8 +1072,9 @@ impl Engine {
                 "a switch is already in progress; wait for it to finish".into(),
             ));
         }
-        let (_, plan) = self.plan_reconfigure(target)?;
+        let (placement, plan) = self.plan_reconfigure(target)?;
         self.device_supports(target)?;
+        self.pool.add_communicators(&placement)?;
         // Pre-copies started now cover every cached position of the running requests
         // (not the last step's plan, which may list finished ones).
         self.publish_cached_lengths();
@@ -1013,8 +1090,9 @@ impl Engine {
         if self.pool.ctrl.is_active() {
             return Err(Error::Reconfig("a switch is already in progress".into()));
         }
-        let (_, plan) = self.plan_reconfigure(target)?;
+        let (placement, plan) = self.plan_reconfigure(target)?;
         self.device_supports(target)?;
+        self.pool.add_communicators(&placement)?;
         let n = plan.segments.len();
         // Pre-copy the KV of every cached position: nothing is appended until we resume.
         self.publish_cached_lengths();

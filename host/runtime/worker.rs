@@ -507,18 +507,26 @@ impl Worker {
             return Ok(());
         }
         let tag = Tag::Handoff(step);
-        // Ranks on one device hand device buffers over (same-device exchange); otherwise
-        // the state goes through host memory.
+        // Ranks on one device hand device buffers over (same-device exchange), ranks on
+        // GPUs of their own send it through their communicator; otherwise the state goes
+        // through host memory.
         let same_device = self
             .device
             .as_ref()
             .is_some_and(|dc| dc.exchange() == Exchange::SameDevice);
+        let collectives = self
+            .device
+            .as_ref()
+            .is_some_and(|dc| same_device && dc.collectives().is_some());
         if let Some(i) = prev.position(self.id) {
             for (j, w) in next.workers().iter().enumerate() {
                 if prev.contains(*w) || j % prev.len() != i {
                     continue;
                 }
                 match h {
+                    Some(Hidden::Dev(b)) if collectives => {
+                        self.dc()?.send_hidden(&self.comm, b, n, *w, tag)?;
+                    }
                     Some(Hidden::Dev(b)) if same_device => {
                         let copy = self.dc()?.hidden_for_peer(b, n)?;
                         self.comm.send_buf(w.0, tag, copy)?;
@@ -537,6 +545,10 @@ impl Worker {
                 let from = prev.0[j % prev.len()].0;
                 *h = Some(match &self.device {
                     // (An empty step's empty state stays on the host: nothing to move.)
+                    Some(dc) if collectives && n > 0 => {
+                        let b = dc.recv_hidden(&self.comm, n, WorkerId(from), tag)?;
+                        Hidden::Dev(dc.adopt_hidden(b, n)?)
+                    }
                     Some(dc) if same_device && n > 0 => {
                         let b = self.comm.recv_buf(from, tag)?;
                         if b.len() < n * 2 {
@@ -866,7 +878,10 @@ impl Worker {
             };
             // Same-device: the packed bf16 buffer is the message (none when empty: both
             // sides know); host-staged: f32 host floats.
-            let same_device = dc.exchange() == Exchange::SameDevice;
+            // (Workers on GPUs of their own move reshard pieces through host memory: no
+            // device buffer may pass between GPUs, and reshard traffic does not go
+            // through the communicators yet.)
+            let same_device = dc.exchange() == Exchange::SameDevice && dc.collectives().is_none();
             let empty =
                 |t: &Transfer| device::kv_piece_elems(&spans, &t.region.rows, self.geom) == 0;
             for t in &f.kv_transfers {

@@ -28,7 +28,11 @@ pub mod nccl;
 
 use crate::backend::cuda::CudaDevice;
 use crate::backend::device::{check_range, Buf, Device};
+use crate::parallel::devices::{comm_plan, CommSplit, DeviceMap};
+use crate::parallel::{Group, Placement, WorkerId};
 use crate::{Error, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// One rank's handle on one communicator.
@@ -72,7 +76,11 @@ impl std::fmt::Debug for Communicator {
             Kind::Emu(_) => "emulated",
             Kind::Nccl(_) => "nccl",
         };
-        write!(f, "Communicator({kind}, rank {} of {})", self.rank, self.size)
+        write!(
+            f,
+            "Communicator({kind}, rank {} of {})",
+            self.rank, self.size
+        )
     }
 }
 
@@ -108,9 +116,9 @@ impl Communicator {
                 c.queue(d, ops)
             }
             Kind::Nccl(c) => {
-                let d = dev
-                    .as_cuda()
-                    .ok_or_else(|| Error::Device("an NCCL communicator on a non-CUDA device".into()))?;
+                let d = dev.as_cuda().ok_or_else(|| {
+                    Error::Device("an NCCL communicator on a non-CUDA device".into())
+                })?;
                 c.queue(d, ops)
             }
         }
@@ -162,7 +170,9 @@ impl Communicator {
 /// CUDA (NCCL; an error naming the library when it cannot be loaded).
 pub fn world(devs: &[&dyn Device], timeout: Duration) -> Result<Vec<Communicator>> {
     if devs.is_empty() {
-        return Err(Error::Device("a communicator needs at least one rank".into()));
+        return Err(Error::Device(
+            "a communicator needs at least one rank".into(),
+        ));
     }
     if devs.iter().all(|d| d.as_emu().is_some()) {
         return Ok(emu::world(devs.len(), timeout));
@@ -243,4 +253,126 @@ pub(crate) fn split_members(args: &[Option<(u32, u32)>]) -> Vec<(u32, Vec<usize>
         m.sort_by_key(|&i| (args[i].map_or(0, |(_, k)| k), i));
     }
     colors
+}
+
+/// Every worker's communicators, shared by the engine (which adds splits) and the
+/// workers (each reads only its own handles). A worker's handle on a group's split is
+/// its rank there (= its index in the group); `p2p` is a split of every worker, rank =
+/// worker id, for point-to-point hand-offs (the world handles stay with the engine,
+/// which splits from them while workers run).
+#[derive(Default)]
+pub struct CommBook {
+    groups: Mutex<HashMap<(WorkerId, Group), Arc<Communicator>>>,
+    p2p: Mutex<HashMap<WorkerId, Arc<Communicator>>>,
+}
+
+impl CommBook {
+    /// `w`'s handle on group `g`'s communicator.
+    pub fn group(&self, w: WorkerId, g: &Group) -> Result<Arc<Communicator>> {
+        lock(&self.groups)?
+            .get(&(w, g.clone()))
+            .cloned()
+            .ok_or_else(|| Error::Device(format!("no communicator of {w} for group {g}")))
+    }
+
+    /// `w`'s handle on the all-worker communicator (rank = worker id).
+    pub fn p2p(&self, w: WorkerId) -> Result<Arc<Communicator>> {
+        lock(&self.p2p)?
+            .get(&w)
+            .cloned()
+            .ok_or_else(|| Error::Device(format!("no point-to-point communicator of {w}")))
+    }
+
+    fn has_group(&self, g: &Group) -> Result<bool> {
+        Ok(lock(&self.groups)?.keys().any(|(_, gg)| gg == g))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
+    m.lock()
+        .map_err(|_| Error::Device("communicator table poisoned".into()))
+}
+
+/// The engine's side: the world communicator (one handle per worker, used only by the
+/// engine's thread to split), the splits made so far and the book the workers read.
+pub struct Collectives {
+    world: Vec<Communicator>,
+    splits: Vec<CommSplit>,
+    devices: DeviceMap,
+    book: Arc<CommBook>,
+}
+
+impl Collectives {
+    /// World and all-worker communicators over the workers' compute handles (worker `w`
+    /// on `devs[w]`, every one on a GPU of its own per `devices`), and the splits of
+    /// `placement`'s groups.
+    pub fn new(
+        devs: &[&dyn Device],
+        devices: DeviceMap,
+        placement: &Placement,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let n = devs.len();
+        let all = Group((0..n).map(WorkerId).collect());
+        if devices.num_workers() != n || !devices.nccl_capable(&all) {
+            return Err(Error::Device(format!(
+                "collectives need one worker per GPU ({n} workers on {} handles)",
+                devices.num_workers()
+            )));
+        }
+        let world = self::world(devs, timeout)?;
+        let refs: Vec<&Communicator> = world.iter().collect();
+        let p2p = split(&refs, &vec![Some((0, 0)); n])?;
+        let book = Arc::new(CommBook::default());
+        {
+            let mut m = lock(&book.p2p)?;
+            for (w, c) in p2p.into_iter().enumerate() {
+                let c =
+                    c.ok_or_else(|| Error::Device("all-worker split left a rank out".into()))?;
+                m.insert(WorkerId(w), Arc::new(c));
+            }
+        }
+        let mut me = Collectives {
+            world,
+            splits: Vec::new(),
+            devices,
+            book,
+        };
+        me.add_placement(placement)?;
+        Ok(me)
+    }
+
+    /// Splits for the groups of `placement` not split yet (before a switch to it: its
+    /// layers flip while steps run, so every communicator is there first).
+    pub fn add_placement(&mut self, placement: &Placement) -> Result<()> {
+        let plan = comm_plan(placement, &self.devices, &self.splits);
+        let refs: Vec<&Communicator> = self.world.iter().collect();
+        for s in plan.nccl {
+            if self.book.has_group(&s.group)? {
+                continue;
+            }
+            let args: Vec<Option<(u32, u32)>> =
+                (0..refs.len()).map(|w| s.args_for(WorkerId(w))).collect();
+            let comms = split(&refs, &args)?;
+            let mut m = lock(&self.book.groups)?;
+            for (w, c) in comms.into_iter().enumerate() {
+                if let Some(c) = c {
+                    m.insert((WorkerId(w), s.group.clone()), Arc::new(c));
+                }
+            }
+            drop(m);
+            self.splits.push(s);
+        }
+        Ok(())
+    }
+
+    /// What the workers read.
+    pub fn book(&self) -> &Arc<CommBook> {
+        &self.book
+    }
+
+    /// Splits made so far (one per distinct multi-member group).
+    pub fn splits(&self) -> &[CommSplit] {
+        &self.splits
+    }
 }

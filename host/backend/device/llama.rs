@@ -35,11 +35,12 @@ use super::{
     pod::Pod,
     upload_new, wait_ready, Arg, Buf, Device, Exchange, Launch,
 };
+use crate::backend::collective::{CollOp, CommBook, Communicator};
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::cuda::nvtx;
 use crate::model::{ModelConfig, TensorSource};
 use crate::parallel::shard::HeadShard;
-use crate::parallel::{Group, LayerId, Segment, TensorKind};
+use crate::parallel::{Group, LayerId, Segment, TensorKind, WorkerId};
 use crate::runtime::kv_cache::KvGeometry;
 use crate::runtime::sampling;
 use crate::runtime::worker::{segment_tensors, HeadOutput, StepPlan};
@@ -278,6 +279,9 @@ pub struct DeviceCompute {
     /// worth.
     scratch: Mutex<HashMap<&'static str, Arc<Buf>>>,
     exchange: Exchange,
+    /// Workers on GPUs of their own: the communicators (NCCL, or the emulated twin) that
+    /// carry partials and hand-offs between them (`None`: every worker on one device).
+    coll: Option<Arc<CommBook>>,
     /// Launch recording for graphs (`None`: every launch goes out at once).
     graphs: Option<Mutex<Recorder>>,
 }
@@ -307,8 +311,21 @@ impl DeviceCompute {
             inv_freq,
             scratch: Mutex::new(HashMap::new()),
             exchange: Exchange::default(),
+            coll: None,
             graphs: None,
         })
+    }
+
+    /// Exchanges with the group through `book`'s communicators (workers on GPUs of their
+    /// own) instead of same-device buffers; only with the same-device (device) exchange.
+    pub fn with_collectives(mut self, book: Arc<CommBook>) -> Self {
+        self.coll = Some(book);
+        self
+    }
+
+    /// The communicators this worker exchanges through, when it has a GPU of its own.
+    pub fn collectives(&self) -> Option<&Arc<CommBook>> {
+        self.coll.as_ref()
     }
 
     /// How this worker exchanges partials and hidden states with its group.
@@ -552,6 +569,27 @@ impl DeviceCompute {
                 .ok_or_else(|| dev_err(format!("{me} is not in group {g}")))?;
             let n = inp.tokens * h;
             let grid = [n.div_ceil(BLOCK as usize).min(1024) as u32, 1, 1];
+            if let Some(book) = &self.coll {
+                // Every member's rows in its slot, then the peers' added in group order.
+                let c = book.group(me, g)?;
+                let slots = self.scratch("gather", g.len() * n * 2)?;
+                self.d()?.copy(&slots, idx * n * 2, &x, 0, n * 2)?;
+                self.all_gather(comm, g, idx, &c, inp.step, &slots, n * 2)?;
+                for j in (0..g.len()).filter(|&j| j != idx) {
+                    self.launch(
+                        "residual_add_bf16",
+                        grid,
+                        BLOCK,
+                        &[
+                            Arg::from(&x),
+                            Arg::from(&x),
+                            Arg::Ptr(slots.at(j * n * 2)?),
+                            u(n),
+                        ],
+                    )?;
+                }
+                return Ok(x);
+            }
             self.share_with_group(comm, g, idx, inp.step, &x, 0, n * 2, |_, b| {
                 self.launch(
                     "residual_add_bf16",
@@ -826,16 +864,22 @@ impl DeviceCompute {
             (t, h, k),
             true,
         )?;
-        self.share_with_group(
-            comm,
-            g,
-            idx,
-            step,
-            &red,
-            idx * part_bytes,
-            part_bytes,
-            |j, b| self.d()?.copy(&red, j * part_bytes, b, 0, part_bytes),
-        )?;
+        match &self.coll {
+            Some(book) => {
+                let c = book.group(me, g)?;
+                self.all_gather(comm, g, idx, &c, step, &red, part_bytes)?;
+            }
+            None => self.share_with_group(
+                comm,
+                g,
+                idx,
+                step,
+                &red,
+                idx * part_bytes,
+                part_bytes,
+                |j, b| self.d()?.copy(&red, j * part_bytes, b, 0, part_bytes),
+            )?,
+        }
         let n = (t * h) as u32;
         self.launch(
             "gemm_splitk_reduce_bf16",
@@ -904,6 +948,102 @@ impl DeviceCompute {
             }
         }
         Ok(())
+    }
+
+    /// All-gather within group `g` (this worker is member `idx`, rank `idx` of `c`, the
+    /// group's communicator) in step `step`, in place over `g.len()` slots of `bytes`
+    /// bytes of `slots`: a notice to every peer through the Comm layer first (it counts
+    /// the slot this worker's data fills at each peer, as the same-device exchange
+    /// counts its copies, and its receipt checks that every peer is in this step before
+    /// the collective is queued), then the collective on this worker's stream.
+    #[allow(clippy::too_many_arguments)]
+    fn all_gather(
+        &self,
+        comm: &Comm,
+        g: &Group,
+        idx: usize,
+        c: &Communicator,
+        step: u64,
+        slots: &Buf,
+        bytes: usize,
+    ) -> Result<()> {
+        if c.rank() != idx || c.size() != g.len() {
+            return Err(dev_err(format!(
+                "communicator rank {} of {} for member {idx} of group {g}",
+                c.rank(),
+                c.size()
+            )));
+        }
+        let tag = Tag::AllReduce(step);
+        let peers = || g.workers().iter().enumerate().filter(|&(j, _)| j != idx);
+        for (_, peer) in peers() {
+            comm.send_wire(peer.0, tag, bytes as u64)?;
+        }
+        for (_, peer) in peers() {
+            let got = comm.recv_wire(peer.0, tag)?;
+            if got != bytes as u64 {
+                return Err(dev_err(format!(
+                    "all-gather with {peer}: {got} B a slot, expected {bytes}"
+                )));
+            }
+        }
+        c.queue(self.d()?, &[CollOp::AllGather { buf: slots, bytes }])
+    }
+
+    /// Sends `n` bf16 values of the hidden state `x` to worker `to` (on another GPU)
+    /// through the all-worker communicator, after a counted notice.
+    pub fn send_hidden(
+        &self,
+        comm: &Comm,
+        x: &Buf,
+        n: usize,
+        to: WorkerId,
+        tag: Tag,
+    ) -> Result<()> {
+        let book = self
+            .coll
+            .as_ref()
+            .ok_or_else(|| dev_err("no communicators"))?;
+        let c = book.p2p(WorkerId(comm.me()))?;
+        comm.send_wire(to.0, tag, (n * 2) as u64)?;
+        c.queue(
+            self.d()?,
+            &[CollOp::Send {
+                buf: x,
+                off: 0,
+                bytes: n * 2,
+                peer: to.0,
+            }],
+        )
+    }
+
+    /// Receives `n` bf16 values of a hidden state sent with [`Self::send_hidden`] from
+    /// worker `from` into a fresh buffer (this stream's later work reads it after the
+    /// receive: stream order).
+    pub fn recv_hidden(&self, comm: &Comm, n: usize, from: WorkerId, tag: Tag) -> Result<Buf> {
+        let book = self
+            .coll
+            .as_ref()
+            .ok_or_else(|| dev_err("no communicators"))?;
+        let c = book.p2p(WorkerId(comm.me()))?;
+        let got = comm.recv_wire(from.0, tag)?;
+        if got != (n * 2) as u64 {
+            return Err(dev_err(format!(
+                "hand-off from {from}: {got} B, expected {} B",
+                n * 2
+            )));
+        }
+        let b = self.alloc(n * 2)?;
+        c.queue(
+            self.d()?,
+            &[CollOp::Recv {
+                buf: &b,
+                off: 0,
+                bytes: n * 2,
+                peer: from.0,
+            }],
+        )?;
+        Ok(b)
     }
 
     /// A hidden state of `n` bf16 values handed to the next pipeline stage on the same

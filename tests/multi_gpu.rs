@@ -1,0 +1,183 @@
+//! Workers on GPUs of their own (`EngineConfig::gpus`): tensor-parallel partials and
+//! pipeline hand-offs go through communicators (NCCL on CUDA; here its emulated twin,
+//! which enforces NCCL's matching and blocking rules, so an exchange that would hang on
+//! GPUs fails here), reshard pieces through host memory. Emulator only: the GPU test
+//! machine has one GPU (NCCL refuses two ranks on one GPU), so the CUDA side is checked
+//! there with single-rank communicators (`collective::nccl`'s GPU test).
+//!
+//! The collectives carry the same bytes the one-GPU (same-device) exchange hands over —
+//! each member's f32 partial gathered into its slot, the slots summed in group order by
+//! the same reduce kernel — so results must be bit-identical to one GPU's, and the
+//! counted bytes equal.
+
+#[macro_use]
+mod common;
+
+use common::*;
+use remp::backend::comm::Lane;
+use remp::backend::device::Exchange;
+use remp::parallel::Topology;
+use remp::reshard::executor::ReconfigEvent;
+use remp::runtime::{DeviceKind, Engine, EngineConfig, Request};
+
+fn config(start: Topology, workers: usize, gpus: usize, exchange: Exchange) -> EngineConfig {
+    let mut ec = EngineConfig::new(start);
+    ec.device = DeviceKind::Emulated;
+    ec.exchange = exchange;
+    ec.kv_blocks = 64;
+    ec.workers = Some(workers);
+    ec.gpus = gpus;
+    ec
+}
+
+/// Bytes between workers on the compute lane (partials and hand-offs; not the logits
+/// or picks that go to the driver).
+fn worker_compute_bytes(e: &Engine) -> u64 {
+    let n = e.num_workers();
+    let s = e.comm_stats();
+    (0..n)
+        .flat_map(|a| (0..n).map(move |b| (a, b)))
+        .map(|(a, b)| s.between(Lane::Compute, a, b))
+        .sum()
+}
+
+#[test]
+fn one_worker_per_emulated_gpu_equals_one_gpu_bit_for_bit() {
+    let model = tiny_model();
+    let case = &oracle()[0];
+    let n = 6;
+    for (tp, pp) in [(2, 2), (4, 1), (1, 2)] {
+        let topo = Topology::new(tp, pp);
+        let run = |gpus: usize| {
+            let ec = config(topo, topo.world_size(), gpus, Exchange::SameDevice);
+            let mut e = Engine::new(&model, ec).unwrap();
+            let mut req = Request::greedy(case.prompt.clone(), n);
+            req.ignore_eos = true;
+            req.return_logits = true;
+            let (id, logits) = run_with_logits(&mut e, req);
+            let out = e.output(id).unwrap().output.clone();
+            let bytes = worker_compute_bytes(&e);
+            (logits, out, bytes, e.comm_stats().collective_bytes())
+        };
+        let (one, one_out, one_bytes, one_coll) = run(1);
+        let (many, many_out, many_bytes, many_coll) = run(topo.world_size());
+        assert!(!one.is_empty());
+        assert!(
+            one.len() == many.len()
+                && one
+                    .iter()
+                    .zip(&many)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{topo}: logits differ between one GPU and a GPU per worker"
+        );
+        assert_eq!(one_out, many_out, "{topo}");
+        assert_eq!(
+            many_out[..],
+            case.tokens[case.prompt.len()..case.prompt.len() + n],
+            "{topo}: oracle tokens"
+        );
+        // The same bytes, counted the same way; on one GPU none through collectives, on
+        // a GPU per worker all of them.
+        assert!(one_bytes > 0, "{topo}");
+        assert_eq!(one_bytes, many_bytes, "{topo}");
+        assert_eq!(one_coll, 0, "{topo}");
+        assert_eq!(
+            many_coll, many_bytes,
+            "{topo}: every worker-to-worker byte through a collective"
+        );
+    }
+}
+
+/// tp2pp1 → tp4pp1 → tp1pp2 on four emulated GPUs while oracle prompt 0 decodes and
+/// prompt 1 joins during the first switch: the new groups' communicators are split
+/// before their layers flip, and the tokens stay the oracle's. Then an idle switch
+/// moves exactly its planned bytes, as f32 through host memory.
+#[test]
+fn online_switches_across_emulated_gpus_keep_oracle_tokens() {
+    let cases = oracle();
+    let ec = config(Topology::new(2, 1), 4, 4, Exchange::SameDevice);
+    let mut e = Engine::new(&tiny_model(), ec).unwrap();
+    assert_eq!(
+        e.reshard_elem_bytes(),
+        4,
+        "reshard pieces as host f32 between GPUs"
+    );
+    let req = |c: &OracleCase, n: usize| {
+        let mut r = Request::greedy(c.prompt.clone(), n);
+        r.ignore_eos = true;
+        r
+    };
+    let (n0, n1) = (14, 8);
+    let a = e.add_request(req(&cases[0], n0)).unwrap();
+    for _ in 0..2 {
+        e.step().unwrap();
+    }
+    e.reconfigure(Topology::new(4, 1)).unwrap();
+    let b = e.add_request(req(&cases[1], n1)).unwrap();
+    while e.reconfig_in_progress() {
+        e.step().unwrap();
+    }
+    assert_eq!(e.topology_name(), "tp4pp1");
+    e.step().unwrap();
+    e.reconfigure(Topology::new(1, 2)).unwrap();
+    e.run_to_completion().unwrap();
+    assert_eq!(e.topology_name(), "tp1pp2");
+    for (id, c, n, what) in [
+        (a, &cases[0], n0, "prompt 0"),
+        (b, &cases[1], n1, "prompt 1"),
+    ] {
+        let out = &e.output(id).unwrap().output;
+        assert_eq!(
+            out[..],
+            c.tokens[c.prompt.len()..c.prompt.len() + n],
+            "{what}"
+        );
+    }
+    assert!(e.comm_stats().collective_bytes() > 0);
+
+    let (_, plan) = e.plan_reconfigure(Topology::new(2, 2)).unwrap();
+    let before = e.comm_stats().reshard_bytes();
+    e.reconfigure(Topology::new(2, 2)).unwrap();
+    e.run_to_completion().unwrap();
+    assert_eq!(e.topology_name(), "tp2pp2");
+    assert!(plan.bytes_moved > 0);
+    assert_eq!(e.comm_stats().reshard_bytes() - before, plan.bytes_moved);
+    let aborted = e
+        .reconfig_events()
+        .iter()
+        .filter(|ev| matches!(ev, ReconfigEvent::Aborted { .. }))
+        .count();
+    assert_eq!(aborted, 0);
+}
+
+#[test]
+fn gpu_counts_the_exchange_cannot_serve_are_refused() {
+    let model = tiny_model();
+    let err = |ec: EngineConfig| match Engine::new(&model, ec) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    // Four workers on two GPUs: NCCL takes one rank per GPU.
+    let msg = err(config(Topology::new(2, 2), 4, 2, Exchange::SameDevice));
+    assert!(msg.contains("4 workers on 2 GPUs"), "{msg}");
+    let msg = err(config(Topology::new(1, 1), 1, 0, Exchange::SameDevice));
+    assert!(msg.contains("at least 1"), "{msg}");
+    let mut cpu = config(Topology::new(2, 1), 2, 2, Exchange::SameDevice);
+    cpu.device = DeviceKind::Cpu;
+    let msg = err(cpu);
+    assert!(msg.contains("cuda or emu"), "{msg}");
+    // The host-staged exchange serves any number of workers per GPU.
+    let ec = config(Topology::new(2, 2), 4, 2, Exchange::HostStaged);
+    let mut e = Engine::new(&model, ec).unwrap();
+    let case = &oracle()[0];
+    let mut r = Request::greedy(case.prompt.clone(), 4);
+    r.ignore_eos = true;
+    let id = e.add_request(r).unwrap();
+    e.run_to_completion().unwrap();
+    let out = &e.output(id).unwrap().output;
+    assert_eq!(
+        out[..],
+        case.tokens[case.prompt.len()..case.prompt.len() + 4]
+    );
+    assert_eq!(e.comm_stats().collective_bytes(), 0);
+}
