@@ -638,6 +638,39 @@ fn kv_blocks_flag() {
         ],
         &["3 KV blocks", "1 in all"],
     );
+    // --gpus: at least 1; more only for device workers, each on a GPU of its own.
+    expect_bad(
+        &["generate", "--prompt-ids", "1,2", "--gpus", "0"],
+        &["--gpus", "at least 1"],
+    );
+    expect_bad(
+        &[
+            "generate",
+            "--prompt-ids",
+            "1,2",
+            "--tp",
+            "2",
+            "--gpus",
+            "2",
+        ],
+        &["--gpus", "--device cuda or emu"],
+    );
+    expect_bad(
+        &[
+            "generate",
+            "--prompt-ids",
+            "1,2",
+            "--device",
+            "emu",
+            "--tp",
+            "2",
+            "--reconfigure",
+            "1:tp2pp2",
+            "--gpus",
+            "2",
+        ],
+        &["--gpus 2", "4 workers", "--gpus 4"],
+    );
     // Not a count: clap's usage error (exit 2, the first line names the value).
     let r = remp(&["generate", "--prompt-ids", "1,2", "--kv-blocks=-1"]);
     assert_eq!(r.code, Some(2), "{}", r.stderr);
@@ -678,16 +711,23 @@ fn emulated_device_generates_the_oracle_tokens() {
         .iter()
         .map(|&t| t as u64)
         .collect();
-    // Launches replayed as graphs (--graphs) run the same kernels: the same tokens.
-    for graphs in [false, true] {
+    // Launches replayed as graphs (--graphs) run the same kernels, and the two ranks on
+    // emulated GPUs of their own (--gpus 2: their partials through the emulated NCCL)
+    // the same sums: the same tokens.
+    for (graphs, gpus) in [(false, "1"), (true, "1"), (false, "2")] {
         let mut a = args.to_vec();
         if graphs {
             a.push("--graphs");
         }
+        a.extend(["--gpus", gpus]);
         let r = remp(&a);
         assert_eq!(r.code, Some(0), "{}", r.stderr);
         let v = parse_one_object(&r.stdout);
         assert_eq!(v["device"], "emu");
+        assert_eq!(
+            v["gpus"].as_u64().map(|g| g.to_string()).as_deref(),
+            Some(gpus)
+        );
         let got: Vec<u64> = v["requests"][0]["output_ids"]
             .as_array()
             .unwrap_or_else(|| panic!("no output_ids in {v}"))

@@ -460,6 +460,15 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
             .map(|s| s.1.world_size())
             .fold(topo.world_size(), usize::max),
     );
+    let workers = econf.workers.unwrap_or(1);
+    if econf.gpus > 1 && workers > econf.gpus {
+        return Err(Error::Request(format!(
+            "--gpus {}: the run needs {workers} workers (its largest topology) and, on \
+             several GPUs, each worker needs one of its own (NCCL takes one rank per GPU); \
+             use --gpus {workers} or more, or --gpus 1 (every worker on GPU 0)",
+            econf.gpus
+        )));
+    }
     let mut engine = Engine::new(&model, econf)?;
 
     let mut ids = Vec::new();

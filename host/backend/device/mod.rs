@@ -284,7 +284,9 @@ pub enum Exchange {
     /// Device-to-device: partials and hidden states move as device buffers through the
     /// Comm layer and the group's partials are summed on the device by the split-K
     /// reduce kernel (with the bias and residual add fused). For ranks that share one
-    /// device: the emulator, or several workers on GPU 0.
+    /// device: the emulator, or several workers on GPU 0. With workers on GPUs of their
+    /// own (`EngineConfig::gpus` > 1) the partials are all-gathered and hand-offs sent
+    /// through NCCL instead (same sums, same bits; see [`crate::backend::collective`]).
     #[default]
     SameDevice,
     /// Through host memory: download, host messages, upload. Portable; the reference
