@@ -1,7 +1,8 @@
 //! Workers on GPUs of their own (`EngineConfig::gpus`): tensor-parallel partials and
 //! pipeline hand-offs go through communicators (NCCL on CUDA; here its emulated twin,
 //! which enforces NCCL's matching and blocking rules, so an exchange that would hang on
-//! GPUs fails here), reshard pieces through host memory. Emulator only: the GPU test
+//! GPUs fails here), and so do reshard pieces (one group per job on the copy threads'
+//! communicator); a flip's KV delta goes through host memory. Emulator only: the GPU test
 //! machine has one GPU (NCCL refuses two ranks on one GPU), so the CUDA side is checked
 //! there with single-rank communicators (`collective::nccl`'s GPU test).
 //!
@@ -91,17 +92,13 @@ fn one_worker_per_emulated_gpu_equals_one_gpu_bit_for_bit() {
 /// tp2pp1 → tp4pp1 → tp1pp2 on four emulated GPUs while oracle prompt 0 decodes and
 /// prompt 1 joins during the first switch: the new groups' communicators are split
 /// before their layers flip, and the tokens stay the oracle's. Then an idle switch
-/// moves exactly its planned bytes, as f32 through host memory.
+/// moves exactly its planned bytes, bf16, every one through a collective.
 #[test]
 fn online_switches_across_emulated_gpus_keep_oracle_tokens() {
     let cases = oracle();
     let ec = config(Topology::new(2, 1), 4, 4, Exchange::SameDevice);
     let mut e = Engine::new(&tiny_model(), ec).unwrap();
-    assert_eq!(
-        e.reshard_elem_bytes(),
-        4,
-        "reshard pieces as host f32 between GPUs"
-    );
+    assert_eq!(e.reshard_elem_bytes(), 2, "bf16 pieces through NCCL");
     let req = |c: &OracleCase, n: usize| {
         let mut r = Request::greedy(c.prompt.clone(), n);
         r.ignore_eos = true;
@@ -137,11 +134,17 @@ fn online_switches_across_emulated_gpus_keep_oracle_tokens() {
 
     let (_, plan) = e.plan_reconfigure(Topology::new(2, 2)).unwrap();
     let before = e.comm_stats().reshard_bytes();
+    let coll_before = e.comm_stats().collective_bytes();
     e.reconfigure(Topology::new(2, 2)).unwrap();
     e.run_to_completion().unwrap();
     assert_eq!(e.topology_name(), "tp2pp2");
     assert!(plan.bytes_moved > 0);
     assert_eq!(e.comm_stats().reshard_bytes() - before, plan.bytes_moved);
+    assert_eq!(
+        e.comm_stats().collective_bytes() - coll_before,
+        plan.bytes_moved,
+        "every reshard byte through a collective"
+    );
     let aborted = e
         .reconfig_events()
         .iter()
@@ -180,4 +183,70 @@ fn gpu_counts_the_exchange_cannot_serve_are_refused() {
         case.tokens[case.prompt.len()..case.prompt.len() + 4]
     );
     assert_eq!(e.comm_stats().collective_bytes(), 0);
+}
+
+/// A copy that fails on one worker (injected, before it prepared its pieces) aborts the
+/// switch on every worker before any of them queues its pieces' collectives (the job's
+/// gate: otherwise a peer's sends would wait forever for receives never queued, and
+/// every later pair's sequence would be off by one). Decoding goes on with the oracle's
+/// tokens, and a second switch to the same target completes.
+#[test]
+fn a_failed_copy_across_emulated_gpus_aborts_and_the_next_switch_completes() {
+    use remp::parallel::{LayerId, Segment, WorkerId};
+    use remp::reshard::executor::ReconfigOptions;
+    let case = &oracle()[0];
+    let n = 10;
+    let ec = config(Topology::new(2, 1), 2, 2, Exchange::SameDevice);
+    let mut e = Engine::new(&tiny_model(), ec).unwrap();
+    let mut r = Request::greedy(case.prompt.clone(), n);
+    r.ignore_eos = true;
+    let a = e.add_request(r).unwrap();
+    for _ in 0..2 {
+        e.step().unwrap();
+    }
+    let opts = ReconfigOptions {
+        window: 1,
+        fail_at: Some((Segment::Layer(LayerId(3)), WorkerId(1))),
+        lookahead: 0,
+        ..Default::default()
+    };
+    e.reconfigure_with(Topology::new(1, 2), &opts).unwrap();
+    while e.reconfig_in_progress() {
+        e.step().unwrap();
+    }
+    let aborted: Vec<String> = e
+        .reconfig_events()
+        .iter()
+        .filter_map(|ev| match ev {
+            ReconfigEvent::Aborted { error, .. } => Some(error.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(aborted.len(), 1, "{aborted:?}");
+    assert!(aborted[0].contains("injected"), "{aborted:?}");
+    assert_eq!(
+        e.placement().layers[3].len(),
+        2,
+        "layer 3 must not have moved"
+    );
+    e.step().unwrap();
+    e.reconfigure(Topology::new(1, 2)).unwrap();
+    e.run_to_completion().unwrap();
+    assert_eq!(e.topology_name(), "tp1pp2");
+    let out = &e.output(a).unwrap().output;
+    assert_eq!(
+        out[..],
+        case.tokens[case.prompt.len()..case.prompt.len() + n]
+    );
+    let t0 = std::time::Instant::now();
+    while !e.reconfig_settled() {
+        assert!(t0.elapsed().as_secs() < 60, "copy threads did not settle");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let held: usize = e.worker_bytes().iter().sum();
+    assert_eq!(
+        e.resident_bytes(),
+        held as i64,
+        "meter vs what the workers hold"
+    );
 }

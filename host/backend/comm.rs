@@ -224,6 +224,11 @@ impl Comm {
         &self.stats
     }
 
+    /// How long a receive waits before it fails.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn send(&self, to: usize, tag: Tag, data: Vec<f32>) -> Result<()> {
         let bytes = (data.len() * std::mem::size_of::<f32>()) as u64;
         self.post(to, tag, Payload::Host(data), bytes)

@@ -188,8 +188,8 @@ struct GenerateArgs {
     reconfigure: Vec<String>,
     /// GPUs the workers spread over (cuda, emu; default 1). With more than one, each
     /// worker has a GPU of its own (at most N workers, the larger topology's ranks):
-    /// partials and hand-offs go through NCCL (on emu, its emulated twin), reshard
-    /// pieces through host memory.
+    /// partials, hand-offs and reshard pieces go through NCCL (on emu, its emulated
+    /// twin).
     #[arg(long, default_value_t = 1)]
     gpus: usize,
     /// Record each segment's kernel launches and replay repeated runs as graphs

@@ -45,6 +45,7 @@
 //! staged buffers dropped; segments already flipped stay on their new groups. Every slot
 //! still names a complete group, so the engine keeps serving on that (mixed) placement.
 
+use crate::backend::collective::{CollOp, CommBook};
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::device::llama::{check_heads, DevKv, DevShards};
 use crate::backend::device::{mark_ready, wait_ready, Buf, Device, Exchange};
@@ -223,6 +224,18 @@ pub struct Controller {
     next_job: AtomicU64,
     /// Recent step time in ms (f64 bits).
     step_ms: AtomicU64,
+    /// Per (switch, segment) job of workers on GPUs of their own: who has prepared its
+    /// pieces ([`Controller::gate`]).
+    gates: Mutex<HashMap<(u64, Segment), Gate>>,
+    gate_cv: std::sync::Condvar,
+}
+
+/// One job's gate: the participants arrived so far, whether all of them prepared, and
+/// how many have not left it yet.
+struct Gate {
+    arrived: BTreeSet<WorkerId>,
+    ok: bool,
+    left: usize,
 }
 
 impl Controller {
@@ -243,6 +256,8 @@ impl Controller {
             events: Mutex::new(Vec::new()),
             next_job: AtomicU64::new(1),
             step_ms: AtomicU64::new(0),
+            gates: Mutex::new(HashMap::new()),
+            gate_cv: std::sync::Condvar::new(),
             copy_tx,
         }
     }
@@ -418,6 +433,69 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// All or nothing for the collective transfers of `job` (workers on GPUs of their
+    /// own): every participant arrives once, `ok` when it has prepared its pieces.
+    /// Returns `true` only when all have arrived ok (then every one queues its NCCL
+    /// group), `false` as soon as one arrived failed (then none does); an error when
+    /// `timeout` passes first, which fails the gate for the late ones too. A second
+    /// arrival of one worker (its failure path after it passed) returns `false` at once.
+    pub(crate) fn gate(
+        &self,
+        job: &SegmentJob,
+        me: WorkerId,
+        ok: bool,
+        timeout: std::time::Duration,
+    ) -> Result<bool> {
+        let key = (job.job, job.plan.segment);
+        let n = job.participants().len();
+        let poisoned = || Error::Reconfig("gate table poisoned".into());
+        let mut gates = self.gates.lock().map_err(|_| poisoned())?;
+        let g = gates.entry(key).or_insert_with(|| Gate {
+            arrived: BTreeSet::new(),
+            ok: true,
+            left: n,
+        });
+        if !g.arrived.insert(me) {
+            return Ok(false);
+        }
+        g.ok &= ok;
+        self.gate_cv.notify_all();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let g = gates
+                .get_mut(&key)
+                .ok_or_else(|| Error::Reconfig(format!("gate of {} gone", key.1)))?;
+            let outcome = if !g.ok {
+                Some(Ok(false))
+            } else if g.arrived.len() >= n {
+                Some(Ok(true))
+            } else if Instant::now() >= deadline {
+                g.ok = false;
+                Some(Err(Error::Reconfig(format!(
+                    "{}: {} of {n} workers ready to move their pieces after {timeout:?}",
+                    key.1,
+                    g.arrived.len()
+                ))))
+            } else {
+                None
+            };
+            if let Some(r) = outcome {
+                g.left -= 1;
+                if g.left == 0 {
+                    gates.remove(&key);
+                }
+                self.gate_cv.notify_all();
+                return r;
+            }
+            let wait = deadline.saturating_duration_since(Instant::now());
+            gates = self
+                .gate_cv
+                .wait_timeout(gates, wait)
+                .map_err(|_| poisoned())?
+                .0;
+        }
     }
 
     fn finish(&self, a: &Active, step: u64) {
@@ -597,6 +675,13 @@ fn copy_region(
 }
 
 /// A worker's copy thread.
+/// A job's remote pieces moved by [`CopyWorker::exchange_pieces`]: what this worker
+/// sent (kept until the job's end) and what it received, per transfer.
+struct Exchanged<'j> {
+    outgoing: Vec<(WorkerId, Buf)>,
+    incoming: Vec<(&'j Transfer, Buf)>,
+}
+
 pub struct CopyWorker {
     pub id: WorkerId,
     pub cfg: Arc<ModelConfig>,
@@ -610,6 +695,9 @@ pub struct CopyWorker {
     /// How pieces travel between device workers: as device buffers (same-device) or as
     /// host f32 (host-staged). Ignored on the CPU backend.
     pub exchange: Exchange,
+    /// Workers on GPUs of their own (with the same-device exchange): the copy lane's
+    /// communicators, through which remote pieces move instead.
+    pub coll: Option<Arc<CommBook>>,
 }
 
 impl CopyWorker {
@@ -621,6 +709,11 @@ impl CopyWorker {
                     let r = crate::error::no_panic(|| self.run_job(&job), |m| self.err(m));
                     if r.is_err() {
                         self.notify_abort(&job);
+                        if self.coll.is_some() {
+                            // (Failed before its gate: the peers waiting there give up
+                            // now; after it, a no-op.)
+                            let _ = self.ctrl.gate(&job, self.id, false, Default::default());
+                        }
                     }
                     job.cpu_us.fetch_add(thread_cpu_us() - t, Ordering::SeqCst);
                     self.ctrl.on_copy_done(&job, r);
@@ -1052,6 +1145,111 @@ impl CopyWorker {
         Ok(())
     }
 
+    /// Workers on GPUs of their own: packs every remote piece this worker sends in
+    /// `job` (`pack`: `None` for an empty one) and allocates one buffer for every piece
+    /// it receives (`expect`: its bytes, which both sides know from the plan), then
+    /// passes the job's gate (every worker with remote pieces in the job has prepared,
+    /// or none queues anything: a peer that never queues its side would hang the
+    /// others' NCCL calls), then notices through the counted Comm layer (one per piece,
+    /// its bytes) and ONE group of sends and receives on this stream (ungrouped, two
+    /// workers sending each other pieces deadlock). Every buffer is counted in the
+    /// meter until the caller is done with it; the receives land before anything
+    /// queued after this on the stream.
+    fn exchange_pieces<'j>(
+        &self,
+        job: &'j SegmentJob,
+        dev: &dyn Device,
+        book: &CommBook,
+        pack: &dyn Fn(&Transfer) -> Result<Option<Buf>>,
+        expect: &dyn Fn(&Transfer) -> usize,
+    ) -> Result<Exchanged<'j>> {
+        let me = self.id;
+        let p = &job.plan;
+        let tag = Tag::Reshard(job.job);
+        let mut x = Exchanged {
+            outgoing: Vec::new(),
+            incoming: Vec::new(),
+        };
+        let counted = |x: &Exchanged| -> usize {
+            x.outgoing.iter().map(|(_, b)| b.len()).sum::<usize>()
+                + x.incoming.iter().map(|(_, b)| b.len()).sum::<usize>()
+        };
+        let mut prepare = || -> Result<()> {
+            for t in p.transfers.iter().filter(|t| t.src == me && t.dst != me) {
+                if let Some(piece) = pack(t)? {
+                    self.mem.meter.alloc(piece.len());
+                    x.outgoing.push((t.dst, piece));
+                }
+            }
+            for t in p.transfers.iter().filter(|t| t.dst == me && t.src != me) {
+                let bytes = expect(t);
+                if bytes > 0 {
+                    let b = dev.alloc(bytes)?;
+                    self.mem.meter.alloc(b.len());
+                    x.incoming.push((t, b));
+                }
+            }
+            Ok(())
+        };
+        let prepared = prepare();
+        let gate = self
+            .ctrl
+            .gate(job, me, prepared.is_ok(), self.comm.timeout());
+        let go = match (prepared, gate) {
+            (Ok(()), Ok(true)) => Ok(()),
+            (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+            (Ok(()), Ok(false)) => Err(self.err(format!(
+                "{}: a peer could not prepare its pieces; nothing was sent",
+                p.segment
+            ))),
+        };
+        if let Err(e) = go {
+            self.mem.meter.free(counted(&x));
+            return Err(e);
+        }
+        let c = book.copy(me)?;
+        let mut ops = Vec::with_capacity(x.outgoing.len() + x.incoming.len());
+        for (dst, piece) in &x.outgoing {
+            self.comm.send_wire(dst.0, tag, piece.len() as u64)?;
+            ops.push(CollOp::Send {
+                buf: piece,
+                off: 0,
+                bytes: piece.len(),
+                peer: dst.0,
+            });
+        }
+        for (t, b) in &x.incoming {
+            ops.push(CollOp::Recv {
+                buf: b,
+                off: 0,
+                bytes: b.len(),
+                peer: t.src.0,
+            });
+        }
+        let queued = c.queue(dev, &ops);
+        drop(ops);
+        // The notices: every piece's bytes, in plan order per sender (as it sent them).
+        let checked = queued.and_then(|()| {
+            for (t, b) in &x.incoming {
+                let n = self.comm.recv_wire(t.src.0, tag)?;
+                if n != b.len() as u64 {
+                    return Err(self.err(format!(
+                        "piece from {} of {n} B, expected {} B",
+                        t.src,
+                        b.len()
+                    )));
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = checked {
+            // (Freed after the stream's queued work, the group's receives included.)
+            self.mem.meter.free(counted(&x));
+            return Err(e);
+        }
+        Ok(x)
+    }
+
     /// The sends, local copies and receives of a device job (sends first: channels
     /// never block), into `fresh` / `fresh_kv`; returns once the device is done.
     #[allow(clippy::too_many_arguments)]
@@ -1087,19 +1285,36 @@ impl CopyWorker {
             .collect();
         // Same-device KV pieces with nothing in them are not sent (both sides know).
         let kv_empty = |t: &Transfer| device::kv_piece_elems(&spans, &t.region.rows, geom) == 0;
+        let pack = |t: &Transfer| -> Result<Option<Buf>> {
+            Ok(Some(match t.item {
+                Item::Weight(k) => device::pack_region_buf(
+                    dev,
+                    cur()?.get(k)?,
+                    &held(&p.old_group, k)?,
+                    &t.region,
+                )?,
+                Item::Kv(_) if kv_empty(t) => return Ok(None),
+                Item::Kv(_) => device::kv_pack_buf(dev, cur_kv()?, geom, &spans, &t.region.rows)?,
+            }))
+        };
+        // Workers on GPUs of their own: every remote piece of the job in one group of
+        // sends and receives on the copy lane's communicator (see `exchange_pieces`).
+        let exchanged = match &self.coll {
+            Some(book) => Some(
+                self.exchange_pieces(job, dev, book, &pack, &|t: &Transfer| match t.item {
+                    Item::Weight(_) => t.region.len() * 2,
+                    Item::Kv(_) => device::kv_piece_elems(&spans, &t.region.rows, geom) * 2,
+                })?,
+            ),
+            None => None,
+        };
         for t in p.transfers.iter().filter(|t| t.src == me && t.dst != me) {
+            if exchanged.is_some() {
+                break;
+            }
             if same_device {
-                let mut piece = match t.item {
-                    Item::Weight(k) => device::pack_region_buf(
-                        dev,
-                        cur()?.get(k)?,
-                        &held(&p.old_group, k)?,
-                        &t.region,
-                    )?,
-                    Item::Kv(_) if kv_empty(t) => continue,
-                    Item::Kv(_) => {
-                        device::kv_pack_buf(dev, cur_kv()?, geom, &spans, &t.region.rows)?
-                    }
+                let Some(mut piece) = pack(t)? else {
+                    continue;
                 };
                 // The receiver's stream waits for the packing before it reads.
                 mark_ready(dev, &mut piece)?;
@@ -1139,29 +1354,21 @@ impl CopyWorker {
                 }
             }
         }
-        for t in p.transfers.iter().filter(|t| t.dst == me && t.src != me) {
-            if same_device {
-                if matches!(t.item, Item::Kv(_)) && kv_empty(t) {
-                    continue;
-                }
-                let piece = self.recv_piece(t.src, tag)?;
-                // This stream reads it after the sender's packing (and a piece kept as
-                // a shard is covered for the compute stream by the job's event).
-                if let Err(e) = wait_ready(dev, &piece) {
-                    self.done_with_piece(dev, piece)?;
-                    return Err(e);
-                }
+        // A received bf16 piece (counted in the meter) into the new buffers: unpacked and
+        // dropped, or kept as a whole new shard.
+        let use_piece =
+            |t: &Transfer, piece: Buf, fresh: &mut HashMap<TensorKind, Buf>| -> Result<()> {
                 let used = match t.item {
                     Item::Weight(_) if keep => Ok(()),
                     Item::Weight(k) => match fresh.get(&k) {
                         Some(buf) => held(&p.new_group, k).and_then(|h| {
                             device::unpack_region_buf(dev, buf, &h, &t.region, &piece)
                         }),
-                        // A whole new shard: the received buffer is it (counted by its
-                        // sender), when its size is exactly the shard's.
+                        // A whole new shard: the received buffer is it (counted already),
+                        // when its size is exactly the shard's.
                         None if piece.len() == t.region.len() * 2 => {
                             fresh.insert(k, piece);
-                            continue;
+                            return Ok(());
                         }
                         None => Err(self.err(format!(
                             "piece of {} B for a shard of {} elements",
@@ -1176,7 +1383,31 @@ impl CopyWorker {
                         None => Ok(()),
                     },
                 };
-                self.done_with_piece(dev, piece).and(used)?;
+                self.done_with_piece(dev, piece).and(used)
+            };
+        if let Some(x) = exchanged {
+            // (The group's receives are queued on this stream before the unpacks.)
+            for (t, piece) in x.incoming {
+                use_piece(t, piece, fresh)?;
+            }
+            for (_, piece) in x.outgoing {
+                self.done_with_piece(dev, piece)?;
+            }
+            return dev.synchronize();
+        }
+        for t in p.transfers.iter().filter(|t| t.dst == me && t.src != me) {
+            if same_device {
+                if matches!(t.item, Item::Kv(_)) && kv_empty(t) {
+                    continue;
+                }
+                let piece = self.recv_piece(t.src, tag)?;
+                // This stream reads it after the sender's packing (and a piece kept as
+                // a shard is covered for the compute stream by the job's event).
+                if let Err(e) = wait_ready(dev, &piece) {
+                    self.done_with_piece(dev, piece)?;
+                    return Err(e);
+                }
+                use_piece(t, piece, fresh)?;
                 continue;
             }
             let data = self.recv_host(t.src, tag)?;
@@ -1250,6 +1481,7 @@ mod tests {
                 ctrl: ctrl.clone(),
                 dev: Some(Box::new(EmuDevice::new())),
                 exchange: Exchange::SameDevice,
+                coll: None,
             })
             .collect();
         (workers, meter)

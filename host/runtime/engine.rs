@@ -62,10 +62,10 @@ pub struct EngineConfig {
     /// GPUs the device workers spread over (worker `w` on GPU `w % gpus`; default 1,
     /// every worker on GPU 0). With more than one, each worker needs a GPU of its own
     /// (NCCL's rule: at most `gpus` workers) under the same-device exchange, whose
-    /// partials and hand-offs then go through communicators (NCCL on CUDA, its
-    /// emulated twin on the emulator) and whose reshard pieces through host memory; the
-    /// host-staged exchange takes any number of workers. On the emulator the GPUs are
-    /// emulated too (each worker's memory is its own either way).
+    /// partials, hand-offs and reshard pieces then go through communicators (NCCL on
+    /// CUDA, its emulated twin on the emulator; a flip's KV delta through host memory);
+    /// the host-staged exchange takes any number of workers. On the emulator the GPUs
+    /// are emulated too (each worker's memory is its own either way).
     pub gpus: usize,
     /// Device workers record each segment's launches and replay repeated runs as
     /// graphs (CUDA graphs on a GPU; see [`crate::backend::device::graph`]). Off by
@@ -408,9 +408,8 @@ impl Pool {
             dcs.push(device.open(devices.device(WorkerId(w)), cfg, exchange, graphs)?);
         }
         // Workers on GPUs of their own exchange through communicators: the world's, split
-        // per group; their reshard pieces go through host memory.
-        let mut coll = None;
-        let mut copy_exchange = exchange;
+        // per group (compute) and once more for the copy threads' reshard pieces.
+        let mut coll: Option<Collectives> = None;
         if econf.gpus > 1 && exchange == Exchange::SameDevice {
             let handles: Option<Vec<&dyn Device>> = dcs
                 .iter()
@@ -423,7 +422,6 @@ impl Pool {
                 *d = d.take().map(|d| d.with_collectives(c.book().clone()));
             }
             coll = Some(c);
-            copy_exchange = Exchange::HostStaged;
         }
         for ((w, rx), dc) in copy_rx.into_iter().enumerate().zip(dcs) {
             let comm = compute[w]
@@ -463,7 +461,8 @@ impl Pool {
                 geom,
                 ctrl: ctrl.clone(),
                 dev: device.open_copy(devices.device(WorkerId(w)))?,
-                exchange: copy_exchange,
+                exchange,
+                coll: coll.as_ref().map(|c| c.book().clone()),
             };
             threads.push(
                 std::thread::Builder::new()
@@ -1028,10 +1027,6 @@ impl Engine {
     pub fn reshard_elem_bytes(&self) -> u64 {
         match (self.econf.device, self.econf.exchange) {
             (DeviceKind::Cpu, _) | (_, Exchange::HostStaged) => std::mem::size_of::<f32>() as u64,
-            // (Workers on GPUs of their own move reshard pieces through host memory.)
-            (_, Exchange::SameDevice) if self.pool.coll.is_some() => {
-                std::mem::size_of::<f32>() as u64
-            }
             (_, Exchange::SameDevice) => std::mem::size_of::<half::bf16>() as u64,
         }
     }

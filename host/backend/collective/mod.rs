@@ -257,13 +257,15 @@ pub(crate) fn split_members(args: &[Option<(u32, u32)>]) -> Vec<(u32, Vec<usize>
 
 /// Every worker's communicators, shared by the engine (which adds splits) and the
 /// workers (each reads only its own handles). A worker's handle on a group's split is
-/// its rank there (= its index in the group); `p2p` is a split of every worker, rank =
-/// worker id, for point-to-point hand-offs (the world handles stay with the engine,
-/// which splits from them while workers run).
+/// its rank there (= its index in the group); `p2p` and `copy` are splits of every
+/// worker, rank = worker id, for hand-offs (compute thread) and reshard pieces (copy
+/// thread). The world handles stay with the engine, which splits from them between
+/// steps.
 #[derive(Default)]
 pub struct CommBook {
     groups: Mutex<HashMap<(WorkerId, Group), Arc<Communicator>>>,
     p2p: Mutex<HashMap<WorkerId, Arc<Communicator>>>,
+    copy: Mutex<HashMap<WorkerId, Arc<Communicator>>>,
 }
 
 impl CommBook {
@@ -281,6 +283,16 @@ impl CommBook {
             .get(&w)
             .cloned()
             .ok_or_else(|| Error::Device(format!("no point-to-point communicator of {w}")))
+    }
+
+    /// `w`'s handle on the copy lane's all-worker communicator (rank = worker id): its
+    /// copy thread's reshard pieces, on the copy stream (a communicator of its own, as
+    /// one handle's ops must come from one stream).
+    pub fn copy(&self, w: WorkerId) -> Result<Arc<Communicator>> {
+        lock(&self.copy)?
+            .get(&w)
+            .cloned()
+            .ok_or_else(|| Error::Device(format!("no copy-lane communicator of {w}")))
     }
 
     fn has_group(&self, g: &Group) -> Result<bool> {
@@ -322,11 +334,12 @@ impl Collectives {
         }
         let world = self::world(devs, timeout)?;
         let refs: Vec<&Communicator> = world.iter().collect();
-        let p2p = split(&refs, &vec![Some((0, 0)); n])?;
         let book = Arc::new(CommBook::default());
-        {
-            let mut m = lock(&book.p2p)?;
-            for (w, c) in p2p.into_iter().enumerate() {
+        // Two all-worker splits: hand-offs (compute streams), reshard pieces (copy).
+        for table in [&book.p2p, &book.copy] {
+            let all = split(&refs, &vec![Some((0, 0)); n])?;
+            let mut m = lock(table)?;
+            for (w, c) in all.into_iter().enumerate() {
                 let c =
                     c.ok_or_else(|| Error::Device("all-worker split left a rank out".into()))?;
                 m.insert(WorkerId(w), Arc::new(c));
