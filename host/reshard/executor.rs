@@ -33,6 +33,14 @@
 //! KV delta at the flip moves the same way, packed and unpacked on the compute stream
 //! (ordered by events, checked by the step's closing synchronize).
 //!
+//! Workers on GPUs of their own (`EngineConfig::gpus`) cannot hand buffers over: each
+//! copy thread packs all its remote pieces of the job and allocates a buffer per piece
+//! it receives (sizes from the plan), waits at the job's gate ([`Controller::gate`]:
+//! all participants prepared, or none goes on, so no NCCL call ever waits for a peer
+//! that gave up), then queues one NCCL group of all its sends and receives on the copy
+//! stream and sends a counted notice per piece (`CopyWorker::exchange_pieces`). The KV
+//! delta at the flip goes host-staged there.
+//!
 //! Memory on devices is counted when allocated: a new buffer by the worker that
 //! allocates it, a same-device piece by its sender (a receiver that keeps it as a shard
 //! counts nothing more; one that unpacks it frees the count when it drops the buffer).
@@ -226,8 +234,16 @@ pub struct Controller {
     step_ms: AtomicU64,
     /// Per (switch, segment) job of workers on GPUs of their own: who has prepared its
     /// pieces ([`Controller::gate`]).
-    gates: Mutex<HashMap<(u64, Segment), Gate>>,
+    gates: Mutex<Gates>,
     gate_cv: std::sync::Condvar,
+}
+
+/// Open gates, and the last ones every participant left (a worker's failure path
+/// arriving at a gate it already passed must not open a new one).
+#[derive(Default)]
+struct Gates {
+    open: HashMap<(u64, Segment), Gate>,
+    closed: std::collections::VecDeque<(u64, Segment)>,
 }
 
 /// One job's gate: the participants arrived so far, whether all of them prepared, and
@@ -256,7 +272,7 @@ impl Controller {
             events: Mutex::new(Vec::new()),
             next_job: AtomicU64::new(1),
             step_ms: AtomicU64::new(0),
-            gates: Mutex::new(HashMap::new()),
+            gates: Mutex::new(Gates::default()),
             gate_cv: std::sync::Condvar::new(),
             copy_tx,
         }
@@ -452,7 +468,10 @@ impl Controller {
         let n = job.participants().len();
         let poisoned = || Error::Reconfig("gate table poisoned".into());
         let mut gates = self.gates.lock().map_err(|_| poisoned())?;
-        let g = gates.entry(key).or_insert_with(|| Gate {
+        if gates.closed.contains(&key) {
+            return Ok(false);
+        }
+        let g = gates.open.entry(key).or_insert_with(|| Gate {
             arrived: BTreeSet::new(),
             ok: true,
             left: n,
@@ -465,6 +484,7 @@ impl Controller {
         let deadline = Instant::now() + timeout;
         loop {
             let g = gates
+                .open
                 .get_mut(&key)
                 .ok_or_else(|| Error::Reconfig(format!("gate of {} gone", key.1)))?;
             let outcome = if !g.ok {
@@ -484,7 +504,11 @@ impl Controller {
             if let Some(r) = outcome {
                 g.left -= 1;
                 if g.left == 0 {
-                    gates.remove(&key);
+                    gates.open.remove(&key);
+                    gates.closed.push_back(key);
+                    if gates.closed.len() > 64 {
+                        gates.closed.pop_front();
+                    }
                 }
                 self.gate_cv.notify_all();
                 return r;
@@ -676,10 +700,21 @@ fn copy_region(
 
 /// A worker's copy thread.
 /// A job's remote pieces moved by [`CopyWorker::exchange_pieces`]: what this worker
-/// sent (kept until the job's end) and what it received, per transfer.
+/// sent (kept until the job's end) and what it received, per transfer. Every buffer
+/// in it is counted in the meter; dropping it uncounts the ones still in it (the
+/// received pieces taken out are the caller's to uncount or keep).
 struct Exchanged<'j> {
+    meter: Arc<MemMeter>,
     outgoing: Vec<(WorkerId, Buf)>,
     incoming: Vec<(&'j Transfer, Buf)>,
+}
+
+impl Drop for Exchanged<'_> {
+    fn drop(&mut self) {
+        let n: usize = self.outgoing.iter().map(|(_, b)| b.len()).sum::<usize>()
+            + self.incoming.iter().map(|(_, b)| b.len()).sum::<usize>();
+        self.meter.free(n);
+    }
 }
 
 pub struct CopyWorker {
@@ -1166,13 +1201,11 @@ impl CopyWorker {
         let me = self.id;
         let p = &job.plan;
         let tag = Tag::Reshard(job.job);
+        // (Its drop uncounts what it holds on every early return below.)
         let mut x = Exchanged {
+            meter: self.mem.meter.clone(),
             outgoing: Vec::new(),
             incoming: Vec::new(),
-        };
-        let counted = |x: &Exchanged| -> usize {
-            x.outgoing.iter().map(|(_, b)| b.len()).sum::<usize>()
-                + x.incoming.iter().map(|(_, b)| b.len()).sum::<usize>()
         };
         let mut prepare = || -> Result<()> {
             for t in p.transfers.iter().filter(|t| t.src == me && t.dst != me) {
@@ -1203,10 +1236,7 @@ impl CopyWorker {
                 p.segment
             ))),
         };
-        if let Err(e) = go {
-            self.mem.meter.free(counted(&x));
-            return Err(e);
-        }
+        go?;
         let c = book.copy(me)?;
         let mut ops = Vec::with_capacity(x.outgoing.len() + x.incoming.len());
         for (dst, piece) in &x.outgoing {
@@ -1242,11 +1272,8 @@ impl CopyWorker {
             }
             Ok(())
         });
-        if let Err(e) = checked {
-            // (Freed after the stream's queued work, the group's receives included.)
-            self.mem.meter.free(counted(&x));
-            return Err(e);
-        }
+        // (On an error, freed after the stream's queued work, the group included.)
+        checked?;
         Ok(x)
     }
 
@@ -1385,14 +1412,13 @@ impl CopyWorker {
                 };
                 self.done_with_piece(dev, piece).and(used)
             };
-        if let Some(x) = exchanged {
-            // (The group's receives are queued on this stream before the unpacks.)
-            for (t, piece) in x.incoming {
+        if let Some(mut x) = exchanged {
+            // (The group's receives are queued on this stream before the unpacks; the
+            // sent pieces and any piece left by a failed unpack go with `x`.)
+            while let Some((t, piece)) = x.incoming.pop() {
                 use_piece(t, piece, fresh)?;
             }
-            for (_, piece) in x.outgoing {
-                self.done_with_piece(dev, piece)?;
-            }
+            drop(x);
             return dev.synchronize();
         }
         for t in p.transfers.iter().filter(|t| t.dst == me && t.src != me) {
@@ -1490,6 +1516,51 @@ mod tests {
     /// The race of an abort followed at once by a new switch: a peer that already
     /// discarded job 1 sends its piece of job 2 before this worker discards job 1. The
     /// discard drops (and uncounts) job 1's leftovers only; job 2's piece is received.
+    /// The gate of a job moved through collectives: open only when every participant
+    /// arrived ok; closed for all as soon as one failed or timed out; a participant's
+    /// second arrival (its failure path after it passed) opens nothing.
+    #[test]
+    fn gate_is_all_or_nothing() {
+        let cfg = tiny_config();
+        let from = Placement::static_topology(Topology::new(1, 1), &cfg).unwrap();
+        let kv = vec![0; cfg.num_layers];
+        let (_, plan) =
+            crate::reshard::planner::plan_topology(&cfg, &from, Topology::new(2, 1), 2, 2, &kv)
+                .unwrap();
+        let job = |n: u64| SegmentJob {
+            job: n,
+            plan: plan.segments[0].clone(),
+            snapshot: Vec::new(),
+            fail_on: None,
+            registered: Instant::now(),
+            cpu_us: AtomicU64::new(0),
+            remaining: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+        };
+        assert_eq!(job(0).participants().len(), 2);
+        let (w, _) = copy_workers(1);
+        let ctrl = &w[0].ctrl;
+        let t = Duration::from_secs(10);
+        let (a, b) = (WorkerId(0), WorkerId(1));
+        let both = |j: &SegmentJob, ok_a: bool, ok_b: bool| {
+            std::thread::scope(|s| {
+                let h = s.spawn(|| ctrl.gate(j, b, ok_b, t).unwrap());
+                (ctrl.gate(j, a, ok_a, t).unwrap(), h.join().unwrap())
+            })
+        };
+        assert_eq!(both(&job(1), true, true), (true, true));
+        assert_eq!(both(&job(2), true, false), (false, false));
+        assert_eq!(both(&job(3), false, true), (false, false));
+        // Passed, then failed later: the second arrival is refused, no new gate.
+        assert!(!ctrl.gate(&job(1), a, false, t).unwrap());
+        // A peer that never comes: an error at the timeout, and the late one is refused.
+        let j = job(4);
+        assert!(ctrl.gate(&j, a, true, Duration::from_millis(20)).is_err());
+        assert!(!ctrl.gate(&j, b, true, t).unwrap());
+        let gates = ctrl.gates.lock().unwrap();
+        assert!(gates.open.is_empty(), "gates left open");
+    }
+
     #[test]
     fn discard_keeps_the_next_jobs_pieces_and_uncounts_its_own() {
         let (w, meter) = copy_workers(3);
