@@ -2,7 +2,7 @@
 //! pipeline hand-offs go through communicators (NCCL on CUDA; here its emulated twin,
 //! which enforces NCCL's matching and blocking rules, so an exchange that would hang on
 //! GPUs fails here), and so do reshard pieces (one group per job on the copy threads'
-//! communicator); a flip's KV delta goes through host memory. Emulator only: the GPU test
+//! communicator) and a flip's KV delta. Emulator only: the GPU test
 //! machine has one GPU (NCCL refuses two ranks on one GPU), so the CUDA side is checked
 //! there with single-rank communicators (`collective::nccl`'s GPU test).
 //!

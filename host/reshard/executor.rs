@@ -39,7 +39,7 @@
 //! all participants prepared, or none goes on, so no NCCL call ever waits for a peer
 //! that gave up), then queues one NCCL group of all its sends and receives on the copy
 //! stream and sends a counted notice per piece (`CopyWorker::exchange_pieces`). The KV
-//! delta at the flip goes host-staged there.
+//! delta at the flip moves likewise, in one group on the compute stream.
 //!
 //! Memory on devices is counted when allocated: a new buffer by the worker that
 //! allocates it, a same-device piece by its sender (a receiver that keeps it as a shard

@@ -63,8 +63,8 @@ pub struct EngineConfig {
     /// every worker on GPU 0). With more than one, each worker needs a GPU of its own
     /// (NCCL's rule: at most `gpus` workers) under the same-device exchange, whose
     /// partials, hand-offs and reshard pieces then go through communicators (NCCL on
-    /// CUDA, its emulated twin on the emulator; a flip's KV delta through host memory);
-    /// the host-staged exchange takes any number of workers. On the emulator the GPUs
+    /// CUDA, its emulated twin on the emulator); the host-staged exchange takes any
+    /// number of workers. On the emulator the GPUs
     /// are emulated too (each worker's memory is its own either way).
     pub gpus: usize,
     /// Device workers record each segment's launches and replay repeated runs as

@@ -10,6 +10,7 @@
 //! memory (`dev_shards`, `dev_kv`) and runs segments as kernel launches; its flips install
 //! what its copy thread staged in device memory ([`StagedDevShards`]).
 
+use crate::backend::collective::{CollOp, CommBook};
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::cpu::ops;
 use crate::backend::device::llama::{check_heads, DevKv, DevShards, DeviceCompute, StepInputs};
@@ -833,6 +834,97 @@ impl Worker {
         Ok(())
     }
 
+    /// A flip's KV deltas of layer `l` between workers on GPUs of their own: the local
+    /// part copied, every remote piece packed and every incoming one given a buffer
+    /// (sizes from the step's spans, known to both sides), a counted notice per piece,
+    /// then ONE group of sends and receives on the all-worker communicator (two workers
+    /// trading deltas would deadlock ungrouped), then the unpacks. All on the compute
+    /// stream, in its order; the pieces are counted in the meter while they live.
+    #[allow(clippy::too_many_arguments)]
+    fn flip_deltas_through(
+        &self,
+        book: &CommBook,
+        dc: &DeviceCompute,
+        f: &FlipInfo,
+        l: LayerId,
+        spans: &[device::KvSpan],
+        old: Option<&Arc<DevKv>>,
+        new: Option<&Arc<DevKv>>,
+    ) -> Result<()> {
+        let me = self.id;
+        let dev = dc.device()?;
+        let tag = Tag::Reshard(f.job);
+        let geom = self.geom;
+        let old = || old.ok_or_else(|| self.err("no KV to send"));
+        let new = || new.ok_or_else(|| self.err("no staged KV"));
+        let bytes = |t: &Transfer| device::kv_piece_elems(spans, &t.region.rows, geom) * 2;
+        let mine = |t: &&Transfer| t.item == Item::Kv(l);
+        let mut outgoing = Vec::new();
+        let mut incoming = Vec::new();
+        let meter = &self.mem.meter;
+        let counted = |o: &Vec<(WorkerId, Buf)>, i: &Vec<(&Transfer, Buf)>| -> usize {
+            o.iter().map(|(_, b)| b.len()).sum::<usize>()
+                + i.iter().map(|(_, b)| b.len()).sum::<usize>()
+        };
+        let moved = (|| -> Result<()> {
+            for t in f.kv_transfers.iter().filter(mine).filter(|t| t.src == me) {
+                if t.dst == me {
+                    let (o, n) = (old()?, new()?);
+                    if !Arc::ptr_eq(o, n) {
+                        device::kv_copy(dev, n, o, geom, spans, &t.region.rows)?;
+                    }
+                } else if bytes(t) > 0 {
+                    let piece = device::kv_pack_buf(dev, old()?, geom, spans, &t.region.rows)?;
+                    meter.alloc(piece.len());
+                    outgoing.push((t.dst, piece));
+                }
+            }
+            for t in f.kv_transfers.iter().filter(mine) {
+                if t.dst == me && t.src != me && bytes(t) > 0 {
+                    let b = dev.alloc(bytes(t))?;
+                    meter.alloc(b.len());
+                    incoming.push((t, b));
+                }
+            }
+            let mut ops = Vec::new();
+            for (dst, piece) in &outgoing {
+                self.comm.send_wire(dst.0, tag, piece.len() as u64)?;
+                ops.push(CollOp::Send {
+                    buf: piece,
+                    off: 0,
+                    bytes: piece.len(),
+                    peer: dst.0,
+                });
+            }
+            for (t, b) in &incoming {
+                ops.push(CollOp::Recv {
+                    buf: b,
+                    off: 0,
+                    bytes: b.len(),
+                    peer: t.src.0,
+                });
+            }
+            if !ops.is_empty() {
+                book.p2p(me)?.queue(dev, &ops)?;
+            }
+            for (t, b) in &incoming {
+                let n = self.comm.recv_wire(t.src.0, tag)?;
+                if n != b.len() as u64 {
+                    return Err(self.err(format!(
+                        "KV delta from {} of {n} B, expected {} B",
+                        t.src,
+                        b.len()
+                    )));
+                }
+                device::kv_unpack_buf(dev, new()?, geom, spans, &t.region.rows, b)?;
+            }
+            Ok(())
+        })();
+        // (Freed after the stream's queued work: frees are stream-ordered.)
+        meter.free(counted(&outgoing, &incoming));
+        moved
+    }
+
     /// [`Worker::flip`] on a device worker: the KV delta is packed and unpacked by the
     /// reshard kernels on this worker's (compute) stream, a local delta is copied
     /// device-to-device, then the staged device buffers replace the old ones. The
@@ -877,14 +969,16 @@ impl Worker {
                     .ok_or_else(|| self.err("no staged KV"))
             };
             // Same-device: the packed bf16 buffer is the message (none when empty: both
-            // sides know); host-staged: f32 host floats.
-            // (Workers on GPUs of their own move reshard pieces through host memory: no
-            // device buffer may pass between GPUs, and reshard traffic does not go
-            // through the communicators yet.)
-            let same_device = dc.exchange() == Exchange::SameDevice && dc.collectives().is_none();
+            // sides know); host-staged: f32 host floats; workers on GPUs of their own:
+            // one group of NCCL sends and receives.
+            let same_device = dc.exchange() == Exchange::SameDevice;
             let empty =
                 |t: &Transfer| device::kv_piece_elems(&spans, &t.region.rows, self.geom) == 0;
+            let book = dc.collectives().filter(|_| same_device);
             for t in &f.kv_transfers {
+                if book.is_some() {
+                    break;
+                }
                 if t.src != me || t.item != Item::Kv(l) {
                     continue;
                 }
@@ -914,7 +1008,15 @@ impl Worker {
                     self.comm.send(t.dst.0, tag, buf)?;
                 }
             }
+            if let Some(book) = book {
+                let old = old_kv.as_ref();
+                let new = staged.dev_kv.as_ref();
+                self.flip_deltas_through(book, dc, f, l, &spans, old, new)?;
+            }
             for t in &f.kv_transfers {
+                if book.is_some() {
+                    break;
+                }
                 if t.dst != me || t.src == me || t.item != Item::Kv(l) {
                     continue;
                 }
