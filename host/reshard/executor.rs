@@ -53,7 +53,7 @@
 //! staged buffers dropped; segments already flipped stay on their new groups. Every slot
 //! still names a complete group, so the engine keeps serving on that (mixed) placement.
 
-use crate::backend::collective::{CollOp, CommBook};
+use crate::backend::collective::{trade_pieces, CommBook};
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::device::llama::{check_heads, DevKv, DevShards};
 use crate::backend::device::{mark_ready, wait_ready, Buf, Device, Exchange};
@@ -1238,42 +1238,10 @@ impl CopyWorker {
         };
         go?;
         let c = book.copy(me)?;
-        let mut ops = Vec::with_capacity(x.outgoing.len() + x.incoming.len());
-        for (dst, piece) in &x.outgoing {
-            self.comm.send_wire(dst.0, tag, piece.len() as u64)?;
-            ops.push(CollOp::Send {
-                buf: piece,
-                off: 0,
-                bytes: piece.len(),
-                peer: dst.0,
-            });
-        }
-        for (t, b) in &x.incoming {
-            ops.push(CollOp::Recv {
-                buf: b,
-                off: 0,
-                bytes: b.len(),
-                peer: t.src.0,
-            });
-        }
-        let queued = c.queue(dev, &ops);
-        drop(ops);
-        // The notices: every piece's bytes, in plan order per sender (as it sent them).
-        let checked = queued.and_then(|()| {
-            for (t, b) in &x.incoming {
-                let n = self.comm.recv_wire(t.src.0, tag)?;
-                if n != b.len() as u64 {
-                    return Err(self.err(format!(
-                        "piece from {} of {n} B, expected {} B",
-                        t.src,
-                        b.len()
-                    )));
-                }
-            }
-            Ok(())
-        });
+        let incoming: Vec<(WorkerId, &Buf)> = x.incoming.iter().map(|(t, b)| (t.src, b)).collect();
         // (On an error, freed after the stream's queued work, the group included.)
-        checked?;
+        trade_pieces(&self.comm, &c, dev, tag, &x.outgoing, &incoming)?;
+        drop(incoming);
         Ok(x)
     }
 

@@ -10,7 +10,7 @@
 //! memory (`dev_shards`, `dev_kv`) and runs segments as kernel launches; its flips install
 //! what its copy thread staged in device memory ([`StagedDevShards`]).
 
-use crate::backend::collective::{CollOp, CommBook};
+use crate::backend::collective::{trade_pieces, CommBook};
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::cpu::ops;
 use crate::backend::device::llama::{check_heads, DevKv, DevShards, DeviceCompute, StepInputs};
@@ -886,36 +886,9 @@ impl Worker {
                     incoming.push((t, b));
                 }
             }
-            let mut ops = Vec::new();
-            for (dst, piece) in &outgoing {
-                self.comm.send_wire(dst.0, tag, piece.len() as u64)?;
-                ops.push(CollOp::Send {
-                    buf: piece,
-                    off: 0,
-                    bytes: piece.len(),
-                    peer: dst.0,
-                });
-            }
+            let from: Vec<(WorkerId, &Buf)> = incoming.iter().map(|(t, b)| (t.src, b)).collect();
+            trade_pieces(&self.comm, &*book.p2p(me)?, dev, tag, &outgoing, &from)?;
             for (t, b) in &incoming {
-                ops.push(CollOp::Recv {
-                    buf: b,
-                    off: 0,
-                    bytes: b.len(),
-                    peer: t.src.0,
-                });
-            }
-            if !ops.is_empty() {
-                book.p2p(me)?.queue(dev, &ops)?;
-            }
-            for (t, b) in &incoming {
-                let n = self.comm.recv_wire(t.src.0, tag)?;
-                if n != b.len() as u64 {
-                    return Err(self.err(format!(
-                        "KV delta from {} of {n} B, expected {} B",
-                        t.src,
-                        b.len()
-                    )));
-                }
                 device::kv_unpack_buf(dev, new()?, geom, spans, &t.region.rows, b)?;
             }
             Ok(())

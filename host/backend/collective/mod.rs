@@ -26,6 +26,7 @@
 pub mod emu;
 pub mod nccl;
 
+use crate::backend::comm::{Comm, Tag};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::device::{check_range, Buf, Device};
 use crate::parallel::devices::{comm_plan, CommSplit, DeviceMap};
@@ -235,6 +236,53 @@ pub fn split(
             "split: handles of one communicator must be of one kind".into(),
         )),
     }
+}
+
+/// Trades whole buffers with peers in ONE group on `c` (ranks = worker ids), queued on
+/// `dev`'s stream: each `outgoing` buffer is sent whole to its worker and each
+/// `incoming` one filled whole from its worker, in list order per peer (both sides list
+/// a pair's pieces in the same order). A notice per piece through `comm` first (counts
+/// its bytes, tagged `tag`), and after queueing the peers' notices are received and
+/// checked against the buffers' sizes: what a reshard job and a flip both do.
+pub fn trade_pieces(
+    comm: &Comm,
+    c: &Communicator,
+    dev: &dyn Device,
+    tag: Tag,
+    outgoing: &[(WorkerId, Buf)],
+    incoming: &[(WorkerId, &Buf)],
+) -> Result<()> {
+    let mut ops = Vec::with_capacity(outgoing.len() + incoming.len());
+    for (dst, b) in outgoing {
+        comm.send_wire(dst.0, tag, b.len() as u64)?;
+        ops.push(CollOp::Send {
+            buf: b,
+            off: 0,
+            bytes: b.len(),
+            peer: dst.0,
+        });
+    }
+    for &(src, b) in incoming {
+        ops.push(CollOp::Recv {
+            buf: b,
+            off: 0,
+            bytes: b.len(),
+            peer: src.0,
+        });
+    }
+    if !ops.is_empty() {
+        c.queue(dev, &ops)?;
+    }
+    for &(src, b) in incoming {
+        let n = comm.recv_wire(src.0, tag)?;
+        if n != b.len() as u64 {
+            return Err(Error::Comm(format!(
+                "piece from {src} of {n} B, expected {} B ({tag:?})",
+                b.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Orders `args`' members of one color as a split does: by key, then by parent rank.
