@@ -671,6 +671,15 @@ fn kv_blocks_flag() {
         ],
         &["--gpus 2", "4 workers", "--gpus 4"],
     );
+    // bench-reconfig checks --gpus the same way, before it loads anything.
+    expect_bad(
+        &["bench-reconfig", "--gpus", "2"],
+        &["--gpus", "--device cuda or emu"],
+    );
+    expect_bad(
+        &["bench-reconfig", "--device", "emu", "--gpus", "2"],
+        &["--gpus 2", "4 workers", "--gpus 4"],
+    );
     // Not a count: clap's usage error (exit 2, the first line names the value).
     let r = remp(&["generate", "--prompt-ids", "1,2", "--kv-blocks=-1"]);
     assert_eq!(r.code, Some(2), "{}", r.stderr);

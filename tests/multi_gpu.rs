@@ -250,3 +250,52 @@ fn a_failed_copy_across_emulated_gpus_aborts_and_the_next_switch_completes() {
         "meter vs what the workers hold"
     );
 }
+
+/// A worker that fails in a step (here its flip, injected) may leave a peer's stream
+/// waiting on its GPU for a collective it never queued; on NCCL nothing would ever end
+/// that wait, so the engine aborts every communicator at the first failed reply, says
+/// why it cannot serve, and a restart (fresh communicators) serves again with the
+/// oracle's tokens.
+#[test]
+fn a_failed_step_across_emulated_gpus_aborts_the_communicators_and_restart_serves() {
+    use remp::parallel::{LayerId, Segment, WorkerId};
+    use remp::reshard::executor::ReconfigOptions;
+    let case = &oracle()[0];
+    let n = 10;
+    let mut ec = config(Topology::new(2, 1), 2, 2, Exchange::SameDevice);
+    ec.comm_timeout = std::time::Duration::from_secs(20);
+    let mut e = Engine::new(&tiny_model(), ec).unwrap();
+    let mut r = Request::greedy(case.prompt.clone(), n);
+    r.ignore_eos = true;
+    let a = e.add_request(r).unwrap();
+    for _ in 0..2 {
+        e.step().unwrap();
+    }
+    let opts = ReconfigOptions {
+        window: 1,
+        fail_flip_at: Some((Segment::Layer(LayerId(0)), WorkerId(1))),
+        ..Default::default()
+    };
+    e.reconfigure_with(Topology::new(1, 2), &opts).unwrap();
+    let mut failed = None;
+    for _ in 0..50 {
+        if let Err(err) = e.step() {
+            failed = Some(err.to_string());
+            break;
+        }
+    }
+    let failed = failed.expect("the injected flip failure never failed a step");
+    let why = e.broken_reason().expect("not broken").to_string();
+    assert!(
+        why.contains("communicators were aborted"),
+        "{why} / {failed}"
+    );
+    assert!(e.step().is_err(), "a broken engine must refuse steps");
+    e.restart(Topology::new(1, 2)).unwrap();
+    e.run_to_completion().unwrap();
+    let out = &e.output(a).unwrap().output;
+    assert_eq!(
+        out[..],
+        case.tokens[case.prompt.len()..case.prompt.len() + n]
+    );
+}

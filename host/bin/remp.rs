@@ -132,6 +132,11 @@ struct BenchArgs {
     /// or emu (the GPU kernels on the host emulator: slow, for checks only).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// GPUs the workers spread over (cuda, emu; default 1): as `generate --gpus`, a GPU
+    /// per worker when more than one. The transfer floor still uses GPU 0's copy
+    /// bandwidth.
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
     /// Record each segment's kernel launches and replay repeated runs as graphs
     /// (CUDA graphs on a GPU): fewer launch calls per step. Needs --device cuda or emu.
     #[arg(long)]
@@ -460,15 +465,7 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
             .map(|s| s.1.world_size())
             .fold(topo.world_size(), usize::max),
     );
-    let workers = econf.workers.unwrap_or(1);
-    if econf.gpus > 1 && workers > econf.gpus {
-        return Err(Error::Request(format!(
-            "--gpus {}: the run needs {workers} workers (its largest topology) and, on \
-             several GPUs, each worker needs one of its own (NCCL takes one rank per GPU); \
-             use --gpus {workers} or more, or --gpus 1 (every worker on GPU 0)",
-            econf.gpus
-        )));
-    }
+    check_gpu_per_worker(econf.gpus, econf.workers.unwrap_or(1))?;
     let mut engine = Engine::new(&model, econf)?;
 
     let mut ids = Vec::new();
@@ -727,6 +724,18 @@ fn check_gpus(gpus: usize, device: DeviceKind) -> Result<usize> {
     Ok(gpus)
 }
 
+/// On several GPUs each worker needs one of its own (NCCL takes one rank per GPU).
+fn check_gpu_per_worker(gpus: usize, workers: usize) -> Result<()> {
+    if gpus > 1 && workers > gpus {
+        return Err(Error::Request(format!(
+            "--gpus {gpus}: the run needs {workers} workers (its largest topology) and, on \
+             several GPUs, each worker needs one of its own (NCCL takes one rank per GPU); \
+             use --gpus {workers} or more, or --gpus 1 (every worker on GPU 0)"
+        )));
+    }
+    Ok(())
+}
+
 /// `--graphs` is for the device kernel path: an error with the CPU backend.
 fn check_graphs(graphs: bool, device: DeviceKind) -> Result<bool> {
     if graphs && device == DeviceKind::Cpu {
@@ -878,6 +887,8 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
     bc.window = a.window;
     bc.device = device;
     bc.graphs = check_graphs(a.graphs, device)?;
+    bc.gpus = check_gpus(a.gpus, device)?;
+    check_gpu_per_worker(bc.gpus, from.world_size().max(to.world_size()))?;
     bc.validate()?;
     if let Some(p) = &a.plot {
         check_plot_path(p)?;
@@ -937,6 +948,7 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
             "copy_bandwidth_gbs": bw / 1e9,
             "copy_bandwidth_source": bw_source,
             "stop_the_world_transfer_gbs": stw_rate / 1e9,
+            "gpus": bc.gpus,
         });
         println!("{doc}");
     } else {

@@ -86,6 +86,8 @@ pub struct BenchConfig {
     pub device: DeviceKind,
     /// Device workers replay repeated launch runs as graphs (`EngineConfig::graphs`).
     pub graphs: bool,
+    /// GPUs the workers spread over (`EngineConfig::gpus`).
+    pub gpus: usize,
 }
 
 impl BenchConfig {
@@ -100,6 +102,7 @@ impl BenchConfig {
             window: 2,
             device: DeviceKind::Cpu,
             graphs: false,
+            gpus: 1,
         }
     }
 }
@@ -232,6 +235,7 @@ pub fn run_mode(
     econf.max_prefill_tokens = bc.requests * bc.prompt_len;
     econf.device = bc.device;
     econf.graphs = bc.graphs;
+    econf.gpus = bc.gpus;
     let mut engine = Engine::new(model, econf)?;
     add_synthetic_requests(
         &mut engine,

@@ -1224,20 +1224,22 @@ impl CopyWorker {
             }
             Ok(())
         };
-        let prepared = prepare();
+        // (Everything that can fail comes before the gate: after it, every participant
+        // queues its group.)
+        let prepared = prepare().and_then(|()| book.copy(me));
         let gate = self
             .ctrl
             .gate(job, me, prepared.is_ok(), self.comm.timeout());
-        let go = match (prepared, gate) {
-            (Ok(()), Ok(true)) => Ok(()),
-            (Err(e), _) | (Ok(()), Err(e)) => Err(e),
-            (Ok(()), Ok(false)) => Err(self.err(format!(
-                "{}: a peer could not prepare its pieces; nothing was sent",
-                p.segment
-            ))),
+        let c = match (prepared, gate) {
+            (Ok(c), Ok(true)) => c,
+            (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
+            (Ok(_), Ok(false)) => {
+                return Err(self.err(format!(
+                    "{}: a peer could not prepare its pieces; nothing was sent",
+                    p.segment
+                )))
+            }
         };
-        go?;
-        let c = book.copy(me)?;
         let incoming: Vec<(WorkerId, &Buf)> = x.incoming.iter().map(|(t, b)| (t.src, b)).collect();
         // (On an error, freed after the stream's queued work, the group included.)
         trade_pieces(&self.comm, &c, dev, tag, &x.outgoing, &incoming)?;

@@ -525,6 +525,12 @@ impl Pool {
                 }),
             };
             if let Err(e) = res {
+                // Workers on GPUs of their own: a failed worker may have left a peer's
+                // stream waiting on its GPU for a collective it never queued (its
+                // reply would never come, nor its stream ever drain): abort them all.
+                if let (false, Some(c), None) = (load, &self.coll, &first_err) {
+                    c.abort_all();
+                }
                 first_err.get_or_insert(e);
             }
         }
@@ -910,6 +916,16 @@ impl Engine {
                 })?;
         }
         if let Err(e) = pool.collect_replies(pool.cmd.len(), false) {
+            if pool.coll.as_ref().is_some_and(Collectives::aborted) {
+                let why = format!(
+                    "step {} failed with workers on several GPUs ({e}); their communicators \
+                     were aborted (a peer could otherwise wait on its GPU forever), so the \
+                     engine cannot serve until Engine::restart",
+                    plan.step
+                );
+                self.broken = Some(why.clone());
+                return Err(Error::Device(why));
+            }
             if let Some(m) = self.shard_mismatch() {
                 let why = format!(
                     "{m}: a flip did not complete in step {} ({e}); the engine cannot \

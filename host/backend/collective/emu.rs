@@ -59,6 +59,8 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
+    /// Aborted (`ncclCommAbort`): every op waiting or yet to run fails at once.
+    aborted: bool,
     /// Per rank: collectives it has posted (the next one's number).
     coll_next: Vec<u64>,
     /// All-gathers some rank has posted and not every rank has left.
@@ -165,6 +167,12 @@ unsafe fn write(at: usize, data: &[u8]) {
 }
 
 impl EmuComm {
+    /// `ncclCommAbort`: every rank's waiting and later ops fail at once.
+    pub(crate) fn abort(&self) {
+        lock(&self.shared.state).aborted = true;
+        self.shared.posted.notify_all();
+    }
+
     /// Queues `ops` (already checked against the buffers and the size) as one op on
     /// `dev`'s stream; nothing runs now.
     pub(crate) fn queue(&self, dev: &EmuDevice, ops: &[CollOp]) -> Result<()> {
@@ -273,6 +281,11 @@ impl Shared {
 
         // 1. Post the whole group (what lets a group's ops progress together).
         let mut st = lock(&self.state);
+        if st.aborted {
+            return Err(self.err(format!(
+                "rank {me}'s group after the communicator was aborted"
+            )));
+        }
         let mut posted = Vec::with_capacity(ops.len());
         for (op, data) in ops.iter().zip(out) {
             posted.push(match *op {
@@ -328,6 +341,12 @@ impl Shared {
             }
             let Some(p) = pending else { break };
             let now = Instant::now();
+            if st.aborted {
+                self.abandon(&mut st, me, &posted);
+                return Err(self.err(format!(
+                    "rank {me}'s group was waiting when the communicator was aborted"
+                )));
+            }
             if now >= deadline {
                 let e = self.unmatched(&st, me, p);
                 self.abandon(&mut st, me, &posted);

@@ -100,6 +100,16 @@ impl Communicator {
         self.size
     }
 
+    /// Stops this handle's operations still on the device and refuses later ones
+    /// (`ncclCommAbort`; on the emulator every rank's waiting ops fail at once): what
+    /// frees a worker whose stream waits for a peer that failed before posting its side.
+    pub fn abort(&self) {
+        match &self.kind {
+            Kind::Emu(c) => c.abort(),
+            Kind::Nccl(c) => c.abort(),
+        }
+    }
+
     /// Queues `ops` as one group on `dev`'s stream, after the work already queued there
     /// (the host does not wait). `dev` must be this rank's device (the emulator for an
     /// emulated communicator, the GPU the rank was created on for NCCL). Ranges and
@@ -343,6 +353,18 @@ impl CommBook {
             .ok_or_else(|| Error::Device(format!("no copy-lane communicator of {w}")))
     }
 
+    /// Aborts every handle in the book ([`Communicator::abort`]).
+    pub fn abort_all(&self) {
+        for table in [&self.p2p, &self.copy] {
+            if let Ok(m) = table.lock() {
+                m.values().for_each(|c| c.abort());
+            }
+        }
+        if let Ok(m) = self.groups.lock() {
+            m.values().for_each(|c| c.abort());
+        }
+    }
+
     fn has_group(&self, g: &Group) -> Result<bool> {
         Ok(lock(&self.groups)?.keys().any(|(_, gg)| gg == g))
     }
@@ -356,6 +378,7 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
 /// The engine's side: the world communicator (one handle per worker, used only by the
 /// engine's thread to split), the splits made so far and the book the workers read.
 pub struct Collectives {
+    aborted: std::sync::atomic::AtomicBool,
     world: Vec<Communicator>,
     splits: Vec<CommSplit>,
     devices: DeviceMap,
@@ -394,6 +417,7 @@ impl Collectives {
             }
         }
         let mut me = Collectives {
+            aborted: Default::default(),
             world,
             splits: Vec::new(),
             devices,
@@ -425,6 +449,21 @@ impl Collectives {
             self.splits.push(s);
         }
         Ok(())
+    }
+
+    /// Aborts every communicator, the world's included: after a failure in which a
+    /// worker may have queued a collective its peers never will (it would wait on its
+    /// GPU forever). Nothing exchanges through them afterwards; the engine must restart.
+    pub fn abort_all(&self) {
+        self.aborted
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.book.abort_all();
+        self.world.iter().for_each(Communicator::abort);
+    }
+
+    /// Whether [`Collectives::abort_all`] ran.
+    pub fn aborted(&self) -> bool {
+        self.aborted.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// What the workers read.

@@ -233,6 +233,8 @@ pub(crate) struct NcclComm {
     ctx: Arc<CudaContext>,
     /// Rank in this communicator (the all-gather's slot).
     rank: usize,
+    /// Aborted ([`NcclComm::abort`]): NCCL freed it; nothing may use or destroy it.
+    dead: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread with its device current, but
@@ -256,7 +258,26 @@ fn dev_ptr(p: u64) -> *mut c_void {
 
 impl NcclComm {
     /// Queues `ops` (checked by [`Communicator::queue`]) as one group on `dev`'s stream.
+    /// `ncclCommAbort`: stops this rank's operations still on the device (a peer that
+    /// will never post its side would otherwise hold its stream forever) and frees the
+    /// communicator. Once; later calls and queues are refused, the drop does nothing.
+    /// Meant for a failed step while other threads may be blocked waiting on the
+    /// device (not inside an NCCL call on this handle).
+    pub(crate) fn abort(&self) {
+        if self.dead.swap(true, std::sync::atomic::Ordering::AcqRel) || self.raw.is_null() {
+            return;
+        }
+        if self.ctx.bind_to_thread().is_err() {
+            let _ = self.ctx.bind_to_thread();
+        }
+        // SAFETY: created by NCCL, freed once (the flag above).
+        let _ = unsafe { (self.nccl.comm_abort)(self.raw) };
+    }
+
     pub(crate) fn queue(&self, dev: &CudaDevice, ops: &[CollOp]) -> Result<()> {
+        if self.dead.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::Device("NCCL: the communicator was aborted".into()));
+        }
         if dev.ordinal() != self.ctx.ordinal() {
             return Err(Error::Device(format!(
                 "NCCL: a communicator of GPU {} used on GPU {}",
@@ -353,7 +374,7 @@ impl NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if self.raw.is_null() {
+        if self.raw.is_null() || *self.dead.get_mut() {
             return;
         }
         // cudarc hands a stored error of an earlier call back from the first bind (and
@@ -459,6 +480,7 @@ pub(crate) fn world(devs: &[&CudaDevice]) -> Result<Vec<Communicator>> {
                 raw,
                 ctx: d.context().clone(),
                 rank,
+                dead: Default::default(),
             };
             Communicator::new(Kind::Nccl(comm), rank, size)
         })
@@ -506,6 +528,7 @@ pub(crate) fn split(
             raw,
             ctx: parents[i].ctx.clone(),
             rank: place.map_or(0, |(r, _)| r),
+            dead: Default::default(),
         });
         match (comm, place) {
             (Some(c), Some((rank, size))) => {
