@@ -2,9 +2,13 @@
 //! pipeline hand-offs go through communicators (NCCL on CUDA; here its emulated twin,
 //! which enforces NCCL's matching and blocking rules, so an exchange that would hang on
 //! GPUs fails here), and so do reshard pieces (one group per job on the copy threads'
-//! communicator) and a flip's KV delta. Emulator only: the GPU test
-//! machine has one GPU (NCCL refuses two ranks on one GPU), so the CUDA side is checked
-//! there with single-rank communicators (`collective::nccl`'s GPU test).
+//! communicator) and a flip's KV delta.
+//!
+//! Each test body runs on the emulator (`…::emu`, in CI) and on CUDA (`…::cuda`,
+//! ignored: it needs a GPU per worker, or one GPU with NCCL 2.31 or later and
+//! `NCCL_MULTI_RANK_GPU_ENABLE=1 REMP_CUDA_GPUS_ON_ONE=1`, which put every logical GPU
+//! on GPU 0 and let NCCL run several ranks there through host memory; `tools/gpu-check`
+//! runs them so).
 //!
 //! The collectives carry the same bytes the one-GPU (same-device) exchange hands over —
 //! each member's f32 partial gathered into its slot, the slots summed in group order by
@@ -21,9 +25,36 @@ use remp::parallel::Topology;
 use remp::reshard::executor::ReconfigEvent;
 use remp::runtime::{DeviceKind, Engine, EngineConfig, Request};
 
-fn config(start: Topology, workers: usize, gpus: usize, exchange: Exchange) -> EngineConfig {
+/// Each body on the emulator and, ignored without GPUs enough, on CUDA.
+macro_rules! on_emu_and_gpus {
+    ($(#[$doc:meta])* fn $name:ident($dev:ident) $body:block) => {
+        $(#[$doc])*
+        mod $name {
+            use super::*;
+            fn body($dev: DeviceKind) $body
+            #[test]
+            fn emu() {
+                body(DeviceKind::Emulated)
+            }
+            #[test]
+            #[ignore = "needs a GPU per worker, or one GPU with NCCL >= 2.31 and \
+                        NCCL_MULTI_RANK_GPU_ENABLE=1 REMP_CUDA_GPUS_ON_ONE=1"]
+            fn cuda() {
+                body(DeviceKind::Cuda)
+            }
+        }
+    };
+}
+
+fn config(
+    dev: DeviceKind,
+    start: Topology,
+    workers: usize,
+    gpus: usize,
+    exchange: Exchange,
+) -> EngineConfig {
     let mut ec = EngineConfig::new(start);
-    ec.device = DeviceKind::Emulated;
+    ec.device = dev;
     ec.exchange = exchange;
     ec.kv_blocks = 64;
     ec.workers = Some(workers);
@@ -42,15 +73,15 @@ fn worker_compute_bytes(e: &Engine) -> u64 {
         .sum()
 }
 
-#[test]
-fn one_worker_per_emulated_gpu_equals_one_gpu_bit_for_bit() {
+on_emu_and_gpus! {
+fn one_worker_per_gpu_equals_one_gpu_bit_for_bit(dev) {
     let model = tiny_model();
     let case = &oracle()[0];
     let n = 6;
     for (tp, pp) in [(2, 2), (4, 1), (1, 2)] {
         let topo = Topology::new(tp, pp);
         let run = |gpus: usize| {
-            let ec = config(topo, topo.world_size(), gpus, Exchange::SameDevice);
+            let ec = config(dev, topo, topo.world_size(), gpus, Exchange::SameDevice);
             let mut e = Engine::new(&model, ec).unwrap();
             let mut req = Request::greedy(case.prompt.clone(), n);
             req.ignore_eos = true;
@@ -89,14 +120,16 @@ fn one_worker_per_emulated_gpu_equals_one_gpu_bit_for_bit() {
     }
 }
 
-/// tp2pp1 → tp4pp1 → tp1pp2 on four emulated GPUs while oracle prompt 0 decodes and
+}
+
+on_emu_and_gpus! {
+/// tp2pp1 → tp4pp1 → tp1pp2 on four GPUs while oracle prompt 0 decodes and
 /// prompt 1 joins during the first switch: the new groups' communicators are split
 /// before their layers flip, and the tokens stay the oracle's. Then an idle switch
 /// moves exactly its planned bytes, bf16, every one through a collective.
-#[test]
-fn online_switches_across_emulated_gpus_keep_oracle_tokens() {
+fn online_switches_across_gpus_keep_oracle_tokens(dev) {
     let cases = oracle();
-    let ec = config(Topology::new(2, 1), 4, 4, Exchange::SameDevice);
+    let ec = config(dev, Topology::new(2, 1), 4, 4, Exchange::SameDevice);
     let mut e = Engine::new(&tiny_model(), ec).unwrap();
     assert_eq!(e.reshard_elem_bytes(), 2, "bf16 pieces through NCCL");
     let req = |c: &OracleCase, n: usize| {
@@ -153,8 +186,11 @@ fn online_switches_across_emulated_gpus_keep_oracle_tokens() {
     assert_eq!(aborted, 0);
 }
 
+}
+
 #[test]
 fn gpu_counts_the_exchange_cannot_serve_are_refused() {
+    let config = |t, w, g, x| config(DeviceKind::Emulated, t, w, g, x);
     let model = tiny_model();
     let err = |ec: EngineConfig| match Engine::new(&model, ec) {
         Ok(_) => panic!("accepted"),
@@ -185,18 +221,18 @@ fn gpu_counts_the_exchange_cannot_serve_are_refused() {
     assert_eq!(e.comm_stats().collective_bytes(), 0);
 }
 
+on_emu_and_gpus! {
 /// A copy that fails on one worker (injected, before it prepared its pieces) aborts the
 /// switch on every worker before any of them queues its pieces' collectives (the job's
 /// gate: otherwise a peer's sends would wait forever for receives never queued, and
 /// every later pair's sequence would be off by one). Decoding goes on with the oracle's
 /// tokens, and a second switch to the same target completes.
-#[test]
-fn a_failed_copy_across_emulated_gpus_aborts_and_the_next_switch_completes() {
+fn a_failed_copy_across_gpus_aborts_and_the_next_switch_completes(dev) {
     use remp::parallel::{LayerId, Segment, WorkerId};
     use remp::reshard::executor::ReconfigOptions;
     let case = &oracle()[0];
     let n = 10;
-    let ec = config(Topology::new(2, 1), 2, 2, Exchange::SameDevice);
+    let ec = config(dev, Topology::new(2, 1), 2, 2, Exchange::SameDevice);
     let mut e = Engine::new(&tiny_model(), ec).unwrap();
     let mut r = Request::greedy(case.prompt.clone(), n);
     r.ignore_eos = true;
@@ -250,19 +286,20 @@ fn a_failed_copy_across_emulated_gpus_aborts_and_the_next_switch_completes() {
         "meter vs what the workers hold"
     );
 }
+}
 
+on_emu_and_gpus! {
 /// A worker that fails in a step (here its flip, injected) may leave a peer's stream
 /// waiting on its GPU for a collective it never queued; on NCCL nothing would ever end
 /// that wait, so the engine aborts every communicator at the first failed reply, says
 /// why it cannot serve, and a restart (fresh communicators) serves again with the
 /// oracle's tokens.
-#[test]
-fn a_failed_step_across_emulated_gpus_aborts_the_communicators_and_restart_serves() {
+fn a_failed_step_across_gpus_aborts_the_communicators_and_restart_serves(dev) {
     use remp::parallel::{LayerId, Segment, WorkerId};
     use remp::reshard::executor::ReconfigOptions;
     let case = &oracle()[0];
     let n = 10;
-    let mut ec = config(Topology::new(2, 1), 2, 2, Exchange::SameDevice);
+    let mut ec = config(dev, Topology::new(2, 1), 2, 2, Exchange::SameDevice);
     ec.comm_timeout = std::time::Duration::from_secs(20);
     let mut e = Engine::new(&tiny_model(), ec).unwrap();
     let mut r = Request::greedy(case.prompt.clone(), n);
@@ -298,4 +335,5 @@ fn a_failed_step_across_emulated_gpus_aborts_the_communicators_and_restart_serve
         out[..],
         case.tokens[case.prompt.len()..case.prompt.len() + n]
     );
+}
 }

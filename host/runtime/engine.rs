@@ -125,10 +125,18 @@ impl DeviceKind {
         Ok(match self {
             DeviceKind::Cpu => None,
             DeviceKind::Emulated => Some(Box::new(EmuDevice::new())),
-            DeviceKind::Cuda => Some(Box::new(
-                CudaDevice::open(gpu.0)
-                    .map_err(|e| Error::Device(format!("GPU {}: {e}", gpu.0)))?,
-            )),
+            DeviceKind::Cuda => {
+                // Test hook: every logical GPU on GPU 0 (with NCCL 2.31 or later and
+                // NCCL_MULTI_RANK_GPU_ENABLE=1 the communicators still form), so a
+                // one-GPU machine runs the multi-GPU path.
+                let physical = match std::env::var("REMP_CUDA_GPUS_ON_ONE").as_deref() {
+                    Ok("1") => 0,
+                    _ => gpu.0,
+                };
+                Some(Box::new(CudaDevice::open(physical).map_err(|e| {
+                    Error::Device(format!("GPU {}: {e}", gpu.0))
+                })?))
+            }
         })
     }
 }

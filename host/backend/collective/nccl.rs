@@ -454,7 +454,11 @@ fn grouped_init(
 /// World communicators over `devs` (rank `i` on `devs[i]`, one GPU each).
 pub(crate) fn world(devs: &[&CudaDevice]) -> Result<Vec<Communicator>> {
     let ordinals: Vec<usize> = devs.iter().map(|d| d.ordinal()).collect();
-    one_rank_per_gpu(&ordinals)?;
+    // (NCCL 2.31 and later run several ranks on one GPU when told to, through host
+    // memory: what lets a one-GPU machine check the multi-GPU path.)
+    if std::env::var("NCCL_MULTI_RANK_GPU_ENABLE").as_deref() != Ok("1") {
+        one_rank_per_gpu(&ordinals)?;
+    }
     let n = lib()?;
     let size = devs.len();
     let nranks = to_c_int(size, "rank count")?;
