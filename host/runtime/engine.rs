@@ -124,7 +124,7 @@ impl DeviceKind {
     fn open_copy(self, gpu: DeviceId) -> Result<Option<Box<dyn Device>>> {
         Ok(match self {
             DeviceKind::Cpu => None,
-            DeviceKind::Emulated => Some(Box::new(EmuDevice::new())),
+            DeviceKind::Emulated => Some(Box::new(EmuDevice::on_gpu(gpu.0))),
             DeviceKind::Cuda => {
                 // Test hook: every logical GPU on GPU 0 (with NCCL 2.31 or later and
                 // NCCL_MULTI_RANK_GPU_ENABLE=1 the communicators still form), so a

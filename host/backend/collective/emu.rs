@@ -176,6 +176,12 @@ impl EmuComm {
     /// Queues `ops` (already checked against the buffers and the size) as one op on
     /// `dev`'s stream; nothing runs now.
     pub(crate) fn queue(&self, dev: &EmuDevice, ops: &[CollOp]) -> Result<()> {
+        for op in ops {
+            let (CollOp::AllGather { buf, .. }
+            | CollOp::Send { buf, .. }
+            | CollOp::Recv { buf, .. }) = *op;
+            dev.check_owner(buf.ptr(), "a collective")?;
+        }
         let ops: Vec<Op> = ops
             .iter()
             .map(|op| match *op {

@@ -21,7 +21,7 @@
 use super::{check_range, Arg, Buf, Device, Event, EventKind, Graph, GraphKind, Launch};
 use crate::{Error, Result};
 use remp_gpu_kernels as k;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, TryLockError, Weak};
 use std::time::Duration;
@@ -30,6 +30,10 @@ use std::time::Duration;
 /// queued and run at the next synchronizing call, as on a GPU) over host memory.
 pub struct EmuDevice {
     queue: Arc<Queue>,
+    /// The emulated GPU this handle is on ([`EmuDevice::on_gpu`]): its allocations
+    /// belong to that GPU, and a launch or copy that touches another GPU's memory is an
+    /// error (on real GPUs it would fault or read another device's addresses).
+    gpu: usize,
 }
 
 /// One emulated stream: the work queued on it and how far it has run. Ops run in order,
@@ -192,8 +196,21 @@ impl Mark {
     }
 }
 
+/// Which emulated GPU owns each live allocation: start address → (end, GPU).
+static OWNERS: Mutex<BTreeMap<u64, (u64, usize)>> = Mutex::new(BTreeMap::new());
+
+/// The emulated GPU owning address `p`, if an allocation holds it.
+fn owner_of(p: u64) -> Option<usize> {
+    lock(&OWNERS)
+        .range(..=p)
+        .next_back()
+        .filter(|(_, (end, _))| p < *end)
+        .map(|(_, (_, g))| *g)
+}
+
 impl EmuDevice {
-    pub fn new() -> Self {
+    /// A handle (a stream of its own) on emulated GPU `gpu`.
+    pub fn on_gpu(gpu: usize) -> Self {
         let queue = Arc::new(Queue {
             fault_at: AtomicU64::new(u64::MAX),
             ..Default::default()
@@ -201,7 +218,24 @@ impl EmuDevice {
         let mut all = lock(&STREAMS);
         all.retain(|w| w.strong_count() > 0);
         all.push(Arc::downgrade(&queue));
-        EmuDevice { queue }
+        EmuDevice { queue, gpu }
+    }
+
+    /// Refuses `p` when it points into another emulated GPU's memory.
+    pub(crate) fn check_owner(&self, p: u64, what: &str) -> Result<()> {
+        match owner_of(p) {
+            Some(g) if g != self.gpu => Err(Error::Device(format!(
+                "{what} on emulated GPU {} uses memory of emulated GPU {g} (no device \
+                 buffer may pass between GPUs)",
+                self.gpu
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A handle on emulated GPU 0.
+    pub fn new() -> Self {
+        Self::on_gpu(0)
     }
 
     pub(crate) fn enqueue(&self, op: impl FnOnce() -> Result<()> + 'static) {
@@ -261,6 +295,7 @@ static QUARANTINE: Mutex<(VecDeque<Box<[u128]>>, usize)> = Mutex::new((VecDeque:
 const QUARANTINE_BYTES: usize = 64 << 20;
 
 fn release(mut mem: Box<[u128]>) {
+    lock(&OWNERS).remove(&(mem.as_ptr() as u64));
     mem.fill(u128::MAX);
     let bytes = mem.len() * 16;
     let mut q = lock(&QUARANTINE);
@@ -470,7 +505,10 @@ impl Device for EmuDevice {
         "emulated GPU (remp-gpu-kernels host emulator)".into()
     }
     fn alloc(&self, bytes: usize) -> Result<Buf> {
-        Ok(Buf::host(bytes))
+        let b = Buf::host(bytes);
+        let end = b.ptr() + (bytes.div_ceil(16).max(1) * 16) as u64;
+        lock(&OWNERS).insert(b.ptr(), (end, self.gpu));
+        Ok(b)
     }
     fn upload(&self, dst: &Buf, off: usize, src: &[u8]) -> Result<()> {
         check_range(dst, off, src.len(), "upload")?;
@@ -509,6 +547,8 @@ impl Device for EmuDevice {
     ) -> Result<()> {
         check_range(dst, dst_off, bytes, "copy destination")?;
         check_range(src, src_off, bytes, "copy source")?;
+        self.check_owner(dst.ptr(), "a copy")?;
+        self.check_owner(src.ptr(), "a copy")?;
         let (d, s) = (dst.ptr() as usize + dst_off, src.ptr() as usize + src_off);
         self.enqueue(move || {
             // SAFETY: both ranges were inside their allocations, which stay alive until
@@ -520,6 +560,11 @@ impl Device for EmuDevice {
     }
     unsafe fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
         check_shape(name, grid, block)?;
+        for a in args {
+            if let Arg::Ptr(p) = *a {
+                self.check_owner(p, &format!("kernel `{name}`"))?;
+            }
+        }
         match dispatch(name, grid, block, args)? {
             Some(op) => {
                 self.queue.push(op);
@@ -595,6 +640,36 @@ mod tests {
         listed.sort_unstable();
         emulated.sort_unstable();
         assert_eq!(listed, emulated);
+    }
+
+    /// Memory belongs to the emulated GPU that allocated it: a launch or copy on
+    /// another GPU that touches it is refused (on real GPUs it would fault), the same
+    /// GPU's handles share it freely.
+    #[test]
+    fn another_gpus_memory_is_refused() {
+        let (g0, g0b, g1) = (
+            EmuDevice::on_gpu(0),
+            EmuDevice::on_gpu(0),
+            EmuDevice::on_gpu(1),
+        );
+        let n = 64usize;
+        let x0 = g0.alloc(n * 2).unwrap();
+        let y1 = g1.alloc(n * 2).unwrap();
+        let args =
+            |a: &Buf, b: &Buf| [Arg::from(a), Arg::from(a), Arg::from(b), Arg::U32(n as u32)];
+        // SAFETY: residual_add_bf16(out, a, b, n) over buffers of n bf16.
+        let e = unsafe { g0.launch("residual_add_bf16", [1, 1, 1], 128, &args(&x0, &y1)) }
+            .expect_err("GPU 1's buffer in a GPU 0 launch");
+        assert!(e.to_string().contains("emulated GPU 1"), "{e}");
+        let e = g0.copy(&x0, 0, &y1, 0, n * 2).expect_err("cross-GPU copy");
+        assert!(e.to_string().contains("emulated GPU 1"), "{e}");
+        let x0b = g0b.alloc(n * 2).unwrap();
+        g0b.upload(&x0b, 0, &vec![0u8; n * 2]).unwrap();
+        g0.upload(&x0, 0, &vec![0u8; n * 2]).unwrap();
+        // SAFETY: as above, both buffers on GPU 0.
+        unsafe { g0.launch("residual_add_bf16", [1, 1, 1], 128, &args(&x0, &x0b)) }.unwrap();
+        g0b.synchronize().unwrap();
+        g0.synchronize().unwrap();
     }
 
     #[test]
