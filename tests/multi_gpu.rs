@@ -171,6 +171,9 @@ fn online_switches_across_gpus_keep_oracle_tokens(dev) {
     e.reconfigure(Topology::new(2, 2)).unwrap();
     e.run_to_completion().unwrap();
     assert_eq!(e.topology_name(), "tp2pp2");
+    // Only the two stage groups' communicators are left (the earlier placements'
+    // were destroyed when their switches ended).
+    assert_eq!(e.group_communicators(), 2);
     assert!(plan.bytes_moved > 0);
     assert_eq!(e.comm_stats().reshard_bytes() - before, plan.bytes_moved);
     assert_eq!(

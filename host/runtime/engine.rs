@@ -133,9 +133,10 @@ impl DeviceKind {
                     Ok("1") => 0,
                     _ => gpu.0,
                 };
-                Some(Box::new(CudaDevice::open(physical).map_err(|e| {
-                    Error::Device(format!("GPU {}: {e}", gpu.0))
-                })?))
+                Some(Box::new(
+                    CudaDevice::open(physical)
+                        .map_err(|e| Error::Device(format!("GPU {}: {e}", gpu.0)))?,
+                ))
             }
         })
     }
@@ -1259,7 +1260,29 @@ impl Engine {
     }
 
     fn collect_reconfig_events(&mut self) {
-        self.reconfig_log.extend(self.pool.ctrl.take_events());
+        let events = self.pool.ctrl.take_events();
+        let ended = events.iter().any(|e| {
+            matches!(
+                e,
+                ReconfigEvent::Finished { .. } | ReconfigEvent::Aborted { .. }
+            )
+        });
+        self.reconfig_log.extend(events);
+        // A switch over (called between steps): the communicators of groups the
+        // placement no longer uses go.
+        if ended && !self.pool.ctrl.is_active() {
+            let placement = self.placement();
+            if let Some(c) = &mut self.pool.coll {
+                // (A poisoned table only keeps them: nothing is lost.)
+                let _ = c.retain_placement(&placement);
+            }
+        }
+    }
+
+    /// Communicators of distinct multi-member groups (workers on several GPUs; 0
+    /// otherwise): the current placement's, plus a running switch's target's.
+    pub fn group_communicators(&self) -> usize {
+        self.pool.coll.as_ref().map_or(0, |c| c.splits().len())
     }
 
     /// Every reconfiguration event so far (started, segment ready, flipped, finished,

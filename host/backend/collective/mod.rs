@@ -466,6 +466,17 @@ impl Collectives {
         self.aborted.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Drops the splits of groups `placement` does not use, destroying their
+    /// communicators (each holds NCCL's buffers, outside the memory meter): after a
+    /// switch ended, between steps, when no worker uses them. A later switch back
+    /// splits them again.
+    pub fn retain_placement(&mut self, placement: &Placement) -> Result<()> {
+        let keep: Vec<&Group> = placement.segments().map(|s| placement.group(s)).collect();
+        self.splits.retain(|s| keep.contains(&&s.group));
+        lock(&self.book.groups)?.retain(|(_, g), _| keep.contains(&g));
+        Ok(())
+    }
+
     /// What the workers read.
     pub fn book(&self) -> &Arc<CommBook> {
         &self.book

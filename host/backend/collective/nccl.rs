@@ -62,6 +62,8 @@ struct Nccl {
         unsafe extern "C" fn(RawComm, c_int, c_int, *mut RawComm, *mut c_void) -> NcclResult,
     comm_destroy: unsafe extern "C" fn(RawComm) -> NcclResult,
     comm_abort: unsafe extern "C" fn(RawComm) -> NcclResult,
+    comm_user_rank: unsafe extern "C" fn(RawComm, *mut c_int) -> NcclResult,
+    comm_count: unsafe extern "C" fn(RawComm, *mut c_int) -> NcclResult,
     get_error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
     /// Since 2.13; the message is optional in errors.
     get_last_error: Option<unsafe extern "C" fn(RawComm) -> *const c_char>,
@@ -150,6 +152,8 @@ fn load() -> std::result::Result<Nccl, String> {
         comm_split: unsafe { sym(&lib, file, "ncclCommSplit")? },
         comm_destroy: unsafe { sym(&lib, file, "ncclCommDestroy")? },
         comm_abort: unsafe { sym(&lib, file, "ncclCommAbort")? },
+        comm_user_rank: unsafe { sym(&lib, file, "ncclCommUserRank")? },
+        comm_count: unsafe { sym(&lib, file, "ncclCommCount")? },
         get_error_string: unsafe { sym(&lib, file, "ncclGetErrorString")? },
         get_last_error: unsafe { sym(&lib, file, "ncclGetLastError") }.ok(),
         group_start: unsafe { sym(&lib, file, "ncclGroupStart")? },
@@ -272,6 +276,20 @@ impl NcclComm {
         }
         // SAFETY: created by NCCL, freed once (the flag above).
         let _ = unsafe { (self.nccl.comm_abort)(self.raw) };
+    }
+
+    /// NCCL's rank and size of this communicator.
+    fn rank_and_size(&self) -> Result<(usize, usize)> {
+        let n = self.nccl;
+        let (mut rank, mut count): (c_int, c_int) = (-1, -1);
+        // SAFETY: a live communicator; each writes one int.
+        n.check(unsafe { (n.comm_user_rank)(self.raw, &mut rank) }, || {
+            "ncclCommUserRank".into()
+        })?;
+        n.check(unsafe { (n.comm_count)(self.raw, &mut count) }, || {
+            "ncclCommCount".into()
+        })?;
+        Ok((rank.max(0) as usize, count.max(0) as usize))
     }
 
     pub(crate) fn queue(&self, dev: &CudaDevice, ops: &[CollOp]) -> Result<()> {
@@ -535,7 +553,9 @@ pub(crate) fn split(
             dead: Default::default(),
         });
         match (comm, place) {
-            (Some(c), Some((rank, size))) => {
+            // NCCL's own rank and size of the child must be the ones the engine
+            // computed (key order, then parent rank): the all-gather's slots rely on it.
+            (Some(c), Some((rank, size))) if c.rank_and_size()? == (rank, size) => {
                 out.push(Some(Communicator::new(Kind::Nccl(c), rank, size)))
             }
             (None, None) => out.push(None),
@@ -548,8 +568,9 @@ pub(crate) fn split(
     }
     match mismatch {
         Some(i) => Err(Error::Device(format!(
-            "ncclCommSplit: rank {i} {} a communicator against its arguments",
-            if args[i].is_some() { "got no" } else { "got" }
+            "ncclCommSplit: rank {i}'s child disagrees with its arguments {:?} (a child \
+             where none was asked, none where one was, or another rank or size)",
+            args[i]
         ))),
         None => Ok(out),
     }
