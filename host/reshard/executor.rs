@@ -55,6 +55,7 @@
 
 use crate::backend::collective::{trade_pieces, CommBook};
 use crate::backend::comm::{Comm, Tag};
+use crate::backend::cuda::nvtx;
 use crate::backend::device::llama::{check_heads, DevKv, DevShards};
 use crate::backend::device::{mark_ready, wait_ready, Buf, Device, Exchange};
 use crate::error::{Error, Result};
@@ -866,6 +867,12 @@ impl CopyWorker {
         let me = self.id;
         let p = &job.plan;
         let seg = p.segment;
+        let _nvtx = nvtx::range_with(|| {
+            format!(
+                "reshard {seg}: {} -> {} (switch {})",
+                p.old_group, p.new_group, job.job
+            )
+        });
         if job.fail_on == Some(me) {
             return Err(self.err(format!("injected failure while moving {seg}")));
         }

@@ -13,6 +13,7 @@
 use crate::backend::collective::{trade_pieces, CommBook};
 use crate::backend::comm::{Comm, Tag};
 use crate::backend::cpu::ops;
+use crate::backend::cuda::nvtx;
 use crate::backend::device::llama::{check_heads, DevKv, DevShards, DeviceCompute, StepInputs};
 use crate::backend::device::{mark_ready, wait_ready, Buf, Event, Exchange};
 use crate::error::{no_panic, Error, Result};
@@ -507,6 +508,7 @@ impl Worker {
         if prev == next {
             return Ok(());
         }
+        let _nvtx = nvtx::range_with(|| format!("hand-off {prev} -> {next}"));
         let tag = Tag::Handoff(step);
         // Ranks on one device hand device buffers over (same-device exchange), ranks on
         // GPUs of their own send it through their communicator; otherwise the state goes
@@ -723,6 +725,7 @@ impl Worker {
     /// effect: send / receive the KV appended since the pre-copy, then swap the staged
     /// buffers in and free the old ones.
     fn flip(&self, plan: &StepPlan, seg: Segment, f: &FlipInfo) -> Result<()> {
+        let _nvtx = nvtx::range_with(|| format!("flip {seg}: {} -> {}", f.old, f.new));
         let me = self.id;
         let staged = self.mem.take_staged(seg);
         if f.new.contains(me) && (staged.shards.is_none()) {
