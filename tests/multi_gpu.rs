@@ -340,3 +340,45 @@ fn a_failed_step_across_gpus_aborts_the_communicators_and_restart_serves(dev) {
     );
 }
 }
+
+on_emu_and_gpus! {
+/// A copy that fails after its job's gate (injected, before it queues its pieces):
+/// its peers have queued theirs, which on NCCL would wait on their GPUs forever. The
+/// copy thread aborts every communicator, the switch aborts, the engine refuses work
+/// saying why, and a restart serves the oracle's tokens.
+fn a_copy_failing_after_its_gate_aborts_the_communicators(dev) {
+    use remp::parallel::{LayerId, Segment, WorkerId};
+    use remp::reshard::executor::ReconfigOptions;
+    let case = &oracle()[0];
+    let n = 8;
+    let ec = config(dev, Topology::new(2, 1), 2, 2, Exchange::SameDevice);
+    let mut e = Engine::new(&tiny_model(), ec).unwrap();
+    let mut r = Request::greedy(case.prompt.clone(), n);
+    r.ignore_eos = true;
+    let a = e.add_request(r).unwrap();
+    for _ in 0..2 {
+        e.step().unwrap();
+    }
+    let opts = ReconfigOptions {
+        window: 1,
+        fail_after_gate_at: Some((Segment::Layer(LayerId(2)), WorkerId(0))),
+        ..Default::default()
+    };
+    e.reconfigure_with(Topology::new(1, 2), &opts).unwrap();
+    let t0 = std::time::Instant::now();
+    let err = loop {
+        assert!(t0.elapsed().as_secs() < 120, "the engine kept serving");
+        match e.step() {
+            Ok(_) => continue,
+            Err(err) => break err.to_string(),
+        }
+    };
+    assert!(err.contains("aborted"), "{err}");
+    let why = e.broken_reason().expect("not broken").to_string();
+    assert!(why.contains("injected failure after layer 2"), "{why}");
+    e.restart(Topology::new(1, 2)).unwrap();
+    e.run_to_completion().unwrap();
+    let out = &e.output(a).unwrap().output;
+    assert_eq!(out[..], case.tokens[case.prompt.len()..case.prompt.len() + n]);
+}
+}

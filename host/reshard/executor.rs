@@ -91,9 +91,15 @@ pub struct SegmentJob {
     /// Injected failure (tests): this worker's copy thread fails the job.
     #[doc(hidden)] // test hook, not part of the serving API
     pub fail_on: Option<WorkerId>,
+    /// Injected failure (tests): this worker fails just after the job's gate.
+    #[doc(hidden)] // test hook, not part of the serving API
+    pub fail_after_gate: Option<WorkerId>,
     registered: Instant,
     /// Copy-thread CPU time spent on this job, in microseconds.
     cpu_us: AtomicU64,
+    /// Workers that arrived at this job's gate ([`Controller::gate`]): a failure path
+    /// arrives only if its worker has not.
+    gated: Mutex<BTreeSet<WorkerId>>,
     remaining: AtomicUsize,
     failed: AtomicBool,
 }
@@ -170,6 +176,11 @@ pub struct ReconfigOptions {
     /// would flip (its shard stays the old one while the placement moves on).
     #[doc(hidden)] // test hook, not part of the serving API
     pub fail_flip_at: Option<(Segment, WorkerId)>,
+    /// Test hook (workers on several GPUs): this worker's copy of this segment fails
+    /// just after the job's gate, before it queues its pieces (its peers have queued
+    /// theirs).
+    #[doc(hidden)] // test hook, not part of the serving API
+    pub fail_after_gate_at: Option<(Segment, WorkerId)>,
     /// Test hook: if the switch aborts, this worker's copy thread discards it only once
     /// a message of the next switch has reached its copy lane (a peer that discarded
     /// first already sent it a piece of the next job), or after the comm timeout.
@@ -204,6 +215,7 @@ struct Active {
     window: usize,
     fail_at: Option<(Segment, WorkerId)>,
     fail_flip_at: Option<(Segment, WorkerId)>,
+    fail_after_gate_at: Option<(Segment, WorkerId)>,
     late_discard: Option<WorkerId>,
     aborted: Option<String>,
     started: Instant,
@@ -235,16 +247,8 @@ pub struct Controller {
     step_ms: AtomicU64,
     /// Per (switch, segment) job of workers on GPUs of their own: who has prepared its
     /// pieces ([`Controller::gate`]).
-    gates: Mutex<Gates>,
+    gates: Mutex<HashMap<(u64, Segment), Gate>>,
     gate_cv: std::sync::Condvar,
-}
-
-/// Open gates, and the last ones every participant left (a worker's failure path
-/// arriving at a gate it already passed must not open a new one).
-#[derive(Default)]
-struct Gates {
-    open: HashMap<(u64, Segment), Gate>,
-    closed: std::collections::VecDeque<(u64, Segment)>,
 }
 
 /// One job's gate: the participants arrived so far, whether all of them prepared, and
@@ -273,7 +277,7 @@ impl Controller {
             events: Mutex::new(Vec::new()),
             next_job: AtomicU64::new(1),
             step_ms: AtomicU64::new(0),
-            gates: Mutex::new(Gates::default()),
+            gates: Mutex::new(HashMap::new()),
             gate_cv: std::sync::Condvar::new(),
             copy_tx,
         }
@@ -347,6 +351,7 @@ impl Controller {
             in_flight: HashMap::new(),
             window: if opts.window == 0 { 2 } else { opts.window },
             fail_at: opts.fail_at,
+            fail_after_gate_at: opts.fail_after_gate_at,
             fail_flip_at: opts.fail_flip_at,
             late_discard: opts.late_discard,
             aborted: None,
@@ -432,9 +437,14 @@ impl Controller {
             let job = Arc::new(SegmentJob {
                 job: a.job,
                 fail_on: a.fail_at.filter(|(s, _)| *s == seg).map(|(_, w)| w),
+                fail_after_gate: a
+                    .fail_after_gate_at
+                    .filter(|(s, _)| *s == seg)
+                    .map(|(_, w)| w),
                 snapshot,
                 registered: Instant::now(),
                 cpu_us: AtomicU64::new(0),
+                gated: Mutex::new(BTreeSet::new()),
                 remaining: AtomicUsize::new(0),
                 failed: AtomicBool::new(false),
                 plan,
@@ -468,11 +478,11 @@ impl Controller {
         let key = (job.job, job.plan.segment);
         let n = job.participants().len();
         let poisoned = || Error::Reconfig("gate table poisoned".into());
-        let mut gates = self.gates.lock().map_err(|_| poisoned())?;
-        if gates.closed.contains(&key) {
+        if !job.gated.lock().map_err(|_| poisoned())?.insert(me) {
             return Ok(false);
         }
-        let g = gates.open.entry(key).or_insert_with(|| Gate {
+        let mut gates = self.gates.lock().map_err(|_| poisoned())?;
+        let g = gates.entry(key).or_insert_with(|| Gate {
             arrived: BTreeSet::new(),
             ok: true,
             left: n,
@@ -485,7 +495,6 @@ impl Controller {
         let deadline = Instant::now() + timeout;
         loop {
             let g = gates
-                .open
                 .get_mut(&key)
                 .ok_or_else(|| Error::Reconfig(format!("gate of {} gone", key.1)))?;
             let outcome = if !g.ok {
@@ -505,11 +514,7 @@ impl Controller {
             if let Some(r) = outcome {
                 g.left -= 1;
                 if g.left == 0 {
-                    gates.open.remove(&key);
-                    gates.closed.push_back(key);
-                    if gates.closed.len() > 64 {
-                        gates.closed.pop_front();
-                    }
+                    gates.remove(&key);
                 }
                 self.gate_cv.notify_all();
                 return r;
@@ -745,9 +750,9 @@ impl CopyWorker {
                     let r = crate::error::no_panic(|| self.run_job(&job), |m| self.err(m));
                     if r.is_err() {
                         self.notify_abort(&job);
-                        if self.coll.is_some() {
-                            // (Failed before its gate: the peers waiting there give up
-                            // now; after it, a no-op.)
+                        let arrived = job.gated.lock().map_or(true, |g| g.contains(&self.id));
+                        if self.coll.is_some() && !arrived {
+                            // (Failed before its gate: the peers waiting there give up.)
                             let _ = self.ctrl.gate(&job, self.id, false, Default::default());
                         }
                     }
@@ -1248,8 +1253,23 @@ impl CopyWorker {
             }
         };
         let incoming: Vec<(WorkerId, &Buf)> = x.incoming.iter().map(|(t, b)| (t.src, b)).collect();
-        // (On an error, freed after the stream's queued work, the group included.)
-        trade_pieces(&self.comm, &c, dev, tag, &x.outgoing, &incoming)?;
+        // Past the gate every peer queues its group: a failure here may leave theirs
+        // waiting for this one on their GPUs, which only an abort ends (the engine then
+        // refuses work until a restart). (The buffers are freed after the stream's
+        // queued work, the group included.)
+        let traded = match job.fail_after_gate {
+            Some(w) if w == me => {
+                Err(self.err(format!("injected failure after {}'s gate", p.segment)))
+            }
+            _ => trade_pieces(&self.comm, &c, dev, tag, &x.outgoing, &incoming),
+        };
+        if let Err(e) = &traded {
+            book.abort_all(&format!(
+                "{}'s reshard pieces on {me} failed after the job's gate ({e})",
+                p.segment
+            ));
+        }
+        traded?;
         drop(incoming);
         Ok(x)
     }
@@ -1509,8 +1529,10 @@ mod tests {
             plan: plan.segments[0].clone(),
             snapshot: Vec::new(),
             fail_on: None,
+            fail_after_gate: None,
             registered: Instant::now(),
             cpu_us: AtomicU64::new(0),
+            gated: Mutex::new(BTreeSet::new()),
             remaining: AtomicUsize::new(0),
             failed: AtomicBool::new(false),
         };
@@ -1525,17 +1547,18 @@ mod tests {
                 (ctrl.gate(j, a, ok_a, t).unwrap(), h.join().unwrap())
             })
         };
-        assert_eq!(both(&job(1), true, true), (true, true));
+        let j1 = job(1);
+        assert_eq!(both(&j1, true, true), (true, true));
         assert_eq!(both(&job(2), true, false), (false, false));
         assert_eq!(both(&job(3), false, true), (false, false));
         // Passed, then failed later: the second arrival is refused, no new gate.
-        assert!(!ctrl.gate(&job(1), a, false, t).unwrap());
+        assert!(!ctrl.gate(&j1, a, false, t).unwrap());
         // A peer that never comes: an error at the timeout, and the late one is refused.
         let j = job(4);
         assert!(ctrl.gate(&j, a, true, Duration::from_millis(20)).is_err());
         assert!(!ctrl.gate(&j, b, true, t).unwrap());
         let gates = ctrl.gates.lock().unwrap();
-        assert!(gates.open.is_empty(), "gates left open");
+        assert!(gates.is_empty(), "gates left open");
     }
 
     #[test]

@@ -538,7 +538,7 @@ impl Pool {
                 // stream waiting on its GPU for a collective it never queued (its
                 // reply would never come, nor its stream ever drain): abort them all.
                 if let (false, Some(c), None) = (load, &self.coll, &first_err) {
-                    c.abort_all();
+                    c.abort_all(&format!("a step failed ({e})"));
                 }
                 first_err.get_or_insert(e);
             }
@@ -793,6 +793,7 @@ impl Engine {
     /// While a reconfiguration is in flight, a step runs even with no request so that
     /// its layers can flip.
     pub fn step(&mut self) -> Result<Vec<Event>> {
+        self.note_aborted_communicators();
         self.serving()?;
         self.sched.admit();
         if self.sched.running.is_empty() && !self.pool.ctrl.is_active() {
@@ -925,11 +926,11 @@ impl Engine {
                 })?;
         }
         if let Err(e) = pool.collect_replies(pool.cmd.len(), false) {
-            if pool.coll.as_ref().is_some_and(Collectives::aborted) {
+            if let Some(first) = pool.coll.as_ref().and_then(Collectives::aborted) {
                 let why = format!(
                     "step {} failed with workers on several GPUs ({e}); their communicators \
-                     were aborted (a peer could otherwise wait on its GPU forever), so the \
-                     engine cannot serve until Engine::restart",
+                     were aborted ({first}; a peer could otherwise wait on its GPU forever), \
+                     so the engine cannot serve until Engine::restart",
                     plan.step
                 );
                 self.broken = Some(why.clone());
@@ -995,6 +996,20 @@ impl Engine {
     /// complete left a worker's shards inconsistent with the placement), if it does.
     pub fn broken_reason(&self) -> Option<&str> {
         self.broken.as_deref()
+    }
+
+    /// Workers on several GPUs whose communicators a copy thread aborted (a reshard
+    /// job failed after its peers had queued their side): the engine is broken.
+    fn note_aborted_communicators(&mut self) {
+        if self.broken.is_some() {
+            return;
+        }
+        if let Some(why) = self.pool.coll.as_ref().and_then(Collectives::aborted) {
+            self.broken = Some(format!(
+                "the communicators between GPUs were aborted ({why}): the engine cannot \
+                 serve until Engine::restart"
+            ));
+        }
     }
 
     /// Refuses work once a failed step left the workers inconsistent with the placement.
@@ -1086,6 +1101,7 @@ impl Engine {
     }
 
     pub fn reconfigure_with(&mut self, target: Topology, opts: &ReconfigOptions) -> Result<()> {
+        self.note_aborted_communicators();
         self.serving()?;
         if self.pool.ctrl.is_active() {
             return Err(Error::Reconfig(
@@ -1106,6 +1122,7 @@ impl Engine {
     /// Stop-the-world baseline: pauses decoding, moves every segment's data (all
     /// segments at once, same executor), flips everything, then returns.
     pub fn reconfigure_stop_the_world(&mut self, target: Topology) -> Result<()> {
+        self.note_aborted_communicators();
         self.serving()?;
         if self.pool.ctrl.is_active() {
             return Err(Error::Reconfig("a switch is already in progress".into()));
@@ -1163,6 +1180,7 @@ impl Engine {
     /// generated so far (its KV cache is lost with the old workers).
     pub fn restart(&mut self, target: Topology) -> Result<()> {
         target.validate(&self.cfg)?;
+        self.note_aborted_communicators();
         // (A broken engine's switch dies with its workers.)
         if self.pool.ctrl.is_active() && self.broken.is_none() {
             return Err(Error::Reconfig("a switch is in progress".into()));

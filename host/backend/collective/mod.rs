@@ -251,9 +251,11 @@ pub fn split(
 /// Trades whole buffers with peers in ONE group on `c` (ranks = worker ids), queued on
 /// `dev`'s stream: each `outgoing` buffer is sent whole to its worker and each
 /// `incoming` one filled whole from its worker, in list order per peer (both sides list
-/// a pair's pieces in the same order). A notice per piece through `comm` first (counts
-/// its bytes, tagged `tag`), and after queueing the peers' notices are received and
-/// checked against the buffers' sizes: what a reshard job and a flip both do.
+/// a pair's pieces in the same order). The group is queued first; then a notice per
+/// piece goes through `comm` (it counts the bytes, tagged `tag`), and the peers'
+/// notices are received and checked against the buffers' sizes: what a reshard job and
+/// a flip both do. An error before the group is queued leaves the peers' groups
+/// waiting for this one: the caller must abort the communicators.
 pub fn trade_pieces(
     comm: &Comm,
     c: &Communicator,
@@ -264,7 +266,6 @@ pub fn trade_pieces(
 ) -> Result<()> {
     let mut ops = Vec::with_capacity(outgoing.len() + incoming.len());
     for (dst, b) in outgoing {
-        comm.send_wire(dst.0, tag, b.len() as u64)?;
         ops.push(CollOp::Send {
             buf: b,
             off: 0,
@@ -282,6 +283,9 @@ pub fn trade_pieces(
     }
     if !ops.is_empty() {
         c.queue(dev, &ops)?;
+    }
+    for (dst, b) in outgoing {
+        comm.send_wire(dst.0, tag, b.len() as u64)?;
     }
     for &(src, b) in incoming {
         let n = comm.recv_wire(src.0, tag)?;
@@ -324,6 +328,8 @@ pub struct CommBook {
     groups: Mutex<HashMap<(WorkerId, Group), Arc<Communicator>>>,
     p2p: Mutex<HashMap<WorkerId, Arc<Communicator>>>,
     copy: Mutex<HashMap<WorkerId, Arc<Communicator>>>,
+    /// Why every communicator was aborted ([`CommBook::abort_all`]), if it was.
+    aborted: Mutex<Option<String>>,
 }
 
 impl CommBook {
@@ -354,7 +360,10 @@ impl CommBook {
     }
 
     /// Aborts every handle in the book ([`Communicator::abort`]).
-    pub fn abort_all(&self) {
+    pub fn abort_all(&self, why: &str) {
+        if let Ok(mut a) = self.aborted.lock() {
+            a.get_or_insert_with(|| why.to_string());
+        }
         for table in [&self.p2p, &self.copy] {
             if let Ok(m) = table.lock() {
                 m.values().for_each(|c| c.abort());
@@ -363,6 +372,12 @@ impl CommBook {
         if let Ok(m) = self.groups.lock() {
             m.values().for_each(|c| c.abort());
         }
+    }
+
+    /// Why the communicators were aborted, once they were: nothing can exchange
+    /// through them any more (the engine must restart).
+    pub fn aborted(&self) -> Option<String> {
+        self.aborted.lock().ok().and_then(|a| a.clone())
     }
 
     fn has_group(&self, g: &Group) -> Result<bool> {
@@ -378,7 +393,6 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
 /// The engine's side: the world communicator (one handle per worker, used only by the
 /// engine's thread to split), the splits made so far and the book the workers read.
 pub struct Collectives {
-    aborted: std::sync::atomic::AtomicBool,
     world: Vec<Communicator>,
     splits: Vec<CommSplit>,
     devices: DeviceMap,
@@ -417,7 +431,6 @@ impl Collectives {
             }
         }
         let mut me = Collectives {
-            aborted: Default::default(),
             world,
             splits: Vec::new(),
             devices,
@@ -454,16 +467,15 @@ impl Collectives {
     /// Aborts every communicator, the world's included: after a failure in which a
     /// worker may have queued a collective its peers never will (it would wait on its
     /// GPU forever). Nothing exchanges through them afterwards; the engine must restart.
-    pub fn abort_all(&self) {
-        self.aborted
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.book.abort_all();
+    pub fn abort_all(&self, why: &str) {
+        self.book.abort_all(why);
         self.world.iter().for_each(Communicator::abort);
     }
 
-    /// Whether [`Collectives::abort_all`] ran.
-    pub fn aborted(&self) -> bool {
-        self.aborted.load(std::sync::atomic::Ordering::Acquire)
+    /// Why the communicators were aborted (here or by a copy thread through the
+    /// book), if they were.
+    pub fn aborted(&self) -> Option<String> {
+        self.book.aborted()
     }
 
     /// Drops the splits of groups `placement` does not use, destroying their

@@ -239,6 +239,9 @@ pub(crate) struct NcclComm {
     rank: usize,
     /// Aborted ([`NcclComm::abort`]): NCCL freed it; nothing may use or destroy it.
     dead: std::sync::atomic::AtomicBool,
+    /// Held (shared) across a queue's NCCL calls and (exclusive) by the abort, so the
+    /// abort never frees the communicator under a call on another thread.
+    in_use: std::sync::RwLock<()>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread with its device current, but
@@ -261,13 +264,13 @@ fn dev_ptr(p: u64) -> *mut c_void {
 }
 
 impl NcclComm {
-    /// Queues `ops` (checked by [`Communicator::queue`]) as one group on `dev`'s stream.
     /// `ncclCommAbort`: stops this rank's operations still on the device (a peer that
     /// will never post its side would otherwise hold its stream forever) and frees the
     /// communicator. Once; later calls and queues are refused, the drop does nothing.
-    /// Meant for a failed step while other threads may be blocked waiting on the
-    /// device (not inside an NCCL call on this handle).
+    /// Meant for a failure while other threads may be blocked waiting on the device; a
+    /// queue in progress on this handle on another thread is waited for (`in_use`).
     pub(crate) fn abort(&self) {
+        let _excl = self.in_use.write().unwrap_or_else(|e| e.into_inner());
         if self.dead.swap(true, std::sync::atomic::Ordering::AcqRel) || self.raw.is_null() {
             return;
         }
@@ -292,7 +295,9 @@ impl NcclComm {
         Ok((rank.max(0) as usize, count.max(0) as usize))
     }
 
+    /// Queues `ops` (checked by [`Communicator::queue`]) as one group on `dev`'s stream.
     pub(crate) fn queue(&self, dev: &CudaDevice, ops: &[CollOp]) -> Result<()> {
+        let _shared = self.in_use.read().unwrap_or_else(|e| e.into_inner());
         if self.dead.load(std::sync::atomic::Ordering::Acquire) {
             return Err(Error::Device("NCCL: the communicator was aborted".into()));
         }
@@ -503,6 +508,7 @@ pub(crate) fn world(devs: &[&CudaDevice]) -> Result<Vec<Communicator>> {
                 ctx: d.context().clone(),
                 rank,
                 dead: Default::default(),
+                in_use: Default::default(),
             };
             Communicator::new(Kind::Nccl(comm), rank, size)
         })
@@ -551,11 +557,12 @@ pub(crate) fn split(
             ctx: parents[i].ctx.clone(),
             rank: place.map_or(0, |(r, _)| r),
             dead: Default::default(),
+            in_use: Default::default(),
         });
         match (comm, place) {
             // NCCL's own rank and size of the child must be the ones the engine
             // computed (key order, then parent rank): the all-gather's slots rely on it.
-            (Some(c), Some((rank, size))) if c.rank_and_size()? == (rank, size) => {
+            (Some(c), Some((rank, size))) if c.rank_and_size().ok() == Some((rank, size)) => {
                 out.push(Some(Communicator::new(Kind::Nccl(c), rank, size)))
             }
             (None, None) => out.push(None),
