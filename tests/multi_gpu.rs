@@ -25,23 +25,13 @@ use remp::parallel::Topology;
 use remp::reshard::executor::ReconfigEvent;
 use remp::runtime::{DeviceKind, Engine, EngineConfig, Request};
 
-/// Each body on the emulator and, ignored without GPUs enough, on CUDA.
+/// Why the `::cuda` twins are ignored.
 macro_rules! on_emu_and_gpus {
-    ($(#[$doc:meta])* fn $name:ident($dev:ident) $body:block) => {
-        $(#[$doc])*
-        mod $name {
-            use super::*;
-            fn body($dev: DeviceKind) $body
-            #[test]
-            fn emu() {
-                body(DeviceKind::Emulated)
-            }
-            #[test]
-            #[ignore = "needs a GPU per worker, or one GPU with NCCL >= 2.31 and \
-                        NCCL_MULTI_RANK_GPU_ENABLE=1 REMP_CUDA_GPUS_ON_ONE=1"]
-            fn cuda() {
-                body(DeviceKind::Cuda)
-            }
+    ($($t:tt)*) => {
+        on_devices! {
+            ignore = "needs a GPU per worker, or one GPU with NCCL >= 2.31 and \
+                      NCCL_MULTI_RANK_GPU_ENABLE=1 REMP_CUDA_GPUS_ON_ONE=1";
+            $($t)*
         }
     };
 }
@@ -191,6 +181,28 @@ fn online_switches_across_gpus_keep_oracle_tokens(dev) {
 
 }
 
+/// tp2pp1 on two GPUs, two steps into decoding oracle prompt 0 for `n` tokens (the
+/// set-up of the failure tests), with `timeout` for the communication layer.
+fn decoding_prompt0(
+    dev: DeviceKind,
+    n: usize,
+    timeout: Option<std::time::Duration>,
+) -> (Engine, remp::runtime::RequestId) {
+    let case = &oracle()[0];
+    let mut ec = config(dev, Topology::new(2, 1), 2, 2, Exchange::SameDevice);
+    if let Some(t) = timeout {
+        ec.comm_timeout = t;
+    }
+    let mut e = Engine::new(&tiny_model(), ec).unwrap();
+    let mut r = Request::greedy(case.prompt.clone(), n);
+    r.ignore_eos = true;
+    let a = e.add_request(r).unwrap();
+    for _ in 0..2 {
+        e.step().unwrap();
+    }
+    (e, a)
+}
+
 #[test]
 fn gpu_counts_the_exchange_cannot_serve_are_refused() {
     let config = |t, w, g, x| config(DeviceKind::Emulated, t, w, g, x);
@@ -235,14 +247,7 @@ fn a_failed_copy_across_gpus_aborts_and_the_next_switch_completes(dev) {
     use remp::reshard::executor::ReconfigOptions;
     let case = &oracle()[0];
     let n = 10;
-    let ec = config(dev, Topology::new(2, 1), 2, 2, Exchange::SameDevice);
-    let mut e = Engine::new(&tiny_model(), ec).unwrap();
-    let mut r = Request::greedy(case.prompt.clone(), n);
-    r.ignore_eos = true;
-    let a = e.add_request(r).unwrap();
-    for _ in 0..2 {
-        e.step().unwrap();
-    }
+    let (mut e, a) = decoding_prompt0(dev, n, None);
     let opts = ReconfigOptions {
         window: 1,
         fail_at: Some((Segment::Layer(LayerId(3)), WorkerId(1))),
@@ -302,15 +307,7 @@ fn a_failed_step_across_gpus_aborts_the_communicators_and_restart_serves(dev) {
     use remp::reshard::executor::ReconfigOptions;
     let case = &oracle()[0];
     let n = 10;
-    let mut ec = config(dev, Topology::new(2, 1), 2, 2, Exchange::SameDevice);
-    ec.comm_timeout = std::time::Duration::from_secs(20);
-    let mut e = Engine::new(&tiny_model(), ec).unwrap();
-    let mut r = Request::greedy(case.prompt.clone(), n);
-    r.ignore_eos = true;
-    let a = e.add_request(r).unwrap();
-    for _ in 0..2 {
-        e.step().unwrap();
-    }
+    let (mut e, a) = decoding_prompt0(dev, n, Some(std::time::Duration::from_secs(20)));
     let opts = ReconfigOptions {
         window: 1,
         fail_flip_at: Some((Segment::Layer(LayerId(0)), WorkerId(1))),
@@ -351,14 +348,7 @@ fn a_copy_failing_after_its_gate_aborts_the_communicators(dev) {
     use remp::reshard::executor::ReconfigOptions;
     let case = &oracle()[0];
     let n = 8;
-    let ec = config(dev, Topology::new(2, 1), 2, 2, Exchange::SameDevice);
-    let mut e = Engine::new(&tiny_model(), ec).unwrap();
-    let mut r = Request::greedy(case.prompt.clone(), n);
-    r.ignore_eos = true;
-    let a = e.add_request(r).unwrap();
-    for _ in 0..2 {
-        e.step().unwrap();
-    }
+    let (mut e, a) = decoding_prompt0(dev, n, None);
     let opts = ReconfigOptions {
         window: 1,
         fail_after_gate_at: Some((Segment::Layer(LayerId(2)), WorkerId(0))),

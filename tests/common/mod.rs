@@ -128,6 +128,12 @@ impl Drop for TempDir {
 #[allow(unused_macros)]
 macro_rules! on_devices {
     ($(#[$doc:meta])* fn $name:ident($dev:ident) $body:block) => {
+        on_devices! {
+            ignore = "needs a CUDA device";
+            $(#[$doc])* fn $name($dev) $body
+        }
+    };
+    (ignore = $why:literal; $(#[$doc:meta])* fn $name:ident($dev:ident) $body:block) => {
         $(#[$doc])*
         mod $name {
             use super::*;
@@ -137,7 +143,7 @@ macro_rules! on_devices {
                 body(DeviceKind::Emulated)
             }
             #[test]
-            #[ignore = "needs a CUDA device"]
+            #[ignore = $why]
             fn cuda() {
                 body(DeviceKind::Cuda)
             }
