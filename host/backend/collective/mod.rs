@@ -223,23 +223,24 @@ pub fn split(
     if let Some((c, _)) = args.iter().flatten().find(|(c, _)| *c > i32::MAX as u32) {
         return Err(Error::Device(format!("split color {c} beyond i32")));
     }
-    let emu: Option<Vec<&emu::EmuComm>> = parents
-        .iter()
-        .map(|p| match &p.kind {
-            Kind::Emu(c) => Some(c),
-            Kind::Nccl(_) => None,
-        })
-        .collect();
+    // Every handle of one kind, or none of that kind.
+    fn all<'a, T>(
+        parents: &[&'a Communicator],
+        of: impl Fn(&'a Kind) -> Option<&'a T>,
+    ) -> Option<Vec<&'a T>> {
+        parents.iter().map(|p| of(&p.kind)).collect()
+    }
+    let emu = all(parents, |k| match k {
+        Kind::Emu(c) => Some(c),
+        Kind::Nccl(_) => None,
+    });
     if let Some(e) = emu {
         return Ok(emu::split(&e, args));
     }
-    let nccl: Option<Vec<&nccl::NcclComm>> = parents
-        .iter()
-        .map(|p| match &p.kind {
-            Kind::Nccl(c) => Some(c),
-            Kind::Emu(_) => None,
-        })
-        .collect();
+    let nccl = all(parents, |k| match k {
+        Kind::Nccl(c) => Some(c),
+        Kind::Emu(_) => None,
+    });
     match nccl {
         Some(c) => nccl::split(&c, args),
         None => Err(Error::Device(

@@ -354,41 +354,27 @@ impl NcclComm {
                 off,
                 bytes,
                 peer,
-            } => {
-                let p = to_c_int(peer, "peer")?;
-                let r = unsafe {
-                    (n.send)(
-                        dev_ptr(buf.ptr() + off as u64),
-                        bytes,
-                        NCCL_UINT8,
-                        p,
-                        self.raw,
-                        stream,
-                    )
-                };
-                n.check(r, || {
-                    format!("ncclSend({bytes} B, rank {} to {peer})", self.rank)
-                })
             }
-            CollOp::Recv {
+            | CollOp::Recv {
                 buf,
                 off,
                 bytes,
                 peer,
             } => {
-                let p = to_c_int(peer, "peer")?;
+                let send = matches!(op, CollOp::Send { .. });
+                let (p, at) = (to_c_int(peer, "peer")?, dev_ptr(buf.ptr() + off as u64));
+                // SAFETY: `at..at + bytes` is in the buffer (checked by the caller), a
+                // device address of this rank's GPU; the stream is this rank's.
                 let r = unsafe {
-                    (n.recv)(
-                        dev_ptr(buf.ptr() + off as u64),
-                        bytes,
-                        NCCL_UINT8,
-                        p,
-                        self.raw,
-                        stream,
-                    )
+                    if send {
+                        (n.send)(at, bytes, NCCL_UINT8, p, self.raw, stream)
+                    } else {
+                        (n.recv)(at, bytes, NCCL_UINT8, p, self.raw, stream)
+                    }
                 };
-                n.check(r, || {
-                    format!("ncclRecv({bytes} B, rank {} from {peer})", self.rank)
+                n.check(r, || match send {
+                    true => format!("ncclSend({bytes} B, rank {} to {peer})", self.rank),
+                    false => format!("ncclRecv({bytes} B, rank {} from {peer})", self.rank),
                 })
             }
         }
