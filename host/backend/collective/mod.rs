@@ -16,9 +16,10 @@
 //!   deadlock on a GPU and fail with an error on the emulator).
 //! - Collective ops on a communicator match by order (every member's k-th collective is
 //!   the same op with the same size); point-to-point ops match per ordered pair in order.
-//! - Nothing here counts bytes: the engine moves every collective's bytes under a notice
-//!   through the counted [`crate::backend::comm::Comm`] layer, which also checks the
-//!   protocol (tags, steps).
+//! - The communicators count nothing: every collective's bytes move under a notice
+//!   through the counted [`crate::backend::comm::Comm`] layer (the engine's exchanges,
+//!   and [`trade_pieces`] for piece trades), which also checks the protocol (tags,
+//!   steps).
 //!
 //! Data layout: buffers are plain device bytes; an all-gather is in place, over `size`
 //! consecutive slots of `bytes` bytes, slot `rank` holding this rank's contribution.
