@@ -35,7 +35,7 @@
 //!
 //! Workers on GPUs of their own (`EngineConfig::gpus`) cannot hand buffers over: each
 //! copy thread packs all its remote pieces of the job and allocates a buffer per piece
-//! it receives (sizes from the plan), waits at the job's gate ([`Controller::gate`]:
+//! it receives (sizes from the plan), waits at the job's gate (`Controller::gate`:
 //! all participants prepared, or none goes on, so no NCCL call ever waits for a peer
 //! that gave up), then queues one NCCL group of all its sends and receives on the copy
 //! stream and sends a counted notice per piece (`CopyWorker::exchange_pieces`). The KV

@@ -1,8 +1,8 @@
 //! The emulated communicator: NCCL's matching and blocking rules over host memory, so
 //! code that would hang or mismatch on GPUs fails here with an error instead of passing.
 //!
-//! Every rank's handle on one communicator shares one [`Shared`] state (a mutex and a
-//! condvar). [`EmuComm::queue`] turns a group into ONE op on the rank's emulated stream;
+//! Every rank's handle on one communicator shares one `Shared` state (a mutex and a
+//! condvar). `EmuComm::queue` turns a group into ONE op on the rank's emulated stream;
 //! when the stream runs it, the op
 //! 1. posts the whole group: an all-gather's slot becomes contribution `k` of the
 //!    communicator (`k` counts this rank's collectives on it), a send deposits a copy of

@@ -2,7 +2,7 @@
 //! machines, and a machine without NCCL fails with an error naming the library, never a
 //! panic or a link error.
 //!
-//! - The library is opened once ([`lib`]: `libnccl.so.2`, which pip's nvidia-nccl-cu1x
+//! - The library is opened once (`lib`: `libnccl.so.2`, which pip's nvidia-nccl-cu1x
 //!   installs, then `libnccl.so`) and the entry points used here are resolved into a
 //!   table of function pointers; the C types are declared here (a handful: the 128-byte
 //!   unique id, opaque communicator pointers, `int` results). NCCL 2.18 or later is
@@ -10,12 +10,12 @@
 //!   look for `libnccl.so.2` and its split is gated off for CUDA 13.
 //! - Every call's result is checked; an error names the call, NCCL's string for the
 //!   code, and NCCL's last error message when it has one.
-//! - One thread makes every rank's communicator ([`world`], [`split`]): the ranks'
+//! - One thread makes every rank's communicator (`world`, `split`): the ranks'
 //!   calls are queued in one NCCL group, each with its GPU's context current (NCCL takes
 //!   the rank's device from the current context), and run together at `ncclGroupEnd`.
 //! - Buffers are moved as bytes (`ncclUint8`): the engine's collectives are copies (an
 //!   all-gather, sends, receives), never reductions, so the element type does not matter.
-//! - A handle ([`NcclComm`]) keeps its GPU's context alive (NCCL's resources live in the
+//! - A handle (`NcclComm`) keeps its GPU's context alive (NCCL's resources live in the
 //!   primary context) and is destroyed on drop.
 
 use super::{split_members, CollOp, Communicator, Kind};
