@@ -107,7 +107,7 @@ impl DeviceKind {
         exchange: Exchange,
         graphs: Option<&Arc<GraphStats>>,
     ) -> Result<Option<DeviceCompute>> {
-        let Some(dev) = self.open_copy(gpu)? else {
+        let Some(dev) = self.open_handle(gpu)? else {
             return Ok(None);
         };
         let dc = DeviceCompute::new(dev, cfg.clone())?.with_exchange(exchange);
@@ -121,7 +121,7 @@ impl DeviceKind {
     /// A handle of its own on GPU `gpu` (`None` on the CPU): each worker's compute
     /// thread has one, and its copy thread another (on CUDA a second stream, so reshard
     /// copies overlap the compute stream's steps).
-    fn open_copy(self, gpu: DeviceId) -> Result<Option<Box<dyn Device>>> {
+    fn open_handle(self, gpu: DeviceId) -> Result<Option<Box<dyn Device>>> {
         Ok(match self {
             DeviceKind::Cpu => None,
             DeviceKind::Emulated => Some(Box::new(EmuDevice::on_gpu(gpu.0))),
@@ -469,7 +469,7 @@ impl Pool {
                     .ok_or_else(|| Error::Comm("endpoint taken".into()))?,
                 geom,
                 ctrl: ctrl.clone(),
-                dev: device.open_copy(devices.device(WorkerId(w)))?,
+                dev: device.open_handle(devices.device(WorkerId(w)))?,
                 exchange,
                 coll: coll.as_ref().map(|c| c.book().clone()),
             };

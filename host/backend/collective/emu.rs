@@ -577,7 +577,7 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::device::{download_vec, upload_new, Device};
+    use crate::backend::device::{download_vec, upload_new, Buf, Device};
 
     /// `n` pseudo-random words from `seed` (xorshift64).
     fn random(seed: u64, n: usize) -> Vec<u32> {
@@ -612,6 +612,26 @@ mod tests {
     }
 
     /// Runs `f(rank, handle)` for every handle, each on its own thread.
+    /// Sends the first 128 bytes of `buf` to `peer`.
+    fn send128(buf: &Buf, peer: usize) -> CollOp<'_> {
+        CollOp::Send {
+            buf,
+            off: 0,
+            bytes: 128,
+            peer,
+        }
+    }
+
+    /// Receives 128 bytes from `peer` into the start of `buf`.
+    fn recv128(buf: &Buf, peer: usize) -> CollOp<'_> {
+        CollOp::Recv {
+            buf,
+            off: 0,
+            bytes: 128,
+            peer,
+        }
+    }
+
     fn on_threads<R: Send>(
         comms: &[Communicator],
         f: impl Fn(usize, &Communicator) -> R + Sync,
@@ -742,18 +762,8 @@ mod tests {
             let other = 1 - r;
             let src = upload_new(&dev, &random(r as u64, 32)).unwrap();
             let dst = dev.alloc(128).unwrap();
-            let send = CollOp::Send {
-                buf: &src,
-                off: 0,
-                bytes: 128,
-                peer: other,
-            };
-            let recv = CollOp::Recv {
-                buf: &dst,
-                off: 0,
-                bytes: 128,
-                peer: other,
-            };
+            let send = send128(&src, other);
+            let recv = recv128(&dst, other);
             c.queue(&dev, &[send]).unwrap();
             c.queue(&dev, &[recv]).unwrap();
             dev.synchronize().unwrap_err().to_string()
@@ -773,18 +783,8 @@ mod tests {
             let other = 1 - r;
             let src = upload_new(&dev, &data(r)).unwrap();
             let dst = dev.alloc(128).unwrap();
-            let send = CollOp::Send {
-                buf: &src,
-                off: 0,
-                bytes: 128,
-                peer: other,
-            };
-            let recv = CollOp::Recv {
-                buf: &dst,
-                off: 0,
-                bytes: 128,
-                peer: other,
-            };
+            let send = send128(&src, other);
+            let recv = recv128(&dst, other);
             let order = if r == 0 { [send, recv] } else { [recv, send] };
             for op in order {
                 c.queue(&dev, &[op]).unwrap();
@@ -895,12 +895,7 @@ mod tests {
             let sender = s.spawn(move || {
                 let dev = EmuDevice::new();
                 let src = upload_new(&dev, data0).unwrap();
-                let send = CollOp::Send {
-                    buf: &src,
-                    off: 0,
-                    bytes: 128,
-                    peer: 1,
-                };
+                let send = send128(&src, 1);
                 c0.queue(&dev, &[send]).unwrap();
                 queued_tx.send(()).unwrap();
                 // This host synchronizes only after the receiver is done.
@@ -909,12 +904,7 @@ mod tests {
             });
             let dev = EmuDevice::new();
             let dst = dev.alloc(128).unwrap();
-            let recv = CollOp::Recv {
-                buf: &dst,
-                off: 0,
-                bytes: 128,
-                peer: 0,
-            };
+            let recv = recv128(&dst, 0);
             queued_rx.recv().unwrap(); // the send is queued, not run
             c1.queue(&dev, &[recv]).unwrap();
             dev.synchronize().unwrap();

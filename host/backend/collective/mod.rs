@@ -159,18 +159,20 @@ impl Communicator {
                 off,
                 bytes,
                 peer,
-            } => {
-                peer_ok(peer)?;
-                check_range(buf, off, bytes, "send")
             }
-            CollOp::Recv {
+            | CollOp::Recv {
                 buf,
                 off,
                 bytes,
                 peer,
             } => {
                 peer_ok(peer)?;
-                check_range(buf, off, bytes, "recv")
+                let what = if matches!(op, CollOp::Send { .. }) {
+                    "send"
+                } else {
+                    "recv"
+                };
+                check_range(buf, off, bytes, what)
             }
         }
     }
