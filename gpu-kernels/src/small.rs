@@ -236,14 +236,36 @@ fn better(v: f32, i: u32, bv: f32, bi: u32) -> bool {
 unsafe fn block_argmax<T: Elem>(x: *const T, n: u32, sv: *mut f32, si: *mut u32) -> (f32, u32) {
     let mut bv = f32_from_bits(0xff80_0000); // -inf
     let mut bi = U32_MAX;
+    let bd = block_dim();
     let mut i = thread_idx();
+    // Four loads in flight per thread before the compares (one at a time, a 32k-logit
+    // row on 128 threads waited for 250 load latencies in a row). `better` orders by
+    // (value, index), so the order of the compares does not change the pick.
+    while i < n && 3 * bd < n - i {
+        let v = [
+            (*x.add(i as usize)).to_f32(),
+            (*x.add((i + bd) as usize)).to_f32(),
+            (*x.add((i + 2 * bd) as usize)).to_f32(),
+            (*x.add((i + 3 * bd) as usize)).to_f32(),
+        ];
+        let mut u = 0;
+        while u < 4 {
+            let j = i + u * bd;
+            if better(v[u as usize], j, bv, bi) {
+                bv = v[u as usize];
+                bi = j;
+            }
+            u += 1;
+        }
+        i += 4 * bd;
+    }
     while i < n {
         let v = (*x.add(i as usize)).to_f32();
         if better(v, i, bv, bi) {
             bv = v;
             bi = i;
         }
-        i += block_dim();
+        i += bd;
     }
     let mut m = 16;
     while m > 0 {

@@ -22,8 +22,10 @@ fn rmsnorm_all_types() {
     let mut rng = Rng::new("rmsnorm");
     for _ in 0..3 {
         let rows = rng.range(1, 5);
-        let cols = rng.pick(&[1usize, 7, 64, 129, 333, 1000]);
+        let cols = rng.pick(&[1usize, 7, 64, 129, 333, 1000, 2048, 4099]);
         let eps = 1e-5f32;
+        // The engine launches up to 1024 threads per row (`row_threads`).
+        let bf16_threads = [128u32, 1024][rows % 2];
         let x = rng.vec_f32(rows * cols, 3.0);
         let w = rng.vec_f32(cols, 1.5);
         // bf16
@@ -31,7 +33,7 @@ fn rmsnorm_all_types() {
         let mut ob = to_bf16(&vec![f32::NAN; rows * cols]);
         let ob_p = ob.as_mut_ptr();
         unsafe {
-            launch([rows as u32, 1, 1], 128, || {
+            launch([rows as u32, 1, 1], bf16_threads, || {
                 rmsnorm_bf16(ob_p, xb.as_ptr(), wb.as_ptr(), cols as u32, eps)
             })
         };
@@ -234,47 +236,51 @@ fn elementwise_embedding() {
 #[test]
 fn argmax_ties_lowest() {
     let mut rng = Rng::new("argmax");
-    let rows = rng.range(1, 4);
-    let vocab = rng.range(1, 3000);
-    let mut x: Vec<f32> = (0..rows * vocab)
-        .map(|_| (rng.range(0, 40) as f32) - 20.0)
-        .collect();
-    // plant ties at the max
-    for r in 0..rows {
-        let a = rng.range(0, vocab - 1);
-        let b = rng.range(0, vocab - 1);
-        x[r * vocab + a] = 100.0;
-        x[r * vocab + b] = 100.0;
-    }
-    let xb = to_bf16(&x);
-    let mut out = vec![u32::MAX; rows];
-    let mut vals = vec![f32::NAN; rows];
-    let (out_p, vals_p) = (out.as_mut_ptr(), vals.as_mut_ptr());
-    unsafe {
-        launch([rows as u32, 1, 1], 128, || {
-            argmax_bf16(out_p, vals_p, xb.as_ptr(), vocab as u32)
-        })
-    };
-    for r in 0..rows {
-        let row = &x[r * vocab..][..vocab];
-        let mut best = 0;
-        for i in 0..vocab {
-            if row[i] > row[best] {
-                best = i;
-            }
+    // 128 threads and the engine's 1024 (`row_threads`), rows long enough for the
+    // kernel's four-loads-a-thread loop at either, with a tail.
+    for threads in [128u32, 1024] {
+        let rows = rng.range(1, 4);
+        let vocab = rng.range(1, 9000);
+        let mut x: Vec<f32> = (0..rows * vocab)
+            .map(|_| (rng.range(0, 40) as f32) - 20.0)
+            .collect();
+        // plant ties at the max
+        for r in 0..rows {
+            let a = rng.range(0, vocab - 1);
+            let b = rng.range(0, vocab - 1);
+            x[r * vocab + a] = 100.0;
+            x[r * vocab + b] = 100.0;
         }
-        assert_eq!(out[r] as usize, best, "row {r}");
-        assert_eq!(vals[r], row[best], "row {r}'s value");
+        let xb = to_bf16(&x);
+        let mut out = vec![u32::MAX; rows];
+        let mut vals = vec![f32::NAN; rows];
+        let (out_p, vals_p) = (out.as_mut_ptr(), vals.as_mut_ptr());
+        unsafe {
+            launch([rows as u32, 1, 1], threads, || {
+                argmax_bf16(out_p, vals_p, xb.as_ptr(), vocab as u32)
+            })
+        };
+        for r in 0..rows {
+            let row = &x[r * vocab..][..vocab];
+            let mut best = 0;
+            for i in 0..vocab {
+                if row[i] > row[best] {
+                    best = i;
+                }
+            }
+            assert_eq!(out[r] as usize, best, "row {r} ({threads} threads)");
+            assert_eq!(vals[r], row[best], "row {r}'s value");
+        }
+        // Without `values` (null) only the indices are written.
+        let mut again = vec![u32::MAX; rows];
+        let again_p = again.as_mut_ptr();
+        unsafe {
+            launch([rows as u32, 1, 1], threads, || {
+                argmax_bf16(again_p, std::ptr::null_mut(), xb.as_ptr(), vocab as u32)
+            })
+        };
+        assert_eq!(again, out);
     }
-    // Without `values` (null) only the indices are written.
-    let mut again = vec![u32::MAX; rows];
-    let again_p = again.as_mut_ptr();
-    unsafe {
-        launch([rows as u32, 1, 1], 128, || {
-            argmax_bf16(again_p, std::ptr::null_mut(), xb.as_ptr(), vocab as u32)
-        })
-    };
-    assert_eq!(again, out);
 }
 
 #[test]

@@ -953,23 +953,26 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
         println!("{doc}");
     } else {
         println!(
-            "{:<15} {:>9} {:>10} {:>11} {:>10} {:>10} {:>12} {:>12}",
+            "{:<15} {:>9} {:>10} {:>11} {:>10} {:>10} {:>10} {:>12} {:>12} {:>11}",
             "mode",
             "stall_ms",
             "max_gap_ms",
             "median_step",
+            "step_after",
             "total_ms",
             "floor_ms",
             "bytes_moved",
-            "peak_extra"
+            "peak_extra",
+            "copy_cpu_ms"
         );
         for r in &runs {
             println!(
-                "{:<15} {:>9.1} {:>10.1} {:>11.1} {:>10.1} {:>10.1} {:>12} {:>12} {:>9.1}",
+                "{:<15} {:>9.1} {:>10.1} {:>11.1} {:>10.1} {:>10.1} {:>10.1} {:>12} {:>12} {:>11.1}",
                 r.mode.name(),
                 r.stall_ms,
                 r.max_gap_ms,
                 r.median_step_ms,
+                r.median_step_after_ms,
                 r.total_ms,
                 r.transfer_floor_ms,
                 r.bytes_moved,
@@ -987,14 +990,18 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
             }
         };
         println!(
-            "online max_gap / median_step = {}; stop-the-world stall / online stall = {}; restart max_gap / online max_gap = {}; online total / max(floor, step) = {}",
+            "online max_gap / median_step = {} (/ the slower of the steps before and after = {}); stop-the-world stall / online stall = {}; restart max_gap / online max_gap = {}; online total / max(floor, step) = {}",
             ratio(on.max_gap_ms, on.median_step_ms),
+            ratio(
+                on.max_gap_ms,
+                on.median_step_ms.max(on.median_step_after_ms)
+            ),
             ratio(stw.stall_ms, on.stall_ms),
             ratio(rs.max_gap_ms, on.max_gap_ms),
             ratio(on.total_ms, on.transfer_floor_ms.max(on.median_step_ms))
         );
         println!(
-            "stop-the-world moved {} B in {:.1} ms: {:.2} GB/s = {:.2} x the {bw_source} bandwidth ({:.2} GB/s)",
+            "stop-the-world moved {} B in {:.1} ms: {:.2} GB/s = {:.4} x the {bw_source} bandwidth ({:.2} GB/s)",
             stw.bytes_moved,
             stw.total_ms,
             stw_rate / 1e9,
@@ -1015,6 +1022,7 @@ fn median_metrics(mut v: Vec<SwitchMetrics>) -> SwitchMetrics {
     let stall = med(&v, &|m| m.stall_ms);
     let max_gap = med(&v, &|m| m.max_gap_ms);
     let median_step = med(&v, &|m| m.median_step_ms);
+    let step_after = med(&v, &|m| m.median_step_after_ms);
     let total = med(&v, &|m| m.total_ms);
     let floor = med(&v, &|m| m.transfer_floor_ms);
     let moved = med(&v, &|m| m.bytes_moved as f64) as u64;
@@ -1024,6 +1032,7 @@ fn median_metrics(mut v: Vec<SwitchMetrics>) -> SwitchMetrics {
     let n = v.len();
     let mut m = v.swap_remove(n / 2);
     (m.stall_ms, m.max_gap_ms, m.median_step_ms, m.total_ms) = (stall, max_gap, median_step, total);
+    m.median_step_after_ms = step_after;
     (
         m.transfer_floor_ms,
         m.bytes_moved,

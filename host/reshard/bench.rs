@@ -6,7 +6,10 @@
 //! A token is emitted at the end of every step, so the gaps between step ends are what a
 //! client sees. `median_step_ms` is the median gap before the switch; `max_gap_ms` the
 //! largest gap from the switch request until one step after it completed; `stall_ms` is
-//! `max_gap_ms - median_step_ms`, clamped at 0. The transfer floor is the bytes through
+//! `max_gap_ms - median_step_ms`, clamped at 0. `median_step_after_ms` is the median gap
+//! of the steps after the switch, on the new topology: where that one steps slower (on
+//! one GPU, tp4pp1's four ranks launch more per token than tp2pp2's), a switch that
+//! costs nothing still shows a max gap of about that step. The transfer floor is the bytes through
 //! the busiest worker divided by the single-thread copy bandwidth measured in the same
 //! run (on a GPU, `cuMemcpyDtoD`'s): no switch can move its data faster than its busiest
 //! worker copies it.
@@ -43,6 +46,8 @@ pub struct SwitchMetrics {
     pub stall_ms: f64,
     pub max_gap_ms: f64,
     pub median_step_ms: f64,
+    /// Median gap of the steps after the switch (on the new topology).
+    pub median_step_after_ms: f64,
     pub total_ms: f64,
     pub transfer_floor_ms: f64,
     pub bytes_moved: u64,
@@ -61,6 +66,7 @@ impl SwitchMetrics {
             "stall_ms": self.stall_ms,
             "max_gap_ms": self.max_gap_ms,
             "median_step_ms": self.median_step_ms,
+            "median_step_after_ms": self.median_step_after_ms,
             "total_ms": self.total_ms,
             "transfer_floor_ms": self.transfer_floor_ms,
             "bytes_moved": self.bytes_moved,
@@ -351,6 +357,13 @@ pub fn run_mode(
     // Steady state: decode steps before the switch (the first gap follows the prefill).
     let mut steady: Vec<f64> = gaps[1..switch_at - 1].to_vec();
     let median_step_ms = median(&mut steady);
+    // After it: the steps that follow the one that completed it.
+    let mut after: Vec<f64> = gaps[last_switch_step.min(gaps.len())..].to_vec();
+    let median_step_after_ms = if after.is_empty() {
+        f64::NAN
+    } else {
+        median(&mut after)
+    };
     // Gaps from the last token before the request to one step after completion.
     let hi = (last_switch_step).min(gaps.len());
     let max_gap_ms = gaps[switch_at - 1..hi.max(switch_at)]
@@ -367,6 +380,7 @@ pub fn run_mode(
         stall_ms: (max_gap_ms - median_step_ms).max(0.0),
         max_gap_ms,
         median_step_ms,
+        median_step_after_ms,
         total_ms,
         transfer_floor_ms: floor_ms,
         bytes_moved,

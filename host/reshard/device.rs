@@ -30,6 +30,7 @@ use crate::backend::device::{download_vec, upload_new, Arg, Buf, Device};
 use crate::error::{Error, Result};
 use crate::parallel::Region;
 use crate::runtime::kv_cache::{block_runs, KvGeometry};
+use crate::runtime::trace;
 use half::bf16;
 use std::ops::Range;
 
@@ -124,7 +125,9 @@ pub fn pack_region_buf(dev: &dyn Device, src: &Buf, held: &Region, region: &Regi
         return Err(err(format!("region {region:?} not inside {held:?}")));
     }
     let out = dev.alloc(region.len() * ELEM)?;
+    trace::mark("piece alloc");
     copy_region(dev, &out, region, src, held, region)?;
+    trace::mark("piece pack");
     Ok(out)
 }
 
@@ -351,7 +354,9 @@ pub fn kv_pack_buf(
         return Err(err("an empty KV piece has no buffer"));
     }
     let packed = dev.alloc(n * ELEM)?;
+    trace::mark("piece alloc");
     kv_batch(kv, geom, spans, heads, &packed, true)?.launch(dev)?;
+    trace::mark("kv pack");
     Ok(packed)
 }
 

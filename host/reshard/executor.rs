@@ -66,6 +66,7 @@ use crate::reshard::device;
 use crate::reshard::planner::{Item, ReshardPlan, SegmentPlan, Transfer};
 use crate::runtime::kv_cache::{kv_pack, kv_unpack, KvGeometry, LayerKv};
 use crate::runtime::live_placement::{FlipInfo, LivePlacement};
+use crate::runtime::trace;
 use crate::runtime::worker::{
     segment_tensors, MemMeter, ShardSet, Staged, StagedDevShards, StagedShards, StepPlan, WorkerMem,
 };
@@ -882,7 +883,10 @@ impl CopyWorker {
             return Err(self.err(format!("injected failure while moving {seg}")));
         }
         if let Some(dev) = &self.dev {
-            return self.run_job_device(job, dev.as_ref());
+            trace::begin();
+            let r = self.run_job_device(job, dev.as_ref());
+            trace::end(|| format!("reshard {seg} on {me} (switch {})", job.job));
+            return r;
         }
         let cfg = &*self.cfg;
         let tag = Tag::Reshard(job.job);
@@ -1147,6 +1151,7 @@ impl CopyWorker {
                 }
             }
         }
+        trace::mark("alloc");
         let moved = self.device_transfers(
             job,
             dev,
@@ -1342,7 +1347,9 @@ impl CopyWorker {
                 };
                 // The receiver's stream waits for the packing before it reads.
                 mark_ready(dev, &mut piece)?;
+                trace::mark("piece ready");
                 self.send_piece(t.dst, tag, piece)?;
+                trace::mark("piece sent");
                 continue;
             }
             let data = match t.item {
@@ -1353,6 +1360,7 @@ impl CopyWorker {
             };
             self.comm.send(t.dst.0, tag, data)?;
         }
+        trace::mark("sends");
         for t in p.transfers.iter().filter(|t| t.src == me && t.dst == me) {
             match t.item {
                 Item::Weight(_) if keep => {}
@@ -1378,6 +1386,7 @@ impl CopyWorker {
                 }
             }
         }
+        trace::mark("local");
         // A received bf16 piece (counted in the meter) into the new buffers: unpacked and
         // dropped, or kept as a whole new shard.
         let use_piece =
@@ -1424,6 +1433,7 @@ impl CopyWorker {
                     continue;
                 }
                 let piece = self.recv_piece(t.src, tag)?;
+                trace::mark("piece received");
                 // This stream reads it after the sender's packing (and a piece kept as
                 // a shard is covered for the compute stream by the job's event).
                 if let Err(e) = wait_ready(dev, &piece) {
@@ -1431,6 +1441,7 @@ impl CopyWorker {
                     return Err(e);
                 }
                 use_piece(t, piece, fresh)?;
+                trace::mark("piece used");
                 continue;
             }
             let data = self.recv_host(t.src, tag)?;
@@ -1456,10 +1467,13 @@ impl CopyWorker {
                 }
             }
         }
+        trace::mark("recvs");
         // The compute stream reads these buffers after the flip, ordered by the job's
         // event; this wait (on the copy thread, not the compute thread) reports a fault
         // in the job's kernels as the job's failure, which aborts the switch.
-        dev.synchronize()
+        let synced = dev.synchronize();
+        trace::mark("sync");
+        synced
     }
 }
 

@@ -8,6 +8,7 @@ pub mod kv_cache;
 pub mod live_placement;
 pub mod sampling;
 pub mod scheduler;
+pub mod trace;
 pub mod worker;
 
 pub use engine::{

@@ -25,6 +25,7 @@ use crate::reshard::planner::{Item, Transfer};
 use crate::runtime::kv_cache::{kv_pack, kv_unpack, KvGeometry, LayerKv};
 use crate::runtime::live_placement::{Decision, FlipInfo, LivePlacement};
 use crate::runtime::sampling;
+use crate::runtime::trace;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -582,6 +583,7 @@ impl Worker {
         // after every reply), so this frees their buffers even if no receive from that
         // peer comes again.
         self.comm.drop_steps_before(plan.step);
+        trace::begin();
         if let Some(d) = self.delay.filter(|d| d.step == plan.step) {
             std::thread::sleep(d.delay);
         }
@@ -611,7 +613,9 @@ impl Worker {
                 match &self.device {
                     Some(dc) => {
                         queued = true;
-                        self.flip_device(dc, plan, seg, f)?
+                        trace::mark("before flip");
+                        self.flip_device(dc, plan, seg, f)?;
+                        trace::mark("flip");
                     }
                     None => self.flip(plan, seg, f)?,
                 }
@@ -661,9 +665,12 @@ impl Worker {
         // KV the step wrote is complete before the driver counts it (a copy job's
         // pre-copy reads it on the copy stream). A worker with nothing queued this step
         // (in no group, no flip) skips the call.
+        trace::mark("queued");
         if let (Some(dc), true) = (&self.device, queued) {
             dc.device()?.synchronize()?;
         }
+        trace::mark("sync");
+        trace::end(|| format!("step {} on {}", plan.step, self.id));
         Ok(())
     }
 

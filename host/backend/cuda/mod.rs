@@ -465,7 +465,7 @@ pub struct CudaDevice {
     cc: (i32, i32),
     module: Arc<Module>,
     sync_check: std::sync::atomic::AtomicBool,
-    /// Pinned slots uploads go through: set up by the first upload (`Some(None)`: no
+    /// Pinned slots uploads go through: set up when the handle opens (`Some(None)`: no
     /// pinned memory to be had, uploads go from pageable memory).
     staging: Mutex<Option<Option<Staging>>>,
 }
@@ -552,7 +552,7 @@ impl CudaDevice {
             mark: ctx.new_event(None).map_err(|e| derr("cuEventCreate", e))?,
         });
         let pooled = ctx.has_async_alloc() && register_lane(&ctx, &lane)?;
-        Ok(CudaDevice {
+        let dev = CudaDevice {
             ctx,
             stream,
             lane,
@@ -567,7 +567,15 @@ impl CudaDevice {
             sync_check: std::sync::atomic::AtomicBool::new(
                 std::env::var("REMP_CUDA_SYNC_CHECK").is_ok_and(|v| v == "1"),
             ),
-        })
+        };
+        // The pinned staging now, not at the first upload: pinning host memory is slow
+        // and holds the driver up, and a copy thread's first upload comes during a
+        // switch (a KV piece's descriptors), where the first job took 13-25 ms and
+        // stalled the step beside it to 27 ms (run 6 in docs/gpu-results.md).
+        if let Ok(mut st) = dev.staging.lock() {
+            *st = Some(dev.new_staging());
+        }
+        Ok(dev)
     }
 
     pub fn name(&self) -> &str {

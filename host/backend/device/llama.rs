@@ -53,8 +53,22 @@ use std::sync::{Arc, Mutex};
 
 /// GEMMs with at most this many rows take the weight-streaming decode kernel.
 const DECODE_MAX_M: usize = 64;
-/// Threads per block of the small ops, attention and reshard kernels.
+/// Threads per block of the attention and reshard kernels (and the least of the
+/// one-block-per-row small ops).
 const BLOCK: u32 = 128;
+
+/// Threads per block of a one-block-per-row small op (RMSNorm, RoPE + KV write, row
+/// gather, argmax) with `work` elements in its row, `per_thread` each: a warp multiple
+/// from [`BLOCK`] up to 1024. Their loops issue one load per thread per iteration and
+/// wait for it, so a row of 2048 on 128 threads waited for 16 memory latencies in a row
+/// (RMSNorm took 14.6 µs at hidden 2048, argmax 97 µs over 32k logits: together half
+/// of a 1.1B model's decode step on an H200, run 6 in docs/gpu-results.md); more threads
+/// per row cut those chains. Block-size independent kernels (grid-stride loops, block
+/// reductions over up to 32 warps); small rows keep 128 threads.
+fn row_threads(work: usize, per_thread: usize) -> u32 {
+    let want = work.div_ceil(per_thread.max(1)).next_multiple_of(32);
+    want.clamp(BLOCK as usize, 1024) as u32
+}
 
 fn dev_err(msg: impl Into<String>) -> Error {
     Error::Device(msg.into())
@@ -433,7 +447,12 @@ impl DeviceCompute {
             u(h),
             Arg::F32(self.cfg.rms_norm_eps),
         ];
-        self.launch("rmsnorm_bf16", [rows as u32, 1, 1], BLOCK, &args)
+        self.launch(
+            "rmsnorm_bf16",
+            [rows as u32, 1, 1],
+            row_threads(h, 2),
+            &args,
+        )
     }
 
     /// `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias) (+ residual)`, bf16 or f32 out.
@@ -546,7 +565,7 @@ impl DeviceCompute {
         self.launch(
             "embedding_bf16",
             [inp.tokens as u32, 1, 1],
-            BLOCK,
+            row_threads(h, 2),
             &[
                 Arg::from(&x),
                 Arg::from(s.get(TensorKind::Embed)?),
@@ -671,7 +690,7 @@ impl DeviceCompute {
         self.launch(
             "rope_kv_write_bf16",
             rows,
-            BLOCK,
+            row_threads((nq + nkv) * hd / 2, 2),
             &[
                 Arg::from(&q),
                 Arg::from(&k),
@@ -1131,8 +1150,11 @@ impl DeviceCompute {
         args.extend_from_slice(&common);
         args.push(u(split_tokens));
         args.push(scale);
+        // The cp.async-pipelined kernel (same parameters, launch shape and outputs as
+        // `attn_decode_bf16`): 2.03x its bandwidth at batch 32, 4k context on an H200
+        // (run 5 in docs/gpu-results.md).
         self.launch(
-            "attn_decode_bf16",
+            "attn_decode_pipelined_bf16",
             [gx, inp.seqs as u32, splits as u32],
             BLOCK,
             &args,
@@ -1173,7 +1195,7 @@ impl DeviceCompute {
             self.launch(
                 "embedding_bf16",
                 [r as u32, 1, 1],
-                BLOCK,
+                row_threads(h, 2),
                 &[
                     Arg::from(&sel),
                     Arg::from(x),
@@ -1202,7 +1224,7 @@ impl DeviceCompute {
                     self.launch(
                         "argmax_f32",
                         [r as u32, 1, 1],
-                        BLOCK,
+                        row_threads(v_local, 8),
                         &[
                             Arg::from(&picks),
                             Arg::Ptr(picks.at(r * 4)?),
