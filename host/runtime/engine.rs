@@ -830,6 +830,7 @@ impl Engine {
             live: self.pool.live.clone(),
             seqs,
             head,
+            switching: self.pool.ctrl.is_active(),
         });
         let _nvtx = nvtx::range_with(|| {
             let (n, t) = (plan.seqs.len(), plan.num_tokens());
@@ -1232,6 +1233,7 @@ impl Engine {
             live: self.pool.live.clone(),
             seqs,
             head: HeadOutput::Logits,
+            switching: self.pool.ctrl.is_active(),
         })
     }
 

@@ -265,6 +265,8 @@ pub struct StepPlan {
     pub live: Arc<LivePlacement>,
     pub seqs: Vec<SeqWork>,
     pub head: HeadOutput,
+    /// A switch is in flight (graph recorders remember nothing new meanwhile).
+    pub switching: bool,
 }
 
 impl StepPlan {
@@ -584,6 +586,9 @@ impl Worker {
         // peer comes again.
         self.comm.drop_steps_before(plan.step);
         trace::begin();
+        if let Some(dc) = &self.device {
+            dc.freeze_graphs(plan.switching);
+        }
         if let Some(d) = self.delay.filter(|d| d.step == plan.step) {
             std::thread::sleep(d.delay);
         }

@@ -108,6 +108,9 @@ pub struct Recorder {
     stats: std::sync::Arc<GraphStats>,
     /// A build failure was reported on stderr (once per worker).
     warned: bool,
+    /// No new runs remembered or built (a switch is in flight): see
+    /// [`Recorder::set_frozen`].
+    frozen: bool,
 }
 
 /// The recorder's lock. A panic while it was held (a launch that panicked inside a
@@ -162,7 +165,18 @@ impl Recorder {
             capacity: capacity.max(1),
             stats,
             warned: false,
+            frozen: false,
         }
+    }
+
+    /// While a switch is in flight the runs of the segments that flipped are new every
+    /// step or two (new shards, new groups) and are never used again once it is over:
+    /// remembering and building them only costs (run 7: the online switch's max gap
+    /// 19.9 ms with graphs against 16.4 without). Frozen, the recorder still replays the
+    /// graphs it has (segments not moving keep theirs) and launches anything else kernel
+    /// by kernel, remembering nothing.
+    pub fn set_frozen(&mut self, frozen: bool) {
+        self.frozen = frozen;
     }
 
     /// Starts recording a segment (launches are held until the scope finishes).
@@ -215,7 +229,7 @@ impl Recorder {
         match self.runs.get_mut(&key) {
             Some(e) if e.run == run => {
                 e.last_used = self.clock;
-                if e.graph.is_none() && !e.unbuildable {
+                if e.graph.is_none() && !e.unbuildable && !self.frozen {
                     // SAFETY: the run's launches are the ones the caller asked for now
                     // (equal arguments), so the graph is launched under the same
                     // contract as they would have been.
@@ -253,6 +267,7 @@ impl Recorder {
             // A different run with the same hash: launched as is, the remembered one
             // kept.
             Some(_) => self.eager(dev, &run),
+            None if self.frozen => self.eager(dev, &run),
             None => {
                 self.eager(dev, &run)?;
                 if self.runs.len() >= self.capacity {
@@ -361,6 +376,49 @@ mod tests {
     /// Outside a segment launches go straight out; a failed segment's run is dropped,
     /// and so is a panicking one's (the scope's guard); capacity evicts the least
     /// recently used run.
+    /// Frozen (a switch in flight), a built graph still replays, and a new run is
+    /// launched kernel by kernel every time without being remembered or built; thawed,
+    /// it is remembered and built as usual.
+    #[test]
+    fn a_frozen_recorder_replays_but_remembers_nothing() {
+        let dev = EmuDevice::new();
+        let stats = Arc::new(GraphStats::default());
+        let rec = Mutex::new(Recorder::new(8, stats.clone()));
+        let n = 8;
+        let one = upload_new(&dev, &bf(&[1.0; 8])).unwrap();
+        let (x, y) = (
+            upload_new(&dev, &bf(&[0.0; 8])).unwrap(),
+            upload_new(&dev, &bf(&[0.0; 8])).unwrap(),
+        );
+        let go = |out: &Buf| {
+            let s = Recorder::enter(&rec);
+            lock(&rec).record(add(out, out, &one, n));
+            lock(&rec).record(add(out, out, &one, n));
+            s.finish(&dev, true).unwrap();
+        };
+        go(&x);
+        go(&x); // built
+        lock(&rec).set_frozen(true);
+        go(&x); // replayed
+        for _ in 0..3 {
+            go(&y); // new while frozen: eager each time
+        }
+        let c = stats.snapshot();
+        assert_eq!((c.eager_runs, c.built, c.graph_runs), (4, 1, 2), "{c:?}");
+        assert_eq!(lock(&rec).runs.len(), 1, "nothing remembered while frozen");
+        lock(&rec).set_frozen(false);
+        go(&y);
+        go(&y); // remembered, then built
+        let c = stats.snapshot();
+        assert_eq!((c.eager_runs, c.built, c.graph_runs), (5, 2, 3), "{c:?}");
+        let (vx, vy): (Vec<half::bf16>, Vec<half::bf16>) = (
+            download_vec(&dev, &x, n).unwrap(),
+            download_vec(&dev, &y, n).unwrap(),
+        );
+        assert!(vx.iter().all(|&e| e.to_f32() == 6.0), "{vx:?}");
+        assert!(vy.iter().all(|&e| e.to_f32() == 10.0), "{vy:?}");
+    }
+
     #[test]
     fn dropped_runs_and_eviction() {
         let dev = EmuDevice::new();

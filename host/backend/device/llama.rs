@@ -411,6 +411,14 @@ impl DeviceCompute {
         self
     }
 
+    /// Freezes the graph recorder while a switch is in flight (see
+    /// [`Recorder::set_frozen`]); no-op without graphs.
+    pub fn freeze_graphs(&self, frozen: bool) {
+        if let Some(r) = &self.graphs {
+            graph::lock(r).set_frozen(frozen);
+        }
+    }
+
     fn alloc(&self, bytes: usize) -> Result<Buf> {
         self.d()?.alloc(bytes.max(16))
     }
