@@ -10,7 +10,7 @@
 //!   `DEC_COLS` (16) output columns (`_silu`: 8) and its warps split K. Rows that are
 //!   not 16-byte aligned take a scalar path (a warp per two columns, lanes split K,
 //!   shuffles). Launch: block `DEC_BLOCK` (256) or `DEC_BLOCK_WIDE` (512, for shapes
-//!   with fewer than 2 blocks per SM: `dec_block`), grid.x = ceil(N / 16)
+//!   with at most one block per SM: `dec_block`), grid.x = ceil(N / 16)
 //!   (`_silu`: ceil(N / 8)); other block sizes trap.
 //!   **Split-K** for shapes with too few column blocks (`dec_splitk`: ceil(N / 16) <
 //!   2 x SMs and K >= 2048): `gemm_decode_splitk_bf16` runs the same block code on
@@ -182,10 +182,14 @@ pub const DEC_BLOCK: u32 = 256;
 /// column blocks to fill the GPU, see [`dec_block`]. Columns per block do not change.
 pub const DEC_BLOCK_WIDE: u32 = 512;
 /// Decode block size for a launch of `blocks` blocks (grid.x) on a GPU with `sms` SMs:
-/// `DEC_BLOCK_WIDE` when there are fewer than two blocks per SM (e.g. N = 1024: 64
-/// blocks), so the few busy SMs get twice the loads in flight; else `DEC_BLOCK`.
+/// `DEC_BLOCK_WIDE` when every block gets an SM of its own (e.g. N = 1024: 64 blocks),
+/// so the few busy SMs get twice the loads in flight; else `DEC_BLOCK`. A 512-thread
+/// block at the register cap (128) takes a whole SM's 64 K registers, a 256-thread one
+/// half: between one and two blocks per SM the wide blocks ran in two waves, the second
+/// partly empty (N = 2560: 160 blocks, 28 in the second wave on 132 SMs; N = 4096: 1.94
+/// waves in run 5's Nsight Compute), where 256-thread blocks all fit at once.
 pub fn dec_block(blocks: u32, sms: u32) -> u32 {
-    if blocks < 2 * sms {
+    if blocks <= sms {
         DEC_BLOCK_WIDE
     } else {
         DEC_BLOCK

@@ -316,7 +316,7 @@ fn run(profile: bool, no_wgmma: bool) -> Result<()> {
             }
             let wbytes = n * k * 2;
             // gemm::DEC_COLS = 16 columns per block; block per gemm::dec_block: 512
-            // threads (DEC_BLOCK_WIDE) under 2 blocks per SM, else 256 (DEC_BLOCK)
+            // threads (DEC_BLOCK_WIDE) at most one block per SM, else 256 (DEC_BLOCK)
             let grid = [n.div_ceil(16) as u32, 1, 1];
             let block = dec_block(grid[0], sms);
             // (the same launch for the capped kernel and its uncapped build)

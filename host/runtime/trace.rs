@@ -4,7 +4,8 @@
 //!
 //! `trace <what>: at <ms since the first span> ms, <label> +<ms>, <label> +<ms>, ...`
 //!
-//! where each `+ms` is the wall time since the previous mark of that span. Marks are kept
+//! where each `+ms` is the wall time since the previous mark of that span, followed by
+//! `label Σ<ms>/<calls>` for work timed many times a span ([`timed`]). Marks are kept
 //! per thread (a span never crosses threads), so the calls cost nothing to pass around;
 //! without the variable every call is one relaxed load.
 
@@ -32,6 +33,31 @@ pub fn on() -> bool {
 
 thread_local! {
     static MARKS: RefCell<Vec<(&'static str, Instant)>> = const { RefCell::new(Vec::new()) };
+    /// Time summed per label inside the span ([`timed`]), in first-seen order.
+    static SUMS: RefCell<Vec<(&'static str, f64, u32)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f`, adding its wall time to label `label` of this thread's span (printed after
+/// the marks as `label Σ<ms>/<calls>`): for work repeated many times a span, e.g. the
+/// waits for peers in a step's exchanges.
+pub fn timed<T>(label: &'static str, f: impl FnOnce() -> T) -> T {
+    if !on() {
+        return f();
+    }
+    let t = Instant::now();
+    let r = f();
+    let dt = t.elapsed().as_secs_f64() * 1e3;
+    SUMS.with(|s| {
+        let mut s = s.borrow_mut();
+        match s.iter_mut().find(|e| e.0 == label) {
+            Some(e) => {
+                e.1 += dt;
+                e.2 += 1;
+            }
+            None => s.push((label, dt, 1)),
+        }
+    });
+    r
 }
 
 /// Starts this thread's span (drops an unfinished one).
@@ -42,6 +68,7 @@ pub fn begin() {
             m.clear();
             m.push(("start", Instant::now()));
         });
+        SUMS.with(|s| s.borrow_mut().clear());
     }
 }
 
@@ -74,5 +101,8 @@ pub fn end(what: impl FnOnce() -> String) {
         .last()
         .map_or(0.0, |l| l.1.duration_since(t0).as_secs_f64() * 1e3);
     let _ = write!(line, " (total {total:.3} ms)");
+    for (label, ms, n) in SUMS.with(|s| std::mem::take(&mut *s.borrow_mut())) {
+        let _ = write!(line, ", {label} Σ{ms:.3}/{n}");
+    }
     eprintln!("{line}");
 }

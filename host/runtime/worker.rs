@@ -626,7 +626,9 @@ impl Worker {
                 }
             }
             if let Some(p) = &prev {
-                self.handoff((&p.group, &d.group), plan.step, &mut h, hidden_len)?;
+                trace::timed("hand-off", || {
+                    self.handoff((&p.group, &d.group), plan.step, &mut h, hidden_len)
+                })?;
             }
             let g = &d.group;
             if let (Some(_), true, 0) = (&self.device, g.contains(self.id), hidden_len) {

@@ -43,6 +43,7 @@ use crate::parallel::shard::HeadShard;
 use crate::parallel::{Group, LayerId, Segment, TensorKind, WorkerId};
 use crate::runtime::kv_cache::KvGeometry;
 use crate::runtime::sampling;
+use crate::runtime::trace;
 use crate::runtime::worker::{segment_tensors, HeadOutput, StepPlan};
 use crate::{Error, Result};
 use half::bf16;
@@ -350,6 +351,10 @@ impl DeviceCompute {
 
     /// Launches a kernel, or records it while a segment is being recorded for graphs.
     fn launch(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
+        trace::timed("launch", || self.launch_now(name, grid, block, args))
+    }
+
+    fn launch_now(&self, name: &str, grid: [u32; 3], block: u32, args: &[Arg]) -> Result<()> {
         if let Some(r) = &self.graphs {
             let l = Launch {
                 name: name.to_string(),
@@ -945,13 +950,16 @@ impl DeviceCompute {
         mut each: impl FnMut(usize, &Buf) -> Result<()>,
     ) -> Result<()> {
         let mut outgoing = Vec::new();
-        for (j, peer) in g.workers().iter().enumerate() {
-            if j != idx {
-                let b = self.alloc(bytes)?;
-                self.d()?.copy(&b, 0, src, off, bytes)?;
-                outgoing.push((*peer, b));
+        trace::timed("exchange send", || -> Result<()> {
+            for (j, peer) in g.workers().iter().enumerate() {
+                if j != idx {
+                    let b = self.alloc(bytes)?;
+                    self.d()?.copy(&b, 0, src, off, bytes)?;
+                    outgoing.push((*peer, b));
+                }
             }
-        }
+            Ok(())
+        })?;
         // One event after all the copies: a peer's stream waits for it before reading.
         let ready = self.d()?.record()?;
         for (peer, mut b) in outgoing {
@@ -960,7 +968,9 @@ impl DeviceCompute {
         }
         for (j, peer) in g.workers().iter().enumerate() {
             if j != idx {
-                let b = comm.recv_buf(peer.0, Tag::AllReduce(step))?;
+                let b = trace::timed("exchange wait", || {
+                    comm.recv_buf(peer.0, Tag::AllReduce(step))
+                })?;
                 if b.len() < bytes {
                     return Err(dev_err(format!(
                         "exchange from {peer}: {} B, expected {bytes}",
