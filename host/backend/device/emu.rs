@@ -2,8 +2,9 @@
 //! launch runs the host build of the kernel under `remp_gpu_kernels::prims::emu`.
 //!
 //! Kernels are found by name in one table ([`EMULATED`]) that lists each kernel's
-//! parameters; a unit test checks it against the kernel names of the PTX module, so
-//! the emulator and the GPU always offer the same kernels. Arguments are converted to
+//! parameters; a unit test checks it against the kernel names of the sm_90a PTX module
+//! (the portable kernels and the wgmma GEMMs), so the emulator offers what an H100 /
+//! H200 does. Arguments are converted to
 //! the kernel's parameter types by inference ([`FromArg`]); a wrong count or kind is an
 //! error, and a kernel that traps (a panic on the host) fails its launch with
 //! [`Error::Device`] instead of taking the worker down.
@@ -392,7 +393,7 @@ fn next_arg<'a, T: FromArg>(
 /// `module::kernel(parameter names);` builds [`EMULATED`] and the dispatcher.
 macro_rules! emulated {
     ($($m:ident :: $name:ident ( $($a:ident)* );)*) => {
-        /// Every kernel the emulator runs (the same set as the PTX module).
+        /// Every kernel the emulator runs (the same set as the sm_90a PTX module).
         pub const EMULATED: &[&str] = &[$(stringify!($name)),*];
 
         /// Kernel `name` with `args` converted, ready to run; `None` when no such kernel.
@@ -467,6 +468,9 @@ emulated! {
     gemm::gemm_mma_wide_bf16(y x w bias residual m n k ldx ldy);
     gemm::gemm_mma_wide_bf16_f32out(y x w bias residual m n k ldx ldy);
     gemm::gemm_mma_wide_silu_bf16(y x w_gate w_up m n k ldx ldy);
+    gemm_wgmma::gemm_wgmma_bf16(y x w bias residual m n k ldx ldy);
+    gemm_wgmma::gemm_wgmma_bf16_f32out(y x w bias residual m n k ldx ldy);
+    gemm_wgmma::gemm_wgmma_silu_bf16(y x w_gate w_up m n k ldx ldy);
     attention::attn_decode_bf16(out o_part ml_part q k_cache v_cache block_tables ctx_lens
         q_heads kv_heads head_dim block_size max_blocks q_stride split_tokens scale);
     attention::attn_decode_combine_bf16(out o_part ml_part ctx_lens q_heads head_dim splits split_tokens);
@@ -597,6 +601,11 @@ impl Device for EmuDevice {
         // one after another.
         4
     }
+    fn has_kernel(&self, name: &str) -> bool {
+        // The sm_90a module's kernels, the wgmma GEMMs included: the engine on the
+        // emulator takes the paths it takes on an H100 / H200.
+        EMULATED.contains(&name)
+    }
     unsafe fn build_graph(&self, run: &[Launch]) -> Result<Option<Graph>> {
         // Checked when built, as cuGraphAddKernelNode checks a node: a known kernel and
         // a shape CUDA accepts.
@@ -632,10 +641,7 @@ mod tests {
 
     #[test]
     fn emulator_offers_exactly_the_ptx_kernels() {
-        let mut listed: Vec<&str> = crate::kernels::FAMILIES
-            .iter()
-            .flat_map(|(_, names)| names.iter().copied())
-            .collect();
+        let mut listed: Vec<&str> = crate::kernels::names(crate::kernels::Arch::Sm90a).collect();
         let mut emulated = EMULATED.to_vec();
         listed.sort_unstable();
         emulated.sort_unstable();

@@ -492,6 +492,9 @@ mod tests {
         fn sm_count(&self) -> u32 {
             self.0.sm_count()
         }
+        fn has_kernel(&self, name: &str) -> bool {
+            self.0.has_kernel(name)
+        }
         unsafe fn build_graph(&self, _: &[Launch]) -> Result<Option<Graph>> {
             Err(crate::Error::Device("out of memory (test)".into()))
         }

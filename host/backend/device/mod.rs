@@ -253,6 +253,12 @@ pub trait Device: Send + Sync {
     fn wait(&self, e: &Event) -> Result<()>;
     /// Multiprocessors, for launch shapes that size the grid to the device.
     fn sm_count(&self) -> u32;
+    /// Whether kernel `name` can be launched here. By default the kernels every module
+    /// has ([`crate::kernels::FAMILIES`]); a CUDA device answers for the module it
+    /// loaded (the sm_90a one adds the wgmma GEMMs), the emulator for all of them.
+    fn has_kernel(&self, name: &str) -> bool {
+        crate::kernels::names(crate::kernels::Arch::Sm90).any(|n| n == name)
+    }
     /// Builds `run` into one replayable [`Graph`], each launch after the previous one;
     /// `Ok(None)` where this handle does not build graphs (the caller then launches
     /// the run kernel by kernel).
