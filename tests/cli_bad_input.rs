@@ -744,7 +744,8 @@ fn emulated_device_generates_the_oracle_tokens() {
             .filter_map(Value::as_u64)
             .collect();
         assert_eq!(got, want, "--graphs {graphs}");
-        // (JSON `graphs` only with --graphs: runs were replayed by the third token.)
+        // (JSON `graphs` only with --graphs: graphs are not emu's default. Runs were
+        // replayed by the third token.)
         let replayed = v["graphs"]["graph_runs"].as_u64();
         assert_eq!(replayed.is_some(), graphs, "{v}");
         assert!(replayed.unwrap_or(1) > 0, "{v}");
@@ -762,6 +763,25 @@ fn graphs_need_a_device() {
         &["--graphs", "--device"],
     );
     expect_bad(&["bench-reconfig", "--graphs"], &["--graphs", "--device"]);
+    // --no-graphs is what the CPU does anyway; with --graphs it is a usage error.
+    let r = expect_ok(&[
+        "generate",
+        "--prompt-ids",
+        "1,2",
+        "--max-new-tokens",
+        "2",
+        "--no-graphs",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    for cmd in ["generate", "bench-decode", "bench-reconfig"] {
+        let r = remp(&[cmd, "--graphs", "--no-graphs"]);
+        assert_eq!(r.code, Some(2), "{cmd}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("--graphs") && r.stderr.contains("--no-graphs"),
+            "{cmd}: {}",
+            r.stderr
+        );
+    }
 }
 
 /// `bench-reconfig --json` on remp-tiny: one object with the three modes, each having

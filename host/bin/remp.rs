@@ -71,9 +71,13 @@ struct BenchDecodeArgs {
     #[arg(long)]
     exchange: Option<String>,
     /// Record each segment's kernel launches and replay repeated runs as graphs
-    /// (CUDA graphs on a GPU): fewer launch calls per step. Needs --device cuda or emu.
+    /// (CUDA graphs on a GPU): fewer launch calls per step. The default with --device
+    /// cuda; with emu only when asked; an error with cpu.
     #[arg(long)]
     graphs: bool,
+    /// Launch every kernel one by one (cuda's default is --graphs).
+    #[arg(long, conflicts_with = "graphs")]
+    no_graphs: bool,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -138,9 +142,13 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     gpus: usize,
     /// Record each segment's kernel launches and replay repeated runs as graphs
-    /// (CUDA graphs on a GPU): fewer launch calls per step. Needs --device cuda or emu.
+    /// (CUDA graphs on a GPU): fewer launch calls per step. The default with --device
+    /// cuda; with emu only when asked; an error with cpu.
     #[arg(long)]
     graphs: bool,
+    /// Launch every kernel one by one (cuda's default is --graphs).
+    #[arg(long, conflicts_with = "graphs")]
+    no_graphs: bool,
 }
 
 #[derive(clap::Args)]
@@ -198,9 +206,13 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     gpus: usize,
     /// Record each segment's kernel launches and replay repeated runs as graphs
-    /// (CUDA graphs on a GPU): fewer launch calls per step. Needs --device cuda or emu.
+    /// (CUDA graphs on a GPU): fewer launch calls per step. The default with --device
+    /// cuda; with emu only when asked; an error with cpu.
     #[arg(long)]
     graphs: bool,
+    /// Launch every kernel one by one (cuda's default is --graphs).
+    #[arg(long, conflicts_with = "graphs")]
+    no_graphs: bool,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -424,7 +436,7 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
         .collect::<Result<_>>()?;
     let mut econf = EngineConfig::new(topo);
     econf.device = device;
-    econf.graphs = check_graphs(a.graphs, device)?;
+    econf.graphs = check_graphs(a.graphs, a.no_graphs, device)?;
     econf.gpus = check_gpus(a.gpus, device)?;
     let graphs = econf.graphs;
     // Today's default (EngineConfig's 512) on cpu and emu; from free memory on cuda.
@@ -736,14 +748,16 @@ fn check_gpu_per_worker(gpus: usize, workers: usize) -> Result<()> {
     Ok(())
 }
 
-/// `--graphs` is for the device kernel path: an error with the CPU backend.
-fn check_graphs(graphs: bool, device: DeviceKind) -> Result<bool> {
+/// Whether graphs are on: `--graphs` / `--no-graphs`, else the device's default
+/// ([`DeviceKind::graphs_by_default`]). `--graphs` is for the device kernel path: an
+/// error with the CPU backend.
+fn check_graphs(graphs: bool, no_graphs: bool, device: DeviceKind) -> Result<bool> {
     if graphs && device == DeviceKind::Cpu {
         return Err(Error::Request(
             "--graphs replays device kernel launches: it needs --device cuda or emu".into(),
         ));
     }
-    Ok(graphs)
+    Ok(graphs || (!no_graphs && device.graphs_by_default()))
 }
 
 /// "loaded DIR" on stderr (not with --json): printed only once every input check passed,
@@ -760,7 +774,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let device = check_device(&a.device)?;
     let topo = Topology::new(a.tp, a.pp);
     let mut bc = DecodeBenchConfig::new(topo, device);
-    bc.graphs = check_graphs(a.graphs, device)?;
+    bc.graphs = check_graphs(a.graphs, a.no_graphs, device)?;
     bc.batch = a.batch;
     bc.steps = a.steps;
     bc.exchange = match a.exchange.as_deref() {
@@ -886,7 +900,7 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
     bc.requests = a.requests;
     bc.window = a.window;
     bc.device = device;
-    bc.graphs = check_graphs(a.graphs, device)?;
+    bc.graphs = check_graphs(a.graphs, a.no_graphs, device)?;
     bc.gpus = check_gpus(a.gpus, device)?;
     check_gpu_per_worker(bc.gpus, from.world_size().max(to.world_size()))?;
     bc.validate()?;

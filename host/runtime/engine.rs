@@ -68,8 +68,10 @@ pub struct EngineConfig {
     /// are emulated too (each worker's memory is its own either way).
     pub gpus: usize,
     /// Device workers record each segment's launches and replay repeated runs as
-    /// graphs (CUDA graphs on a GPU; see [`crate::backend::device::graph`]). Off by
-    /// default until a GPU run shows where it pays; ignored on the CPU.
+    /// graphs (CUDA graphs on a GPU; see [`crate::backend::device::graph`]); ignored on
+    /// the CPU. Off in [`EngineConfig::new`] (whose device is the CPU): set it with the
+    /// device, [`DeviceKind::graphs_by_default`] says what the `remp` CLI does (on for
+    /// CUDA).
     pub graphs: bool,
     /// Test hook: one worker runs one step late (see [`StepDelay`]).
     #[doc(hidden)] // test hook, not part of the serving API
@@ -90,6 +92,16 @@ pub enum DeviceKind {
 }
 
 impl DeviceKind {
+    /// Whether [`EngineConfig::graphs`] should be on for this device unless asked
+    /// otherwise: on CUDA, yes. On an H200 (docs/gpu-results.md, run 8) graphs cut the
+    /// 1.1B decode step 10% at batch 1 and 16 on one rank and 31% on tp2pp2, and an
+    /// online switch's largest gap stayed the same (17.8 ms against 17.6; the
+    /// recorder builds nothing while a switch is in flight). On the emulator replays
+    /// save nothing (launches are function calls) and on the CPU there are none.
+    pub fn graphs_by_default(self) -> bool {
+        self == DeviceKind::Cuda
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             DeviceKind::Cpu => "cpu",
