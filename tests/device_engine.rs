@@ -49,6 +49,34 @@ fn engine(dev: DeviceKind, tp: usize, pp: usize) -> (Engine, usize) {
     (Engine::new(&model, ec).unwrap(), vocab)
 }
 
+/// Four greedy tokens of `prompt` on tp2pp1 (`kv_blocks` blocks a layer) with every
+/// step's logits: (the logits rows of each step, the tokens).
+fn greedy_tp2_with_logits(
+    model: &remp::model::Model,
+    dev: DeviceKind,
+    prompt: &[u32],
+    kv_blocks: usize,
+) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let mut ec = EngineConfig::new(Topology::new(2, 1));
+    ec.device = dev;
+    ec.kv_blocks = kv_blocks;
+    let mut engine = Engine::new(model, ec).unwrap();
+    let mut req = Request::greedy(prompt.to_vec(), 4);
+    req.ignore_eos = true;
+    req.return_logits = true;
+    let id = engine.add_request(req).unwrap();
+    let mut rows = Vec::new();
+    for ev in engine.run_to_completion().unwrap() {
+        if let Event::Token {
+            logits: Some(l), ..
+        } = ev
+        {
+            rows.push(l);
+        }
+    }
+    (rows, engine.output(id).unwrap().output.clone())
+}
+
 /// Oracle logits margin (top1 - top2) of one row, and its top1 value.
 fn margin(row: &[f32]) -> (f32, f32) {
     let mut v = row.to_vec();
@@ -274,28 +302,8 @@ on_devices! {
         let vocab = model.config.vocab_size;
         let case = &oracle()[3];
         let prompt: Vec<u32> = case.tokens.iter().cycle().take(296).copied().collect();
-        let run = |d: DeviceKind| {
-            let mut ec = EngineConfig::new(Topology::new(2, 1));
-            ec.device = d;
-            ec.kv_blocks = 32;
-            let mut engine = Engine::new(&model, ec).unwrap();
-            let mut req = Request::greedy(prompt.clone(), 4);
-            req.ignore_eos = true;
-            req.return_logits = true;
-            let id = engine.add_request(req).unwrap();
-            let mut rows = Vec::new();
-            for ev in engine.run_to_completion().unwrap() {
-                if let Event::Token {
-                    logits: Some(l), ..
-                } = ev
-                {
-                    rows.push(l);
-                }
-            }
-            (rows, engine.output(id).unwrap().output.clone())
-        };
-        let (dev_rows, dev_tokens) = run(dev);
-        let (cpu_rows, cpu_tokens) = run(DeviceKind::Cpu);
+        let (dev_rows, dev_tokens) = greedy_tp2_with_logits(&model, dev, &prompt, 32);
+        let (cpu_rows, cpu_tokens) = greedy_tp2_with_logits(&model, DeviceKind::Cpu, &prompt, 32);
         assert_eq!(dev_rows.len(), 4);
         // Row i's logits choose token i; rows after the prefill's are decode steps at
         // positions 296.. . Compared while the tokens agree (as in `greedy`).
@@ -327,28 +335,8 @@ on_devices! {
         let model = remp::model::Model::random("random head_dim 64", cfg, 11);
         let vocab = model.config.vocab_size;
         let prompt: Vec<u32> = (0..100u32).map(|i| (i * 37 + 5) % vocab as u32).collect();
-        let run = |d: DeviceKind| {
-            let mut ec = EngineConfig::new(Topology::new(2, 1));
-            ec.device = d;
-            ec.kv_blocks = 16;
-            let mut engine = Engine::new(&model, ec).unwrap();
-            let mut req = Request::greedy(prompt.clone(), 4);
-            req.ignore_eos = true;
-            req.return_logits = true;
-            let id = engine.add_request(req).unwrap();
-            let mut rows = Vec::new();
-            for ev in engine.run_to_completion().unwrap() {
-                if let Event::Token {
-                    logits: Some(l), ..
-                } = ev
-                {
-                    rows.push(l);
-                }
-            }
-            (rows, engine.output(id).unwrap().output.clone())
-        };
-        let (dev_rows, dev_tokens) = run(dev);
-        let (cpu_rows, cpu_tokens) = run(DeviceKind::Cpu);
+        let (dev_rows, dev_tokens) = greedy_tp2_with_logits(&model, dev, &prompt, 16);
+        let (cpu_rows, cpu_tokens) = greedy_tp2_with_logits(&model, DeviceKind::Cpu, &prompt, 16);
         assert_eq!(dev_rows.len(), 4);
         // The prefill's row holds every prompt position: each within tolerance.
         // This random model's logits reach ~40 (remp-tiny's stay near 10): bf16 (2^-9

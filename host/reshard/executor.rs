@@ -545,15 +545,23 @@ impl Controller {
         });
     }
 
+    /// A copy thread's part of `job` failed with `e`: the switch will abort, and the
+    /// first failure noted is the reason it reports. The failing thread notes its own
+    /// failure before it tells its peers (`notify_abort`), so their "got an abort"
+    /// errors never stand in for the cause, however the threads are scheduled.
+    pub fn note_failure(&self, job: &SegmentJob, e: &Error) {
+        job.failed.store(true, Ordering::SeqCst);
+        if let Ok(mut st) = self.st.lock() {
+            if let Some(a) = st.as_mut().filter(|a| a.job == job.job) {
+                a.aborted.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+
     /// A copy thread finished its part of `job`.
     pub fn on_copy_done(&self, job: &Arc<SegmentJob>, result: Result<()>) {
         if let Err(e) = &result {
-            job.failed.store(true, Ordering::SeqCst);
-            if let Ok(mut st) = self.st.lock() {
-                if let Some(a) = st.as_mut().filter(|a| a.job == job.job) {
-                    a.aborted.get_or_insert_with(|| e.to_string());
-                }
-            }
+            self.note_failure(job, e);
         }
         if job.remaining.fetch_sub(1, Ordering::SeqCst) != 1 {
             return;
@@ -749,7 +757,8 @@ impl CopyWorker {
                 CopyCmd::Run(job) => {
                     let t = thread_cpu_us();
                     let r = crate::error::no_panic(|| self.run_job(&job), |m| self.err(m));
-                    if r.is_err() {
+                    if let Err(e) = &r {
+                        self.ctrl.note_failure(&job, e);
                         self.notify_abort(&job);
                         let arrived = job.gated.lock().map_or(true, |g| g.contains(&self.id));
                         if self.coll.is_some() && !arrived {

@@ -94,7 +94,7 @@ pub enum DeviceKind {
 impl DeviceKind {
     /// Whether [`EngineConfig::graphs`] should be on for this device unless asked
     /// otherwise: on CUDA, yes. On an H200 (docs/gpu-results.md, run 8) graphs cut the
-    /// 1.1B decode step 10% at batch 1 and 16 on one rank and 31% on tp2pp2, and an
+    /// 1.1B decode step 8-10% at batch 1 and 16 on one rank and 31% on tp2pp2, and an
     /// online switch's largest gap stayed the same (17.8 ms against 17.6; the
     /// recorder builds nothing while a switch is in flight). On the emulator replays
     /// save nothing (launches are function calls) and on the CPU there are none.
