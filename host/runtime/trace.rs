@@ -85,24 +85,49 @@ pub fn end(what: impl FnOnce() -> String) {
         return;
     }
     let marks = MARKS.with(|m| std::mem::take(&mut *m.borrow_mut()));
-    let Some(&(_, t0)) = marks.first() else {
-        return;
-    };
-    let mut line = format!(
-        "trace {}: at {:.3} ms",
-        what(),
-        t0.duration_since(epoch()).as_secs_f64() * 1e3
-    );
-    for w in marks.windows(2) {
-        let dt = w[1].1.duration_since(w[0].1).as_secs_f64() * 1e3;
-        let _ = write!(line, ", {} +{dt:.3}", w[1].0);
+    let sums = SUMS.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if let Some(line) = format_span(&what(), epoch(), &marks, &sums) {
+        eprintln!("{line}");
     }
-    let total = marks
-        .last()
-        .map_or(0.0, |l| l.1.duration_since(t0).as_secs_f64() * 1e3);
+}
+
+/// The printed line of one span (`None` without marks): see the module comment.
+fn format_span(
+    what: &str,
+    epoch: Instant,
+    marks: &[(&'static str, Instant)],
+    sums: &[(&'static str, f64, u32)],
+) -> Option<String> {
+    let &(_, t0) = marks.first()?;
+    let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
+    let mut line = format!("trace {what}: at {:.3} ms", ms(epoch, t0));
+    for w in marks.windows(2) {
+        let _ = write!(line, ", {} +{:.3}", w[1].0, ms(w[0].1, w[1].1));
+    }
+    let total = marks.last().map_or(0.0, |l| ms(t0, l.1));
     let _ = write!(line, " (total {total:.3} ms)");
-    for (label, ms, n) in SUMS.with(|s| std::mem::take(&mut *s.borrow_mut())) {
+    for (label, ms, n) in sums {
         let _ = write!(line, ", {label} Σ{ms:.3}/{n}");
     }
-    eprintln!("{line}");
+    Some(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_span_prints_each_phase_since_the_previous_mark_then_the_sums() {
+        let e = Instant::now();
+        let at = |ms: u64| e + Duration::from_millis(ms);
+        let marks = [("start", at(10)), ("alloc", at(12)), ("sync", at(17))];
+        let line = format_span("step 3 on w1", e, &marks, &[("launch", 1.25, 8)]).unwrap();
+        assert_eq!(
+            line,
+            "trace step 3 on w1: at 10.000 ms, alloc +2.000, sync +5.000 (total 7.000 ms), \
+             launch Σ1.250/8"
+        );
+        assert_eq!(format_span("empty", e, &[], &[]), None);
+    }
 }
