@@ -1345,7 +1345,14 @@ macro_rules! rms_case {
         let n1 = concat!(stringify!($rms));
         let n2 = concat!(stringify!($addrms));
         let grid = [rows as u32, 1, 1];
-        $p.gpu(n1, grid, 128, &[B(out), B(x), B(w), U(cols as u32), F(eps)]);
+        // RMSNorm at the engine's block for hidden >= 2048 (`row_threads`: 1024), the
+        // fused add + norm at 128.
+        $p.gpu(
+            n1,
+            grid,
+            1024,
+            &[B(out), B(x), B(w), U(cols as u32), F(eps)],
+        );
         $p.gpu(
             n2,
             grid,
@@ -1360,7 +1367,7 @@ macro_rules! rms_case {
             $p.h::<$T>(res),
         );
         unsafe {
-            emu(grid, 128, || $rms(o, xp, wp, cols as u32, eps));
+            emu(grid, 1024, || $rms(o, xp, wp, cols as u32, eps));
             emu(grid, 128, || $addrms(o2, rp, xp, wp, cols as u32, eps));
         }
         $p.check(&format!("{n1} rows {rows} cols {cols}"), out, $kind, &all);
@@ -1586,7 +1593,8 @@ fn gpu_argmax_top_p() {
     let lf = p.bytes(&rng.f32(rows * vocab, 8.0));
     let (ob, of, vf) = (p.out(rows, 4), p.out(rows, 4), p.out(rows, 4));
     let grid = [rows as u32, 1, 1];
-    // bf16 without values (null), f32 with them (what the engine's LM head uses).
+    // bf16 without values (null) at 128 threads, f32 with them at 1024 (the engine's
+    // LM head: `row_threads` over a vocabulary slice of 8k or more).
     p.gpu(
         "argmax_bf16",
         grid,
@@ -1596,7 +1604,7 @@ fn gpu_argmax_top_p() {
     p.gpu(
         "argmax_f32",
         grid,
-        128,
+        1024,
         &[B(of), B(vf), B(lf), U(vocab as u32)],
     );
     let (obp, ofp, vfp, lbp, lfp) = (
@@ -1610,7 +1618,7 @@ fn gpu_argmax_top_p() {
         emu(grid, 128, || {
             argmax_bf16(obp, std::ptr::null_mut(), lbp, vocab as u32)
         });
-        emu(grid, 128, || argmax_f32(ofp, vfp, lfp, vocab as u32));
+        emu(grid, 1024, || argmax_f32(ofp, vfp, lfp, vocab as u32));
     }
     p.check("argmax_bf16", ob, Kind::Exact(4), &all);
     p.check("argmax_f32", of, Kind::Exact(4), &all);
