@@ -9,10 +9,10 @@
 //! `max_gap_ms - median_step_ms`, clamped at 0. `median_step_after_ms` is the median gap
 //! of the steps after the switch, on the new topology: where that one steps slower (on
 //! one GPU, tp4pp1's four ranks launch more per token than tp2pp2's), a switch that
-//! costs nothing still shows a max gap of about that step. The transfer floor is the bytes through
-//! the busiest worker divided by the single-thread copy bandwidth measured in the same
-//! run (on a GPU, `cuMemcpyDtoD`'s): no switch can move its data faster than its busiest
-//! worker copies it.
+//! costs nothing still shows a max gap of about that step. The transfer floor is the
+//! bytes through the busiest worker divided by the single-thread copy bandwidth measured
+//! in the same run (on a GPU, `cuMemcpyDtoD`'s): no switch can move its data faster than
+//! its busiest worker copies it.
 
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelConfig};
