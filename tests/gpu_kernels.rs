@@ -452,7 +452,8 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: 
     let opt = |o: Option<usize>| o.map(B).unwrap_or(Null);
     let mut args = vec![B(y), B(x), B(w)];
     if silu {
-        args.push(B(w2));
+        // no fused norm here (gpu_decode_gemms_with_fused_norm tests it)
+        args.extend([B(w2), Null, F(0.0)]);
     } else {
         args.extend([opt(b), opt(r)]);
     }
@@ -529,9 +530,19 @@ fn gemm_case(rng: &mut Rng, kernel: &str, g: Gemm, block: u32, bias: bool, res: 
                 "gemm_decode_bf16_f32out" => {
                     gemm_decode_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy)
                 }
-                "gemm_decode_silu_bf16" => {
-                    gemm_decode_silu_bf16(yh as _, xh, wh, w2h, m, n, k, ldx, ldy)
-                }
+                "gemm_decode_silu_bf16" => gemm_decode_silu_bf16(
+                    yh as _,
+                    xh,
+                    wh,
+                    w2h,
+                    std::ptr::null(),
+                    0.0,
+                    m,
+                    n,
+                    k,
+                    ldx,
+                    ldy,
+                ),
                 "gemm_mma_bf16" => gemm_mma_bf16(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy),
                 "gemm_mma_bf16_f32out" => {
                     gemm_mma_bf16_f32out(yh as _, xh, wh, bh, rh, m, n, k, ldx, ldy)
@@ -1700,6 +1711,7 @@ fn gpu_gemm_decode_qkv_equals_three_launches() {
         args.push(Arg::Ptr(x.ptr()));
         args.extend(ws.iter().map(|w| Arg::Ptr(w.ptr())));
         args.extend(bs.iter().map(|b| Arg::Ptr(b.ptr())));
+        args.extend([Arg::Ptr(0), Arg::F32(0.0)]); // no fused norm
         args.push(Arg::U32(m as u32));
         args.extend(ns.iter().map(|&n| Arg::U32(n as u32)));
         args.extend([Arg::U32(k as u32), Arg::U32(k as u32)]);
@@ -1715,6 +1727,107 @@ fn gpu_gemm_decode_qkv_equals_three_launches() {
                 "m {m} k {k} n {ns:?}: matrix {i} has an output left unwritten"
             );
         }
+    }
+}
+
+/// The decode GEMMs with a fused RMSNorm (`gemm_decode_qkv_bf16` and
+/// `gemm_decode_silu_bf16` given the norm weight, as the engine launches them for decode
+/// steps) equal `rmsnorm_bf16` (at the engine's 1024 threads) followed by the same kernel
+/// without the norm, to the bit on the GPU, on activations whose sum of squares adds
+/// exactly in f32 in any order (multiples of 1/4 up to 3): the order of that sum is the
+/// one thing the fusion changes (see gpu-kernels/tests/gemm_norm.rs, which also checks
+/// general activations against f64 under the emulator). TinyLlama's q/k/v and gate/up
+/// shapes at M = 1 and 16, Llama-8B's at M = 1, a ragged small case; every output
+/// written.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_decode_gemms_with_fused_norm() {
+    let mut rng = Rng::new("gpu_decode_gemms_fused_norm");
+    let sms = dev().sm_count().unwrap();
+    let eps = 1e-5f32;
+    let cases: [(usize, usize, [usize; 3], usize); 4] = [
+        (1, 2048, [2048, 256, 256], 5632),
+        (16, 2048, [2048, 256, 256], 5632),
+        (1, 4096, [4096, 1024, 1024], 14336),
+        (5, 1000, [72, 40, 8], 90),
+    ];
+    for (m, k, ns, inter) in cases {
+        let xs: Vec<u16> = (0..m * k)
+            .map(|_| f32_to_bf16((rng.range(0, 24) as f32 - 12.0) / 4.0))
+            .collect();
+        let x = dev().upload(&xs).unwrap();
+        let norm = dev().upload(&rng.bf16(k, 1.5)).unwrap();
+        let up = |rng: &mut Rng, len: usize| dev().upload(&rng.bf16(len, 0.5)).unwrap();
+        let out = |len: usize| dev().alloc_poisoned(len * 2, 0xFF).unwrap();
+        let launch = |name: &str, grid: u32, block: u32, args: &[Arg]| {
+            unsafe { dev().launch(name, [grid, 1, 1], block, args) }
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        // rmsnorm_bf16 into xn, as the engine launched it before the fusion
+        let xn = out(m * k);
+        let rms_args = [
+            Arg::Ptr(xn.ptr()),
+            Arg::Ptr(x.ptr()),
+            Arg::Ptr(norm.ptr()),
+            Arg::U32(k as u32),
+            Arg::F32(eps),
+        ];
+        unsafe { dev().launch("rmsnorm_bf16", [m as u32, 1, 1], 1024, &rms_args) }
+            .unwrap_or_else(|e| panic!("rmsnorm_bf16: {e}"));
+        let check = |what: &str, fused: &DevBuf, unfused: &DevBuf| {
+            let (a, b) = (
+                fused.download::<u8>().unwrap(),
+                unfused.download::<u8>().unwrap(),
+            );
+            assert!(
+                !a.chunks(2).any(|c| c == [0xFF, 0xFF]),
+                "m {m} k {k}: {what}: an output left unwritten"
+            );
+            assert!(
+                a == b,
+                "m {m} k {k}: {what}: fused differs from rmsnorm + GEMM"
+            );
+        };
+
+        // q/k/v: (x, norm) against (xn, no norm)
+        let ws: Vec<DevBuf> = ns.iter().map(|&n| up(&mut rng, n * k)).collect();
+        let bs: Vec<DevBuf> = ns.iter().map(|&n| up(&mut rng, n)).collect();
+        let gx: u32 = ns.iter().map(|&n| (n as u32).div_ceil(DEC_COLS)).sum();
+        let qkv = |src: &DevBuf, norm: u64| {
+            let ys: Vec<DevBuf> = ns.iter().map(|&n| out(m * n)).collect();
+            let mut args: Vec<Arg> = ys.iter().map(|y| Arg::Ptr(y.ptr())).collect();
+            args.push(Arg::Ptr(src.ptr()));
+            args.extend(ws.iter().map(|w| Arg::Ptr(w.ptr())));
+            args.extend(bs.iter().map(|b| Arg::Ptr(b.ptr())));
+            args.extend([Arg::Ptr(norm), Arg::F32(eps), Arg::U32(m as u32)]);
+            args.extend(ns.iter().map(|&n| Arg::U32(n as u32)));
+            args.extend([Arg::U32(k as u32), Arg::U32(k as u32)]);
+            launch("gemm_decode_qkv_bf16", gx, dec_block(gx, sms), &args);
+            ys
+        };
+        let (fused, unfused) = (qkv(&x, norm.ptr()), qkv(&xn, 0));
+        for i in 0..3 {
+            check(&format!("qkv matrix {i}"), &fused[i], &unfused[i]);
+        }
+
+        // gate/up with SiLU·mul
+        let (wg, wu) = (up(&mut rng, inter * k), up(&mut rng, inter * k));
+        let gx = (inter as u32).div_ceil(DEC_COLS / 2);
+        let silu = |src: &DevBuf, norm: u64| {
+            let y = out(m * inter);
+            let mut args = vec![
+                Arg::Ptr(y.ptr()),
+                Arg::Ptr(src.ptr()),
+                Arg::Ptr(wg.ptr()),
+                Arg::Ptr(wu.ptr()),
+                Arg::Ptr(norm),
+                Arg::F32(eps),
+            ];
+            args.extend([m, inter, k, k, inter].map(|v| Arg::U32(v as u32)));
+            launch("gemm_decode_silu_bf16", gx, dec_block(gx, sms), &args);
+            y
+        };
+        check("gate/up", &silu(&x, norm.ptr()), &silu(&xn, 0));
     }
 }
 

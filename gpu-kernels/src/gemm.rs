@@ -18,6 +18,13 @@
 //!   (grid (ceil(N / 16), splits), block `dec_block(grid.x * splits, SMs)`), then
 //!   `gemm_splitk_reduce_bf16` / `_f32out` (grid-stride, block 256, grid
 //!   ceil(M·N / 256)) sums the splits in order and applies the same epilogue.
+//!   **Fused RMSNorm** (`gemm_decode_qkv_bf16` and `gemm_decode_silu_bf16` given a norm
+//!   weight): each block first computes 1 / rms of the 16 x rows of a pass (every
+//!   thread one 16-byte chunk per row in flight, warp then block sums into shared
+//!   memory), then normalizes x chunks in registers as they arrive, with
+//!   `rmsnorm_bf16`'s rounding (`DecNorm`): one kernel fewer per norm, and the
+//!   normalized activations never go through memory. Only the summation order of the
+//!   squares differs from `rmsnorm_bf16`'s.
 //! - **mma** (`gemm_mma_*`, prefill-sized M): tensor cores through
 //!   `mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32`. Block tile 128x128x32, 4 warps in
 //!   2x2 each computing 64x64 (4x8 mma tiles, 128 f32 accumulators per lane), a
@@ -263,6 +270,7 @@ unsafe fn decode_tc(
     m: u32,
     k: u32,
     red: *mut f32,
+    norm: DecNorm,
 ) {
     let lane = lane_id();
     let (g, t) = (lane >> 2, lane & 3);
@@ -270,6 +278,14 @@ unsafe fn decode_tc(
     let warp = warp_id();
     let ra = m0 + g < m;
     let rb = m0 + g + 8 < m;
+    let normed = norm.w as usize != 0;
+    // (uniform per block: rows g + 8 exist only when this pass has more than 8 rows)
+    let any_b = m - m0 > 8;
+    let (ra_inv, rb_inv) = if normed {
+        (*norm.inv.add(g as usize), *norm.inv.add(g as usize + 8))
+    } else {
+        (0.0, 0.0)
+    };
     let w_ok = [g < wrows_ok[0], g < wrows_ok[1]];
     let mut acc = [[0.0f32; 4]; 2];
     let nchunks = div_ceil(k, 32);
@@ -279,6 +295,7 @@ unsafe fn decode_tc(
         let mut wv = [[[0u32; 4]; 2]; 4];
         let mut xa = [[0u32; 4]; 4];
         let mut xb = [[0u32; 4]; 4];
+        let mut nv = [[0u32; 4]; 4];
         unroll!(q in 0..4 => {
             let cq = c + q as u32 * nw;
             let kq = cq * 32 + t * 8;
@@ -287,7 +304,18 @@ unsafe fn decode_tc(
             wv[q][1] = chunk(w[1], wrow[1] + g, ldw, kq, ok && w_ok[1]);
             xa[q] = chunk(x, m0 + g, ldx, kq, ok && ra);
             xb[q] = chunk(x, m0 + g + 8, ldx, kq, ok && rb);
+            nv[q] = chunk(norm.w, 0, 0, kq, ok && normed);
         });
+        // RMSNorm applied to x as it arrives, after all of the iteration's loads are
+        // issued (so none waits behind it); rows past M stay zero (their inv is 0)
+        if normed {
+            unroll!(q in 0..4 => {
+                xa[q] = norm_chunk(xa[q], nv[q], ra_inv);
+                if any_b {
+                    xb[q] = norm_chunk(xb[q], nv[q], rb_inv);
+                }
+            });
+        }
         unroll!(q in 0..4 => {
             unroll!(j in 0..2 => {
                 acc[j] = mma_bf16_16816(acc[j], [xa[q][0], xb[q][0], xa[q][1], xb[q][1]], [wv[q][j][0], wv[q][j][1]]);
@@ -301,6 +329,107 @@ unsafe fn decode_tc(
             *red.add((((warp * 2 + j as u32) * 4 + r as u32) * 32 + lane) as usize) = acc[j][r];
         });
     });
+    sync_threads();
+}
+
+/// RMSNorm fused into a decode GEMM (`gemm_decode_qkv_bf16`, `gemm_decode_silu_bf16`
+/// with a norm weight): x rows are normalized as they are loaded, `rmsnorm_bf16`'s
+/// rounding per element (`bf16(w * bf16(x * inv_rms))`), so the normalized activations
+/// never go through memory and the layer loses a launch per norm. `w` null = x is used as
+/// it is. `inv` (shared memory, 16 floats) holds the current 16-row pass's
+/// `1 / rms` (0 for rows past M), filled by [`decode_norm_rows`].
+struct DecNorm {
+    w: *const u16,
+    eps: f32,
+    inv: *mut f32,
+}
+impl Clone for DecNorm {
+    #[inline(always)]
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl Copy for DecNorm {}
+
+impl DecNorm {
+    const NONE: DecNorm = DecNorm {
+        w: 0 as *const u16,
+        eps: 0.0,
+        inv: 0 as *mut f32,
+    };
+}
+
+/// Shared memory of the fused-norm decode kernels: `dec_smem` (16 KiB) + 16 floats.
+const DEC_NORM_SMEM: usize = 16384 + 64;
+
+/// 8 bf16 of x (`v`, 16 bytes) normalized with `inv` and scaled by the norm weight `w`
+/// (16 bytes), rounded like `rmsnorm_bf16`: `bf16(w * bf16(x * inv))`.
+#[inline(always)]
+fn norm_chunk(v: [u32; 4], w: [u32; 4], inv: f32) -> [u32; 4] {
+    let mut o = [0u32; 4];
+    unroll!(i in 0..4 => {
+        let (x0, x1) = bf16x2_to_f32(v[i]);
+        let (w0, w1) = bf16x2_to_f32(w[i]);
+        let (n0, n1) = bf16x2_to_f32(pack_bf16x2(x0 * inv, x1 * inv));
+        o[i] = pack_bf16x2(w0 * n0, w1 * n1);
+    });
+    o
+}
+
+/// `norm.inv[r] = 1 / rms(x row m0 + r)` for the 16 rows of a pass (0 past M): every
+/// thread sums the squares of its 16-byte chunks of each row (one load per row in flight
+/// at once, K <= 8 x block size per round), warps reduce, and the warps' sums are added
+/// in warp order. `k % 8 == 0` and 16-byte-aligned rows (the vectorised path). Uses `red`
+/// as scratch; ends with a barrier (every thread of the block must call it).
+#[inline(always)]
+unsafe fn decode_norm_rows(
+    x: *const u16,
+    ldx: u32,
+    m0: u32,
+    m: u32,
+    k: u32,
+    red: *mut f32,
+    norm: DecNorm,
+) {
+    let nw = block_dim() / WARP;
+    let (warp, lane) = (warp_id(), lane_id());
+    let mut ss = [0.0f32; 16];
+    let mut c = thread_idx() * 8;
+    while c < k {
+        let mut v = [[0u32; 4]; 16];
+        unroll!(r in 0..16 => {
+            v[r] = chunk(x, m0 + r as u32, ldx, c, m0 + (r as u32) < m);
+        });
+        unroll!(r in 0..16 => {
+            unroll!(i in 0..4 => {
+                let (a, b) = bf16x2_to_f32(v[r][i]);
+                ss[r] = fma(a, a, ss[r]);
+                ss[r] = fma(b, b, ss[r]);
+            });
+        });
+        c += block_dim() * 8;
+    }
+    unroll!(r in 0..16 => {
+        let s = warp_sum(ss[r]);
+        if lane == 0 {
+            *red.add(r * DEC_MAXW as usize + warp as usize) = s;
+        }
+    });
+    sync_threads();
+    let r = thread_idx();
+    if r < 16 {
+        let mut s = 0.0f32;
+        let mut w = 0;
+        while w < nw {
+            s += *red.add((r * DEC_MAXW + w) as usize);
+            w += 1;
+        }
+        *norm.inv.add(r as usize) = if m0 + r < m {
+            rsqrt(s / (k as f32) + norm.eps)
+        } else {
+            0.0
+        };
+    }
     sync_threads();
 }
 
@@ -412,6 +541,7 @@ unsafe fn gemm_decode<O: Elem>(
     part: *mut f32,
     kchunk: u32,
     blk: u32,
+    norm: DecNorm,
 ) {
     check_dec_block();
     // this block's 16 columns: column block `blk` (block_idx_x, or its place in a group)
@@ -430,9 +560,13 @@ unsafe fn gemm_decode<O: Elem>(
         (x as *const u16).add(k0 as usize),
         (w as *const u16).add(k0 as usize),
     );
+    let normed = norm.w as usize != 0;
     if vec_ok {
         let mut m0 = 0;
         while m0 < m {
+            if normed {
+                decode_norm_rows(xs, ldx, m0, m, klen, red, norm);
+            }
             decode_tc(
                 [ws, ws],
                 [nb, nb + 8],
@@ -444,6 +578,7 @@ unsafe fn gemm_decode<O: Elem>(
                 m,
                 klen,
                 red,
+                norm,
             );
             // one output element (tile j, register r, lane l) per thread
             let mut i = thread_idx();
@@ -471,6 +606,9 @@ unsafe fn gemm_decode<O: Elem>(
             m0 += 16;
         }
         return;
+    }
+    if normed {
+        trap(); // the fused norm needs the vectorised path (the host checks)
     }
     // scalar path: warp i < DEC_COLS / 2 owns columns nb + 2i, nb + 2i + 1
     let n0 = nb + warp_id() * 2;
@@ -517,18 +655,23 @@ unsafe fn gemm_decode_silu(
     ldx: u32,
     ldy: u32,
     red: *mut f32,
+    norm: DecNorm,
 ) {
     check_dec_block();
     let x = x as *const u16;
     let nb = block_idx_x() * (DEC_COLS / 2);
     let vec_ok = decode_vec_ok(k, ldx, [x as usize, w_gate as usize, w_up as usize]);
+    let normed = norm.w as usize != 0;
     if vec_ok {
         // tile 0 = gate rows nb..nb+8, tile 1 = up rows of the same columns
         let rows = rows_in(nb, n);
         let ws = [w_gate as *const u16, w_up as *const u16];
         let mut m0 = 0;
         while m0 < m {
-            decode_tc(ws, [nb, nb], [rows, rows], k, x, ldx, m0, m, k, red);
+            if normed {
+                decode_norm_rows(x, ldx, m0, m, k, red, norm);
+            }
+            decode_tc(ws, [nb, nb], [rows, rows], k, x, ldx, m0, m, k, red, norm);
             let mut i = thread_idx();
             while i < 128 {
                 let (l, r) = (i & 31, i >> 5);
@@ -544,6 +687,9 @@ unsafe fn gemm_decode_silu(
             m0 += 16;
         }
         return;
+    }
+    if normed {
+        trap(); // the fused norm needs the vectorised path (the host checks)
     }
     // scalar path: warp i < DEC_COLS / 2 owns column nb + i
     let col = nb + warp_id();
@@ -923,7 +1069,7 @@ kernels! {
     /// Decode GEMM, bf16 out. block `dec_block(grid.x, SMs)` (256 or 512), grid.x = ceil(n / DEC_COLS) = ceil(n / 16).
     pub fn gemm_decode_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
-        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0, block_idx_x());
+        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0, block_idx_x(), DecNorm::NONE);
     }
     /// `gemm_decode_bf16` as ptxas compiles it without a register cap (same code, arguments,
     /// launch and results, to the bit): 64 registers, and ptxas then sinks an iteration's
@@ -931,12 +1077,12 @@ kernels! {
     /// `maxnreg.txt`; the name does not start with `gemm_decode_`, so it is not capped).
     pub fn gemm_decode64_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
-        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0, block_idx_x());
+        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0, block_idx_x(), DecNorm::NONE);
     }
     /// Decode GEMM, f32 out (e.g. logits). block 256 or 512 (`dec_block`), grid.x = ceil(n / 16).
     pub fn gemm_decode_bf16_f32out(y: *mut f32, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
-        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0, block_idx_x());
+        gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0, block_idx_x(), DecNorm::NONE);
     }
     /// Three decode GEMMs on one x in one launch (the q, k and v projections):
     /// `y_i[m, n_i] = x[m, k] · W_iᵀ (+ b_i)`, row stride n_i. The first ceil(n0 / 16) blocks
@@ -945,8 +1091,12 @@ kernels! {
     /// same block size, to the bit (the block size sets how many warps split K, hence the
     /// summation order); two launches fewer per layer. block `dec_block(grid.x, SMs)`,
     /// grid.x = Σ ceil(n_i / 16).
-    pub fn gemm_decode_qkv_bf16(y0: *mut Bf16, y1: *mut Bf16, y2: *mut Bf16, x: *const Bf16, w0: *const Bf16, w1: *const Bf16, w2: *const Bf16, b0: *const Bf16, b1: *const Bf16, b2: *const Bf16, m: u32, n0: u32, n1: u32, n2: u32, k: u32, ldx: u32) {
-        let red = shared_bytes!(dec_smem, 16384) as *mut f32;
+    /// `norm` (the layer's input RMSNorm weight `[k]`) not null: x is the un-normalized
+    /// hidden state and every block normalizes it as it loads it (`DecNorm`; the
+    /// vectorised path only: k % 8 == 0, ldx % 8 == 0, 16-byte-aligned x, else it traps).
+    pub fn gemm_decode_qkv_bf16(y0: *mut Bf16, y1: *mut Bf16, y2: *mut Bf16, x: *const Bf16, w0: *const Bf16, w1: *const Bf16, w2: *const Bf16, b0: *const Bf16, b1: *const Bf16, b2: *const Bf16, norm: *const Bf16, eps: f32, m: u32, n0: u32, n1: u32, n2: u32, k: u32, ldx: u32) {
+        let smem = shared_bytes!(dec_smem, DEC_NORM_SMEM) as *mut f32;
+        let (red, inv) = (smem, smem.add(4096));
         let (c0, c1) = (div_ceil(n0, DEC_COLS), div_ceil(n1, DEC_COLS));
         let b = block_idx_x();
         // (uniform per block: the whole block takes one branch, barriers stay matched)
@@ -957,7 +1107,8 @@ kernels! {
         } else {
             (y2, w2, b2, n2, b - c0 - c1)
         };
-        gemm_decode(y, x, w, bias, 0 as *const Bf16, m, n, k, ldx, n, red, 0 as *mut f32, 0, blk);
+        let norm = DecNorm { w: norm as *const u16, eps, inv };
+        gemm_decode(y, x, w, bias, 0 as *const Bf16, m, n, k, ldx, n, red, 0 as *mut f32, 0, blk, norm);
     }
     /// Split-K decode GEMM, partials: `part[s][m][n]` (f32, splits x m x n) = x[m, K_s] · W[n, K_s]ᵀ
     /// over K_s = elements s·kchunk .. (s+1)·kchunk of K (s = block_idx_y; kchunk > 0, multiple
@@ -968,7 +1119,7 @@ kernels! {
         if kchunk == 0 || kchunk % 8 != 0 || part as usize == 0 {
             trap();
         }
-        gemm_decode(0 as *mut f32, x, w, 0 as *const Bf16, 0 as *const Bf16, m, n, k, ldx, n, red, part, kchunk, block_idx_x());
+        gemm_decode(0 as *mut f32, x, w, 0 as *const Bf16, 0 as *const Bf16, m, n, k, ldx, n, red, part, kchunk, block_idx_x(), DecNorm::NONE);
     }
     /// Split-K reduce, bf16 out: y = Σ_s part[s] (in order) (+ bias) (+ residual), as the fused
     /// epilogue. Any launch shape (grid-stride); the launchers use block 256, grid ceil(m·n / 256).
@@ -980,9 +1131,12 @@ kernels! {
         splitk_reduce(y, part, bias, residual, m, n, ldy, splits);
     }
     /// Decode gate/up GEMM with SiLU·mul. block 256 or 512 (`dec_block`), grid.x = ceil(n / 8).
-    pub fn gemm_decode_silu_bf16(y: *mut Bf16, x: *const Bf16, w_gate: *const Bf16, w_up: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
-        let red = shared_bytes!(dec_smem, 16384) as *mut f32;
-        gemm_decode_silu(y, x, w_gate, w_up, m, n, k, ldx, ldy, red);
+    /// `norm` not null: the post-attention RMSNorm fused into the x loads, as in
+    /// `gemm_decode_qkv_bf16`.
+    pub fn gemm_decode_silu_bf16(y: *mut Bf16, x: *const Bf16, w_gate: *const Bf16, w_up: *const Bf16, norm: *const Bf16, eps: f32, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+        let smem = shared_bytes!(dec_smem, DEC_NORM_SMEM) as *mut f32;
+        let norm = DecNorm { w: norm as *const u16, eps, inv: smem.add(4096) };
+        gemm_decode_silu(y, x, w_gate, w_up, m, n, k, ldx, ldy, smem, norm);
     }
     /// Tensor-core GEMM, bf16 out. block 128, grid = (ceil(n / 128), ceil(m / 128)).
     pub fn gemm_mma_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {

@@ -291,7 +291,7 @@ fn run_silu(c: &Case, path: Path) -> Vec<f32> {
     unsafe {
         match path {
             Path::Decode(block) => launch([n.div_ceil(DEC_COLS / 2), 1, 1], block, || {
-                gemm_decode_silu_bf16(yp, xp, gp, up, m, n, k, ldx, ldy)
+                gemm_decode_silu_bf16(yp, xp, gp, up, null(), 0.0, m, n, k, ldx, ldy)
             }),
             Path::Mma => launch([n.div_ceil(64), m.div_ceil(128), 1], 128, || {
                 gemm_mma_silu_bf16(yp, xp, gp, up, m, n, k, ldx, ldy)

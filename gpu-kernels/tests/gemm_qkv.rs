@@ -86,6 +86,8 @@ fn qkv_decode_gemm_equals_three_launches() {
                     bias(0),
                     bias(1),
                     bias(2),
+                    null(),
+                    0.0,
                     m as u32,
                     ns[0] as u32,
                     ns[1] as u32,

@@ -56,6 +56,14 @@ use std::sync::{Arc, Mutex};
 
 /// GEMMs with at most this many rows take the weight-streaming decode kernel.
 const DECODE_MAX_M: usize = 64;
+
+/// Whether a layer's RMSNorms go into the decode GEMMs that follow them (see
+/// `gemm_decode_qkv_bf16`): decode-sized steps whose rows the kernels' vectorised path
+/// can read (`hidden % 8 == 0`; device buffers are 256-byte aligned). One launch fewer
+/// per norm, two per layer.
+fn fuse_norm(tokens: usize, hidden: usize) -> bool {
+    tokens <= DECODE_MAX_M && hidden.is_multiple_of(8)
+}
 /// Threads per block of the attention and reshard kernels (and the least of the
 /// one-block-per-row small ops).
 const BLOCK: u32 = 128;
@@ -521,11 +529,14 @@ impl DeviceCompute {
     /// [`DeviceCompute::gemm`] launches would pick (small k/v grids on a GPU with few
     /// SMs) the K split, and so the last bits of the sums, differ from theirs; at equal
     /// block size the results are identical. Each entry is (output, weight `[n, k]`,
-    /// bias pointer or 0, n).
+    /// bias pointer or 0, n). `norm`: the layer's input RMSNorm weight, applied to `x`
+    /// inside the kernel (`x` is then the raw hidden state; needs `k % 8 == 0`, see
+    /// [`fuse_norm`]), or `None` when `x` is normalized already.
     fn decode_qkv(
         &self,
         qkv: &[(&Arc<Buf>, &Buf, u64, usize); 3],
         x: &Buf,
+        norm: Option<&Buf>,
         (m, k): (usize, usize),
     ) -> Result<()> {
         for (_, w, _, n) in qkv {
@@ -542,10 +553,19 @@ impl DeviceCompute {
         args.push(Arg::from(x));
         args.extend(qkv.iter().map(|e| Arg::from(e.1)));
         args.extend(qkv.iter().map(|e| Arg::Ptr(e.2)));
+        args.extend(self.norm_args(norm));
         args.push(u(m));
         args.extend(qkv.iter().map(|e| u(e.3)));
         args.extend([u(k), u(k)]);
         self.launch("gemm_decode_qkv_bf16", [gx, 1, 1], block, &args)
+    }
+
+    /// The `norm, eps` arguments of a fused-norm decode kernel (null pointer: none).
+    fn norm_args(&self, norm: Option<&Buf>) -> [Arg; 2] {
+        [
+            norm.map_or(Arg::Ptr(0), Arg::from),
+            Arg::F32(self.cfg.rms_norm_eps),
+        ]
     }
 
     /// Sums a tensor-parallel group's f32 partials `[rows, cols]` through `comm`, adds
@@ -685,7 +705,11 @@ impl DeviceCompute {
         // Attention block.
         let half = nvtx::range_with(|| format!("{l} attention"));
         let xn = self.scratch("xn", t * h * 2)?;
-        self.rmsnorm(&xn, x, s.get(TensorKind::InputNorm(l))?, t)?;
+        let fused = fuse_norm(t, h);
+        let input_norm = s.get(TensorKind::InputNorm(l))?;
+        if !fused {
+            self.rmsnorm(&xn, x, input_norm, t)?;
+        }
         let q = self.scratch("q", t * nq * hd * 2)?;
         let k = self.scratch("k", t * nkv * hd * 2)?;
         let v = self.scratch("v", t * nkv * hd * 2)?;
@@ -709,8 +733,10 @@ impl DeviceCompute {
                 nkv * hd,
             ),
         ];
-        if t <= DECODE_MAX_M || h % 8 != 0 {
-            self.decode_qkv(&qkv, &xn, (t, h))?;
+        if fused {
+            self.decode_qkv(&qkv, x, Some(input_norm), (t, h))?;
+        } else if t <= DECODE_MAX_M || h % 8 != 0 {
+            self.decode_qkv(&qkv, &xn, None, (t, h))?;
         } else {
             for (out, w, b, n) in qkv {
                 self.gemm(out.ptr(), xn.ptr(), w, b, 0, (t, n, h), false)?;
@@ -755,7 +781,7 @@ impl DeviceCompute {
         // MLP block.
         drop(half);
         let _half = nvtx::range_with(|| format!("{l} mlp"));
-        self.rmsnorm(&xn, x, s.get(TensorKind::PostNorm(l))?, t)?;
+        let post_norm = s.get(TensorKind::PostNorm(l))?;
         let inter = TensorKind::Gate(l)
             .region(cfg, s.group_size, s.index)
             .rows
@@ -764,6 +790,11 @@ impl DeviceCompute {
         let (wg, wu) = (s.get(TensorKind::Gate(l))?, s.get(TensorKind::Up(l))?);
         let biased = s.tensors.contains_key(&TensorKind::GateBias(l))
             || s.tensors.contains_key(&TensorKind::UpBias(l));
+        // the norm goes into the gate/up decode GEMM unless a separate launch needs xn
+        let fused = fuse_norm(t, h) && !biased;
+        if !fused {
+            self.rmsnorm(&xn, x, post_norm, t)?;
+        }
         if biased {
             // No fused kernel with biases: two GEMMs, then SiLU·mul.
             let up = self.scratch("up", t * inter * 2)?;
@@ -814,7 +845,16 @@ impl DeviceCompute {
             if t <= DECODE_MAX_M || h % 8 != 0 {
                 let gx = (inter as u32).div_ceil(8);
                 let block = dec_block(gx, self.dev.sm_count());
-                self.launch("gemm_decode_silu_bf16", [gx, 1, 1], block, &args)?;
+                // (x, norm, eps) in place of the normalized xn when fused
+                let (src, norm) = if fused {
+                    (Arg::from(x), Some(post_norm))
+                } else {
+                    (Arg::from(&xn), None)
+                };
+                let mut dargs = vec![args[0], src, args[2], args[3]];
+                dargs.extend(self.norm_args(norm));
+                dargs.extend_from_slice(&args[4..]);
+                self.launch("gemm_decode_silu_bf16", [gx, 1, 1], block, &dargs)?;
             } else if self.wgmma {
                 // (SiLU: gate and up columns share a tile, so half of WG_BN per block)
                 let grid = [
