@@ -722,11 +722,14 @@ fn emulated_device_generates_the_oracle_tokens() {
         .collect();
     // Launches replayed as graphs (--graphs) run the same kernels, and the two ranks on
     // emulated GPUs of their own (--gpus 2: their partials through the emulated NCCL)
-    // the same sums: the same tokens.
-    for (graphs, gpus) in [(false, "1"), (true, "1"), (false, "2")] {
+    // the same sums: the same tokens. --pdl is accepted on emu and changes nothing.
+    for (graphs, gpus, pdl) in [(false, "1", false), (true, "1", true), (false, "2", false)] {
         let mut a = args.to_vec();
         if graphs {
             a.push("--graphs");
+        }
+        if pdl {
+            a.push("--pdl");
         }
         a.extend(["--gpus", gpus]);
         let r = remp(&a);
@@ -744,12 +747,26 @@ fn emulated_device_generates_the_oracle_tokens() {
             .filter_map(Value::as_u64)
             .collect();
         assert_eq!(got, want, "--graphs {graphs}");
+        assert_eq!(v["pdl"], pdl, "{v}");
         // (JSON `graphs` only with --graphs: graphs are not emu's default. Runs were
         // replayed by the third token.)
         let replayed = v["graphs"]["graph_runs"].as_u64();
         assert_eq!(replayed.is_some(), graphs, "{v}");
         assert!(replayed.unwrap_or(1) > 0, "{v}");
     }
+}
+
+#[test]
+fn pdl_needs_a_device() {
+    expect_bad(
+        &["generate", "--prompt-ids", "1,2", "--pdl"],
+        &["--pdl", "--device"],
+    );
+    expect_bad(
+        &["bench-decode", "--steps", "1", "--pdl"],
+        &["--pdl", "--device"],
+    );
+    expect_bad(&["bench-reconfig", "--pdl"], &["--pdl", "--device"]);
 }
 
 #[test]

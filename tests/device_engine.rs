@@ -432,7 +432,10 @@ on_devices! {
     /// the bit: on tp1pp1 (each segment one run) and tp2pp2 (runs cut by the
     /// same-device exchange and the hand-offs), with a second request joining
     /// mid-decode (a new batch shape: new runs). With graphs on, runs were replayed as
-    /// graphs; with them off, nothing was recorded.
+    /// graphs; with them off, nothing was recorded. Programmatic dependent launch
+    /// (`EngineConfig::pdl`: kernels scheduled early, waiting inside for the previous
+    /// one; in graphs, programmatic edges) changes no bit either, eager or with graphs
+    /// (on the emulator it is accepted and changes nothing; on a GPU it is the check).
     fn graphs_replay_bit_for_bit_tp1pp1_tp2pp2(dev) {
         let model = tiny_model();
         let cases = oracle();
@@ -450,11 +453,12 @@ on_devices! {
             }
         };
         for (tp, pp) in [(1, 1), (2, 2)] {
-            let run = |graphs: bool| {
+            let run = |graphs: bool, pdl: bool| {
                 let mut ec = EngineConfig::new(Topology::new(tp, pp));
                 ec.device = dev;
                 ec.kv_blocks = 32;
                 ec.graphs = graphs;
+                ec.pdl = pdl;
                 let mut engine = Engine::new(&model, ec).unwrap();
                 engine.add_request(req(&cases[0], 10)).unwrap();
                 let mut bits = Vec::new();
@@ -465,11 +469,21 @@ on_devices! {
                 logit_bits(engine.run_to_completion().unwrap(), &mut bits);
                 (bits, engine.graph_counts())
             };
-            let (off, off_counts) = run(false);
-            let (on, on_counts) = run(true);
+            let (off, off_counts) = run(false, false);
+            let (on, on_counts) = run(true, false);
             // (A token's logits are every processed row's: the prompts' too.)
             assert!(off.len() >= 15 * model.config.vocab_size, "tp{tp}pp{pp}");
             assert!(off == on, "tp{tp}pp{pp}: logits differ with graphs on");
+            // (the emulator only checks that pdl is accepted: its launches are serial)
+            let pdl_graphs: &[bool] = if dev == DeviceKind::Cuda {
+                &[false, true]
+            } else {
+                &[true]
+            };
+            for &graphs in pdl_graphs {
+                let (pdl, _) = run(graphs, true);
+                assert!(off == pdl, "tp{tp}pp{pp}: logits differ with pdl (graphs {graphs})");
+            }
             assert_eq!(off_counts, GraphCounts::default(), "tp{tp}pp{pp}");
             assert!(
                 on_counts.built > 0

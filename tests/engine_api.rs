@@ -244,6 +244,17 @@ fn an_impossible_kv_cache_is_refused_up_front() {
     }
 }
 
+/// Programmatic dependent launch is a way of launching device kernels: asked of the
+/// CPU backend, the engine refuses to start instead of ignoring it.
+#[test]
+fn pdl_on_the_cpu_is_refused() {
+    let model = Model::random_tiny();
+    let mut cfg = EngineConfig::new(Topology::new(1, 1));
+    cfg.pdl = true;
+    let err = Engine::new(&model, cfg).err().expect("refused").to_string();
+    assert!(err.contains("programmatic dependent launch"), "{err}");
+}
+
 /// A model whose logits come out all NaN (here: a NaN final norm) fails the step with a
 /// numerics error on both head paths (the greedy picks and the gathered logits), instead
 /// of emitting token 0.

@@ -433,6 +433,45 @@ unsafe fn decode_norm_rows(
     sync_threads();
 }
 
+/// L2 prefetch of rows `r0 .. r0 + rows` (clamped to `n`) of a row-major `[n, k]` bf16
+/// matrix: a decode block's weight slice, one contiguous range, a 128-byte line per
+/// thread per step. Issued in the kernels' `prefetch` block, before `pdl_wait`: with
+/// programmatic dependent launch the weights start streaming while the previous
+/// kernel finishes (no earlier kernel of a step writes weights).
+#[inline(always)]
+unsafe fn prefetch_rows(w: *const Bf16, r0: u32, rows: u32, n: u32, k: u32) {
+    if r0 >= n {
+        return;
+    }
+    let bytes = umin(rows, n - r0) as usize * k as usize * 2;
+    if bytes == 0 {
+        return;
+    }
+    let start = (w as *const u8).add(r0 as usize * k as usize * 2);
+    let mut off = thread_idx() as usize * 128;
+    while off < bytes {
+        prefetch_l2(start.add(off));
+        off += block_dim() as usize * 128;
+    }
+    // the last line when the range does not start on a line boundary
+    if thread_idx() == 0 {
+        prefetch_l2(start.add(bytes - 1));
+    }
+}
+
+/// Which of the grouped q/k/v GEMM's matrices block `b` computes: (index 0..3, column
+/// block within it); `c0`, `c1` = column blocks of matrices 0 and 1.
+#[inline(always)]
+fn qkv_pick(b: u32, c0: u32, c1: u32) -> (u32, u32) {
+    if b < c0 {
+        (0, b)
+    } else if b < c0 + c1 {
+        (1, b - c0)
+    } else {
+        (2, b - c0 - c1)
+    }
+}
+
 /// Sum of the warps' partials for (tile `j`, register `r`, lane `l`) in warp order.
 #[inline(always)]
 unsafe fn decode_red(red: *const f32, j: u32, r: u32, l: u32) -> f32 {
@@ -1067,7 +1106,9 @@ fn wide_smem() -> *mut u8 {
 
 kernels! {
     /// Decode GEMM, bf16 out. block `dec_block(grid.x, SMs)` (256 or 512), grid.x = ceil(n / DEC_COLS) = ceil(n / 16).
-    pub fn gemm_decode_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+    pub fn gemm_decode_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) prefetch {
+        prefetch_rows(w, block_idx_x() * DEC_COLS, DEC_COLS, n, k);
+    } {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
         gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0, block_idx_x(), DecNorm::NONE);
     }
@@ -1075,12 +1116,16 @@ kernels! {
     /// launch and results, to the bit): 64 registers, and ptxas then sinks an iteration's
     /// loads between its mmas. `remp-gpu-bench`'s same-run baseline for the cap (see
     /// `maxnreg.txt`; the name does not start with `gemm_decode_`, so it is not capped).
-    pub fn gemm_decode64_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+    pub fn gemm_decode64_bf16(y: *mut Bf16, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) prefetch {
+        prefetch_rows(w, block_idx_x() * DEC_COLS, DEC_COLS, n, k);
+    } {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
         gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0, block_idx_x(), DecNorm::NONE);
     }
     /// Decode GEMM, f32 out (e.g. logits). block 256 or 512 (`dec_block`), grid.x = ceil(n / 16).
-    pub fn gemm_decode_bf16_f32out(y: *mut f32, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+    pub fn gemm_decode_bf16_f32out(y: *mut f32, x: *const Bf16, w: *const Bf16, bias: *const Bf16, residual: *const Bf16, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) prefetch {
+        prefetch_rows(w, block_idx_x() * DEC_COLS, DEC_COLS, n, k);
+    } {
         let red = shared_bytes!(dec_smem, 16384) as *mut f32;
         gemm_decode(y, x, w, bias, residual, m, n, k, ldx, ldy, red, 0 as *mut f32, 0, block_idx_x(), DecNorm::NONE);
     }
@@ -1094,18 +1139,21 @@ kernels! {
     /// `norm` (the layer's input RMSNorm weight `[k]`) not null: x is the un-normalized
     /// hidden state and every block normalizes it as it loads it (`DecNorm`; the
     /// vectorised path only: k % 8 == 0, ldx % 8 == 0, 16-byte-aligned x, else it traps).
-    pub fn gemm_decode_qkv_bf16(y0: *mut Bf16, y1: *mut Bf16, y2: *mut Bf16, x: *const Bf16, w0: *const Bf16, w1: *const Bf16, w2: *const Bf16, b0: *const Bf16, b1: *const Bf16, b2: *const Bf16, norm: *const Bf16, eps: f32, m: u32, n0: u32, n1: u32, n2: u32, k: u32, ldx: u32) {
+    pub fn gemm_decode_qkv_bf16(y0: *mut Bf16, y1: *mut Bf16, y2: *mut Bf16, x: *const Bf16, w0: *const Bf16, w1: *const Bf16, w2: *const Bf16, b0: *const Bf16, b1: *const Bf16, b2: *const Bf16, norm: *const Bf16, eps: f32, m: u32, n0: u32, n1: u32, n2: u32, k: u32, ldx: u32) prefetch {
+        let (i, blk) = qkv_pick(block_idx_x(), div_ceil(n0, DEC_COLS), div_ceil(n1, DEC_COLS));
+        let (w, n) = if i == 0 { (w0, n0) } else if i == 1 { (w1, n1) } else { (w2, n2) };
+        prefetch_rows(w, blk * DEC_COLS, DEC_COLS, n, k);
+    } {
         let smem = shared_bytes!(dec_smem, DEC_NORM_SMEM) as *mut f32;
         let (red, inv) = (smem, smem.add(4096));
-        let (c0, c1) = (div_ceil(n0, DEC_COLS), div_ceil(n1, DEC_COLS));
-        let b = block_idx_x();
+        let (i, blk) = qkv_pick(block_idx_x(), div_ceil(n0, DEC_COLS), div_ceil(n1, DEC_COLS));
         // (uniform per block: the whole block takes one branch, barriers stay matched)
-        let (y, w, bias, n, blk) = if b < c0 {
-            (y0, w0, b0, n0, b)
-        } else if b < c0 + c1 {
-            (y1, w1, b1, n1, b - c0)
+        let (y, w, bias, n) = if i == 0 {
+            (y0, w0, b0, n0)
+        } else if i == 1 {
+            (y1, w1, b1, n1)
         } else {
-            (y2, w2, b2, n2, b - c0 - c1)
+            (y2, w2, b2, n2)
         };
         let norm = DecNorm { w: norm as *const u16, eps, inv };
         gemm_decode(y, x, w, bias, 0 as *const Bf16, m, n, k, ldx, n, red, 0 as *mut f32, 0, blk, norm);
@@ -1133,7 +1181,11 @@ kernels! {
     /// Decode gate/up GEMM with SiLU·mul. block 256 or 512 (`dec_block`), grid.x = ceil(n / 8).
     /// `norm` not null: the post-attention RMSNorm fused into the x loads, as in
     /// `gemm_decode_qkv_bf16`.
-    pub fn gemm_decode_silu_bf16(y: *mut Bf16, x: *const Bf16, w_gate: *const Bf16, w_up: *const Bf16, norm: *const Bf16, eps: f32, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) {
+    pub fn gemm_decode_silu_bf16(y: *mut Bf16, x: *const Bf16, w_gate: *const Bf16, w_up: *const Bf16, norm: *const Bf16, eps: f32, m: u32, n: u32, k: u32, ldx: u32, ldy: u32) prefetch {
+        let nb = block_idx_x() * (DEC_COLS / 2);
+        prefetch_rows(w_gate, nb, DEC_COLS / 2, n, k);
+        prefetch_rows(w_up, nb, DEC_COLS / 2, n, k);
+    } {
         let smem = shared_bytes!(dec_smem, DEC_NORM_SMEM) as *mut f32;
         let norm = DecNorm { w: norm as *const u16, eps, inv: smem.add(4096) };
         gemm_decode_silu(y, x, w_gate, w_up, m, n, k, ldx, ldy, smem, norm);

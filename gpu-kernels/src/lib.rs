@@ -47,19 +47,36 @@ extern crate std;
 
 /// Defines kernels: `extern "ptx-kernel"` entry points on the GPU, plain `unsafe fn`s
 /// (run them with `prims::emu::launch`) on the host.
+///
+/// Every kernel starts with [`prims::pdl_wait`] and [`prims::pdl_launch_dependents`], so
+/// the host may launch any of them with programmatic dependent launch (Hopper: the
+/// kernel's blocks are scheduled while the previous kernel finishes, and wait for it
+/// before touching memory). An optional `prefetch { .. }` block before the body runs
+/// ahead of the wait: it may only read the kernel's arguments and issue
+/// [`prims::prefetch_l2`] hints for memory no earlier kernel of the step writes (weights).
 #[cfg(target_arch = "nvptx64")]
 macro_rules! kernels {
-    ($( $(#[$m:meta])* pub fn $name:ident($($a:ident : $t:ty),* $(,)?) $body:block )*) => { $(
+    ($( $(#[$m:meta])* pub fn $name:ident($($a:ident : $t:ty),* $(,)?) $(prefetch $pre:block)? $body:block )*) => { $(
         $(#[$m])*
         #[no_mangle]
-        pub unsafe extern "ptx-kernel" fn $name($($a: $t),*) $body
+        pub unsafe extern "ptx-kernel" fn $name($($a: $t),*) {
+            $( $pre )?
+            $crate::prims::pdl_wait();
+            $crate::prims::pdl_launch_dependents();
+            $body
+        }
     )* };
 }
 #[cfg(not(target_arch = "nvptx64"))]
 macro_rules! kernels {
-    ($( $(#[$m:meta])* pub fn $name:ident($($a:ident : $t:ty),* $(,)?) $body:block )*) => { $(
+    ($( $(#[$m:meta])* pub fn $name:ident($($a:ident : $t:ty),* $(,)?) $(prefetch $pre:block)? $body:block )*) => { $(
         $(#[$m])*
-        pub unsafe fn $name($($a: $t),*) $body
+        pub unsafe fn $name($($a: $t),*) {
+            $( $pre )?
+            $crate::prims::pdl_wait();
+            $crate::prims::pdl_launch_dependents();
+            $body
+        }
     )* };
 }
 

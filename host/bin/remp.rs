@@ -78,6 +78,12 @@ struct BenchDecodeArgs {
     /// Launch every kernel one by one (cuda's default is --graphs).
     #[arg(long, conflicts_with = "graphs")]
     no_graphs: bool,
+    /// Programmatic dependent launch (GPUs of compute capability 9.0 or later): each
+    /// kernel starts, and the decode GEMMs' weights stream into L2, while the kernel
+    /// before it finishes. Off by default until measured; with emu accepted (nothing
+    /// changes), an error with cpu.
+    #[arg(long)]
+    pdl: bool,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -149,6 +155,12 @@ struct BenchArgs {
     /// Launch every kernel one by one (cuda's default is --graphs).
     #[arg(long, conflicts_with = "graphs")]
     no_graphs: bool,
+    /// Programmatic dependent launch (GPUs of compute capability 9.0 or later): each
+    /// kernel starts, and the decode GEMMs' weights stream into L2, while the kernel
+    /// before it finishes. Off by default until measured; with emu accepted (nothing
+    /// changes), an error with cpu.
+    #[arg(long)]
+    pdl: bool,
 }
 
 #[derive(clap::Args)]
@@ -213,6 +225,12 @@ struct GenerateArgs {
     /// Launch every kernel one by one (cuda's default is --graphs).
     #[arg(long, conflicts_with = "graphs")]
     no_graphs: bool,
+    /// Programmatic dependent launch (GPUs of compute capability 9.0 or later): each
+    /// kernel starts, and the decode GEMMs' weights stream into L2, while the kernel
+    /// before it finishes. Off by default until measured; with emu accepted (nothing
+    /// changes), an error with cpu.
+    #[arg(long)]
+    pdl: bool,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -437,8 +455,10 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
     let mut econf = EngineConfig::new(topo);
     econf.device = device;
     econf.graphs = check_graphs(a.graphs, a.no_graphs, device)?;
+    econf.pdl = check_pdl(a.pdl, device)?;
     econf.gpus = check_gpus(a.gpus, device)?;
     let graphs = econf.graphs;
+    let pdl = econf.pdl;
     // Today's default (EngineConfig's 512) on cpu and emu; from free memory on cuda.
     let mut kv_note = None;
     match a.kv_blocks {
@@ -579,6 +599,7 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
             "elapsed_ms": elapsed_ms,
             "reconfigurations": reconfigs,
             "skipped_reconfigurations": skipped,
+            "pdl": pdl,
             "graphs": graphs.then(|| {
                 let g = engine.graph_counts();
                 json!({"graph_runs": g.graph_runs, "graph_kernels": g.graph_kernels,
@@ -760,6 +781,17 @@ fn check_graphs(graphs: bool, no_graphs: bool, device: DeviceKind) -> Result<boo
     Ok(graphs || (!no_graphs && device.graphs_by_default()))
 }
 
+/// `--pdl`: for the device kernel path only (the engine also checks the GPU's compute
+/// capability when it opens it).
+fn check_pdl(pdl: bool, device: DeviceKind) -> Result<bool> {
+    if pdl && device == DeviceKind::Cpu {
+        return Err(Error::Request(
+            "--pdl changes how device kernels launch: it needs --device cuda or emu".into(),
+        ));
+    }
+    Ok(pdl)
+}
+
 /// "loaded DIR" on stderr (not with --json): printed only once every input check passed,
 /// so that bad input leaves exactly its one error line.
 fn report_loaded(dir: &Option<PathBuf>, json: bool) {
@@ -775,6 +807,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let topo = Topology::new(a.tp, a.pp);
     let mut bc = DecodeBenchConfig::new(topo, device);
     bc.graphs = check_graphs(a.graphs, a.no_graphs, device)?;
+    bc.pdl = check_pdl(a.pdl, device)?;
     bc.batch = a.batch;
     bc.steps = a.steps;
     bc.exchange = match a.exchange.as_deref() {
@@ -844,6 +877,9 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
                 g.graph_runs, g.graph_kernels, g.eager_runs, g.built
             );
         }
+        if r.pdl {
+            println!("programmatic dependent launch: on");
+        }
     }
     Ok(())
 }
@@ -901,6 +937,7 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
     bc.window = a.window;
     bc.device = device;
     bc.graphs = check_graphs(a.graphs, a.no_graphs, device)?;
+    bc.pdl = check_pdl(a.pdl, device)?;
     bc.gpus = check_gpus(a.gpus, device)?;
     check_gpu_per_worker(bc.gpus, from.world_size().max(to.world_size()))?;
     bc.validate()?;
@@ -963,6 +1000,8 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
             "copy_bandwidth_source": bw_source,
             "stop_the_world_transfer_gbs": stw_rate / 1e9,
             "gpus": bc.gpus,
+            "graphs": bc.graphs,
+            "pdl": bc.pdl,
         });
         println!("{doc}");
     } else {

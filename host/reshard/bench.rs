@@ -92,6 +92,8 @@ pub struct BenchConfig {
     pub device: DeviceKind,
     /// Device workers replay repeated launch runs as graphs (`EngineConfig::graphs`).
     pub graphs: bool,
+    /// Device workers launch with programmatic dependent launch (`EngineConfig::pdl`).
+    pub pdl: bool,
     /// GPUs the workers spread over (`EngineConfig::gpus`).
     pub gpus: usize,
 }
@@ -108,6 +110,7 @@ impl BenchConfig {
             window: 2,
             device: DeviceKind::Cpu,
             graphs: false,
+            pdl: false,
             gpus: 1,
         }
     }
@@ -241,6 +244,7 @@ pub fn run_mode(
     econf.max_prefill_tokens = bc.requests * bc.prompt_len;
     econf.device = bc.device;
     econf.graphs = bc.graphs;
+    econf.pdl = bc.pdl;
     econf.gpus = bc.gpus;
     let mut engine = Engine::new(model, econf)?;
     add_synthetic_requests(

@@ -37,6 +37,8 @@ pub struct DecodeBenchConfig {
     pub exchange: Exchange,
     /// Replay repeated launch runs as graphs ([`EngineConfig::graphs`]).
     pub graphs: bool,
+    /// Programmatic dependent launch ([`EngineConfig::pdl`]).
+    pub pdl: bool,
 }
 
 impl DecodeBenchConfig {
@@ -50,6 +52,7 @@ impl DecodeBenchConfig {
             warmup: 4,
             exchange: Exchange::default(),
             graphs: false,
+            pdl: false,
         }
     }
 }
@@ -124,6 +127,8 @@ pub struct DecodeBenchResult {
     pub floor_ms: f64,
     /// What graph recording did over the whole run (with graphs on).
     pub graphs: Option<GraphCounts>,
+    /// Whether the workers launched with programmatic dependent launch.
+    pub pdl: bool,
 }
 
 impl DecodeBenchResult {
@@ -141,6 +146,7 @@ impl DecodeBenchResult {
             "bandwidth_gbs": self.bandwidth / 1e9,
             "floor_ms": self.floor_ms,
             "ratio_to_floor": self.ratio(),
+            "pdl": self.pdl,
             "graphs": self.graphs.map(|g| serde_json::json!({
                 "graph_runs": g.graph_runs,
                 "graph_kernels": g.graph_kernels,
@@ -189,6 +195,7 @@ pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
     econf.device = bc.device;
     econf.exchange = bc.exchange;
     econf.graphs = bc.graphs;
+    econf.pdl = bc.pdl;
     econf.kv_blocks = per_seq * bc.batch;
     // every sequence admitted in the one prefill step, all decoding together after it
     econf.max_running = bc.batch;
@@ -236,5 +243,6 @@ pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
         bandwidth,
         floor_ms: weight_bytes as f64 / bandwidth * 1e3,
         graphs: bc.graphs.then(|| engine.graph_counts()),
+        pdl: bc.pdl,
     })
 }

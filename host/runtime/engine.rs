@@ -73,6 +73,12 @@ pub struct EngineConfig {
     /// device, [`DeviceKind::graphs_by_default`] says what the `remp` CLI does (on for
     /// CUDA).
     pub graphs: bool,
+    /// Device workers launch with programmatic dependent launch (Hopper and later: a
+    /// kernel's blocks start, and its weights stream into L2, while the previous kernel
+    /// finishes; see `CudaDevice::set_pdl`). Off by default until a GPU run measures it;
+    /// an error at engine start on a GPU older than compute capability 9.0 or on the
+    /// CPU. The emulator accepts it (nothing changes there).
+    pub pdl: bool,
     /// Test hook: one worker runs one step late (see [`StepDelay`]).
     #[doc(hidden)] // test hook, not part of the serving API
     pub step_delay: Option<StepDelay>,
@@ -118,10 +124,21 @@ impl DeviceKind {
         cfg: &Arc<ModelConfig>,
         exchange: Exchange,
         graphs: Option<&Arc<GraphStats>>,
+        pdl: bool,
     ) -> Result<Option<DeviceCompute>> {
+        if pdl && self == DeviceKind::Cpu {
+            return Err(Error::Unsupported(
+                "programmatic dependent launch (pdl) is for the device kernel path: it needs \
+                 the cuda (or emu) device"
+                    .into(),
+            ));
+        }
         let Some(dev) = self.open_handle(gpu)? else {
             return Ok(None);
         };
+        // the compute handle only: copy handles launch reshard kernels one by one
+        dev.set_pdl(pdl)
+            .map_err(|e| Error::Device(format!("GPU {}: {e}", gpu.0)))?;
         let dc = DeviceCompute::new(dev, cfg.clone())?.with_exchange(exchange);
         Ok(Some(match graphs {
             // A few runs per segment: every layer's, for a few batch shapes at once.
@@ -182,6 +199,7 @@ impl EngineConfig {
             exchange: Exchange::default(),
             gpus: 1,
             graphs: false,
+            pdl: false,
             step_delay: None,
         }
     }
@@ -426,7 +444,13 @@ impl Pool {
         let graphs = econf.graphs.then_some(&graph_stats);
         let mut dcs = Vec::new();
         for w in 0..n_workers {
-            dcs.push(device.open(devices.device(WorkerId(w)), cfg, exchange, graphs)?);
+            dcs.push(device.open(
+                devices.device(WorkerId(w)),
+                cfg,
+                exchange,
+                graphs,
+                econf.pdl,
+            )?);
         }
         // Workers on GPUs of their own exchange through communicators: the world's, split
         // per group (compute) and once more for the copy threads' reshard pieces.

@@ -955,6 +955,20 @@ pub fn wgmma_m64n256k16_bf16(acc: &mut WgAcc, desc_a: u64, desc_b: u64, scale_d:
     });
 }
 
+/// Programmatic dependent launch: the emulator runs launches one after another, so the
+/// previous kernel is always complete (see the nvptx twin).
+#[inline(always)]
+pub fn pdl_wait() {}
+/// Programmatic dependent launch trigger: nothing to trigger in the emulator.
+#[inline(always)]
+pub fn pdl_launch_dependents() {}
+/// L2 prefetch hint: no cache to fill in the emulator. The address must still be one
+/// the kernel may read (checked here, as a fault-free prefetch would hide a bad one on
+/// the GPU).
+#[inline(always)]
+pub unsafe fn prefetch_l2(p: *const u8) {
+    std::hint::black_box(std::ptr::read_volatile(p));
+}
 pub fn trap() -> ! {
     panic!("kernel trap")
 }

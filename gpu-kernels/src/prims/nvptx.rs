@@ -188,6 +188,38 @@ pub unsafe fn ld_global_nc_v4_if(p: *const u32, ok: bool) -> [u32; 4] {
          options(readonly, nostack));
     [a, b, c, d]
 }
+/// Programmatic dependent launch (Hopper), kernel side: wait until the grids this one
+/// was launched to depend on have completed and their memory is visible. Returns at once
+/// for a kernel launched without the PDL attribute. `kernels!` calls it (then
+/// [`pdl_launch_dependents`]) at the top of every kernel, so any kernel may be launched
+/// with the attribute; only a kernel's `prefetch` block runs before it. A no-op before
+/// sm_90 (the sm_80 module: the host never sets the attribute there).
+#[inline(always)]
+pub fn pdl_wait() {
+    #[cfg(target_feature = "sm_90")]
+    unsafe {
+        asm!("griddepcontrol.wait;", options(nostack))
+    }
+}
+/// Programmatic dependent launch: lets the next kernel in the stream (launched with the
+/// PDL attribute) be scheduled once every block of this one has called it or exited;
+/// that kernel's own [`pdl_wait`] still waits for this one to complete. A no-op before
+/// sm_90.
+#[inline(always)]
+pub fn pdl_launch_dependents() {
+    #[cfg(target_feature = "sm_90")]
+    unsafe {
+        asm!("griddepcontrol.launch_dependents;", options(nostack))
+    }
+}
+/// Hint: bring the 128-byte line holding `p` (global memory) into L2. Never faults and
+/// never returns stale data (L2 is where the GPU's writes meet), so a kernel may issue it
+/// before [`pdl_wait`] for memory the previous kernel does not write (weights).
+#[inline(always)]
+pub unsafe fn prefetch_l2(p: *const u8) {
+    asm!("{{ .reg .u64 g; cvta.to.global.u64 g, {p}; prefetch.global.L2 [g]; }}",
+         p = in(reg64) p, options(readonly, nostack));
+}
 /// 16-byte store to global memory (`p` 16-byte aligned).
 #[inline(always)]
 pub unsafe fn st_global_v4(p: *mut u32, v: [u32; 4]) {

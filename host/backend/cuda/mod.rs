@@ -465,6 +465,9 @@ pub struct CudaDevice {
     cc: (i32, i32),
     module: Arc<Module>,
     sync_check: std::sync::atomic::AtomicBool,
+    /// Programmatic dependent launch for this handle's launches and graphs (see
+    /// [`CudaDevice::set_pdl`]).
+    pdl: std::sync::atomic::AtomicBool,
     /// Pinned slots uploads go through: set up when the handle opens (`Some(None)`: no
     /// pinned memory to be had, uploads go from pageable memory).
     staging: Mutex<Option<Option<Staging>>>,
@@ -567,6 +570,7 @@ impl CudaDevice {
             sync_check: std::sync::atomic::AtomicBool::new(
                 std::env::var("REMP_CUDA_SYNC_CHECK").is_ok_and(|v| v == "1"),
             ),
+            pdl: std::sync::atomic::AtomicBool::new(false),
         };
         // The pinned staging now, not at the first upload: pinning host memory is slow
         // and holds the driver up, and a copy thread's first upload comes during a
@@ -635,6 +639,28 @@ impl CudaDevice {
     pub fn set_sync_check(&self, on: bool) {
         self.sync_check
             .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Programmatic dependent launch (PDL) for this handle's later launches and graphs:
+    /// each kernel may be scheduled while the one before it on the stream finishes
+    /// (`CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`; in a graph, programmatic
+    /// edges), runs its `prefetch` block (decode GEMMs: their weight slices into L2), and
+    /// waits in `griddepcontrol.wait` for the previous kernel to complete before it
+    /// touches memory (`kernels!` puts the wait at the top of every remp kernel). Needs
+    /// compute capability 9.0 or later: the sm_80 module has no wait, so it is refused
+    /// there.
+    pub fn set_pdl(&self, on: bool) -> Result<()> {
+        if on && self.cc.0 < 9 {
+            return Err(Error::Device(format!(
+                "programmatic dependent launch needs compute capability 9.0 or later ({} is {}.{})",
+                self.name, self.cc.0, self.cc.1
+            )));
+        }
+        self.pdl.store(on, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+    pub fn pdl(&self) -> bool {
+        self.pdl.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn bind(&self) -> Result<()> {
@@ -827,19 +853,36 @@ impl CudaDevice {
         let f = self.function(name)?;
         let mut vals = arg_slots(args);
         let mut ptrs = slot_ptrs(&mut vals);
-        let r = sys::cuLaunchKernel(
-            f,
-            grid[0],
-            grid[1],
-            grid[2],
-            block,
-            1,
-            1,
-            kernels::dynamic_smem(name),
-            self.cu_stream(),
-            ptrs.as_mut_ptr(),
-            std::ptr::null_mut(),
-        );
+        let r = if self.pdl() {
+            let mut attr = pdl_attribute();
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: grid[0],
+                gridDimY: grid[1],
+                gridDimZ: grid[2],
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: kernels::dynamic_smem(name),
+                hStream: self.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            sys::cuLaunchKernelEx(&cfg, f, ptrs.as_mut_ptr(), std::ptr::null_mut())
+        } else {
+            sys::cuLaunchKernel(
+                f,
+                grid[0],
+                grid[1],
+                grid[2],
+                block,
+                1,
+                1,
+                kernels::dynamic_smem(name),
+                self.cu_stream(),
+                ptrs.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
         if r != sys::CUresult::CUDA_SUCCESS {
             return Err(Error::Device(format!(
                 "launch {name} grid {grid:?} block {block}: {r:?}"
@@ -852,6 +895,15 @@ impl CudaDevice {
         }
         Ok(())
     }
+}
+
+/// The launch attribute of programmatic dependent launch (see [`CudaDevice::set_pdl`]).
+fn pdl_attribute() -> sys::CUlaunchAttribute {
+    // SAFETY: a plain C struct and union, valid when zeroed; the id says which member.
+    let mut a: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    a.value.programmaticStreamSerializationAllowed = 1;
+    a
 }
 
 /// Kernel arguments as 8-byte slots: each parameter points at its own slot; u32/f32
@@ -946,6 +998,7 @@ impl CudaDevice {
             check(sys::cuGraphCreate(&mut graph, 0), || "cuGraphCreate".into())
         }))
         .unwrap_or_else(|p| Err(missing(p)))?;
+        let pdl = self.pdl();
         let built = catch_unwind(AssertUnwindSafe(|| {
             let mut prev: Option<sys::CUgraphNode> = None;
             for l in run {
@@ -967,11 +1020,29 @@ impl CudaDevice {
                     ctx: std::ptr::null_mut(),
                 };
                 let mut node: sys::CUgraphNode = std::ptr::null_mut();
-                let deps: &[sys::CUgraphNode] = prev.as_slice();
+                // With PDL the edge from the previous kernel is programmatic (added
+                // below): the node goes in without dependencies first.
+                let deps: &[sys::CUgraphNode] = if pdl { &[] } else { prev.as_slice() };
                 check(
                     sys::cuGraphAddKernelNode_v2(&mut node, graph, deps.as_ptr(), deps.len(), &p),
                     || format!("graph node {} grid {:?} block {}", l.name, l.grid, l.block),
                 )?;
+                if let (true, Some(from)) = (pdl, prev) {
+                    // The graph form of the PDL launch attribute: `node` may start once
+                    // every block of `from` has run griddepcontrol.launch_dependents
+                    // (or exited), and waits for `from` in griddepcontrol.wait.
+                    let edge = sys::CUgraphEdgeData {
+                        from_port: sys::CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC as u8,
+                        to_port: 0,
+                        type_: sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
+                            as u8,
+                        reserved: [0; 5],
+                    };
+                    check(
+                        sys::cuGraphAddDependencies_v2(graph, &from, &node, &edge, 1),
+                        || format!("programmatic graph edge to {}", l.name),
+                    )?;
+                }
                 prev = Some(node);
             }
             let mut exec: sys::CUgraphExec = std::ptr::null_mut();
@@ -1212,6 +1283,9 @@ impl crate::backend::device::Device for CudaDevice {
     }
     fn sm_count(&self) -> u32 {
         CudaDevice::sm_count(self).unwrap_or(1)
+    }
+    fn set_pdl(&self, on: bool) -> Result<()> {
+        CudaDevice::set_pdl(self, on)
     }
     fn has_kernel(&self, name: &str) -> bool {
         self.module.funcs.contains_key(name)

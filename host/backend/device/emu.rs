@@ -508,6 +508,11 @@ impl Device for EmuDevice {
     fn describe(&self) -> String {
         "emulated GPU (remp-gpu-kernels host emulator)".into()
     }
+    /// Accepted, with nothing to change: emulated launches run one after another, an
+    /// order programmatic dependent launch allows (the kernels' waits are no-ops).
+    fn set_pdl(&self, _on: bool) -> Result<()> {
+        Ok(())
+    }
     fn alloc(&self, bytes: usize) -> Result<Buf> {
         let b = Buf::host(bytes);
         let end = b.ptr() + (bytes.div_ceil(16).max(1) * 16) as u64;

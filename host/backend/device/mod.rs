@@ -259,6 +259,20 @@ pub trait Device: Send + Sync {
     fn has_kernel(&self, name: &str) -> bool {
         crate::kernels::names(crate::kernels::Arch::Sm90).any(|n| n == name)
     }
+    /// Programmatic dependent launch for this handle's later launches and graphs (see
+    /// `CudaDevice::set_pdl`): a kernel may start while the one before it finishes and
+    /// waits for it inside. An error where the handle cannot (a CUDA GPU older than
+    /// compute capability 9.0); the emulator accepts it (its launches run one after
+    /// another, which PDL's ordering allows).
+    fn set_pdl(&self, on: bool) -> Result<()> {
+        if on {
+            Err(Error::Device(
+                "this device has no programmatic dependent launch".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
     /// Builds `run` into one replayable [`Graph`], each launch after the previous one;
     /// `Ok(None)` where this handle does not build graphs (the caller then launches
     /// the run kernel by kernel).
