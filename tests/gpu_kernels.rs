@@ -1831,6 +1831,113 @@ fn gpu_decode_gemms_with_fused_norm() {
     }
 }
 
+/// The grouped q/k/v decode GEMM with RoPE and the KV-cache write as its epilogue
+/// (`gemm_decode_qkv_rope_bf16`, with the fused RMSNorm, as the engine launches it for
+/// decode steps) equals `gemm_decode_qkv_bf16` then `rope_kv_write_bf16` to the bit on
+/// the GPU: rotated q rows and both caches (filled with other bytes first; one padding
+/// row with slot `U32_MAX`). TinyLlama's and Llama-8B's shapes at M = 1 and 16, a
+/// small ragged one.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gpu_gemm_decode_qkv_rope_equals_qkv_then_rope_kv_write() {
+    let mut rng = Rng::new("gpu_gemm_decode_qkv_rope");
+    let sms = dev().sm_count().unwrap();
+    let eps = 1e-5f32;
+    // (m, k, q heads, kv heads, head_dim)
+    let cases = [
+        (1usize, 2048usize, 32usize, 4usize, 64usize),
+        (16, 2048, 32, 4, 64),
+        (1, 4096, 32, 8, 128),
+        (5, 1000, 2, 1, 64),
+    ];
+    for (m, k, qh, kvh, hd) in cases {
+        let (nq, nkv) = (qh * hd, kvh * hd);
+        let up = |rng: &mut Rng, len: usize, a: f32| dev().upload(&rng.bf16(len, a)).unwrap();
+        let x = up(&mut rng, m * k, 2.0);
+        let norm = up(&mut rng, k, 1.5);
+        let ns = [nq, nkv, nkv];
+        let ws: Vec<DevBuf> = ns.iter().map(|&n| up(&mut rng, n * k, 0.5)).collect();
+        let bs: Vec<DevBuf> = ns.iter().map(|&n| up(&mut rng, n, 1.0)).collect();
+        let pos: Vec<u32> = (0..m).map(|_| rng.range(0, 4000) as u32).collect();
+        let inv: Vec<f32> = (0..hd / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        let nslots = 2 * m + 3;
+        let mut slots: Vec<u32> = (0..nslots as u32).collect();
+        for i in (1..slots.len()).rev() {
+            slots.swap(i, rng.range(0, i));
+        }
+        slots.truncate(m);
+        if m > 1 {
+            slots[rng.range(0, m - 1)] = u32::MAX;
+        }
+        let (pos, inv, slots) = (
+            dev().upload(&pos).unwrap(),
+            dev().upload(&inv).unwrap(),
+            dev().upload(&slots).unwrap(),
+        );
+        let cache = rng.bf16(nslots * nkv, 1.0);
+        let gx = ((nq + 2 * nkv) / 16) as u32;
+        let block = dec_block(gx, sms);
+        let launch = |name: &str, grid: u32, block: u32, args: &[Arg]| {
+            unsafe { dev().launch(name, [grid, 1, 1], block, args) }
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let weights = |args: &mut Vec<Arg>| {
+            args.extend(ws.iter().map(|w| Arg::Ptr(w.ptr())));
+            args.extend(bs.iter().map(|b| Arg::Ptr(b.ptr())));
+            args.extend([Arg::Ptr(norm.ptr()), Arg::F32(eps)]);
+        };
+        let run = |fused: bool| {
+            let q = dev().alloc_poisoned(m * nq * 2, 0xFF).unwrap();
+            let (kc, vc) = (dev().upload(&cache).unwrap(), dev().upload(&cache).unwrap());
+            if fused {
+                let mut args = vec![Arg::Ptr(q.ptr()), Arg::Ptr(x.ptr())];
+                weights(&mut args);
+                args.extend([pos.ptr(), inv.ptr(), kc.ptr(), vc.ptr(), slots.ptr()].map(Arg::Ptr));
+                args.extend([m, nq, nkv, k, k, hd].map(|v| Arg::U32(v as u32)));
+                launch("gemm_decode_qkv_rope_bf16", gx, block, &args);
+            } else {
+                let kb = dev().alloc_poisoned(m * nkv * 2, 0xFF).unwrap();
+                let vb = dev().alloc_poisoned(m * nkv * 2, 0xFF).unwrap();
+                let mut args: Vec<Arg> = [q.ptr(), kb.ptr(), vb.ptr(), x.ptr()]
+                    .map(Arg::Ptr)
+                    .to_vec();
+                weights(&mut args);
+                args.push(Arg::U32(m as u32));
+                args.extend([nq, nkv, nkv, k, k].map(|v| Arg::U32(v as u32)));
+                launch("gemm_decode_qkv_bf16", gx, block, &args);
+                let mut args: Vec<Arg> = [
+                    q.ptr(),
+                    kb.ptr(),
+                    vb.ptr(),
+                    pos.ptr(),
+                    inv.ptr(),
+                    kc.ptr(),
+                    vc.ptr(),
+                    slots.ptr(),
+                ]
+                .map(Arg::Ptr)
+                .to_vec();
+                args.extend([qh, kvh, hd, nq, nkv, nkv].map(|v| Arg::U32(v as u32)));
+                launch("rope_kv_write_bf16", m as u32, 128, &args);
+            }
+            [q, kc, vc].map(|b| b.download::<u8>().unwrap())
+        };
+        let (want, got) = (run(false), run(true));
+        let what = format!("m {m} k {k} heads {qh}/{kvh} d {hd}");
+        assert!(
+            !got[0].chunks(2).any(|c| c == [0xFF, 0xFF]),
+            "{what}: q left unwritten"
+        );
+        for (i, name) in ["rotated q", "k cache", "v cache"].iter().enumerate() {
+            assert!(got[i] == want[i], "{what}: {name} differs");
+        }
+        let before: Vec<u8> = cache.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert!(got[1] != before, "{what}: nothing was written");
+    }
+}
+
 /// The register-capped decode GEMM (`gemm_decode_bf16`: all 16 loads per lane issued
 /// before its mmas, see `gpu-kernels/src/maxnreg.txt`) equals the uncapped build of the
 /// same code (`gemm_decode64_bf16`) to the bit on the GPU: the cap moves loads, not the

@@ -749,6 +749,125 @@ unsafe fn gemm_decode_silu(
     }
 }
 
+/// The two n8 tiles (first W rows) of block `blk` of matrix `i` (0 = q, 1 = k, 2 = v) in
+/// `gemm_decode_qkv_rope_bf16`: v as the plain decode GEMM (16 consecutive columns); q
+/// and k 8 columns of one head's first half and the 8 they rotate with (`head_dim / 2`
+/// further on), so a thread holds both elements of its RoPE pairs. Either way
+/// `head_dim / 16` blocks per head (`head_dim % 16 == 0`).
+#[inline(always)]
+fn rope_tiles(i: u32, blk: u32, head_dim: u32) -> (u32, u32) {
+    if i == 2 {
+        (blk * DEC_COLS, blk * DEC_COLS + 8)
+    } else {
+        let per = head_dim / DEC_COLS;
+        let (h, g) = (blk / per, blk % per);
+        let c0 = h * head_dim + g * 8;
+        (c0, c0 + head_dim / 2)
+    }
+}
+
+/// A projection output as `store_out` rounds it to bf16 (bias null = none), as f32.
+#[inline(always)]
+unsafe fn biased_bf16(acc: f32, bias: *const Bf16, col: u32) -> f32 {
+    if bias as usize != 0 {
+        Bf16::round(acc + (*bias.add(col as usize)).to_f32())
+    } else {
+        Bf16::round(acc)
+    }
+}
+
+/// Where `gemm_decode_qkv_rope_bf16` puts its results: rotated q rows `[m, nq]`, and the
+/// rotated k and the v of row `r` into the paged caches at slot `slots[r]`
+/// (`[slot][kv_heads][head_dim]`; `U32_MAX` = no slot: not written).
+struct RopeOut {
+    q: *mut Bf16,
+    pos: *const u32,
+    inv_freq: *const f32,
+    k_cache: *mut Bf16,
+    v_cache: *mut Bf16,
+    slots: *const u32,
+    head_dim: u32,
+}
+
+/// The grouped q/k/v decode GEMM with RoPE and the K/V cache write as its epilogue (see
+/// `gemm_decode_qkv_rope_bf16`). Rounds exactly as `gemm_decode_qkv_bf16` followed by
+/// `rope_kv_write_bf16`: the projection to bf16 (after the bias), cos and sin to bf16,
+/// `o1 = bf16(x1·c) + bf16(-x2·s)`, `o2 = bf16(x2·c) + bf16(x1·s)`, each to bf16.
+#[inline(always)]
+unsafe fn gemm_decode_qkv_rope(
+    x: *const Bf16,
+    w: [*const Bf16; 3],
+    b: [*const Bf16; 3],
+    (m, nq, nkv, k, ldx): (u32, u32, u32, u32, u32),
+    out: RopeOut,
+    red: *mut f32,
+    norm: DecNorm,
+) {
+    check_dec_block();
+    let hd = out.head_dim;
+    let (i, blk) = qkv_pick(block_idx_x(), nq / DEC_COLS, nkv / DEC_COLS);
+    // (uniform per block: the whole block takes one branch, barriers stay matched)
+    let (w, bias) = if i == 0 {
+        (w[0], b[0])
+    } else if i == 1 {
+        (w[1], b[1])
+    } else {
+        (w[2], b[2])
+    };
+    let shape_ok = hd % DEC_COLS == 0 && hd != 0 && nq % hd == 0 && nkv % hd == 0;
+    if !shape_ok || !decode_vec_ok(k, ldx, [x as usize, w as usize, w as usize]) {
+        trap(); // the host checks both (the unfused launches serve the rest)
+    }
+    let (c0, c1) = rope_tiles(i, blk, hd);
+    let (xs, ws) = (x as *const u16, w as *const u16);
+    let normed = norm.w as usize != 0;
+    let mut m0 = 0;
+    while m0 < m {
+        if normed {
+            decode_norm_rows(xs, ldx, m0, m, k, red, norm);
+        }
+        decode_tc([ws, ws], [c0, c1], [8, 8], k, xs, ldx, m0, m, k, red, norm);
+        // one (tile 0, tile 1) pair of outputs per thread: the same row and offset
+        let mut t = thread_idx();
+        while t < 128 {
+            let (l, r) = (t & 31, t >> 5);
+            let row = m0 + (l >> 2) + (r >> 1) * 8;
+            let off = (l & 3) * 2 + (r & 1);
+            if row < m {
+                let (col0, col1) = (c0 + off, c1 + off);
+                let a0 = biased_bf16(decode_red(red, 0, r, l), bias, col0);
+                let a1 = biased_bf16(decode_red(red, 1, r, l), bias, col1);
+                let slot = *out.slots.add(row as usize);
+                let at = slot as usize * nkv as usize;
+                if i == 2 {
+                    if slot != U32_MAX {
+                        *out.v_cache.add(at + col0 as usize) = Bf16::from_f32(a0);
+                        *out.v_cache.add(at + col1 as usize) = Bf16::from_f32(a1);
+                    }
+                } else {
+                    let p = *out.pos.add(row as usize) as f32;
+                    let (sn, cs) =
+                        crate::small::sincos(p * *out.inv_freq.add((col0 % hd) as usize));
+                    let (c, sn) = (Bf16::round(cs), Bf16::round(sn));
+                    let o0 = Bf16::from_f32(Bf16::round(a0 * c) + Bf16::round(-a1 * sn));
+                    let o1 = Bf16::from_f32(Bf16::round(a1 * c) + Bf16::round(a0 * sn));
+                    if i == 0 {
+                        let q = out.q.add(row as usize * nq as usize);
+                        *q.add(col0 as usize) = o0;
+                        *q.add(col1 as usize) = o1;
+                    } else if slot != U32_MAX {
+                        *out.k_cache.add(at + col0 as usize) = o0;
+                        *out.k_cache.add(at + col1 as usize) = o1;
+                    }
+                }
+            }
+            t += block_dim();
+        }
+        sync_threads(); // red is reused by the next 16 rows
+        m0 += 16;
+    }
+}
+
 // ---------------------------------------------------------------- mma path
 
 /// The block tile of an mma kernel: `BM` x `BN` (128) output elements, `BM / 64` x 2
@@ -1157,6 +1276,30 @@ kernels! {
         };
         let norm = DecNorm { w: norm as *const u16, eps, inv };
         gemm_decode(y, x, w, bias, 0 as *const Bf16, m, n, k, ldx, n, red, 0 as *mut f32, 0, blk, norm);
+    }
+    /// `gemm_decode_qkv_bf16` (with its optional fused RMSNorm) then `rope_kv_write_bf16`
+    /// in one launch, for decode steps: q rows rotated into `q` `[m, nq]`, k rotated and
+    /// v written straight into the paged caches at `slots[row]` (`[slot][nkv]`,
+    /// `U32_MAX` = skip), positions `pos[row]`, frequencies `inv_freq[head_dim / 2]`. The
+    /// same bits as the two launches at the same block size (each output element sums
+    /// the same K split; q/k blocks pair 8 columns of a head's first half with the 8
+    /// they rotate with, so a block's output columns differ, not their sums). Needs
+    /// head_dim % 16 == 0, nq and nkv multiples of head_dim, the vectorised path
+    /// (k, ldx multiples of 8, 16-byte-aligned x); traps otherwise. block
+    /// `dec_block(grid.x, SMs)`, grid.x = (nq + 2·nkv) / 16.
+    pub fn gemm_decode_qkv_rope_bf16(q: *mut Bf16, x: *const Bf16, wq: *const Bf16, wk: *const Bf16, wv: *const Bf16, bq: *const Bf16, bk: *const Bf16, bv: *const Bf16, norm: *const Bf16, eps: f32, pos: *const u32, inv_freq: *const f32, k_cache: *mut Bf16, v_cache: *mut Bf16, slots: *const u32, m: u32, nq: u32, nkv: u32, k: u32, ldx: u32, head_dim: u32) prefetch {
+        let (i, blk) = qkv_pick(block_idx_x(), nq / DEC_COLS, nkv / DEC_COLS);
+        let (w, n) = if i == 0 { (wq, nq) } else if i == 1 { (wk, nkv) } else { (wv, nkv) };
+        if head_dim % DEC_COLS == 0 {
+            let (c0, c1) = rope_tiles(i, blk, head_dim);
+            prefetch_rows(w, c0, 8, n, k);
+            prefetch_rows(w, c1, 8, n, k);
+        }
+    } {
+        let smem = shared_bytes!(dec_smem, DEC_NORM_SMEM) as *mut f32;
+        let norm = DecNorm { w: norm as *const u16, eps, inv: smem.add(4096) };
+        let out = RopeOut { q, pos, inv_freq, k_cache, v_cache, slots, head_dim };
+        gemm_decode_qkv_rope(x, [wq, wk, wv], [bq, bk, bv], (m, nq, nkv, k, ldx), out, smem, norm);
     }
     /// Split-K decode GEMM, partials: `part[s][m][n]` (f32, splits x m x n) = x[m, K_s] · W[n, K_s]ᵀ
     /// over K_s = elements s·kchunk .. (s+1)·kchunk of K (s = block_idx_y; kchunk > 0, multiple

@@ -111,3 +111,178 @@ fn qkv_decode_gemm_equals_three_launches() {
         }
     }
 }
+
+/// `gemm_decode_qkv_rope_bf16` (RoPE and the K/V cache write as the grouped GEMM's
+/// epilogue) equals `gemm_decode_qkv_bf16` then `rope_kv_write_bf16` to the bit: the
+/// rotated q rows and every cache slot (caches filled with other values first, so an
+/// unwritten or misplaced slot shows), on fresh random shapes: head_dim 64 and 128,
+/// GQA groups, one and several 16-row passes, with and without biases and the fused
+/// RMSNorm, both block sizes, scattered slots and a padding row (slot `U32_MAX`: not
+/// written), positions up to 4000.
+#[test]
+fn qkv_rope_decode_gemm_equals_qkv_then_rope_kv_write() {
+    use remp_gpu_kernels::attention::rope_kv_write_bf16;
+    let mut rng = Rng::new("qkv_rope_decode_gemm");
+    for it in 0..6 {
+        let (kvh, group, d) = (
+            rng.range(1, 3),
+            rng.pick(&[1usize, 2, 4]),
+            [64usize, 128][it % 2],
+        );
+        let qh = kvh * group;
+        let (nq, nkv) = (qh * d, kvh * d);
+        let m = [1usize, 5, 16, 17, 2, 33][it];
+        let k = rng.pick(&[64usize, 256, 520]);
+        let ldx = k + [0usize, 8][it % 2];
+        let block = if it % 3 == 0 {
+            DEC_BLOCK_WIDE
+        } else {
+            DEC_BLOCK
+        };
+        let (biased, normed) = (it % 2 == 1, it % 3 != 1);
+        let eps = 1e-5f32;
+        let x = ABuf::new(&to_bf16(&rng.vec_f32(m * ldx, 2.0)));
+        let norm = ABuf::new(&to_bf16(&rng.vec_f32(k, 1.5)));
+        let ns = [nq, nkv, nkv];
+        let ws: Vec<ABuf<Bf16>> = ns
+            .iter()
+            .map(|&n| ABuf::new(&to_bf16(&rng.vec_f32(n * k, 0.5))))
+            .collect();
+        let bs: Vec<ABuf<Bf16>> = ns
+            .iter()
+            .map(|&n| ABuf::new(&to_bf16(&rng.vec_f32(n, 1.0))))
+            .collect();
+        let bias = |i: usize| {
+            if biased {
+                bs[i].ptr() as *const Bf16
+            } else {
+                null()
+            }
+        };
+        let normp = if normed {
+            norm.ptr() as *const Bf16
+        } else {
+            null()
+        };
+        let pos: Vec<u32> = (0..m).map(|_| rng.range(0, 4000) as u32).collect();
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+            .collect();
+        let nslots = 2 * m + 3;
+        let mut slots: Vec<u32> = (0..nslots as u32).collect();
+        for i in (1..slots.len()).rev() {
+            slots.swap(i, rng.range(0, i));
+        }
+        slots.truncate(m);
+        if m > 1 {
+            // a padding row (a single row is always written)
+            slots[rng.range(0, m - 1)] = u32::MAX;
+        }
+        let cache = to_bf16(&rng.vec_f32(nslots * nkv, 1.0));
+        let blocks = ((nq + 2 * nkv) / 16) as u32;
+        let (w0, w1, w2) = (ws[0].ptr(), ws[1].ptr(), ws[2].ptr());
+        let (xp, pp, ip, sp) = (
+            x.ptr() as *const Bf16,
+            pos.as_ptr(),
+            inv.as_ptr(),
+            slots.as_ptr(),
+        );
+        let (mu, nqu, nkvu, ku, ldxu, du) = (
+            m as u32, nq as u32, nkv as u32, k as u32, ldx as u32, d as u32,
+        );
+        // (q rows, k cache, v cache) after each way
+        let run = |fused: bool| {
+            let q = ABuf::new(&to_bf16(&vec![f32::NAN; m * nq]));
+            let (kc, vc) = (ABuf::new(&cache), ABuf::new(&cache));
+            let (qp, kp, vp) = (q.ptr(), kc.ptr(), vc.ptr());
+            // SAFETY: buffers sized for the launches (emulated threads).
+            unsafe {
+                if fused {
+                    launch([blocks, 1, 1], block, || {
+                        gemm_decode_qkv_rope_bf16(
+                            qp,
+                            xp,
+                            w0,
+                            w1,
+                            w2,
+                            bias(0),
+                            bias(1),
+                            bias(2),
+                            normp,
+                            eps,
+                            pp,
+                            ip,
+                            kp,
+                            vp,
+                            sp,
+                            mu,
+                            nqu,
+                            nkvu,
+                            ku,
+                            ldxu,
+                            du,
+                        )
+                    });
+                } else {
+                    let kb = ABuf::new(&to_bf16(&vec![f32::NAN; m * nkv]));
+                    let vb = ABuf::new(&to_bf16(&vec![f32::NAN; m * nkv]));
+                    let (kbp, vbp) = (kb.ptr(), vb.ptr());
+                    launch([blocks, 1, 1], block, || {
+                        gemm_decode_qkv_bf16(
+                            qp,
+                            kbp,
+                            vbp,
+                            xp,
+                            w0,
+                            w1,
+                            w2,
+                            bias(0),
+                            bias(1),
+                            bias(2),
+                            normp,
+                            eps,
+                            mu,
+                            nqu,
+                            nkvu,
+                            nkvu,
+                            ku,
+                            ldxu,
+                        )
+                    });
+                    launch([mu, 1, 1], 128, || {
+                        rope_kv_write_bf16(
+                            qp,
+                            kbp,
+                            vbp,
+                            pp,
+                            ip,
+                            kp,
+                            vp,
+                            sp,
+                            (nq / d) as u32,
+                            (nkv / d) as u32,
+                            du,
+                            nqu,
+                            nkvu,
+                            nkvu,
+                        )
+                    });
+                }
+            }
+            (q.to_vec(), kc.to_vec(), vc.to_vec())
+        };
+        let bits = |v: &[Bf16]| from_bf16(v).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (a, b) = (run(false), run(true));
+        let what = format!(
+            "case {it} (m {m} k {k} ldx {ldx} q/kv heads {qh}/{kvh} d {d} block {block} bias {biased} norm {normed})"
+        );
+        assert!(
+            from_bf16(&b.0).iter().all(|v| v.is_finite()),
+            "{what}: q unwritten"
+        );
+        assert_eq!(bits(&a.0), bits(&b.0), "{what}: rotated q");
+        assert_eq!(bits(&a.1), bits(&b.1), "{what}: k cache");
+        assert_eq!(bits(&a.2), bits(&b.2), "{what}: v cache");
+        assert_ne!(bits(&a.1), bits(&cache), "{what}: nothing was written");
+    }
+}

@@ -80,6 +80,7 @@ const GEMM: &[&str] = &[
     "gemm_decode64_bf16",
     "gemm_decode_bf16_f32out",
     "gemm_decode_qkv_bf16",
+    "gemm_decode_qkv_rope_bf16",
     "gemm_decode_silu_bf16",
     "gemm_decode_splitk_bf16",
     "gemm_splitk_reduce_bf16",

@@ -458,6 +458,7 @@ emulated! {
     gemm::gemm_decode64_bf16(y x w bias residual m n k ldx ldy);
     gemm::gemm_decode_bf16_f32out(y x w bias residual m n k ldx ldy);
     gemm::gemm_decode_qkv_bf16(y0 y1 y2 x w0 w1 w2 b0 b1 b2 norm eps m n0 n1 n2 k ldx);
+    gemm::gemm_decode_qkv_rope_bf16(q x wq wk wv bq bk bv norm eps pos inv_freq k_cache v_cache slots m nq nkv k ldx head_dim);
     gemm::gemm_decode_silu_bf16(y x w_gate w_up norm eps m n k ldx ldy);
     gemm::gemm_decode_splitk_bf16(part x w m n k ldx kchunk);
     gemm::gemm_splitk_reduce_bf16(y part bias residual m n ldy splits);

@@ -560,6 +560,82 @@ impl DeviceCompute {
         self.launch("gemm_decode_qkv_bf16", [gx, 1, 1], block, &args)
     }
 
+    /// RoPE on `t` rows of q and k (heads of `hd`) in place, then k and v into their
+    /// KV-cache slots: one launch (`rope_kv_write_bf16`).
+    fn rope_kv_write(
+        &self,
+        q: &Buf,
+        k: &Buf,
+        v: &Buf,
+        kv: &DevKv,
+        inp: &StepInputs,
+        (t, nq, nkv, hd): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        self.launch(
+            "rope_kv_write_bf16",
+            [t as u32, 1, 1],
+            row_threads((nq + nkv) * hd / 2, 2),
+            &[
+                Arg::from(q),
+                Arg::from(k),
+                Arg::from(v),
+                Arg::Ptr(inp.pos),
+                Arg::from(&self.inv_freq),
+                Arg::from(&kv.k),
+                Arg::from(&kv.v),
+                Arg::Ptr(inp.slots),
+                u(nq),
+                u(nkv),
+                u(hd),
+                u(nq * hd),
+                u(nkv * hd),
+                u(nkv * hd),
+            ],
+        )
+    }
+
+    /// A decode step's input RMSNorm, q/k/v projections, RoPE and KV-cache write in one
+    /// launch (`gemm_decode_qkv_rope_bf16`: the same bits as [`DeviceCompute::decode_qkv`]
+    /// with the norm, then [`DeviceCompute::rope_kv_write`]): q rotated into `qkv[0]`'s
+    /// buffer, k and v straight into their cache slots. `x` is the raw hidden state;
+    /// needs `k % 8 == 0` ([`fuse_norm`]) and `hd % 16 == 0`.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_qkv_rope(
+        &self,
+        qkv: &[(&Arc<Buf>, &Buf, u64, usize); 3],
+        x: &Buf,
+        norm: &Buf,
+        kv: &DevKv,
+        inp: &StepInputs,
+        (m, k): (usize, usize),
+        hd: usize,
+    ) -> Result<()> {
+        for (_, w, _, n) in qkv {
+            if w.len() != n * k * 2 {
+                return Err(dev_err(format!(
+                    "weight of {} B for a {n}x{k} GEMM",
+                    w.len()
+                )));
+            }
+        }
+        let (nq, nkv) = (qkv[0].3, qkv[1].3);
+        let gx = ((nq + 2 * nkv) / DEC_COLS as usize) as u32;
+        let block = dec_block(gx, self.dev.sm_count());
+        let mut args = vec![Arg::from(qkv[0].0), Arg::from(x)];
+        args.extend(qkv.iter().map(|e| Arg::from(e.1)));
+        args.extend(qkv.iter().map(|e| Arg::Ptr(e.2)));
+        args.extend(self.norm_args(Some(norm)));
+        args.extend([
+            Arg::Ptr(inp.pos),
+            Arg::from(&self.inv_freq),
+            Arg::from(&kv.k),
+            Arg::from(&kv.v),
+            Arg::Ptr(inp.slots),
+        ]);
+        args.extend([m, nq, nkv, k, k, hd].map(u));
+        self.launch("gemm_decode_qkv_rope_bf16", [gx, 1, 1], block, &args)
+    }
+
     /// The `norm, eps` arguments of a fused-norm decode kernel (null pointer: none).
     fn norm_args(&self, norm: Option<&Buf>) -> [Arg; 2] {
         [
@@ -700,7 +776,6 @@ impl DeviceCompute {
             )));
         }
         let (nq, nkv) = (heads.q_heads.len(), heads.kv_heads.len());
-        let rows = [t as u32, 1, 1];
 
         // Attention block.
         let half = nvtx::range_with(|| format!("{l} attention"));
@@ -733,37 +808,21 @@ impl DeviceCompute {
                 nkv * hd,
             ),
         ];
-        if fused {
-            self.decode_qkv(&qkv, x, Some(input_norm), (t, h))?;
-        } else if t <= DECODE_MAX_M || h % 8 != 0 {
-            self.decode_qkv(&qkv, &xn, None, (t, h))?;
+        if fused && hd % DEC_COLS as usize == 0 {
+            // norm, q/k/v, RoPE and the KV-cache write in one launch
+            self.decode_qkv_rope(&qkv, x, input_norm, kv, inp, (t, h), hd)?;
         } else {
-            for (out, w, b, n) in qkv {
-                self.gemm(out.ptr(), xn.ptr(), w, b, 0, (t, n, h), false)?;
+            if fused {
+                self.decode_qkv(&qkv, x, Some(input_norm), (t, h))?;
+            } else if t <= DECODE_MAX_M || h % 8 != 0 {
+                self.decode_qkv(&qkv, &xn, None, (t, h))?;
+            } else {
+                for (out, w, b, n) in qkv {
+                    self.gemm(out.ptr(), xn.ptr(), w, b, 0, (t, n, h), false)?;
+                }
             }
+            self.rope_kv_write(&q, &k, &v, kv, inp, (t, nq, nkv, hd))?;
         }
-        // RoPE on q and k in place, then k and v into their KV-cache slots: one launch.
-        self.launch(
-            "rope_kv_write_bf16",
-            rows,
-            row_threads((nq + nkv) * hd / 2, 2),
-            &[
-                Arg::from(&q),
-                Arg::from(&k),
-                Arg::from(&v),
-                Arg::Ptr(inp.pos),
-                Arg::from(&self.inv_freq),
-                Arg::from(&kv.k),
-                Arg::from(&kv.v),
-                Arg::Ptr(inp.slots),
-                u(nq),
-                u(nkv),
-                u(hd),
-                u(nq * hd),
-                u(nkv * hd),
-                u(nkv * hd),
-            ],
-        )?;
         let attn = self.scratch("attn", t * nq * hd * 2)?;
         self.attention(&attn, &q, kv, nq, nkv, geom, inp)?;
         self.project_residual(
