@@ -12,8 +12,11 @@
 //!
 //! A message holds host floats, or — between device workers on one device (the same-
 //! device transport) — a device buffer whose ownership moves with the message: the
-//! sender copies into a fresh buffer and hands it over, so no two workers ever use the
-//! same memory, and its bytes are counted like any other message's.
+//! sender copies into a fresh buffer and hands it over, so no worker's own memory is
+//! ever another's, and its bytes are counted like any other message's. The one
+//! exception to sole ownership is [`Comm::send_shared`]: an all-reduce partial sent to
+//! every peer of a group as one read-only buffer, which each receiver copies into its
+//! own memory (counted once per receiver); reshard pieces and hand-offs always move.
 
 use crate::backend::device::Buf;
 use crate::error::{Error, Result};
@@ -77,6 +80,10 @@ pub enum Lane {
 enum Payload {
     Host(Vec<f32>),
     Device(Buf),
+    /// One device buffer sent to several endpoints, each of which only reads it (the
+    /// same-device all-reduce's partial: one copy for the whole group, not one per
+    /// peer). Freed, stream-ordered, when the last receiver drops it.
+    Shared(Arc<Buf>),
     /// Bytes a collective (NCCL across GPUs) moved, or is about to move, from the sender
     /// to the receiver: the notice that counts them and checks the protocol.
     Wire(u64),
@@ -92,6 +99,7 @@ impl Msg {
     fn dev_bytes(&self) -> usize {
         match &self.data {
             Payload::Device(b) => b.len(),
+            Payload::Shared(b) => b.len(),
             Payload::Host(_) | Payload::Wire(_) => 0,
         }
     }
@@ -241,6 +249,13 @@ impl Comm {
         self.post(to, tag, Payload::Device(buf), bytes)
     }
 
+    /// Sends a device buffer that `to` (and whoever else gets a clone of `buf`) only reads,
+    /// without a copy per receiver; counted per receiver as [`Comm::send_buf`] counts.
+    pub fn send_shared(&self, to: usize, tag: Tag, buf: Arc<Buf>) -> Result<()> {
+        let bytes = buf.len() as u64;
+        self.post(to, tag, Payload::Shared(buf), bytes)
+    }
+
     /// Tells endpoint `to` that a collective on another transport (NCCL between GPUs)
     /// moves `bytes` bytes to it for `tag`, and counts them: the bytes themselves never
     /// pass through here, but every one is counted and the receiver checks the tag.
@@ -283,6 +298,16 @@ impl Comm {
         }
     }
 
+    /// Receives a device buffer sent with [`Comm::send_shared`] (or [`Comm::send_buf`]),
+    /// to read.
+    pub fn recv_shared(&self, from: usize, tag: Tag) -> Result<Arc<Buf>> {
+        match self.take(from, tag)? {
+            Payload::Shared(b) => Ok(b),
+            Payload::Device(b) => Ok(Arc::new(b)),
+            data => Err(self.unexpected("a device buffer", from, Msg { tag, data })),
+        }
+    }
+
     /// Receives a notice sent with [`Comm::send_wire`]: the bytes the collective moves.
     pub fn recv_wire(&self, from: usize, tag: Tag) -> Result<u64> {
         match self.take(from, tag)? {
@@ -297,6 +322,7 @@ impl Comm {
         let got = match &m.data {
             Payload::Host(_) => "host data",
             Payload::Device(_) => "a device buffer",
+            Payload::Shared(_) => "a shared device buffer",
             Payload::Wire(_) => "a collective's notice",
         };
         let tag = m.tag;
@@ -524,6 +550,46 @@ mod tests {
             .send_buf(1, Tag::Handoff(1), EmuDevice::new().alloc(4).unwrap())
             .unwrap();
         assert!(compute[1].recv(0, Tag::Handoff(1)).is_err());
+    }
+
+    /// One buffer shared with two peers: each receives the same allocation, each
+    /// receipt is counted (as two sends of it would be), and the memory lives until the
+    /// last holder drops it. A shared buffer is not an owned one (`recv_buf` refuses it).
+    #[test]
+    fn shared_device_buffers_are_counted_per_receiver() {
+        use crate::backend::device::{emu::EmuDevice, Device};
+        let (compute, _, stats) = fabric(3, Duration::from_millis(50));
+        let b = Arc::new(EmuDevice::new().alloc(64).unwrap());
+        let p = b.ptr();
+        for to in [1, 2] {
+            compute[0]
+                .send_shared(to, Tag::AllReduce(3), b.clone())
+                .unwrap();
+        }
+        drop(b);
+        let got1 = compute[1].recv_shared(0, Tag::AllReduce(3)).unwrap();
+        let got2 = compute[2].recv_shared(0, Tag::AllReduce(3)).unwrap();
+        assert_eq!((got1.ptr(), got2.ptr(), got1.len()), (p, p, 64));
+        assert_eq!(Arc::strong_count(&got1), 2, "the two receivers hold it");
+        assert_eq!(stats.between(Lane::Compute, 0, 1), 64);
+        assert_eq!(stats.between(Lane::Compute, 0, 2), 64);
+        assert_eq!(stats.total(Lane::Compute), 128);
+        compute[0]
+            .send_shared(1, Tag::AllReduce(4), got2.clone())
+            .unwrap();
+        let err = compute[1]
+            .recv_buf(0, Tag::AllReduce(4))
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("shared device buffer"), "{err}");
+        // and an owned buffer can be read as a shared one
+        compute[0]
+            .send_buf(1, Tag::AllReduce(5), EmuDevice::new().alloc(8).unwrap())
+            .unwrap();
+        assert_eq!(
+            compute[1].recv_shared(0, Tag::AllReduce(5)).unwrap().len(),
+            8
+        );
     }
 
     #[test]

@@ -990,8 +990,8 @@ impl DeviceCompute {
 
     /// `x += Σ_group (input · Wᵀ) (+ bias)` across a group of ranks on one device: this
     /// member's f32 partial goes into its slot of `[group, t, h]`, a copy of it to every
-    /// peer (a fresh buffer each, handed over through the Comm layer), the peers'
-    /// partials into their slots, then one split-K reduce launch sums the slots in group
+    /// peer (one fresh read-only buffer for the group, handed over through the Comm
+    /// layer: [`DeviceCompute::share_with_group`]), the peers' partials into their slots, then one split-K reduce launch sums the slots in group
     /// order and applies the bias, bf16 rounding and residual add of the one-rank GEMM.
     #[allow(clippy::too_many_arguments)]
     fn reduce_on_device(
@@ -1056,11 +1056,12 @@ impl DeviceCompute {
     }
 
     /// Same-device exchange within group `g` (this worker is member `idx`) in step
-    /// `step`: a copy of `bytes` bytes of `src` from `off` goes to every peer (a fresh
-    /// buffer each, marked ready by an event on this stream and handed over through the
-    /// Comm layer), and `each(j, buf)` queues this worker's use of member `j`'s buffer,
-    /// in group order, after its stream waits for the sender's event. Nothing here
-    /// blocks the host: the received buffers are freed after every stream's queued work.
+    /// `step`: a copy of `bytes` bytes of `src` from `off` (a fresh buffer, marked ready
+    /// by an event on this stream) goes to every peer through the Comm layer, one buffer
+    /// shared by all of them (each only reads it; counted once per peer), and
+    /// `each(j, buf)` queues this worker's use of member `j`'s buffer, in group order,
+    /// after its stream waits for the sender's event. Nothing here blocks the host: a
+    /// buffer is freed after every stream's queued work once its last reader drops it.
     #[allow(clippy::too_many_arguments)]
     fn share_with_group(
         &self,
@@ -1073,27 +1074,28 @@ impl DeviceCompute {
         bytes: usize,
         mut each: impl FnMut(usize, &Buf) -> Result<()>,
     ) -> Result<()> {
-        let mut outgoing = Vec::new();
-        trace::timed("exchange send", || -> Result<()> {
+        if g.len() > 1 {
+            // One copy for the whole group (every peer only reads it): an allocation and
+            // a copy per exchange, not per peer (at tp4 on one GPU the host's driver
+            // calls are the step's bottleneck: docs/gpu-results.md, run 8).
+            let mut out = trace::timed("exchange send", || -> Result<Buf> {
+                let b = self.alloc(bytes)?;
+                self.d()?.copy(&b, 0, src, off, bytes)?;
+                Ok(b)
+            })?;
+            // A peer's stream waits for this event before reading.
+            out.set_ready(self.d()?.record()?);
+            let out = Arc::new(out);
             for (j, peer) in g.workers().iter().enumerate() {
                 if j != idx {
-                    let b = self.alloc(bytes)?;
-                    self.d()?.copy(&b, 0, src, off, bytes)?;
-                    outgoing.push((*peer, b));
+                    comm.send_shared(peer.0, Tag::AllReduce(step), out.clone())?;
                 }
             }
-            Ok(())
-        })?;
-        // One event after all the copies: a peer's stream waits for it before reading.
-        let ready = self.d()?.record()?;
-        for (peer, mut b) in outgoing {
-            b.set_ready(ready.clone());
-            comm.send_buf(peer.0, Tag::AllReduce(step), b)?;
         }
         for (j, peer) in g.workers().iter().enumerate() {
             if j != idx {
                 let b = trace::timed("exchange wait", || {
-                    comm.recv_buf(peer.0, Tag::AllReduce(step))
+                    comm.recv_shared(peer.0, Tag::AllReduce(step))
                 })?;
                 if b.len() < bytes {
                     return Err(dev_err(format!(
