@@ -357,6 +357,11 @@ impl DecNorm {
         eps: 0.0,
         inv: 0 as *mut f32,
     };
+    /// No norm, or a norm weight the 16-byte chunk loads can read.
+    #[inline(always)]
+    fn aligned(self) -> bool {
+        aligned16(self.w as usize)
+    }
 }
 
 /// Shared memory of the fused-norm decode kernels: `dec_smem` (16 KiB) + 16 floats.
@@ -585,7 +590,7 @@ unsafe fn gemm_decode<O: Elem>(
     check_dec_block();
     // this block's 16 columns: column block `blk` (block_idx_x, or its place in a group)
     let nb = blk * DEC_COLS;
-    let vec_ok = decode_vec_ok(k, ldx, [x as usize, w as usize, w as usize]);
+    let vec_ok = decode_vec_ok(k, ldx, [x as usize, w as usize, w as usize]) && norm.aligned();
     // this block's K range: all of K, or (split-K, `part` not null) elements
     // k0 .. k0 + kchunk of it for split block_idx_y (kchunk % 8 == 0 keeps the
     // 16-byte alignment of the vectorised path)
@@ -699,7 +704,8 @@ unsafe fn gemm_decode_silu(
     check_dec_block();
     let x = x as *const u16;
     let nb = block_idx_x() * (DEC_COLS / 2);
-    let vec_ok = decode_vec_ok(k, ldx, [x as usize, w_gate as usize, w_up as usize]);
+    let vec_ok =
+        decode_vec_ok(k, ldx, [x as usize, w_gate as usize, w_up as usize]) && norm.aligned();
     let normed = norm.w as usize != 0;
     if vec_ok {
         // tile 0 = gate rows nb..nb+8, tile 1 = up rows of the same columns
@@ -815,7 +821,8 @@ unsafe fn gemm_decode_qkv_rope(
         (w[2], b[2])
     };
     let shape_ok = hd % DEC_COLS == 0 && hd != 0 && nq % hd == 0 && nkv % hd == 0;
-    if !shape_ok || !decode_vec_ok(k, ldx, [x as usize, w as usize, w as usize]) {
+    if !shape_ok || !decode_vec_ok(k, ldx, [x as usize, w as usize, w as usize]) || !norm.aligned()
+    {
         trap(); // the host checks both (the unfused launches serve the rest)
     }
     let (c0, c1) = rope_tiles(i, blk, hd);
@@ -1257,7 +1264,8 @@ kernels! {
     /// grid.x = Σ ceil(n_i / 16).
     /// `norm` (the layer's input RMSNorm weight `[k]`) not null: x is the un-normalized
     /// hidden state and every block normalizes it as it loads it (`DecNorm`; the
-    /// vectorised path only: k % 8 == 0, ldx % 8 == 0, 16-byte-aligned x, else it traps).
+    /// vectorised path only: k % 8 == 0, ldx % 8 == 0, 16-byte-aligned x and norm, else it
+    /// traps).
     pub fn gemm_decode_qkv_bf16(y0: *mut Bf16, y1: *mut Bf16, y2: *mut Bf16, x: *const Bf16, w0: *const Bf16, w1: *const Bf16, w2: *const Bf16, b0: *const Bf16, b1: *const Bf16, b2: *const Bf16, norm: *const Bf16, eps: f32, m: u32, n0: u32, n1: u32, n2: u32, k: u32, ldx: u32) prefetch {
         let (i, blk) = qkv_pick(block_idx_x(), div_ceil(n0, DEC_COLS), div_ceil(n1, DEC_COLS));
         let (w, n) = if i == 0 { (w0, n0) } else if i == 1 { (w1, n1) } else { (w2, n2) };
@@ -1290,7 +1298,7 @@ kernels! {
     pub fn gemm_decode_qkv_rope_bf16(q: *mut Bf16, x: *const Bf16, wq: *const Bf16, wk: *const Bf16, wv: *const Bf16, bq: *const Bf16, bk: *const Bf16, bv: *const Bf16, norm: *const Bf16, eps: f32, pos: *const u32, inv_freq: *const f32, k_cache: *mut Bf16, v_cache: *mut Bf16, slots: *const u32, m: u32, nq: u32, nkv: u32, k: u32, ldx: u32, head_dim: u32) prefetch {
         let (i, blk) = qkv_pick(block_idx_x(), nq / DEC_COLS, nkv / DEC_COLS);
         let (w, n) = if i == 0 { (wq, nq) } else if i == 1 { (wk, nkv) } else { (wv, nkv) };
-        if head_dim % DEC_COLS == 0 {
+        if head_dim % DEC_COLS == 0 && head_dim != 0 {
             let (c0, c1) = rope_tiles(i, blk, head_dim);
             prefetch_rows(w, c0, 8, n, k);
             prefetch_rows(w, c1, 8, n, k);

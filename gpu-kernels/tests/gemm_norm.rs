@@ -291,19 +291,23 @@ fn silu_decode_gemm_with_fused_norm() {
 }
 
 /// With a norm weight, rows the vectorised path cannot read (K or the row stride not a
-/// multiple of 8) trap instead of computing without the norm.
+/// multiple of 8) or a norm weight it cannot (not 16-byte aligned) trap instead of
+/// computing without the norm.
 #[test]
 fn fused_norm_on_unaligned_rows_traps() {
     let x = ABuf::new(&to_bf16(&[0.5f32; 256]));
     let y = ABuf::new(&to_bf16(&[0.0f32; 256]));
     let (xp, yp) = (x.ptr() as *const Bf16, y.ptr());
-    for (k, ldx) in [(12u32, 12u32), (16, 17)] {
+    // SAFETY: inside x (256 elements).
+    let off = unsafe { xp.add(1) };
+    for (k, ldx, norm) in [(12u32, 12u32, xp), (16, 17, xp), (16, 16, off)] {
+        let what = format!("k {k} ldx {ldx} norm aligned {}", norm == xp);
         let r = std::panic::catch_unwind(|| unsafe {
             launch([1, 1, 1], DEC_BLOCK, || {
-                gemm_decode_silu_bf16(yp, xp, xp, xp, xp, EPS, 2, 8, k, ldx, 8)
+                gemm_decode_silu_bf16(yp, xp, xp, xp, norm, EPS, 2, 8, k, ldx, 8)
             })
         });
-        assert!(r.is_err(), "silu k {k} ldx {ldx} did not trap");
+        assert!(r.is_err(), "silu {what} did not trap");
         let r = std::panic::catch_unwind(|| unsafe {
             launch([3, 1, 1], DEC_BLOCK, || {
                 gemm_decode_qkv_bf16(
@@ -317,7 +321,7 @@ fn fused_norm_on_unaligned_rows_traps() {
                     null(),
                     null(),
                     null(),
-                    xp,
+                    norm,
                     EPS,
                     2,
                     8,
@@ -328,6 +332,6 @@ fn fused_norm_on_unaligned_rows_traps() {
                 )
             })
         });
-        assert!(r.is_err(), "qkv k {k} ldx {ldx} did not trap");
+        assert!(r.is_err(), "qkv {what} did not trap");
     }
 }
