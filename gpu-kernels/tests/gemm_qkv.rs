@@ -29,21 +29,9 @@ fn qkv_decode_gemm_equals_three_launches() {
         };
         let biased = it % 2 == 1;
         let x = ABuf::new(&to_bf16(&rng.vec_f32(m * ldx, 1.0)));
-        let ws: Vec<ABuf<Bf16>> = ns
-            .iter()
-            .map(|&n| ABuf::new(&to_bf16(&rng.vec_f32(n * k, 0.5))))
-            .collect();
-        let bs: Vec<ABuf<Bf16>> = ns
-            .iter()
-            .map(|&n| ABuf::new(&to_bf16(&rng.vec_f32(n, 1.0))))
-            .collect();
-        let bias = |i: usize| {
-            if biased {
-                bs[i].ptr() as *const Bf16
-            } else {
-                null()
-            }
-        };
+        let ws = rand_bf16_bufs(&mut rng, &ns.map(|n| n * k), 0.5);
+        let bs = rand_bf16_bufs(&mut rng, &ns, 1.0);
+        let bias = |i: usize| ptr_if(biased, &bs[i]);
         // outputs poisoned: every element must be written
         let poison = |n: usize| ABuf::new(&to_bf16(&vec![f32::NAN; m * n]));
         let (one, grouped): (Vec<_>, Vec<_>) = ns.iter().map(|&n| (poison(n), poison(n))).unzip();
@@ -144,21 +132,9 @@ fn qkv_rope_decode_gemm_equals_qkv_then_rope_kv_write() {
         let x = ABuf::new(&to_bf16(&rng.vec_f32(m * ldx, 2.0)));
         let norm = ABuf::new(&to_bf16(&rng.vec_f32(k, 1.5)));
         let ns = [nq, nkv, nkv];
-        let ws: Vec<ABuf<Bf16>> = ns
-            .iter()
-            .map(|&n| ABuf::new(&to_bf16(&rng.vec_f32(n * k, 0.5))))
-            .collect();
-        let bs: Vec<ABuf<Bf16>> = ns
-            .iter()
-            .map(|&n| ABuf::new(&to_bf16(&rng.vec_f32(n, 1.0))))
-            .collect();
-        let bias = |i: usize| {
-            if biased {
-                bs[i].ptr() as *const Bf16
-            } else {
-                null()
-            }
-        };
+        let ws = rand_bf16_bufs(&mut rng, &ns.map(|n| n * k), 0.5);
+        let bs = rand_bf16_bufs(&mut rng, &ns, 1.0);
+        let bias = |i: usize| ptr_if(biased, &bs[i]);
         let normp = if normed {
             norm.ptr() as *const Bf16
         } else {

@@ -155,3 +155,20 @@ impl<T: Copy> ABuf<T> {
         unsafe { std::slice::from_raw_parts(self.ptr(), self.len).to_vec() }
     }
 }
+
+/// A fresh random bf16 buffer (uniform ±`a`) of each length in `lens`: the weights or
+/// biases of several GEMMs.
+pub fn rand_bf16_bufs(rng: &mut Rng, lens: &[usize], a: f32) -> Vec<ABuf<Bf16>> {
+    lens.iter()
+        .map(|&n| ABuf::new(&to_bf16(&rng.vec_f32(n, a))))
+        .collect()
+}
+
+/// `b`'s pointer when `on`, else null (an optional kernel argument).
+pub fn ptr_if(on: bool, b: &ABuf<Bf16>) -> *const Bf16 {
+    if on {
+        b.ptr()
+    } else {
+        std::ptr::null()
+    }
+}

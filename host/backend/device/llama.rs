@@ -81,6 +81,17 @@ fn row_threads(work: usize, per_thread: usize) -> u32 {
     want.clamp(BLOCK as usize, 1024) as u32
 }
 
+/// A bf16 weight `[n, k]` of the size a GEMM expects.
+fn check_weight(w: &Buf, n: usize, k: usize) -> Result<()> {
+    if w.len() != n * k * 2 {
+        return Err(dev_err(format!(
+            "weight of {} B for a {n}x{k} GEMM",
+            w.len()
+        )));
+    }
+    Ok(())
+}
+
 fn dev_err(msg: impl Into<String>) -> Error {
     Error::Device(msg.into())
 }
@@ -502,12 +513,7 @@ impl DeviceCompute {
         (m, n, k): (usize, usize, usize),
         f32out: bool,
     ) -> Result<()> {
-        if w.len() != n * k * 2 {
-            return Err(dev_err(format!(
-                "weight of {} B for a {n}x{k} GEMM",
-                w.len()
-            )));
-        }
+        check_weight(w, n, k)?;
         let args = crate::kernels::gemm_args([y, x, w.ptr(), bias, residual], (m, n, k), (k, n));
         let out = if f32out { "_f32out" } else { "" };
         if m <= DECODE_MAX_M || k % 8 != 0 {
@@ -540,12 +546,7 @@ impl DeviceCompute {
         (m, k): (usize, usize),
     ) -> Result<()> {
         for (_, w, _, n) in qkv {
-            if w.len() != n * k * 2 {
-                return Err(dev_err(format!(
-                    "weight of {} B for a {n}x{k} GEMM",
-                    w.len()
-                )));
-            }
+            check_weight(w, *n, k)?;
         }
         let gx: u32 = qkv.iter().map(|e| (e.3 as u32).div_ceil(DEC_COLS)).sum();
         let block = dec_block(gx, self.dev.sm_count());
@@ -611,12 +612,7 @@ impl DeviceCompute {
         hd: usize,
     ) -> Result<()> {
         for (_, w, _, n) in qkv {
-            if w.len() != n * k * 2 {
-                return Err(dev_err(format!(
-                    "weight of {} B for a {n}x{k} GEMM",
-                    w.len()
-                )));
-            }
+            check_weight(w, *n, k)?;
         }
         let (nq, nkv) = (qkv[0].3, qkv[1].3);
         let gx = ((nq + 2 * nkv) / DEC_COLS as usize) as u32;
