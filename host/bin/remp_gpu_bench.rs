@@ -12,6 +12,9 @@
 //! - decode attention, batch 32 × 4096 context (8 KV heads, 32 q heads, d 128): KV bytes
 //!   read / time (incl. the split-K combine), % of HBM, for `attn_decode_bf16` and the
 //!   `cp.async`-pipelined `attn_decode_pipelined_bf16` side by side on each split size;
+//! - the fused decode-layer kernels (`gemm_decode_qkv_rope_bf16` with its RMSNorm, and
+//!   `gemm_decode_silu_bf16` with its RMSNorm) against the launches they replace, on a
+//!   1.1B layer at M = 1 and 16: µs each way (eager launches, weights rotating), speed-up;
 //! - causal prefill attention, 4 sequences × 2048 new tokens (no cache, 32 q / 8 KV
 //!   heads, d 128): `attn_prefill_bf16` (SIMT) and `attn_prefill_mma_bf16` (tensor
 //!   cores) in the same run: ms, TFLOP/s (causal: half the FLOPs), mma / SIMT speed-up
@@ -629,6 +632,127 @@ fn run(profile: bool, no_wgmma: bool) -> Result<()> {
             "splits": per_split[ki]}));
     }
 
+    // ---- the fused decode-layer kernels against the launches they replace (1.1B
+    // layer: hidden 2048, 32 q / 4 KV heads of 64, intermediate 5632), M = 1 and 16,
+    // weights rotating through the pool as a step's weights do (not L2-resident)
+    if !profile {
+        let (h, qh, kvh, d, inter) = (2048usize, 32usize, 4usize, 64usize, 5632usize);
+        let (nq, nkv) = (qh * d, kvh * d);
+        let eps = Arg::F32(1e-5);
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
+            .collect();
+        let inv = dev.upload(&inv)?;
+        let norm = pool.at(POOL - 256 * MIB); // random bf16, as every operand here
+                                              // the engine's one-block-per-row widths (`row_threads` in backend/device/llama.rs)
+        let row_threads =
+            |work: usize| (work.div_ceil(2).next_multiple_of(32)).clamp(128, 1024) as u32;
+        for m in [1usize, 16] {
+            let x = pool.at(POOL - 128 * MIB);
+            let xn = dev.alloc(m * h * 2)?;
+            let (q, kb, vb) = (
+                dev.alloc(m * nq * 2)?,
+                dev.alloc(m * nkv * 2)?,
+                dev.alloc(m * nkv * 2)?,
+            );
+            let (kc, vc) = (dev.alloc(m * nkv * 2)?, dev.alloc(m * nkv * 2)?);
+            let act = dev.alloc(m * inter * 2)?;
+            let pos = dev.upload(&(0..m as u32).map(|i| 100 + i).collect::<Vec<u32>>())?;
+            let slots = dev.upload(&(0..m as u32).collect::<Vec<u32>>())?;
+            let qkv_bytes = (nq + 2 * nkv) * h * 2;
+            let gx = ((nq + 2 * nkv) / 16) as u32;
+            let block = dec_block(gx, sms);
+            let rms = |out: u64| -> Result<()> {
+                let args = [
+                    Arg::Ptr(out),
+                    Arg::Ptr(x),
+                    Arg::Ptr(norm),
+                    Arg::U32(h as u32),
+                    eps,
+                ];
+                unsafe { dev.launch("rmsnorm_bf16", [m as u32, 1, 1], row_threads(h), &args) }
+            };
+            // (w, norm pointer or 0): q/k/v weights one after another in the pool
+            let qkv_w = |i: usize| {
+                let w = rot(i, qkv_bytes);
+                [w, w + (nq * h * 2) as u64, w + ((nq + nkv) * h * 2) as u64]
+            };
+            let unfused_attn = b.time(11, 8, |i| {
+                rms(xn.ptr())?;
+                let mut args: Vec<Arg> = [q.ptr(), kb.ptr(), vb.ptr(), xn.ptr()]
+                    .map(Arg::Ptr)
+                    .to_vec();
+                args.extend(qkv_w(i).map(Arg::Ptr));
+                args.extend([Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), eps]);
+                args.extend([m, nq, nkv, nkv, h, h].map(|v| Arg::U32(v as u32)));
+                unsafe { dev.launch("gemm_decode_qkv_bf16", [gx, 1, 1], block, &args) }?;
+                let mut args: Vec<Arg> = [
+                    q.ptr(),
+                    kb.ptr(),
+                    vb.ptr(),
+                    pos.ptr(),
+                    inv.ptr(),
+                    kc.ptr(),
+                    vc.ptr(),
+                    slots.ptr(),
+                ]
+                .map(Arg::Ptr)
+                .to_vec();
+                args.extend([qh, kvh, d, nq, nkv, nkv].map(|v| Arg::U32(v as u32)));
+                let threads = row_threads((qh + kvh) * d / 2);
+                unsafe { dev.launch("rope_kv_write_bf16", [m as u32, 1, 1], threads, &args) }
+            })?;
+            let fused_attn = b.time(11, 8, |i| {
+                let mut args = vec![Arg::Ptr(q.ptr()), Arg::Ptr(x)];
+                args.extend(qkv_w(i).map(Arg::Ptr));
+                args.extend([Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(0), Arg::Ptr(norm), eps]);
+                args.extend([pos.ptr(), inv.ptr(), kc.ptr(), vc.ptr(), slots.ptr()].map(Arg::Ptr));
+                args.extend([m, nq, nkv, h, h, d].map(|v| Arg::U32(v as u32)));
+                unsafe { dev.launch("gemm_decode_qkv_rope_bf16", [gx, 1, 1], block, &args) }
+            })?;
+            let gu_bytes = 2 * inter * h * 2;
+            let sgx = inter.div_ceil(8) as u32;
+            let sblock = dec_block(sgx, sms);
+            let silu = |i: usize, src: u64, normp: u64| -> Result<()> {
+                let w = rot(i, gu_bytes);
+                let mut args = vec![Arg::Ptr(act.ptr()), Arg::Ptr(src), Arg::Ptr(w)];
+                args.extend([Arg::Ptr(w + (inter * h * 2) as u64), Arg::Ptr(normp), eps]);
+                args.extend([m, inter, h, h, inter].map(|v| Arg::U32(v as u32)));
+                unsafe { dev.launch("gemm_decode_silu_bf16", [sgx, 1, 1], sblock, &args) }
+            };
+            let unfused_mlp = b.time(11, 8, |i| {
+                rms(xn.ptr())?;
+                silu(i, xn.ptr(), 0)
+            })?;
+            let fused_mlp = b.time(11, 8, |i| silu(i, x, norm))?;
+            for (what, unfused, fused, parts) in [
+                (
+                    "norm + q/k/v + RoPE + KV write",
+                    unfused_attn,
+                    fused_attn,
+                    "rmsnorm_bf16 + gemm_decode_qkv_bf16 + rope_kv_write_bf16",
+                ),
+                (
+                    "norm + gate/up SiLU",
+                    unfused_mlp,
+                    fused_mlp,
+                    "rmsnorm_bf16 + gemm_decode_silu_bf16",
+                ),
+            ] {
+                println!(
+                    "fused {what} M={m}: {:.1} us vs {:.1} us for {parts}: {:.2}x",
+                    fused * 1e3,
+                    unfused * 1e3,
+                    unfused / fused
+                );
+                b.rows.push(
+                    json!({"bench": "fused_decode", "what": what, "m": m, "fused_ms": fused,
+                    "unfused_ms": unfused, "unfused_kernels": parts, "speedup": unfused / fused}),
+                );
+            }
+        }
+    }
+
     // ---- prefill attention: 4 sequences x 2048 new tokens (no cache), SIMT vs mma
     {
         let (seqs, len, qh, kvh, d, bs) = (4usize, 2048usize, 32usize, 8usize, 128usize, 16usize);
@@ -790,6 +914,11 @@ fn run(profile: bool, no_wgmma: bool) -> Result<()> {
                     .map(|x| format!("{x:.1} TFLOP/s"))
                     .unwrap_or("-".into()),
                 format!("SIMT {:.1} TFLOP/s", r["simt_tflops"].as_f64().unwrap()),
+            ),
+            "fused_decode" => (
+                format!("fused {} M={}", r["what"].as_str().unwrap_or("?"), r["m"]),
+                format!("{:.1} us", r["fused_ms"].as_f64().unwrap() * 1e3),
+                format!("{:.2}x unfused", r["speedup"].as_f64().unwrap()),
             ),
             _ => continue,
         };
