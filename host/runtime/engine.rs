@@ -137,8 +137,7 @@ impl DeviceKind {
             return Ok(None);
         };
         // the compute handle only: copy handles launch reshard kernels one by one
-        dev.set_pdl(pdl)
-            .map_err(|e| Error::Device(format!("GPU {}: {e}", gpu.0)))?;
+        dev.set_pdl(pdl).map_err(|e| on_gpu(gpu, e))?;
         let dc = DeviceCompute::new(dev, cfg.clone())?.with_exchange(exchange);
         Ok(Some(match graphs {
             // A few runs per segment: every layer's, for a few batch shapes at once.
@@ -163,11 +162,18 @@ impl DeviceKind {
                     _ => gpu.0,
                 };
                 Some(Box::new(
-                    CudaDevice::open(physical)
-                        .map_err(|e| Error::Device(format!("GPU {}: {e}", gpu.0)))?,
+                    CudaDevice::open(physical).map_err(|e| on_gpu(gpu, e))?,
                 ))
             }
         })
+    }
+}
+
+/// A device error with the GPU it happened on (one "device:" prefix, not two).
+fn on_gpu(gpu: DeviceId, e: Error) -> Error {
+    match e {
+        Error::Device(msg) => Error::Device(format!("GPU {}: {msg}", gpu.0)),
+        other => Error::Device(format!("GPU {}: {other}", gpu.0)),
     }
 }
 
