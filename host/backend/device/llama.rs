@@ -220,6 +220,9 @@ pub struct StepInputs {
     q_lens: u64,
     logit_rows: u64,
     pub num_logit_rows: usize,
+    /// The logit rows are every row, in order (decode steps): the LM head reads the
+    /// hidden state as it is, without gathering rows.
+    all_rows: bool,
     /// What the LM head sends the driver (the plan's).
     pub head: HeadOutput,
 }
@@ -293,6 +296,8 @@ impl StepInputs {
             q_lens: at(6),
             logit_rows: at(7),
             num_logit_rows: rows.len(),
+            all_rows: rows.iter().enumerate().all(|(i, &r)| r as usize == i)
+                && rows.len() == ids.len(),
             head: plan.head,
             _buf: buf,
         })
@@ -1343,22 +1348,28 @@ impl DeviceCompute {
         let v_local = s.get(TensorKind::LmHead)?.len() / (2 * h);
         let mut sent = Vec::new();
         if r > 0 {
-            // The embedding kernel is a row gather: rows `logit_rows` of x.
             let sel = self.scratch("sel", r * h * 2)?;
-            self.launch(
-                "embedding_bf16",
-                [r as u32, 1, 1],
-                row_threads(h, 2),
-                &[
-                    Arg::from(&sel),
-                    Arg::from(x),
-                    Arg::Ptr(inp.logit_rows),
-                    u(h),
-                    u(0),
-                    u(inp.tokens),
-                ],
-            )?;
-            self.rmsnorm(&sel, &sel, s.get(TensorKind::FinalNorm)?, r)?;
+            let final_norm = s.get(TensorKind::FinalNorm)?;
+            if inp.all_rows {
+                // every row, in order (decode): normalized straight out of x
+                self.rmsnorm(&sel, x, final_norm, r)?;
+            } else {
+                // The embedding kernel is a row gather: rows `logit_rows` of x.
+                self.launch(
+                    "embedding_bf16",
+                    [r as u32, 1, 1],
+                    row_threads(h, 2),
+                    &[
+                        Arg::from(&sel),
+                        Arg::from(x),
+                        Arg::Ptr(inp.logit_rows),
+                        u(h),
+                        u(0),
+                        u(inp.tokens),
+                    ],
+                )?;
+                self.rmsnorm(&sel, &sel, final_norm, r)?;
+            }
             let out = self.scratch("logits", r * v_local * 4)?;
             self.gemm(
                 out.ptr(),
