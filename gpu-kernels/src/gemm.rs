@@ -66,6 +66,17 @@ use crate::prims::*;
 
 // ---------------------------------------------------------------- epilogue
 
+/// `acc + bias[n]` rounded to bf16 as PyTorch's biased linear layer rounds it, or `acc`
+/// as it is without a bias (null).
+#[inline(always)]
+unsafe fn with_bias(acc: f32, bias: *const Bf16, n: u32) -> f32 {
+    if bias as usize != 0 {
+        Bf16::round(acc + (*bias.add(n as usize)).to_f32())
+    } else {
+        acc
+    }
+}
+
 #[inline(always)]
 pub(crate) unsafe fn store_out<O: Elem>(
     y: *mut O,
@@ -76,10 +87,7 @@ pub(crate) unsafe fn store_out<O: Elem>(
     n: u32,
     acc: f32,
 ) {
-    let mut v = acc;
-    if bias as usize != 0 {
-        v = Bf16::round(v + (*bias.add(n as usize)).to_f32());
-    }
+    let mut v = with_bias(acc, bias, n);
     let at = m as usize * ldy as usize + n as usize;
     if residual as usize != 0 {
         v = Bf16::round(v) + (*residual.add(at)).to_f32();
@@ -256,8 +264,10 @@ unsafe fn chunk(p: *const u16, row: u32, ld: u32, k: u32, ok: bool) -> [u32; 4] 
 /// feeds elements 0..3 of them to one mma and 4..7 to a second one. W is therefore read
 /// once for all 16 rows of x, with fully used 16-byte loads (a warp reads 512 B of each
 /// tile per chunk). Rows of x past M are zero (not loaded), so M <= 8 loads half the x.
-/// Each warp's accumulators go to shared memory `red` for a fixed-order reduction;
-/// returns after a barrier (every thread of the block must call it).
+/// With a norm (`DecNorm`), the pass's 1/rms are computed first ([`decode_norm_rows`])
+/// and x is normalized as it arrives. Each warp's accumulators go to shared memory `red`
+/// for a fixed-order reduction; returns after a barrier (every thread of the block must
+/// call it).
 #[inline(always)]
 unsafe fn decode_tc(
     w: [*const u16; 2],
@@ -272,13 +282,16 @@ unsafe fn decode_tc(
     red: *mut f32,
     norm: DecNorm,
 ) {
+    let normed = norm.on();
+    if normed {
+        decode_norm_rows(x, ldx, m0, m, k, red, norm);
+    }
     let lane = lane_id();
     let (g, t) = (lane >> 2, lane & 3);
     let nw = block_dim() / WARP;
     let warp = warp_id();
     let ra = m0 + g < m;
     let rb = m0 + g + 8 < m;
-    let normed = norm.w as usize != 0;
     // (uniform per block: rows g + 8 exist only when this pass has more than 8 rows)
     let any_b = m - m0 > 8;
     let (ra_inv, rb_inv) = if normed {
@@ -357,6 +370,11 @@ impl DecNorm {
         eps: 0.0,
         inv: 0 as *mut f32,
     };
+    /// Whether there is a norm to apply.
+    #[inline(always)]
+    fn on(self) -> bool {
+        self.w as usize != 0
+    }
     /// No norm, or a norm weight the 16-byte chunk loads can read.
     #[inline(always)]
     fn aligned(self) -> bool {
@@ -604,13 +622,10 @@ unsafe fn gemm_decode<O: Elem>(
         (x as *const u16).add(k0 as usize),
         (w as *const u16).add(k0 as usize),
     );
-    let normed = norm.w as usize != 0;
+    let normed = norm.on();
     if vec_ok {
         let mut m0 = 0;
         while m0 < m {
-            if normed {
-                decode_norm_rows(xs, ldx, m0, m, klen, red, norm);
-            }
             decode_tc(
                 [ws, ws],
                 [nb, nb + 8],
@@ -706,16 +721,13 @@ unsafe fn gemm_decode_silu(
     let nb = block_idx_x() * (DEC_COLS / 2);
     let vec_ok =
         decode_vec_ok(k, ldx, [x as usize, w_gate as usize, w_up as usize]) && norm.aligned();
-    let normed = norm.w as usize != 0;
+    let normed = norm.on();
     if vec_ok {
         // tile 0 = gate rows nb..nb+8, tile 1 = up rows of the same columns
         let rows = rows_in(nb, n);
         let ws = [w_gate as *const u16, w_up as *const u16];
         let mut m0 = 0;
         while m0 < m {
-            if normed {
-                decode_norm_rows(x, ldx, m0, m, k, red, norm);
-            }
             decode_tc(ws, [nb, nb], [rows, rows], k, x, ldx, m0, m, k, red, norm);
             let mut i = thread_idx();
             while i < 128 {
@@ -772,16 +784,6 @@ fn rope_tiles(i: u32, blk: u32, head_dim: u32) -> (u32, u32) {
     }
 }
 
-/// A projection output as `store_out` rounds it to bf16 (bias null = none), as f32.
-#[inline(always)]
-unsafe fn biased_bf16(acc: f32, bias: *const Bf16, col: u32) -> f32 {
-    if bias as usize != 0 {
-        Bf16::round(acc + (*bias.add(col as usize)).to_f32())
-    } else {
-        Bf16::round(acc)
-    }
-}
-
 /// Where `gemm_decode_qkv_rope_bf16` puts its results: rotated q rows `[m, nq]`, and the
 /// rotated k and the v of row `r` into the paged caches at slot `slots[r]`
 /// (`[slot][kv_heads][head_dim]`; `U32_MAX` = no slot: not written).
@@ -827,12 +829,8 @@ unsafe fn gemm_decode_qkv_rope(
     }
     let (c0, c1) = rope_tiles(i, blk, hd);
     let (xs, ws) = (x as *const u16, w as *const u16);
-    let normed = norm.w as usize != 0;
     let mut m0 = 0;
     while m0 < m {
-        if normed {
-            decode_norm_rows(xs, ldx, m0, m, k, red, norm);
-        }
         decode_tc([ws, ws], [c0, c1], [8, 8], k, xs, ldx, m0, m, k, red, norm);
         // one (tile 0, tile 1) pair of outputs per thread: the same row and offset
         let mut t = thread_idx();
@@ -842,8 +840,8 @@ unsafe fn gemm_decode_qkv_rope(
             let off = (l & 3) * 2 + (r & 1);
             if row < m {
                 let (col0, col1) = (c0 + off, c1 + off);
-                let a0 = biased_bf16(decode_red(red, 0, r, l), bias, col0);
-                let a1 = biased_bf16(decode_red(red, 1, r, l), bias, col1);
+                let a0 = Bf16::round(with_bias(decode_red(red, 0, r, l), bias, col0));
+                let a1 = Bf16::round(with_bias(decode_red(red, 1, r, l), bias, col1));
                 let slot = *out.slots.add(row as usize);
                 let at = slot as usize * nkv as usize;
                 if i == 2 {
