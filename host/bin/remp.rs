@@ -70,6 +70,16 @@ struct BenchDecodeArgs {
     /// Needs --device cuda or emu.
     #[arg(long)]
     exchange: Option<String>,
+    #[command(flatten)]
+    launch: LaunchArgs,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How device workers launch kernels (generate, bench-decode, bench-reconfig).
+#[derive(clap::Args)]
+struct LaunchArgs {
     /// Record each segment's kernel launches and replay repeated runs as graphs
     /// (CUDA graphs on a GPU): fewer launch calls per step. The default with --device
     /// cuda; with emu only when asked; an error with cpu.
@@ -84,9 +94,16 @@ struct BenchDecodeArgs {
     /// changes), an error with cpu.
     #[arg(long)]
     pdl: bool,
-    /// Print exactly one JSON object on stdout.
-    #[arg(long)]
-    json: bool,
+}
+
+impl LaunchArgs {
+    /// (graphs, pdl) for `device`: see [`check_graphs`] and [`check_pdl`].
+    fn resolve(&self, device: DeviceKind) -> Result<(bool, bool)> {
+        Ok((
+            check_graphs(self.graphs, self.no_graphs, device)?,
+            check_pdl(self.pdl, device)?,
+        ))
+    }
 }
 
 #[derive(clap::Args)]
@@ -147,20 +164,8 @@ struct BenchArgs {
     /// bandwidth.
     #[arg(long, default_value_t = 1)]
     gpus: usize,
-    /// Record each segment's kernel launches and replay repeated runs as graphs
-    /// (CUDA graphs on a GPU): fewer launch calls per step. The default with --device
-    /// cuda; with emu only when asked; an error with cpu.
-    #[arg(long)]
-    graphs: bool,
-    /// Launch every kernel one by one (cuda's default is --graphs).
-    #[arg(long, conflicts_with = "graphs")]
-    no_graphs: bool,
-    /// Programmatic dependent launch (GPUs of compute capability 9.0 or later): each
-    /// kernel starts, and the decode GEMMs' weights stream into L2, while the kernel
-    /// before it finishes. Off by default until measured; with emu accepted (nothing
-    /// changes), an error with cpu.
-    #[arg(long)]
-    pdl: bool,
+    #[command(flatten)]
+    launch: LaunchArgs,
 }
 
 #[derive(clap::Args)]
@@ -217,20 +222,8 @@ struct GenerateArgs {
     /// twin).
     #[arg(long, default_value_t = 1)]
     gpus: usize,
-    /// Record each segment's kernel launches and replay repeated runs as graphs
-    /// (CUDA graphs on a GPU): fewer launch calls per step. The default with --device
-    /// cuda; with emu only when asked; an error with cpu.
-    #[arg(long)]
-    graphs: bool,
-    /// Launch every kernel one by one (cuda's default is --graphs).
-    #[arg(long, conflicts_with = "graphs")]
-    no_graphs: bool,
-    /// Programmatic dependent launch (GPUs of compute capability 9.0 or later): each
-    /// kernel starts, and the decode GEMMs' weights stream into L2, while the kernel
-    /// before it finishes. Off by default until measured; with emu accepted (nothing
-    /// changes), an error with cpu.
-    #[arg(long)]
-    pdl: bool,
+    #[command(flatten)]
+    launch: LaunchArgs,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -454,8 +447,7 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
         .collect::<Result<_>>()?;
     let mut econf = EngineConfig::new(topo);
     econf.device = device;
-    econf.graphs = check_graphs(a.graphs, a.no_graphs, device)?;
-    econf.pdl = check_pdl(a.pdl, device)?;
+    (econf.graphs, econf.pdl) = a.launch.resolve(device)?;
     econf.gpus = check_gpus(a.gpus, device)?;
     let graphs = econf.graphs;
     let pdl = econf.pdl;
@@ -806,8 +798,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     let device = check_device(&a.device)?;
     let topo = Topology::new(a.tp, a.pp);
     let mut bc = DecodeBenchConfig::new(topo, device);
-    bc.graphs = check_graphs(a.graphs, a.no_graphs, device)?;
-    bc.pdl = check_pdl(a.pdl, device)?;
+    (bc.graphs, bc.pdl) = a.launch.resolve(device)?;
     bc.batch = a.batch;
     bc.steps = a.steps;
     bc.exchange = match a.exchange.as_deref() {
@@ -936,8 +927,7 @@ fn bench_reconfig(a: BenchArgs) -> Result<()> {
     bc.requests = a.requests;
     bc.window = a.window;
     bc.device = device;
-    bc.graphs = check_graphs(a.graphs, a.no_graphs, device)?;
-    bc.pdl = check_pdl(a.pdl, device)?;
+    (bc.graphs, bc.pdl) = a.launch.resolve(device)?;
     bc.gpus = check_gpus(a.gpus, device)?;
     check_gpu_per_worker(bc.gpus, from.world_size().max(to.world_size()))?;
     bc.validate()?;

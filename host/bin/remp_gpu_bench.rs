@@ -643,10 +643,10 @@ fn run(profile: bool, no_wgmma: bool) -> Result<()> {
             .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32))
             .collect();
         let inv = dev.upload(&inv)?;
-        let norm = pool.at(POOL - 256 * MIB); // random bf16, as every operand here
-                                              // the engine's one-block-per-row widths (`row_threads` in backend/device/llama.rs)
-        let row_threads =
-            |work: usize| (work.div_ceil(2).next_multiple_of(32)).clamp(128, 1024) as u32;
+        // random bf16, as every operand here
+        let norm = pool.at(POOL - 256 * MIB);
+        // the engine's one-block-per-row widths (2 elements per thread, as it launches)
+        let row_threads = |work: usize| remp::backend::device::llama::row_threads(work, 2);
         for m in [1usize, 16] {
             let x = pool.at(POOL - 128 * MIB);
             let xn = dev.alloc(m * h * 2)?;

@@ -76,7 +76,7 @@ const BLOCK: u32 = 128;
 /// of a 1.1B model's decode step on an H200, run 6 in docs/gpu-results.md); more threads
 /// per row cut those chains. Block-size independent kernels (grid-stride loops, block
 /// reductions over up to 32 warps); small rows keep 128 threads.
-fn row_threads(work: usize, per_thread: usize) -> u32 {
+pub fn row_threads(work: usize, per_thread: usize) -> u32 {
     let want = work.div_ceil(per_thread.max(1)).next_multiple_of(32);
     want.clamp(BLOCK as usize, 1024) as u32
 }
