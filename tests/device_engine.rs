@@ -266,34 +266,83 @@ fn batched_requests_match_single_runs_tp1pp2(dev) {
 }
 
 on_devices! {
-    /// The two exchanges of a device group — partials and hand-offs as device buffers
-    /// summed by the reduce kernel, or staged through the host — sum in the same order
-    /// and round at the same points, so their logits are identical to the bit; both move
-    /// the same partial-sum bytes through the Comm layer (the hand-off: bf16 buffers
-    /// vs f32 host floats).
+    /// The exchanges of a device group — partials and hand-offs as device buffers
+    /// summed by the reduce kernel (decode steps' partials through the group's mailbox,
+    /// or handed over at every exchange), or staged through the host — sum in the same
+    /// order and round at the same points, so their logits are identical to the bit;
+    /// all move the same partial-sum bytes through the Comm layer (the hand-off: bf16
+    /// buffers vs f32 host floats), the two same-device ones exactly the same bytes.
     fn exchanges_agree_bit_for_bit_tp2pp2(dev) {
         let model = tiny_model();
         let case = &oracle()[0];
-        let run = |exchange: Exchange| {
+        let run = |exchange: Exchange, mailboxes: bool| {
             let mut ec = EngineConfig::new(Topology::new(2, 2));
             ec.device = dev;
             ec.exchange = exchange;
+            ec.mailboxes = mailboxes;
             ec.kv_blocks = 32;
             let mut engine = Engine::new(&model, ec).unwrap();
             let mut req = Request::greedy(case.prompt.clone(), 4);
             req.ignore_eos = true;
             req.return_logits = true;
             let (_, logits) = run_with_logits(&mut engine, req);
-            (logits, engine.compute_bytes())
+            (logits, engine.compute_bytes(), engine.mailbox_posts())
         };
-        let (same, same_bytes) = run(Exchange::SameDevice);
-        let (host, host_bytes) = run(Exchange::HostStaged);
+        let (same, same_bytes, posts) = run(Exchange::SameDevice, true);
+        let (copies, copies_bytes, none) = run(Exchange::SameDevice, false);
+        let (host, host_bytes, _) = run(Exchange::HostStaged, true);
         assert!(!same.is_empty());
-        assert!(
-            same.iter().zip(&host).all(|(a, b)| a.to_bits() == b.to_bits()),
-            "logits differ between exchanges"
-        );
+        // 4 steps (the 9-token prefill and 3 decodes, all within MAILBOX_TOKENS) x 2
+        // members x 2 all-reduces x every layer (of one stage or the other): every
+        // all-reduce went through the mailboxes, none of the copies run's.
+        let layers = model.config.num_layers as u64;
+        assert_eq!(case.prompt.len(), 9);
+        assert_eq!((posts, none), (4 * 2 * 2 * layers, 0));
+        for (name, other) in [("copies", &copies), ("host", &host)] {
+            assert!(
+                same.iter().zip(other).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "logits differ between the mailbox and the {name} exchange"
+            );
+        }
+        assert_eq!(same_bytes, copies_bytes);
         assert!(same_bytes > 0 && same_bytes < host_bytes, "{same_bytes} vs {host_bytes}");
+    }
+}
+
+on_devices! {
+    /// The mailbox protocol holds in the laziest order its events allow: one member
+    /// sleeps after queuing a step's layers, before anything of the step synchronizes,
+    /// so on the emulator its peer's head download runs the sleeper's queued work only
+    /// as far as each of its waits needs. A member that wrote a set of its mailbox again before every peer had read
+    /// it (one set for both all-reduces of a layer, say) would change the sums there;
+    /// the logits equal the hand-over exchange's to the bit at every step.
+    fn mailboxes_hold_in_the_laziest_order_tp2pp1(dev) {
+        let model = tiny_model();
+        let case = &oracle()[0];
+        let run = |mailboxes: bool, late: Option<u64>| {
+            let mut ec = EngineConfig::new(Topology::new(2, 1));
+            ec.device = dev;
+            ec.mailboxes = mailboxes;
+            ec.kv_blocks = 32;
+            ec.step_delay = late.map(|step| StepDelay {
+                step,
+                worker: WorkerId(1),
+                delay: Duration::from_millis(300),
+                before_sync: true,
+            });
+            let mut engine = Engine::new(&model, ec).unwrap();
+            let mut req = Request::greedy(case.prompt.clone(), 4);
+            req.ignore_eos = true;
+            req.return_logits = true;
+            let (_, logits) = run_with_logits(&mut engine, req);
+            assert_eq!(engine.mailbox_posts() > 0, mailboxes);
+            logits.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let want = run(false, None);
+        assert!(!want.is_empty());
+        for step in [0, 2] {
+            assert!(run(true, Some(step)) == want, "logits differ (late at step {step})");
+        }
     }
 }
 
@@ -419,6 +468,7 @@ on_devices! {
                 step: 2,
                 worker: WorkerId(late),
                 delay: 2 * timeout,
+                before_sync: false,
             };
             for graphs in [false, true].into_iter().take(graph_runs) {
                 let (got, got_logits, m) = run(tp, pp, Some(delay), graphs);

@@ -145,6 +145,7 @@ fn a_late_worker_fails_one_step_and_the_next_steps_match_the_oracle() {
             step: 3,
             worker: WorkerId(late),
             delay: 2 * timeout,
+            before_sync: false,
         });
         let mut engine = Engine::new(&model, econf).unwrap();
         let ids: Vec<_> = cases

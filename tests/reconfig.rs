@@ -365,6 +365,7 @@ fn a_late_decider_during_a_switch_fails_one_step_and_the_switch_completes() {
         step: 3,
         worker: WorkerId(0),
         delay: 2 * timeout,
+        before_sync: false,
     });
     let mut engine = Engine::new(&model, econf).unwrap();
     let ids = add_all(&mut engine, &cases);

@@ -17,8 +17,13 @@
 //! exception to sole ownership is [`Comm::send_shared`]: an all-reduce partial sent to
 //! every peer of a group as one read-only buffer, which each receiver copies into its
 //! own memory (counted once per receiver); reshard pieces and hand-offs always move.
+//! On decode-sized steps the same-device all-reduce goes through the group's mailbox
+//! (`crate::backend::device::mailbox`): memory of this layer's, not of any worker, in
+//! which each member leaves its partial for the others to read; the message is then
+//! [`Comm::send_posted`]'s notice, an event and the bytes, counted per receiver as a
+//! buffer sent to each would be.
 
-use crate::backend::device::Buf;
+use crate::backend::device::{Buf, Event};
 use crate::error::{Error, Result};
 use crate::parallel::WorkerId;
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
@@ -87,6 +92,9 @@ enum Payload {
     /// Bytes a collective (NCCL across GPUs) moved, or is about to move, from the sender
     /// to the receiver: the notice that counts them and checks the protocol.
     Wire(u64),
+    /// Bytes the sender left in its slot of the group's same-device mailbox, written
+    /// once the event's point of its stream is reached.
+    Posted(Event, u64),
 }
 
 struct Msg {
@@ -100,7 +108,8 @@ impl Msg {
         match &self.data {
             Payload::Device(b) => b.len(),
             Payload::Shared(b) => b.len(),
-            Payload::Host(_) | Payload::Wire(_) => 0,
+            // (a mailbox is not the message's to free)
+            Payload::Host(_) | Payload::Wire(_) | Payload::Posted(..) => 0,
         }
     }
 }
@@ -263,6 +272,14 @@ impl Comm {
         self.post(to, tag, Payload::Wire(bytes), bytes)
     }
 
+    /// Tells endpoint `to`, on the same device, that `bytes` bytes for `tag` wait in
+    /// this endpoint's slot of their group's mailbox once `ready` is reached (see
+    /// `crate::backend::device::mailbox`), and counts them as a buffer sent to it would
+    /// be counted.
+    pub fn send_posted(&self, to: usize, tag: Tag, ready: Event, bytes: u64) -> Result<()> {
+        self.post(to, tag, Payload::Posted(ready, bytes), bytes)
+    }
+
     fn post(&self, to: usize, tag: Tag, data: Payload, bytes: u64) -> Result<()> {
         let wire = matches!(data, Payload::Wire(_));
         self.to[to].send(Msg { tag, data }).map_err(|_| {
@@ -316,6 +333,15 @@ impl Comm {
         }
     }
 
+    /// Receives a notice sent with [`Comm::send_posted`]: the event after which the
+    /// sender's slot holds its bytes, and how many bytes.
+    pub fn recv_posted(&self, from: usize, tag: Tag) -> Result<(Event, u64)> {
+        match self.take(from, tag)? {
+            Payload::Posted(e, n) => Ok((e, n)),
+            data => Err(self.unexpected("a mailbox notice", from, Msg { tag, data })),
+        }
+    }
+
     /// A message of the wrong form: dropped (its device bytes remembered, as for any
     /// dropped reshard piece), and the error that names both forms.
     fn unexpected(&self, wanted: &str, from: usize, m: Msg) -> Error {
@@ -324,6 +350,7 @@ impl Comm {
             Payload::Device(_) => "a device buffer",
             Payload::Shared(_) => "a shared device buffer",
             Payload::Wire(_) => "a collective's notice",
+            Payload::Posted(..) => "a mailbox notice",
         };
         let tag = m.tag;
         self.drop_msg(m);
@@ -590,6 +617,34 @@ mod tests {
             compute[1].recv_shared(0, Tag::AllReduce(5)).unwrap().len(),
             8
         );
+    }
+
+    /// A mailbox notice counts its bytes per receiver like a sent buffer (nothing moves
+    /// through the channel but the event), is not collective traffic, and a receive
+    /// expecting another form refuses it by name.
+    #[test]
+    fn mailbox_notices_are_counted_per_receiver() {
+        use crate::backend::device::{emu::EmuDevice, Device};
+        let (compute, _, stats) = fabric(3, Duration::from_millis(50));
+        let dev = EmuDevice::new();
+        let ev = dev.record().unwrap();
+        for to in [1, 2] {
+            compute[0]
+                .send_posted(to, Tag::AllReduce(7), ev.clone(), 96)
+                .unwrap();
+        }
+        let (_, n) = compute[2].recv_posted(0, Tag::AllReduce(7)).unwrap();
+        assert_eq!(n, 96);
+        assert_eq!(stats.between(Lane::Compute, 0, 1), 96);
+        assert_eq!(stats.between(Lane::Compute, 0, 2), 96);
+        assert_eq!(stats.collective_bytes(), 0);
+        let err = compute[1]
+            .recv_shared(0, Tag::AllReduce(7))
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("mailbox notice"), "{err}");
+        // nothing of a notice is device memory to give back when it is dropped
+        assert_eq!(compute[1].take_dropped_bytes(), 0);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::backend::cuda::{nvtx, CudaDevice};
 use crate::backend::device::emu::EmuDevice;
 use crate::backend::device::graph::{GraphCounts, GraphStats};
 use crate::backend::device::llama::{check_heads, DeviceCompute};
+use crate::backend::device::mailbox::Mailboxes;
 use crate::backend::device::{Device, Exchange};
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelConfig, TensorSource, Tokenizer};
@@ -79,6 +80,12 @@ pub struct EngineConfig {
     /// an error at engine start on a GPU older than compute capability 9.0 or on the
     /// CPU. The emulator accepts it (nothing changes there).
     pub pdl: bool,
+    /// Device workers that share one device exchange the all-reduces of decode-sized
+    /// steps through mailboxes (see [`crate::backend::device::mailbox`]): one buffer
+    /// per group, allocated once, instead of a buffer handed to the peers at every
+    /// exchange. On by default; off gives the hand-over path, the baseline
+    /// `bench-decode --exchange same-device-copies` measures. Same bits either way.
+    pub mailboxes: bool,
     /// Test hook: one worker runs one step late (see [`StepDelay`]).
     #[doc(hidden)] // test hook, not part of the serving API
     pub step_delay: Option<StepDelay>,
@@ -206,6 +213,7 @@ impl EngineConfig {
             gpus: 1,
             graphs: false,
             pdl: false,
+            mailboxes: true,
             step_delay: None,
         }
     }
@@ -373,6 +381,8 @@ struct Pool {
     graphs: Arc<GraphStats>,
     /// Workers on GPUs of their own: the world communicator and its splits.
     coll: Option<Collectives>,
+    /// Workers sharing one device: their mailboxes ([`EngineConfig::mailboxes`]).
+    mail: Option<Arc<Mailboxes>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -474,6 +484,15 @@ impl Pool {
             }
             coll = Some(c);
         }
+        // Workers sharing one device: decode-sized all-reduces through mailboxes.
+        let mut mail = None;
+        if coll.is_none() && exchange == Exchange::SameDevice && econf.mailboxes {
+            let m = Arc::new(Mailboxes::new(cfg.hidden_size));
+            for d in dcs.iter_mut() {
+                *d = d.take().map(|d| d.with_mailboxes(m.clone()));
+            }
+            mail = Some(m);
+        }
         for ((w, rx), dc) in copy_rx.into_iter().enumerate().zip(dcs) {
             let comm = compute[w]
                 .take()
@@ -537,6 +556,7 @@ impl Pool {
             meter,
             graphs: graph_stats,
             coll,
+            mail,
             threads,
         };
         let placement = Arc::new(placement.clone());
@@ -1301,6 +1321,13 @@ impl Engine {
     /// without [`EngineConfig::graphs`], on the CPU, and after a restart).
     pub fn graph_counts(&self) -> GraphCounts {
         self.pool.graphs.snapshot()
+    }
+
+    /// All-reduces posted through same-device mailboxes since the workers started (one
+    /// per member and exchange; 0 without [`EngineConfig::mailboxes`], on the CPU, with
+    /// workers on GPUs of their own, and after a restart).
+    pub fn mailbox_posts(&self) -> u64 {
+        self.pool.mail.as_ref().map_or(0, |m| m.posted())
     }
 
     pub fn reconfig_in_progress(&self) -> bool {

@@ -293,13 +293,18 @@ impl StepPlan {
 
 /// Test hook ([`crate::runtime::EngineConfig::step_delay`]): worker `worker` sleeps
 /// `delay` at the start of step `step`, so that peers waiting longer than the comm
-/// timeout give up on the step and its parts of it arrive after they did.
+/// timeout give up on the step and its parts of it arrive after they did; or, with
+/// `before_sync`, after queuing the step's layers and before anything of it
+/// synchronizes (the head's download, the closing synchronize), so that on the
+/// emulator its peers' waits run its queued work only as far as each needs (the
+/// laziest order the events allow), which exposes a missing order between streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[doc(hidden)] // test hook, not part of the serving API
 pub struct StepDelay {
     pub step: u64,
     pub worker: WorkerId,
     pub delay: Duration,
+    pub before_sync: bool,
 }
 
 pub enum Cmd {
@@ -589,7 +594,7 @@ impl Worker {
         if let Some(dc) = &self.device {
             dc.freeze_graphs(plan.switching);
         }
-        if let Some(d) = self.delay.filter(|d| d.step == plan.step) {
+        if let Some(d) = self.delay.filter(|d| d.step == plan.step && !d.before_sync) {
             std::thread::sleep(d.delay);
         }
         let segments = std::iter::once(Segment::Embed)
@@ -605,6 +610,11 @@ impl Worker {
         // Whether this worker queued device work this step (a flip, a segment).
         let mut queued = false;
         for seg in segments {
+            if seg == Segment::Head {
+                if let Some(d) = self.delay.filter(|d| d.step == plan.step && d.before_sync) {
+                    std::thread::sleep(d.delay);
+                }
+            }
             // The lead of the group that just ran the previous segment decides this one
             // (the driver decides the embedding before the step starts).
             let decider = prev

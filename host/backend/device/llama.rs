@@ -14,16 +14,19 @@
 //! PyTorch does); the LM head writes f32 logits. Partial sums of a tensor-parallel group
 //! (o_proj, down_proj) are produced in f32 and summed in group order, then rounded to
 //! bf16 once, as a single-device bf16 forward would round the full sum. Two exchanges
-//! ([`Exchange`]), bit-identical by construction: *same-device* (default) — each
-//! member's partial goes to its peers as a device buffer through the counted [`Comm`]
-//! layer (marked ready by an event on the sender's stream, which the receiver's stream
-//! waits for: no host synchronization in the exchange), lands in slot `i` of a
-//! `[group, tokens, hidden]` f32 buffer, and the split-K reduce kernel sums the slots in
-//! order with the bias and residual add fused; and *host-staged* — download, host
-//! all-reduce, upload. The vocab-parallel embedding's
-//! all-reduce (one member holds each row, so the sum is exact) takes the same two
-//! routes, summing bf16 rows with the residual-add kernel on the device; NCCL for ranks
-//! on different GPUs is not built yet.
+//! ([`Exchange`]), bit-identical by construction: *same-device* (default) — the
+//! partials of a group end up in slots `[group, tokens, hidden]` f32 and the split-K
+//! reduce kernel sums the slots in order with the bias and residual add fused; on
+//! decode-sized steps each member's GEMM writes its partial straight into its slot of
+//! the group's mailbox ([`super::mailbox`]) and an event posted through the counted
+//! [`Comm`] layer tells the peers when, on larger steps each member's partial goes to
+//! its peers as a device buffer through the Comm layer and is copied into their slots,
+//! and with workers on GPUs of their own the slots are all-gathered through NCCL
+//! ([`crate::backend::collective`]); streams are ordered by events, never by the host.
+//! And *host-staged* — download, host all-reduce, upload. The vocab-parallel
+//! embedding's all-reduce (one member holds each row, so the sum is exact) takes the
+//! buffer or the host route, summing bf16 rows with the residual-add kernel on the
+//! device.
 //!
 //! Attention kernels map local query head `i` to local KV head `i / (q/kv)`, so a
 //! shard must hold whole GQA groups (or one KV head): [`check_heads`] refuses the rest.
@@ -31,6 +34,7 @@
 use super::{
     download_vec,
     graph::{self, GraphStats, Recorder, TABLE_STRIDE_BLOCKS},
+    mailbox::{HeldMailboxes, MailSet, Mailboxes, MAILBOX_TOKENS},
     mark_ready, pod,
     pod::Pod,
     upload_new, wait_ready, Arg, Buf, Device, Exchange, Launch,
@@ -325,6 +329,11 @@ pub struct DeviceCompute {
     coll: Option<Arc<CommBook>>,
     /// Launch recording for graphs (`None`: every launch goes out at once).
     graphs: Option<Mutex<Recorder>>,
+    /// Every worker on this one device: the mailboxes its decode-sized all-reduces go
+    /// through (`None`: buffers handed over at every exchange, see [`super::mailbox`]).
+    mail: Option<Arc<Mailboxes>>,
+    /// The mailboxes this worker holds (see [`HeldMailboxes`]).
+    boxes: Mutex<HeldMailboxes>,
     /// Prefill-sized GEMMs on the sm_90a wgmma kernels (the device has them: compute
     /// capability 9.0), else `gemm_mma_*`: same arguments and epilogues, 1.56x the
     /// mma kernel's TFLOP/s at 4096³ on an H200 (70.9% of cuBLAS; runs 5 and 7).
@@ -366,6 +375,8 @@ impl DeviceCompute {
             exchange: Exchange::default(),
             coll: None,
             graphs: None,
+            mail: None,
+            boxes: Mutex::new(HeldMailboxes::default()),
         })
     }
 
@@ -379,6 +390,13 @@ impl DeviceCompute {
     /// The communicators this worker exchanges through, when it has a GPU of its own.
     pub fn collectives(&self) -> Option<&Arc<CommBook>> {
         self.coll.as_ref()
+    }
+
+    /// Exchanges decode-sized all-reduces through `mail`'s mailboxes (workers that
+    /// share one device, same-device exchange; see [`super::mailbox`]).
+    pub fn with_mailboxes(mut self, mail: Arc<Mailboxes>) -> Self {
+        self.mail = Some(mail);
+        self
     }
 
     /// How this worker exchanges partials and hidden states with its group.
@@ -478,6 +496,14 @@ impl DeviceCompute {
         let b = Arc::new(self.alloc(bytes.next_power_of_two())?);
         m.insert(key, b.clone());
         Ok(b)
+    }
+
+    /// The mailbox of group `g` in step `step` ([`HeldMailboxes::get`]).
+    fn mailbox(&self, mail: &Mailboxes, g: &Group, step: u64) -> Result<Arc<Buf>> {
+        self.boxes
+            .lock()
+            .map_err(|_| dev_err("mailbox cache poisoned"))?
+            .get(mail, self.d()?, g.workers(), step)
     }
 
     /// Uploads `data` into scratch buffer `key`.
@@ -972,7 +998,12 @@ impl DeviceCompute {
         }
         if self.exchange == Exchange::SameDevice {
             let ar = nvtx::range_with(|| all_reduce_name(kind));
-            let r = self.reduce_on_device(comm, g, inp.step, input, w, s.ptr(bias), (t, h, k), x);
+            let set = match kind {
+                TensorKind::O(_) => MailSet::Attention,
+                _ => MailSet::Mlp,
+            };
+            let r =
+                self.reduce_on_device(comm, g, inp.step, set, input, w, s.ptr(bias), (t, h, k), x);
             drop(ar);
             return r;
         }
@@ -989,17 +1020,21 @@ impl DeviceCompute {
         )
     }
 
-    /// `x += Σ_group (input · Wᵀ) (+ bias)` across a group of ranks on one device: this
-    /// member's f32 partial goes into its slot of `[group, t, h]`, a copy of it to every
-    /// peer (one fresh read-only buffer for the group, handed over through the Comm
-    /// layer: [`DeviceCompute::share_with_group`]), the peers' partials into their slots, then one split-K reduce launch sums the slots in group
-    /// order and applies the bias, bf16 rounding and residual add of the one-rank GEMM.
+    /// `x += Σ_group (input · Wᵀ) (+ bias)` across a group of ranks (this member's part
+    /// of `set` of its mailbox on decode-sized steps): this member's f32 partial goes
+    /// into its slot of `[group, t, h]` and the peers' partials into theirs — through
+    /// the group's mailbox ([`super::mailbox`]: written in place, an event posted to
+    /// the peers), through a copy handed to every peer ([`DeviceCompute::share_with_group`],
+    /// larger steps), or all-gathered by NCCL (workers on GPUs of their own) — then one
+    /// split-K reduce launch sums the slots in group order and applies the bias, bf16
+    /// rounding and residual add of the one-rank GEMM.
     #[allow(clippy::too_many_arguments)]
     fn reduce_on_device(
         &self,
         comm: &Comm,
         g: &Group,
         step: u64,
+        set: MailSet,
         input: &Buf,
         w: &Buf,
         bias: u64,
@@ -1011,6 +1046,16 @@ impl DeviceCompute {
             .position(me)
             .ok_or_else(|| dev_err(format!("{me} is not in group {g}")))?;
         let part_bytes = t * h * 4;
+        if let (None, Some(mail)) = (&self.coll, &self.mail) {
+            if t <= MAILBOX_TOKENS {
+                let mb = self.mailbox(mail, g, step)?;
+                let at = |j: usize| mb.at(mail.slot_offset(g.len(), set, j, part_bytes));
+                self.gemm(at(idx)?, input.ptr(), w, 0, 0, (t, h, k), true)?;
+                self.post_to_group(comm, g, idx, step, part_bytes)?;
+                mail.count_post();
+                return self.reduce_slots(at(0)?, bias, (t, h), g.len(), x);
+            }
+        }
         let red = self.scratch("reduce", g.len() * part_bytes)?;
         self.gemm(
             red.at(idx * part_bytes)?,
@@ -1037,6 +1082,20 @@ impl DeviceCompute {
                 |j, b| self.d()?.copy(&red, j * part_bytes, b, 0, part_bytes),
             )?,
         }
+        self.reduce_slots(red.ptr(), bias, (t, h), g.len(), x)
+    }
+
+    /// `x = bf16(Σ_j slots[j] (+ bias)) + x` over `members` f32 slots `[t, h]` packed
+    /// from `slots`, in member order: the split-K reduce kernel's ordered sum and the
+    /// one-rank GEMM's epilogue.
+    fn reduce_slots(
+        &self,
+        slots: u64,
+        bias: u64,
+        (t, h): (usize, usize),
+        members: usize,
+        x: &Buf,
+    ) -> Result<()> {
         let n = (t * h) as u32;
         self.launch(
             "gemm_splitk_reduce_bf16",
@@ -1044,15 +1103,49 @@ impl DeviceCompute {
             256,
             &[
                 Arg::from(x),
-                Arg::from(&red),
+                Arg::Ptr(slots),
                 Arg::Ptr(bias),
                 Arg::from(x),
                 u(t),
                 u(h),
                 u(h),
-                u(g.len()),
+                u(members),
             ],
-        )?;
+        )
+    }
+
+    /// The mailbox half of an exchange in group `g` (this worker is member `idx`): this
+    /// worker's `bytes` in its slot are ready after the work queued so far, which an
+    /// event tells every peer through the Comm layer; then this stream waits for every
+    /// peer's event, in group order. Like [`Self::share_with_group`], no host wait on
+    /// the device.
+    fn post_to_group(
+        &self,
+        comm: &Comm,
+        g: &Group,
+        idx: usize,
+        step: u64,
+        bytes: usize,
+    ) -> Result<()> {
+        let ready = self.d()?.record()?;
+        for (j, peer) in g.workers().iter().enumerate() {
+            if j != idx {
+                comm.send_posted(peer.0, Tag::AllReduce(step), ready.clone(), bytes as u64)?;
+            }
+        }
+        for (j, peer) in g.workers().iter().enumerate() {
+            if j != idx {
+                let (e, n) = trace::timed("exchange wait", || {
+                    comm.recv_posted(peer.0, Tag::AllReduce(step))
+                })?;
+                if n != bytes as u64 {
+                    return Err(dev_err(format!(
+                        "mailbox exchange from {peer}: {n} B, expected {bytes}"
+                    )));
+                }
+                self.d()?.wait(&e)?;
+            }
+        }
         Ok(())
     }
 

@@ -26,6 +26,7 @@
 pub mod emu;
 pub mod graph;
 pub mod llama;
+pub mod mailbox;
 
 use crate::backend::cuda::DevBuf;
 use crate::{Error, Result};
