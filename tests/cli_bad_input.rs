@@ -1088,6 +1088,35 @@ fn exchange_needs_a_device() {
     );
 }
 
+/// --exchange same-device-copies is the same-device exchange without mailboxes, and the
+/// JSON says which ran: the default posts every all-reduce of a tp2 run through the
+/// group's mailbox (prefill, 4 warm-up steps and 1 timed step, 2 members, 2 all-reduces
+/// in each of the built-in tiny model's layers), the copies run none.
+#[test]
+fn exchange_same_device_copies_runs_without_mailboxes() {
+    let layers = remp::model::Model::random_tiny().config.num_layers as u64;
+    for (ex, posts) in [
+        ("same-device", 6 * 2 * 2 * layers),
+        ("same-device-copies", 0),
+    ] {
+        let r = expect_ok(&[
+            "bench-decode",
+            "--device",
+            "emu",
+            "--tp",
+            "2",
+            "--steps",
+            "1",
+            "--exchange",
+            ex,
+            "--json",
+        ]);
+        let v: Value = serde_json::from_str(r.stdout.trim()).expect("one JSON object");
+        assert_eq!(v["exchange"], ex, "{v}");
+        assert_eq!(v["mailbox_posts"], posts, "{ex}: {v}");
+    }
+}
+
 /// --top-p is range-checked even when decoding is greedy; --top-p and --seed given to a
 /// greedy run are a warning line on stderr, not an error, and change nothing.
 #[test]

@@ -66,8 +66,10 @@ struct BenchDecodeArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// How device ranks exchange partial sums and hand-offs: same-device (device
-    /// buffers + a reduce kernel, the default) or host (staged through host memory).
-    /// Needs --device cuda or emu.
+    /// buffers + a reduce kernel, the default; decode-sized all-reduces through each
+    /// group's mailbox), same-device-copies (the same, but a buffer handed to the peers
+    /// at every exchange: the baseline of the mailboxes) or host (staged through host
+    /// memory). Needs --device cuda or emu.
     #[arg(long)]
     exchange: Option<String>,
     #[command(flatten)]
@@ -801,12 +803,13 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     (bc.graphs, bc.pdl) = a.launch.resolve(device)?;
     bc.batch = a.batch;
     bc.steps = a.steps;
-    bc.exchange = match a.exchange.as_deref() {
-        None | Some("same-device") => Exchange::SameDevice,
-        Some("host") => Exchange::HostStaged,
+    (bc.exchange, bc.mailboxes) = match a.exchange.as_deref() {
+        None | Some("same-device") => (Exchange::SameDevice, true),
+        Some("same-device-copies") => (Exchange::SameDevice, false),
+        Some("host") => (Exchange::HostStaged, false),
         Some(other) => {
             return Err(Error::Request(format!(
-                "unknown --exchange `{other}` (same-device, host)"
+                "unknown --exchange `{other}` (same-device, same-device-copies, host)"
             )))
         }
     };
@@ -846,10 +849,11 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         v["topology"] = serde_json::json!(topo.to_string());
         v["batch"] = serde_json::json!(bc.batch);
         // (null on the CPU backend, whose workers have no device exchange)
-        v["exchange"] = match (device, bc.exchange) {
-            (DeviceKind::Cpu, _) => serde_json::Value::Null,
-            (_, Exchange::SameDevice) => serde_json::json!("same-device"),
-            (_, Exchange::HostStaged) => serde_json::json!("host"),
+        v["exchange"] = match (device, bc.exchange, bc.mailboxes) {
+            (DeviceKind::Cpu, ..) => serde_json::Value::Null,
+            (_, Exchange::SameDevice, true) => serde_json::json!("same-device"),
+            (_, Exchange::SameDevice, false) => serde_json::json!("same-device-copies"),
+            (_, Exchange::HostStaged, _) => serde_json::json!("host"),
         };
         println!("{v}");
     } else {

@@ -39,6 +39,8 @@ pub struct DecodeBenchConfig {
     pub graphs: bool,
     /// Programmatic dependent launch ([`EngineConfig::pdl`]).
     pub pdl: bool,
+    /// Same-device all-reduces through mailboxes ([`EngineConfig::mailboxes`]).
+    pub mailboxes: bool,
 }
 
 impl DecodeBenchConfig {
@@ -53,6 +55,7 @@ impl DecodeBenchConfig {
             exchange: Exchange::default(),
             graphs: false,
             pdl: false,
+            mailboxes: true,
         }
     }
 }
@@ -129,6 +132,9 @@ pub struct DecodeBenchResult {
     pub graphs: Option<GraphCounts>,
     /// Whether the workers launched with programmatic dependent launch.
     pub pdl: bool,
+    /// All-reduces posted through same-device mailboxes over the whole run
+    /// ([`Engine::mailbox_posts`]).
+    pub mailbox_posts: u64,
 }
 
 impl DecodeBenchResult {
@@ -147,6 +153,7 @@ impl DecodeBenchResult {
             "floor_ms": self.floor_ms,
             "ratio_to_floor": self.ratio(),
             "pdl": self.pdl,
+            "mailbox_posts": self.mailbox_posts,
             "graphs": self.graphs.map(|g| serde_json::json!({
                 "graph_runs": g.graph_runs,
                 "graph_kernels": g.graph_kernels,
@@ -196,6 +203,7 @@ pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
     econf.exchange = bc.exchange;
     econf.graphs = bc.graphs;
     econf.pdl = bc.pdl;
+    econf.mailboxes = bc.mailboxes;
     econf.kv_blocks = per_seq * bc.batch;
     // every sequence admitted in the one prefill step, all decoding together after it
     econf.max_running = bc.batch;
@@ -244,5 +252,6 @@ pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
         floor_ms: weight_bytes as f64 / bandwidth * 1e3,
         graphs: bc.graphs.then(|| engine.graph_counts()),
         pdl: bc.pdl,
+        mailbox_posts: engine.mailbox_posts(),
     })
 }
