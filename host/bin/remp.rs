@@ -6,8 +6,8 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use remp::backend::device::Exchange;
 use remp::model::{Model, ModelConfig};
 use remp::parallel::devices::{
-    kv_blocks_cap, kv_blocks_from_free_memory, kv_bytes_per_block, kv_reserve_bytes,
-    weight_bytes_bf16,
+    device_loads, kv_blocks_cap, kv_blocks_on_devices, kv_reserve_bytes, DeviceId, DeviceMap,
+    DeviceMemory,
 };
 use remp::parallel::{Placement, Topology};
 use remp::reshard::bench::{copy_bandwidth, plot_svg, run_mode, BenchConfig, Mode, SwitchMetrics};
@@ -274,39 +274,64 @@ fn check_device(device: &str) -> Result<DeviceKind> {
     Ok(kind)
 }
 
-/// `generate --device cuda` without `--kv-blocks`: KV blocks per layer from GPU 0's free
-/// memory, and the one line that says why. Every rank of the run shares GPU 0, and the
-/// cache is sized before the model is loaded, so the weights of all ranks are subtracted
-/// from what is free now, then a reserve of max(10% of total, 1 GiB) for activations,
-/// scratch buffers and the reshard window. With `--reconfigure` the most demanding
-/// topology of the run sets the size. At most [`kv_blocks_cap`] blocks (`max_running`
-/// sequences of the full context); fewer than `need` (the longest request's) is an error.
+/// `generate --device cuda` without `--kv-blocks`: KV blocks per layer from the GPUs'
+/// free memory, and the one line that says why. Workers are spread over `gpus` GPUs as
+/// the engine spreads them (worker `w` on GPU `w % gpus`; every one on GPU 0 with one
+/// GPU, or with the `REMP_CUDA_GPUS_ON_ONE` test hook), and the cache is sized before
+/// the model is loaded: on each GPU the weights of its workers are subtracted from what
+/// is free there now, then a reserve of max(10% of its total, 1 GiB) for activations,
+/// scratch buffers and the reshard window, and the fullest GPU sets the size. With
+/// `--reconfigure` the most demanding topology of the run does. At most
+/// [`kv_blocks_cap`] blocks (`max_running` sequences of the full context); fewer than
+/// `need` (the longest request's) is an error.
 fn cuda_kv_blocks(
     cfg: &ModelConfig,
     topos: &[Topology],
+    (gpus, workers): (usize, usize),
     block_size: usize,
     max_running: usize,
     need: usize,
 ) -> Result<(usize, String)> {
-    let (free, total) = remp::backend::cuda::CudaDevice::open(0)?.mem_info()?;
-    let reserve = kv_reserve_bytes(total);
+    let gpus = match std::env::var("REMP_CUDA_GPUS_ON_ONE").as_deref() {
+        Ok("1") => 1,
+        _ => gpus.clamp(1, workers.max(1)),
+    };
+    let mut mem = Vec::new();
+    let mut totals = Vec::new();
+    for d in 0..gpus {
+        let (free, total) = remp::backend::cuda::CudaDevice::open(d)
+            .and_then(|dev| dev.mem_info())
+            .map_err(|e| Error::Device(format!("GPU {d}: {e}")))?;
+        mem.push(DeviceMemory {
+            free,
+            reserve: kv_reserve_bytes(total),
+        });
+        totals.push(total);
+    }
+    let map = DeviceMap::round_robin(workers.max(1), gpus)?;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let mut fit = usize::MAX;
-    let mut worst = topos[0];
+    let (mut worst, mut on) = (topos[0], DeviceId(0));
     for &t in topos {
-        let n = kv_blocks_from_free_memory(cfg, t, block_size, free, reserve)?;
+        let (n, d) =
+            kv_blocks_on_devices(cfg, t, block_size, &map, &mem).map_err(|e| match (gpus, e) {
+                (1, Error::Device(m)) => Error::Device(format!("GPU 0: {m}")),
+                (_, e) => e,
+            })?;
         if n < fit {
-            (fit, worst) = (n, t);
+            (fit, worst, on) = (n, t, d);
         }
     }
-    let weights = weight_bytes_bf16(cfg, worst)?;
-    let per_block = kv_bytes_per_block(cfg, worst, block_size)?;
+    let load = device_loads(cfg, worst, block_size, &map)?[on.0];
+    let m = mem[on.0];
+    let whose = if gpus == 1 { "all ranks" } else { "its ranks" };
     if fit < need {
         return Err(Error::Device(format!(
-            "GPU 0: {:.2} GiB free holds {fit} KV blocks after the {worst} weights ({:.2} GiB) and the reserve ({:.2} GiB); the longest request needs {need} blocks of {block_size} tokens (free GPU memory, shorten the request, or set --kv-blocks)",
-            gib(free),
-            gib(weights),
-            gib(reserve)
+            "GPU {}: {:.2} GiB free holds {fit} KV blocks after the {worst} weights ({:.2} GiB, {whose}) and the reserve ({:.2} GiB); the longest request needs {need} blocks of {block_size} tokens (free GPU memory, shorten the request, or set --kv-blocks)",
+            on.0,
+            gib(m.free),
+            gib(load.weights),
+            gib(m.reserve)
         )));
     }
     let cap = kv_blocks_cap(cfg, block_size, max_running);
@@ -319,13 +344,21 @@ fn cuda_kv_blocks(
     } else {
         String::new()
     };
+    let (what, whole) = if gpus == 1 {
+        ("all layers and ranks".to_string(), "GPU 0's".to_string())
+    } else {
+        (
+            format!("GPU {}'s layers and ranks", on.0),
+            format!("the fullest of {gpus} GPUs' (GPU {})", on.0),
+        )
+    };
     let note = format!(
-        "kv cache: {blocks} blocks of {block_size} tokens ({:.2} GiB, all layers and ranks) from GPU 0's free memory: {:.2} GiB free of {:.2} GiB, less {worst} weights {:.2} GiB (bf16, all ranks) and reserve {:.2} GiB (max(10% of total, 1 GiB)) fits {fit}{capped}; --kv-blocks N overrides",
-        gib(blocks as u64 * per_block),
-        gib(free),
-        gib(total),
-        gib(weights),
-        gib(reserve)
+        "kv cache: {blocks} blocks of {block_size} tokens ({:.2} GiB, {what}) from {whole} free memory: {:.2} GiB free of {:.2} GiB, less {worst} weights {:.2} GiB (bf16, {whose}) and reserve {:.2} GiB (max(10% of total, 1 GiB)) fits {fit}{capped}; --kv-blocks N overrides",
+        gib(blocks as u64 * load.kv_per_block),
+        gib(m.free),
+        gib(totals[on.0]),
+        gib(load.weights),
+        gib(m.reserve)
     );
     Ok((blocks, note))
 }
@@ -473,9 +506,11 @@ fn generate(a: GenerateArgs, m: Option<&ArgMatches>) -> Result<()> {
                 .unwrap_or(1);
             let mut topos = vec![topo];
             topos.extend(switches.iter().map(|s| s.1));
+            let workers = topos.iter().map(|t| t.world_size()).max().unwrap_or(1);
             let (n, note) = cuda_kv_blocks(
                 &model.config,
                 &topos,
+                (econf.gpus, workers),
                 econf.block_size,
                 econf.max_running,
                 need,

@@ -56,6 +56,11 @@ impl DeviceMap {
         self.device_of[w.0]
     }
 
+    /// Devices the map spreads workers over (the highest ordinal used, plus one).
+    pub fn num_devices(&self) -> usize {
+        self.device_of.iter().map(|d| d.0 + 1).max().unwrap_or(0)
+    }
+
     pub fn num_workers(&self) -> usize {
         self.device_of.len()
     }
@@ -172,51 +177,79 @@ pub fn kv_reserve_bytes(total_bytes: u64) -> u64 {
     (total_bytes / 10).max(KV_RESERVE_MIN_BYTES)
 }
 
-/// Bytes of the bf16 weights every rank of `topo` holds, summed over the ranks (all ranks
-/// share one GPU here). Counts what the workers upload: each segment's tensors in the
-/// member's region ([`crate::parallel::TensorKind::region`]), so replicated norms, KV
-/// projections replicated when `tp > kv_heads`, and a tied LM head (uploaded beside the
-/// embedding) are all counted as often as they are resident.
-pub fn weight_bytes_bf16(cfg: &ModelConfig, topo: Topology) -> Result<u64> {
+/// What the workers of one device hold: see [`device_loads`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceLoad {
+    /// Bytes of their bf16 weights.
+    pub weights: u64,
+    /// Bytes one KV block of `block_size` tokens (in every layer's pool) costs them.
+    pub kv_per_block: u64,
+}
+
+/// Per device `0..devices.num_devices()`, what the workers of `topo` (the static
+/// placement's worker ids, worker `w` on `devices.device(w)`) hold there.
+///
+/// Weights: what the workers upload, each segment's tensors in the member's region
+/// ([`crate::parallel::TensorKind::region`]), so replicated norms, KV projections
+/// replicated when `tp > kv_heads`, and a tied LM head (uploaded beside the embedding)
+/// are all counted as often as they are resident. KV: K and V, bf16, `head_dim` per
+/// head, for each rank the KV heads its query heads read ([`HeadShard`]): split when
+/// `tp <= kv_heads`, replicated when `tp > kv_heads` (tp8 of 4 KV heads holds 8 KV-head
+/// copies per layer, not 4).
+pub fn device_loads(
+    cfg: &ModelConfig,
+    topo: Topology,
+    block_size: usize,
+    devices: &DeviceMap,
+) -> Result<Vec<DeviceLoad>> {
     let p = Placement::static_topology(topo, cfg)?;
-    let mut elems = 0u64;
+    if devices.num_workers() < topo.world_size() {
+        return Err(Error::Device(format!(
+            "{topo} needs {} workers, the device map has {}",
+            topo.world_size(),
+            devices.num_workers()
+        )));
+    }
+    let mut loads = vec![DeviceLoad::default(); devices.num_devices()];
+    let kv_head_bytes = 2 * block_size as u64 * cfg.head_dim as u64 * DEVICE_ELEM_BYTES;
     for seg in p.segments() {
-        let tp = p.group(seg).len();
-        for k in crate::runtime::worker::segment_tensors(cfg, seg) {
-            for r in 0..tp {
-                elems += k.region(cfg, tp, r).len() as u64;
+        let g = p.group(seg);
+        let tp = g.len();
+        for (r, &w) in g.workers().iter().enumerate() {
+            let load = &mut loads[devices.device(w).0];
+            for k in crate::runtime::worker::segment_tensors(cfg, seg) {
+                load.weights += k.region(cfg, tp, r).len() as u64 * DEVICE_ELEM_BYTES;
+            }
+            if let Segment::Layer(_) = seg {
+                load.kv_per_block +=
+                    HeadShard::new(cfg, tp, r).kv_heads.len() as u64 * kv_head_bytes;
             }
         }
     }
-    Ok(elems * DEVICE_ELEM_BYTES)
+    Ok(loads)
+}
+
+/// Everything of `topo` on one device.
+fn all_on_one(cfg: &ModelConfig, topo: Topology, block_size: usize) -> Result<DeviceLoad> {
+    let one = DeviceMap::round_robin(topo.world_size(), 1)?;
+    Ok(device_loads(cfg, topo, block_size, &one)?[0])
+}
+
+/// Bytes of the bf16 weights every rank of `topo` holds, summed over the ranks (see
+/// [`device_loads`]).
+pub fn weight_bytes_bf16(cfg: &ModelConfig, topo: Topology) -> Result<u64> {
+    Ok(all_on_one(cfg, topo, 0)?.weights)
 }
 
 /// Device bytes one KV block (of `block_size` tokens, in every layer's pool) costs over
-/// all ranks of `topo`: K and V, bf16, `head_dim` per head, for each rank the KV heads
-/// its query heads read ([`HeadShard`]): split when `tp <= kv_heads`, replicated when
-/// `tp > kv_heads` (tp8 of 4 KV heads holds 8 KV-head copies per layer, not 4).
+/// all ranks of `topo` (see [`device_loads`]).
 pub fn kv_bytes_per_block(cfg: &ModelConfig, topo: Topology, block_size: usize) -> Result<u64> {
-    let p = Placement::static_topology(topo, cfg)?;
-    let mut heads = 0u64;
-    for seg in p.segments() {
-        if let Segment::Layer(_) = seg {
-            let tp = p.group(seg).len();
-            for r in 0..tp {
-                heads += HeadShard::new(cfg, tp, r).kv_heads.len() as u64;
-            }
-        }
-    }
-    Ok(2 * block_size as u64 * heads * cfg.head_dim as u64 * DEVICE_ELEM_BYTES)
+    Ok(all_on_one(cfg, topo, block_size)?.kv_per_block)
 }
 
 /// KV blocks (per layer, as `EngineConfig::kv_blocks`) that fit on a device with
-/// `free_bytes` free, for `topo` with every rank on that one device.
-///
-/// Sizing happens before the model is loaded, so the weights of all ranks
-/// ([`weight_bytes_bf16`]) are subtracted from `free_bytes`, and so is `reserve_bytes`
-/// (see [`kv_reserve_bytes`]); what is left is divided by [`kv_bytes_per_block`]. The
-/// result is what fits, uncapped (see [`kv_blocks_cap`]). Fails with
-/// [`Error::Device`] when the weights and the reserve leave no room for one block.
+/// `free_bytes` free, for `topo` with every rank on that one device: see
+/// [`kv_blocks_on_devices`].
 pub fn kv_blocks_from_free_memory(
     cfg: &ModelConfig,
     topo: Topology,
@@ -224,26 +257,80 @@ pub fn kv_blocks_from_free_memory(
     free_bytes: u64,
     reserve_bytes: u64,
 ) -> Result<usize> {
+    let one = DeviceMap::round_robin(topo.world_size(), 1)?;
+    let mem = [DeviceMemory {
+        free: free_bytes,
+        reserve: reserve_bytes,
+    }];
+    Ok(kv_blocks_on_devices(cfg, topo, block_size, &one, &mem)?.0)
+}
+
+/// One device's memory as the KV sizing sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Free bytes now (before the model is loaded).
+    pub free: u64,
+    /// Bytes kept out of the KV cache ([`kv_reserve_bytes`] of the device's total).
+    pub reserve: u64,
+}
+
+/// KV blocks (per layer, as `EngineConfig::kv_blocks`: every worker allocates that many
+/// for its layers) that fit on every device of `devices` for `topo`, and the device
+/// that binds. Sizing happens before the model is loaded, so on each device the weights
+/// of its workers ([`device_loads`]) and its reserve are subtracted from its free memory
+/// and what is left divided by its workers' bytes per block; the least over the devices
+/// with KV heads is the answer, uncapped (see [`kv_blocks_cap`]). Fails with
+/// [`Error::Device`], naming the device when there are several, when one cannot hold
+/// its weights, its reserve and one block; `mem[d]` is device `d`'s memory.
+pub fn kv_blocks_on_devices(
+    cfg: &ModelConfig,
+    topo: Topology,
+    block_size: usize,
+    devices: &DeviceMap,
+    mem: &[DeviceMemory],
+) -> Result<(usize, DeviceId)> {
     if block_size == 0 {
         return Err(Error::Device("bad KV sizing: block_size 0".into()));
     }
-    let weights = weight_bytes_bf16(cfg, topo)?;
-    let per_block = kv_bytes_per_block(cfg, topo, block_size)?;
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let left = free_bytes
-        .checked_sub(weights)
-        .and_then(|x| x.checked_sub(reserve_bytes))
-        .unwrap_or(0);
-    let blocks = left / per_block;
-    if blocks == 0 {
+    let loads = device_loads(cfg, topo, block_size, devices)?;
+    if mem.len() < loads.len() {
         return Err(Error::Device(format!(
-            "{:.2} GiB free cannot hold the {topo} weights ({:.2} GiB, bf16, all ranks) plus the reserve ({:.2} GiB) and one KV block ({per_block} bytes)",
-            gib(free_bytes),
-            gib(weights),
-            gib(reserve_bytes)
+            "bad KV sizing: the memory of {} devices for {} in use",
+            mem.len(),
+            loads.len()
         )));
     }
-    Ok(usize::try_from(blocks).unwrap_or(usize::MAX))
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut best: Option<(u64, DeviceId)> = None;
+    for (d, (load, m)) in loads.iter().zip(mem).enumerate() {
+        if load.kv_per_block == 0 {
+            continue; // no worker of a layer here
+        }
+        let left = m
+            .free
+            .checked_sub(load.weights)
+            .and_then(|x| x.checked_sub(m.reserve))
+            .unwrap_or(0);
+        let blocks = left / load.kv_per_block;
+        if blocks == 0 {
+            let (on, whose) = match loads.len() {
+                1 => (String::new(), "all ranks"),
+                _ => (format!("GPU {d}: "), "its ranks"),
+            };
+            return Err(Error::Device(format!(
+                "{on}{:.2} GiB free cannot hold the {topo} weights ({:.2} GiB, bf16, {whose}) plus the reserve ({:.2} GiB) and one KV block ({} bytes)",
+                gib(m.free),
+                gib(load.weights),
+                gib(m.reserve),
+                load.kv_per_block
+            )));
+        }
+        if best.is_none_or(|(b, _)| blocks < b) {
+            best = Some((blocks, DeviceId(d)));
+        }
+    }
+    let (blocks, d) = best.ok_or_else(|| Error::Device(format!("{topo} has no layers")))?;
+    Ok((usize::try_from(blocks).unwrap_or(usize::MAX), d))
 }
 
 /// The most KV blocks of `block_size` tokens the `u32` slot ids of the attention kernels
@@ -439,6 +526,59 @@ mod tests {
         );
         assert!(kv_blocks_from_free_memory(&cfg, t, 0, u64::MAX, 0).is_err());
         assert!(kv_blocks_from_free_memory(&cfg, Topology::new(3, 1), 16, u64::MAX, 0).is_err());
+    }
+
+    /// Spread over GPUs, each device holds what its workers upload: the loads add up to
+    /// the one-device sums, and the KV sizing is bound by the fullest device, named
+    /// when it cannot hold a block.
+    #[test]
+    fn kv_sizing_on_several_gpus_takes_the_tightest() {
+        let cfg = tiny_config();
+        let t = Topology::new(2, 2);
+        let (w, pb) = (
+            weight_bytes_bf16(&cfg, t).unwrap(),
+            kv_bytes_per_block(&cfg, t, 16).unwrap(),
+        );
+        for gpus in [1, 2, 4] {
+            let map = DeviceMap::round_robin(4, gpus).unwrap();
+            let loads = device_loads(&cfg, t, 16, &map).unwrap();
+            assert_eq!(loads.len(), gpus);
+            assert_eq!(loads.iter().map(|l| l.weights).sum::<u64>(), w);
+            assert_eq!(loads.iter().map(|l| l.kv_per_block).sum::<u64>(), pb);
+        }
+        // Four GPUs: worker w holds one rank of one stage: a quarter of the KV of every
+        // block, and its share of its stage's weights.
+        let map = DeviceMap::round_robin(4, 4).unwrap();
+        let loads = device_loads(&cfg, t, 16, &map).unwrap();
+        assert!(loads.iter().all(|l| l.kv_per_block == pb / 4), "{loads:?}");
+        let reserve = 1u64 << 30;
+        let mem = |d: usize, blocks: u64| DeviceMemory {
+            free: loads[d].weights + reserve + blocks * loads[d].kv_per_block,
+            reserve,
+        };
+        let m: Vec<DeviceMemory> = [(0, 9), (1, 7), (2, 12), (3, 8)]
+            .iter()
+            .map(|&(d, b)| mem(d, b))
+            .collect();
+        assert_eq!(
+            kv_blocks_on_devices(&cfg, t, 16, &map, &m).unwrap(),
+            (7, DeviceId(1))
+        );
+        let mut short = m.clone();
+        short[2].free = loads[2].weights + reserve + loads[2].kv_per_block - 1;
+        let e = kv_blocks_on_devices(&cfg, t, 16, &map, &short)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("GPU 2:") && e.contains("its ranks"), "{e}");
+        // the memory of fewer devices than the map uses is refused, not indexed past
+        assert!(kv_blocks_on_devices(&cfg, t, 16, &map, &m[..2]).is_err());
+        // on one GPU it is the all-ranks sizing
+        let one = DeviceMap::round_robin(4, 1).unwrap();
+        let free = w + reserve + 5 * pb;
+        assert_eq!(
+            kv_blocks_on_devices(&cfg, t, 16, &one, &[DeviceMemory { free, reserve }]).unwrap(),
+            (5, DeviceId(0))
+        );
     }
 
     #[test]
