@@ -1117,6 +1117,45 @@ fn exchange_same_device_copies_runs_without_mailboxes() {
     }
 }
 
+/// bench-decode --gpus spreads the workers as generate does (a GPU per worker: tp4 on 2
+/// GPUs is refused up front), and the floor then counts what the busiest GPU reads per
+/// segment: a tp2 group on 2 GPUs reads half of all ranks' weights on each.
+#[test]
+fn bench_decode_spreads_over_gpus() {
+    expect_bad(
+        &[
+            "bench-decode",
+            "--device",
+            "emu",
+            "--tp",
+            "4",
+            "--gpus",
+            "2",
+        ],
+        &["--gpus 2", "4 workers"],
+    );
+    let r = expect_ok(&[
+        "bench-decode",
+        "--device",
+        "emu",
+        "--tp",
+        "2",
+        "--gpus",
+        "2",
+        "--steps",
+        "1",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(r.stdout.trim()).expect("one JSON object");
+    assert_eq!(v["gpus"], 2, "{v}");
+    let (all, path) = (
+        v["weight_bytes"].as_u64().expect("weight_bytes"),
+        v["floor_bytes"].as_u64().expect("floor_bytes"),
+    );
+    // (both ranks hold the same bytes: their shards and the replicated norms)
+    assert_eq!(2 * path, all, "{v}");
+}
+
 /// --top-p is range-checked even when decoding is greedy; --top-p and --seed given to a
 /// greedy run are a warning line on stderr, not an error, and change nothing.
 #[test]

@@ -72,6 +72,11 @@ struct BenchDecodeArgs {
     /// memory). Needs --device cuda or emu.
     #[arg(long)]
     exchange: Option<String>,
+    /// GPUs the workers spread over (cuda, emu; default 1): as `generate --gpus`, a GPU
+    /// per worker when more than one. The floor then counts, per segment, what its
+    /// busiest GPU reads, at GPU 0's copy bandwidth.
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
     #[command(flatten)]
     launch: LaunchArgs,
     /// Print exactly one JSON object on stdout.
@@ -838,6 +843,8 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
     (bc.graphs, bc.pdl) = a.launch.resolve(device)?;
     bc.batch = a.batch;
     bc.steps = a.steps;
+    bc.gpus = check_gpus(a.gpus, device)?;
+    check_gpu_per_worker(bc.gpus, topo.world_size())?;
     (bc.exchange, bc.mailboxes) = match a.exchange.as_deref() {
         None | Some("same-device") => (Exchange::SameDevice, true),
         Some("same-device-copies") => (Exchange::SameDevice, false),
@@ -883,6 +890,7 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         v["model"] = serde_json::json!(model.name);
         v["topology"] = serde_json::json!(topo.to_string());
         v["batch"] = serde_json::json!(bc.batch);
+        v["gpus"] = serde_json::json!(bc.gpus);
         // (null on the CPU backend, whose workers have no device exchange)
         v["exchange"] = match (device, bc.exchange, bc.mailboxes) {
             (DeviceKind::Cpu, ..) => serde_json::Value::Null,
@@ -893,11 +901,19 @@ fn bench_decode(a: BenchDecodeArgs) -> Result<()> {
         println!("{v}");
     } else {
         println!(
-            "median step {:.3} ms (p90 {:.3}); floor {:.3} ms = {:.1} MB of weights / {:.1} GB/s; median / floor = {:.2}",
+            "median step {:.3} ms (p90 {:.3}); floor {:.3} ms = {:.1} MB of weights{} / {:.1} GB/s; median / floor = {:.2}",
             r.median_step_ms,
             r.p90_step_ms,
             r.floor_ms,
-            r.weight_bytes as f64 / 1e6,
+            r.floor_bytes as f64 / 1e6,
+            if r.floor_bytes == r.weight_bytes {
+                String::new()
+            } else {
+                format!(
+                    " on the busiest GPUs (of {:.1} MB)",
+                    r.weight_bytes as f64 / 1e6
+                )
+            },
             r.bandwidth / 1e9,
             r.ratio()
         );

@@ -9,17 +9,23 @@
 //!   so a step can come in under this "floor";
 //! - emulator: the CPU's figure (the emulator is for checking, not for speed).
 //!
-//! All ranks of a topology share one device here (several workers on one GPU, or the
-//! host's cores), so the floor is the bytes a decode step must read — every layer, the
-//! final norm and the LM head; not the embedding table, of which a step reads only its
-//! tokens' rows (unless it is tied to the LM head) — over one device's bandwidth.
+//! The floor is the bytes a decode step must read — every layer, the final norm and the
+//! LM head, as each rank holds them; not the embedding table, of which a step reads only
+//! its tokens' rows (tied to the LM head, the head reads it whole) — over one device's
+//! bandwidth. With every rank on one device (several workers on one GPU, or the host's
+//! cores) that is all of them; with `--gpus N` (worker `w` on GPU `w % N`) the members
+//! of a group read their shards at once on their own GPUs, so each segment (embedding,
+//! layer, head: they run one after another) counts what its busiest GPU reads
+//! ([`floor_bytes`]), at GPU 0's bandwidth.
 
 use crate::backend::device::graph::GraphCounts;
 use crate::backend::device::Exchange;
 use crate::error::{Error, Result};
 use crate::model::{Model, ModelConfig};
-use crate::parallel::Topology;
+use crate::parallel::devices::DeviceMap;
+use crate::parallel::{Placement, Segment, TensorKind, Topology};
 use crate::reshard::bench::add_synthetic_requests;
+use crate::runtime::worker::segment_tensors;
 use crate::runtime::{DeviceKind, Engine, EngineConfig, Event};
 use std::time::Instant;
 
@@ -41,6 +47,8 @@ pub struct DecodeBenchConfig {
     pub pdl: bool,
     /// Same-device all-reduces through mailboxes ([`EngineConfig::mailboxes`]).
     pub mailboxes: bool,
+    /// GPUs the workers spread over ([`EngineConfig::gpus`]).
+    pub gpus: usize,
 }
 
 impl DecodeBenchConfig {
@@ -56,6 +64,7 @@ impl DecodeBenchConfig {
             graphs: false,
             pdl: false,
             mailboxes: true,
+            gpus: 1,
         }
     }
 }
@@ -124,7 +133,12 @@ pub struct DecodeBenchResult {
     pub device: String,
     pub median_step_ms: f64,
     pub p90_step_ms: f64,
+    /// Weight bytes a decode step reads over all ranks (the embedding table's rows
+    /// aside): [`floor_bytes`] with every rank on one device.
     pub weight_bytes: u64,
+    /// Of those, the bytes on the step's critical path ([`floor_bytes`] on the run's
+    /// GPUs; `weight_bytes` on one device): the floor's numerator.
+    pub floor_bytes: u64,
     /// Bandwidth the floor uses, bytes per second (see the module comment).
     pub bandwidth: f64,
     pub floor_ms: f64,
@@ -149,6 +163,7 @@ impl DecodeBenchResult {
             "median_step_ms": self.median_step_ms,
             "p90_step_ms": self.p90_step_ms,
             "weight_bytes": self.weight_bytes,
+            "floor_bytes": self.floor_bytes,
             "bandwidth_gbs": self.bandwidth / 1e9,
             "floor_ms": self.floor_ms,
             "ratio_to_floor": self.ratio(),
@@ -186,6 +201,31 @@ pub fn cuda_copy_bandwidth() -> Result<f64> {
     Ok(2.0 * bytes as f64 / (ms[3] * 1e-3))
 }
 
+/// Bytes on a decode step's critical path for `topo` with worker `w` on GPU `w % gpus`
+/// (elements of `elem_bytes`): per segment, the most that one GPU's ranks read of it,
+/// summed over the segments. Ranks hold their shards as the workers upload them (so a
+/// replicated norm or KV projection is read by every rank that holds it); the embedding
+/// table is left out (a step reads its tokens' rows), a tied LM head is read whole.
+pub fn floor_bytes(cfg: &ModelConfig, topo: Topology, gpus: usize, elem_bytes: u64) -> Result<u64> {
+    let p = Placement::static_topology(topo, cfg)?;
+    let map = DeviceMap::round_robin(topo.world_size(), gpus)?;
+    let mut total = 0u64;
+    for seg in p.segments() {
+        let g = p.group(seg);
+        let mut per_gpu = vec![0u64; map.num_devices()];
+        for (r, &w) in g.workers().iter().enumerate() {
+            for k in segment_tensors(cfg, seg) {
+                if seg == Segment::Embed && k == TensorKind::Embed {
+                    continue;
+                }
+                per_gpu[map.device(w).0] += k.region(cfg, g.len(), r).len() as u64 * elem_bytes;
+            }
+        }
+        total += per_gpu.into_iter().max().unwrap_or(0);
+    }
+    Ok(total)
+}
+
 /// Runs the bench on a fresh engine.
 pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
     let cfg = &model.config;
@@ -204,6 +244,7 @@ pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
     econf.graphs = bc.graphs;
     econf.pdl = bc.pdl;
     econf.mailboxes = bc.mailboxes;
+    econf.gpus = bc.gpus;
     econf.kv_blocks = per_seq * bc.batch;
     // every sequence admitted in the one prefill step, all decoding together after it
     econf.max_running = bc.batch;
@@ -237,21 +278,59 @@ pub fn run(model: &Model, bc: &DecodeBenchConfig) -> Result<DecodeBenchResult> {
         }
     }
     ms.sort_by(|a, b| a.total_cmp(b));
-    let table = if cfg.tie_word_embeddings {
-        0
-    } else {
-        cfg.vocab_size * cfg.hidden_size
-    };
-    let weight_bytes = ((cfg.num_params() - table) * elem_bytes) as u64;
+    let weight_bytes = floor_bytes(cfg, bc.topology, 1, elem_bytes as u64)?;
+    let path_bytes = floor_bytes(cfg, bc.topology, bc.gpus, elem_bytes as u64)?;
     Ok(DecodeBenchResult {
         device: bc.device.name().into(),
         median_step_ms: ms[ms.len() / 2],
         p90_step_ms: ms[(ms.len() * 9 / 10).min(ms.len() - 1)],
         weight_bytes,
+        floor_bytes: path_bytes,
         bandwidth,
-        floor_ms: weight_bytes as f64 / bandwidth * 1e3,
+        floor_ms: path_bytes as f64 / bandwidth * 1e3,
         graphs: bc.graphs.then(|| engine.graph_counts()),
         pdl: bc.pdl,
         mailbox_posts: engine.mailbox_posts(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The floor's bytes: on one GPU every weight byte but the embedding table's; a
+    /// pipeline over GPUs changes nothing (its stages run one after another); a tp2
+    /// group on two GPUs reads half of each sharded tensor per GPU at once, and the
+    /// replicated RMSNorm weights whole on both.
+    #[test]
+    fn floor_bytes_follow_the_gpus() {
+        let cfg = Model::random_tiny().config;
+        let elem = 2u64;
+        let one = floor_bytes(&cfg, Topology::new(1, 1), 1, elem).unwrap();
+        let table = if cfg.tie_word_embeddings {
+            0
+        } else {
+            cfg.vocab_size * cfg.hidden_size
+        };
+        assert_eq!(one, (cfg.num_params() - table) as u64 * elem);
+        assert_eq!(
+            floor_bytes(&cfg, Topology::new(1, 2), 2, elem).unwrap(),
+            one
+        );
+        assert_eq!(
+            floor_bytes(&cfg, Topology::new(1, 2), 1, elem).unwrap(),
+            one
+        );
+        let norms = (2 * cfg.num_layers + 1) as u64 * cfg.hidden_size as u64 * elem;
+        assert!(cfg.num_kv_heads >= 2, "no replicated KV heads at tp2");
+        assert_eq!(
+            floor_bytes(&cfg, Topology::new(2, 1), 2, elem).unwrap(),
+            (one - norms) / 2 + norms
+        );
+        // both ranks on one GPU: the norms twice
+        assert_eq!(
+            floor_bytes(&cfg, Topology::new(2, 1), 1, elem).unwrap(),
+            one + norms
+        );
+    }
 }
