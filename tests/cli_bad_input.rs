@@ -1099,22 +1099,27 @@ fn exchange_same_device_copies_runs_without_mailboxes() {
         ("same-device", 6 * 2 * 2 * layers),
         ("same-device-copies", 0),
     ] {
-        let r = expect_ok(&[
-            "bench-decode",
-            "--device",
-            "emu",
-            "--tp",
-            "2",
-            "--steps",
-            "1",
-            "--exchange",
-            ex,
-            "--json",
-        ]);
-        let v: Value = serde_json::from_str(r.stdout.trim()).expect("one JSON object");
+        let v = emu_tp2_bench_decode(&["--exchange", ex]);
         assert_eq!(v["exchange"], ex, "{v}");
         assert_eq!(v["mailbox_posts"], posts, "{ex}: {v}");
     }
+}
+
+/// `bench-decode --device emu --tp 2 --steps 1 --json` with `extra`: its JSON.
+fn emu_tp2_bench_decode(extra: &[&str]) -> Value {
+    let mut args = vec![
+        "bench-decode",
+        "--device",
+        "emu",
+        "--tp",
+        "2",
+        "--steps",
+        "1",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let r = expect_ok(&args);
+    serde_json::from_str(r.stdout.trim()).expect("one JSON object")
 }
 
 /// bench-decode --gpus spreads the workers as generate does (a GPU per worker: tp4 on 2
@@ -1134,19 +1139,7 @@ fn bench_decode_spreads_over_gpus() {
         ],
         &["--gpus 2", "4 workers"],
     );
-    let r = expect_ok(&[
-        "bench-decode",
-        "--device",
-        "emu",
-        "--tp",
-        "2",
-        "--gpus",
-        "2",
-        "--steps",
-        "1",
-        "--json",
-    ]);
-    let v: Value = serde_json::from_str(r.stdout.trim()).expect("one JSON object");
+    let v = emu_tp2_bench_decode(&["--gpus", "2"]);
     assert_eq!(v["gpus"], 2, "{v}");
     let (all, path) = (
         v["weight_bytes"].as_u64().expect("weight_bytes"),
