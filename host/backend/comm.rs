@@ -643,8 +643,13 @@ mod tests {
             .err()
             .expect("refused");
         assert!(err.to_string().contains("mailbox notice"), "{err}");
-        // nothing of a notice is device memory to give back when it is dropped
-        assert_eq!(compute[1].take_dropped_bytes(), 0);
+        // a dropped reshard-tagged notice gives back no device bytes (the mailbox is not
+        // the message's to free), where a dropped buffer would
+        compute[0]
+            .send_posted(1, Tag::Reshard(1), ev.clone(), 96)
+            .unwrap();
+        let dropped = compute[1].drain_where(|t| t.reshard_job().is_some());
+        assert_eq!(dropped.dev_bytes, 0);
     }
 
     #[test]

@@ -503,7 +503,7 @@ impl DeviceCompute {
         self.boxes
             .lock()
             .map_err(|_| dev_err("mailbox cache poisoned"))?
-            .get(mail, self.d()?, g.workers(), step)
+            .get(mail, || self.d(), g.workers(), step)
     }
 
     /// Uploads `data` into scratch buffer `key`.

@@ -5,8 +5,7 @@
 //! H200, `docs/gpu-results.md`: tp4pp1 took 9-12 ms a step, most of it driver calls of
 //! the exchange). Handing a fresh buffer to the peers costs, per exchange and worker,
 //! an allocation, a copy, a copy per peer into the worker's own slots and a
-//! stream-ordered free per buffer, and every free fans in over every stream of the
-//! context. A mailbox is allocated once per group, and an exchange is one event and one
+//! stream-ordered free (batched, each batch fanning in over every stream). A mailbox is allocated once per group, and an exchange is one event and one
 //! wait per peer around the GEMM and the reduce that were there anyway; the addresses
 //! stay the same from step to step, so the runs around it still replay as graphs.
 //!
@@ -27,12 +26,16 @@
 //! for every peer's event before its next GEMM into the set. A failed step leaves
 //! nothing in flight: each worker synchronizes before the next step is sent.
 //!
-//! The memory belongs to the communication layer, not to a worker: [`Mailboxes`] hands
+//! The memory is the group's, not one worker's (allocated on the first asker's stream,
+//! held by every member; the Comm layer carries only the events): [`Mailboxes`] hands
 //! every member the same buffer, the first member to ask allocates it (its stream marks
 //! it ready, the others wait for that before first use), and it is freed (stream-
 //! ordered) when no member holds it any more: a member lets go of a group's mailbox
-//! once a step passes without an exchange in that group (after a switch, the old
-//! groups'). Like the workers' scratch buffers it is not in the memory meter (weights,
+//! at its next mailbox exchange after a step without one in that group (after a
+//! switch, the old groups'; a worker that never exchanges through a mailbox again, e.g.
+//! after a switch to tp1, keeps its last ones until the engine stops). If the
+//! allocation fails, decode steps fail with the error (the peers expect notices, so no
+//! member can fall back alone). Like the workers' scratch buffers it is not in the memory meter (weights,
 //! KV cache, reshard staging): 4 MiB for a tp4 group of a 1.1B model (hidden 2048),
 //! 32 MiB for tp8 at hidden 8192.
 
@@ -153,10 +156,10 @@ impl HeldMailboxes {
     /// `dev`'s later work after its allocation). Lets go of the mailboxes of groups this
     /// worker exchanged in neither in this step nor in the one before, so the old
     /// groups' are freed soon after a switch.
-    pub fn get(
+    pub fn get<'d>(
         &mut self,
         mail: &Mailboxes,
-        dev: &dyn Device,
+        dev: impl FnOnce() -> Result<&'d dyn Device>,
         group: &[WorkerId],
         step: u64,
     ) -> Result<Arc<Buf>> {
@@ -166,7 +169,7 @@ impl HeldMailboxes {
             h.last_step = step;
             return Ok(h.buf.clone());
         }
-        let buf = mail.get(dev, group)?;
+        let buf = mail.get(dev()?, group)?;
         self.0.push(Held {
             group: group.to_vec(),
             buf: buf.clone(),
@@ -230,17 +233,23 @@ mod tests {
         let mb = Mailboxes::new(8);
         let (old, new) = ([WorkerId(0), WorkerId(1)], [WorkerId(0), WorkerId(2)]);
         let mut held = HeldMailboxes::default();
-        let a = held.get(&mb, &dev, &old, 5).unwrap();
+        let a = held.get(&mb, || Ok(&dev as &dyn Device), &old, 5).unwrap();
         // a switch: both groups in steps 6 and 7, then only the new one
         for step in [6, 7] {
-            assert_eq!(held.get(&mb, &dev, &old, step).unwrap().ptr(), a.ptr());
-            held.get(&mb, &dev, &new, step).unwrap();
+            assert_eq!(
+                held.get(&mb, || Ok(&dev as &dyn Device), &old, step)
+                    .unwrap()
+                    .ptr(),
+                a.ptr()
+            );
+            held.get(&mb, || Ok(&dev as &dyn Device), &new, step)
+                .unwrap();
         }
         let weak = Arc::downgrade(&a);
         drop(a);
-        held.get(&mb, &dev, &new, 8).unwrap();
+        held.get(&mb, || Ok(&dev as &dyn Device), &new, 8).unwrap();
         assert_eq!(held.len(), 2, "the old group was used in the step before");
-        held.get(&mb, &dev, &new, 9).unwrap();
+        held.get(&mb, || Ok(&dev as &dyn Device), &new, 9).unwrap();
         assert_eq!(held.len(), 1);
         assert!(
             weak.upgrade().is_none(),
